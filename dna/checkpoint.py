@@ -1,0 +1,133 @@
+"""Atomic file writes and integrity-checked checkpoints.
+
+A checkpoint file is ``MAGIC + sha256(payload) + payload`` where the payload is
+a ``torch.save`` archive. Loading verifies the header and checksum before the
+payload reaches the (weights-only) unpickler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+MAGIC = b"DNACKPT1"
+_DIGEST_SIZE = hashlib.sha256().digest_size
+HEADER_SIZE = len(MAGIC) + _DIGEST_SIZE
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, damaged, or not a checkpoint."""
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on clean exit it replaces ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform.
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(path: str | Path, state: dict) -> str:
+    """Write ``state`` atomically with a checksummed header; return the hex sha256."""
+    buf = io.BytesIO()
+    torch.save(state, buf)  # fully in memory: a failure here never touches ``path``
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).digest()
+    atomic_write_bytes(path, MAGIC + digest + payload)
+    return digest.hex()
+
+
+def _read_header(f, path: Path) -> bytes:
+    """Check magic and header length; return the stored digest."""
+    header = f.read(HEADER_SIZE)
+    if not header:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    magic = header[: len(MAGIC)]
+    if magic != MAGIC[: len(magic)]:
+        raise CheckpointError(f"{path}: not a checkpoint (bad magic {magic!r})")
+    if len(header) < HEADER_SIZE:
+        raise CheckpointError(
+            f"{path}: truncated checkpoint ({len(header)} bytes, header needs {HEADER_SIZE})"
+        )
+    return header[len(MAGIC):]
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open checkpoint ({e})") from e
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The sha256 recorded in the header (the payload is neither read nor verified)."""
+    path = Path(path)
+    with _open(path) as f:
+        return _read_header(f, path).hex()
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    with _open(path) as f:
+        expected = _read_header(f, path)
+        payload = f.read()
+    if not payload:
+        raise CheckpointError(f"{path}: truncated checkpoint (header only, no payload)")
+    actual = hashlib.sha256(payload).digest()
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: checksum mismatch (stored {expected.hex()[:16]}..., "
+            f"computed {actual.hex()[:16]}...): file is corrupt or truncated"
+        )
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: payload is not a weights-only checkpoint ({type(e).__name__}: {first_line})"
+        ) from e
