@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import io
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,9 +33,9 @@ def staged_file(path: str | Path) -> Iterator[Path]:
     If the block raises, the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # Not mkstemp: its 0600 mode would carry over to the final file; this honours the umask.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         with open(tmp, "rb") as f:

@@ -151,6 +151,9 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path):
     atomic_write_bytes(path, b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode == plain.stat().st_mode, "same permissions as a normal write"
 
 
 def test_atomic_write_failure_leaves_old_file(tmp_path):
