@@ -33,6 +33,7 @@ def staged_file(path: str | Path) -> Iterator[Path]:
     If the block raises, the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # Not mkstemp: its 0600 mode would carry over to the final file; this honours the umask.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -1,0 +1,90 @@
+"""The architecture value type: a whole network as timm block strings, built by timm's own EfficientNet builder."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from timm.layers import get_act_layer
+from timm.models._efficientnet_builder import EfficientNetBuilder, decode_arch_def
+from timm.models.efficientnet import EfficientNet
+from torch import nn
+
+ACT = "swish"
+
+
+def _same_width(channels: int, *_, **__) -> int:
+    return int(channels)
+
+
+def build_layers(block_strings: list[str], in_chs: int) -> nn.Sequential:
+    """One stage of layers from block strings, made exactly as EfficientNet's builder makes them."""
+    builder = EfficientNetBuilder(round_chs_fn=_same_width, act_layer=get_act_layer(ACT), norm_layer=nn.BatchNorm2d)
+    return builder(in_chs, decode_arch_def([list(block_strings)]))[0]
+
+
+@dataclass(frozen=True)
+class Arch:
+    stem: int
+    stages: tuple[tuple[str, ...], ...]
+    head: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(tuple(s) for s in self.stages))
+        try:
+            decode_arch_def([list(s) for s in self.stages])
+        except Exception as exc:  # timm raises assertion/key/value errors on malformed strings
+            raise ValueError(f"arch: invalid timm block string ({exc!r})") from None
+
+    def to_dict(self) -> dict:
+        return {"stem": self.stem, "head": self.head, "arch": [list(s) for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Arch:
+        missing = {"stem", "head", "arch"} - set(raw or {})
+        if missing:
+            raise ValueError(f"arch file lacks key(s) {sorted(missing)}; expected stem, head and arch")
+        return cls(stem=int(raw["stem"]), head=int(raw["head"]), stages=raw["arch"])
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=1000)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Arch:
+        return cls.from_dict(yaml.safe_load(text))
+
+    def save(self, path: str | Path) -> Path:
+        from dna.checkpoint import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Arch:
+        return cls.from_yaml(Path(path).read_text())
+
+    def tag(self) -> str:
+        """One-line form for tags and metadata."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def build(self, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> EfficientNet:
+        return EfficientNet(
+            decode_arch_def([list(s) for s in self.stages]), num_classes=num_classes, num_features=self.head,
+            in_chans=in_chans, stem_size=self.stem, fix_stem=True, round_chs_fn=_same_width,
+            act_layer=get_act_layer(ACT), drop_rate=drop_rate)
+
+
+def count_cost(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, torch.Size]:
+    """(parameters, multiply-adds, output shape) of a module on one input, with torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = module.training
+    module.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        out = module(torch.zeros(input_shape))
+    module.train(was_training)
+    params = sum(p.numel() for p in module.parameters())
+    return params, counter.get_total_flops() // 2, out.shape

@@ -1,0 +1,249 @@
+"""The `dna` command: one subcommand per stage, `dna run` for all of them, and tools to inspect spaces and archs."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from dna.config import ConfigError, Params, load_params
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
+app.add_typer(arch_app, name="arch")
+console = Console(stderr=True)
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
+SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S retrain.train.epochs=5")
+BlockOpt = typer.Option(None, "--block", "-b", help="only this block (default: all)")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _load(params_file: Path, sets: list[str] | None, deep: bool = True) -> Params:
+    from dna.pipeline import validate
+
+    params = load_params(params_file, _overrides(sets), check_paths=deep)
+    if deep:
+        validate(params)
+    return params
+
+
+def _guard(fn):
+    """Turn a configuration error into one line on stderr and exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def _run(params: Params):
+    from dna.pipeline import Run
+
+    return Run(params)
+
+
+def _blocks(run, block: Optional[int]) -> list[int]:
+    if block is None:
+        return list(range(run.space.num_blocks))
+    if not 0 <= block < run.space.num_blocks:
+        raise ConfigError(f"--block {block}: the space has blocks 0..{run.space.num_blocks - 1}")
+    return [block]
+
+
+@app.command()
+@_guard
+def data(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Make the fixed train / rate / test splits."""
+    from dna.pipeline import stage_data
+
+    stage_data(_run(_load(params, set_)))
+
+
+@app.command()
+@_guard
+def teacher(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Train, download or load the teacher; report its test accuracy."""
+    from dna.pipeline import stage_teacher
+
+    console.print(stage_teacher(_run(_load(params, set_))))
+
+
+@app.command()
+@_guard
+def distill(params: Path = ParamsOpt, set_: list[str] = SetOpt, block: Optional[int] = BlockOpt):
+    """Train each block's supernet on the teacher's features (resumes from the last epoch)."""
+    from dna.pipeline import stage_distill
+
+    run = _run(_load(params, set_))
+    for b in _blocks(run, block):
+        console.print(stage_distill(run, b))
+
+
+@app.command()
+@_guard
+def rate(params: Path = ParamsOpt, set_: list[str] = SetOpt, block: Optional[int] = BlockOpt):
+    """Rate every candidate of every cell of each block."""
+    from dna.pipeline import stage_rate
+
+    run = _run(_load(params, set_))
+    for b in _blocks(run, block):
+        table = stage_rate(run, b)
+        console.print(f"block {b}: {len(table)} rows, best score {table['score'].min():.4f} -> {run.paths.rating(b)}")
+
+
+@app.command()
+@_guard
+def search(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Choose the best architecture under the budgets and compute the Pareto front."""
+    from dna.pipeline import stage_search
+
+    metrics = stage_search(_run(_load(params, set_)))
+    console.print({k: v for k, v in metrics.items() if k != "ratings"})
+
+
+@app.command()
+@_guard
+def retrain(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Train the chosen architecture (from scratch, or from the supernet's weights; optionally with KD)."""
+    from dna.pipeline import stage_retrain
+
+    console.print(stage_retrain(_run(_load(params, set_))))
+
+
+@app.command()
+@_guard
+def export(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Export the retrained network to ONNX and check it against PyTorch."""
+    from dna.pipeline import stage_export
+
+    console.print(stage_export(_run(_load(params, set_))))
+
+
+@app.command("run")
+@_guard
+def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """All stages in order: data, teacher, distill, rate, search, retrain, export."""
+    from dna import pipeline as P
+
+    run = _run(_load(params, set_))
+    times = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    timed("data", P.stage_data, run)
+    teacher_metrics = timed("teacher", P.stage_teacher, run)
+    for b in range(run.space.num_blocks):
+        timed("distill", P.stage_distill, run, b)
+    for b in range(run.space.num_blocks):
+        timed("rate", P.stage_rate, run, b)
+    timed("search", P.stage_search, run)
+    retrain_metrics = timed("retrain", P.stage_retrain, run)
+    export_metrics = timed("export", P.stage_export, run)
+    _report(run, teacher_metrics, retrain_metrics, export_metrics, times)
+
+
+def _report(run, teacher_metrics: dict, retrain_metrics: dict, export_metrics: dict, times: dict) -> None:
+    out = Table(title="dna run: where everything went", show_lines=False)
+    out.add_column("stage")
+    out.add_column("outputs")
+    out.add_column("seconds", justify="right")
+    p = run.paths
+    rows = {"data": [p.splits], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
+            "distill": [p.distill_dir], "rate": [p.ratings_dir],
+            "search": [p.arch, p.search_dir / "front.csv", p.search_dir / "front.png"],
+            "retrain": [p.model, p.retrain_dir / "metrics.json"], "export": [p.onnx, p.export_dir / "metrics.json"]}
+    for stage, files in rows.items():
+        out.add_row(stage, "\n".join(str(f) for f in files), f"{times.get(stage, 0):.1f}")
+    Console().print(out)
+    gap = (export_metrics["onnx_test_accuracy"] - teacher_metrics["test_accuracy"]) * 100
+    Console().print(
+        f"teacher test accuracy {teacher_metrics['test_accuracy']:.4f}; exported network (ONNX Runtime) "
+        f"{export_metrics['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher), "
+        f"{retrain_metrics['params']:,} parameters, {retrain_metrics['macs']:,} multiply-adds; "
+        f"ONNX parity max |diff| {export_metrics['max_abs_diff']:.2e}")
+
+
+@app.command()
+@_guard
+def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Per block: its cells, candidates per cell and per block, and the size of the whole space."""
+    from dna.space import build_space
+
+    cfg = _load(params, set_, deep=False)
+    s = build_space(cfg.space, cfg.data.channels, cfg.data.image_size, 10)
+    table = Table(title=f"search space ({len(cfg.space.ops)} ops per layer)")
+    for col in ("block", "stride", "cells (depth x width: candidates)", "candidates"):
+        table.add_column(col)
+    for b in range(s.num_blocks):
+        cells = ", ".join(f"{c.depth}x{c.width}: {len(s.ops) ** c.depth:,}" for c in s.cells(b))
+        table.add_row(str(b), str(cfg.space.blocks[b].stride), cells, f"{s.block_size(b):,}")
+    Console().print(table)
+    size = s.size()
+    Console().print(f"whole space: {size:,} networks ({float(size):.2e})")
+
+
+@arch_app.command("cost")
+@_guard
+def arch_cost(arch_file: Path = typer.Argument(..., help="architecture YAML (stem, head, arch)"),
+              params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Parameters and multiply-adds of an architecture, and whether it belongs to the configured space."""
+    from dna.arch import Arch, count_cost
+    from dna.space import build_space
+
+    cfg = _load(params, set_, deep=False)
+    try:
+        arch = Arch.load(arch_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{arch_file}: {exc}") from None
+    num_classes = 10
+    model = arch.build(num_classes, cfg.data.channels)
+    n, macs, _ = count_cost(model, (1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
+    Console().print(f"{arch_file}: {n:,} parameters, {macs:,} multiply-adds at {cfg.data.channels}x"
+                    f"{cfg.data.image_size}x{cfg.data.image_size} ({num_classes} classes)")
+    problems = build_space(cfg.space, cfg.data.channels, cfg.data.image_size, num_classes).outside(arch)
+    if problems:
+        Console().print("not in the configured search space:\n  " + "\n  ".join(problems))
+        raise typer.Exit(1)
+    Console().print("member of the configured search space")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

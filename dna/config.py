@@ -1,0 +1,260 @@
+"""The one typed schema for params.yaml; loading validates everything before any work starts."""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+DEFAULT_OPS = [f"ir_k{k}_e{e}_se0.25" for e in (3, 6) for k in (3, 5, 7)]
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the key, the value and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    source: Literal["digits", "torchvision", "imagefolder"] = "digits"
+    name: str | None = None  # torchvision dataset class, e.g. CIFAR10
+    root: str | None = None
+    download: bool = False
+    image_size: PositiveInt = 32
+    channels: Literal[1, 3] = 1
+    rate_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.2
+    augment: bool = False
+    batch_size: PositiveInt = 64
+    num_workers: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _source_fields(self, info: ValidationInfo) -> DataConfig:
+        check_paths = (info.context or {}).get("check_paths", True)
+        if self.source == "torchvision":
+            import torchvision.datasets as tvd
+
+            known = sorted(n for n in tvd.__all__ if n[0].isupper())
+            if self.name not in known:
+                raise ValueError(f"data.name={self.name!r} is not a torchvision dataset; allowed: {', '.join(known)}")
+        if self.source in ("torchvision", "imagefolder"):
+            if not self.root:
+                raise ValueError(f"data.root is required when data.source={self.source!r}")
+            if check_paths and not (self.download and self.source == "torchvision") and not Path(self.root).is_dir():
+                raise ValueError(f"data.root={self.root!r} does not exist (a directory is required)")
+        if self.rate_fraction + self.test_fraction >= 0.9:
+            raise ValueError("data.rate_fraction + data.test_fraction must leave at least 10% for training")
+        return self
+
+
+class TrainConfig(Strict):
+    epochs: Annotated[int, Field(ge=0)] = 30
+    optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    schedule: Literal["cosine", "exponential", "constant"] = "cosine"
+    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # per epoch, for schedule=exponential
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    batch_size: PositiveInt = 64
+
+
+class TeacherConfig(Strict):
+    source: Literal["train", "timm", "checkpoint"] = "train"
+    model: str = "efficientnet_b0"
+    checkpoint: str | None = None
+    boundaries: list[Annotated[int, Field(ge=1)]] = [2, 3, 4, 6]
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        import timm
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+            raise ValueError(f"teacher.model={name!r} is not a timm model (similar: {', '.join(close) or 'none'})")
+        return name
+
+    @model_validator(mode="after")
+    def _checkpoint(self, info: ValidationInfo) -> TeacherConfig:
+        check_paths = (info.context or {}).get("check_paths", True)
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ValueError("teacher.checkpoint is required when teacher.source='checkpoint'")
+        if self.source == "checkpoint" and check_paths and not Path(self.checkpoint).is_file():
+            raise ValueError(f"teacher.checkpoint={self.checkpoint!r} must be an existing file when teacher.source='checkpoint'")
+        if list(self.boundaries) != sorted(set(self.boundaries)):
+            raise ValueError(f"teacher.boundaries={self.boundaries} must be strictly increasing")
+        return self
+
+
+Width = Annotated[int, Field(ge=8, le=4096, multiple_of=8)]
+Depth = Annotated[int, Field(ge=1, le=8)]
+
+
+class BlockConfig(Strict):
+    """A searched block: its stride and its cells, as depths x widths or as an explicit list of [depth, width]."""
+
+    stride: Literal[1, 2] = 2
+    depths: list[Depth] = []
+    widths: list[Width] = []
+    cells: list[tuple[Depth, Width]] = []
+
+    @model_validator(mode="after")
+    def _choices(self) -> BlockConfig:
+        if self.cells and (self.depths or self.widths):
+            raise ValueError("give a block either cells or depths and widths, not both")
+        if not self.cells and not (self.depths and self.widths):
+            raise ValueError("a block needs depths and widths (or cells): its search space is empty")
+        choices = self.cell_choices()
+        if len(set(choices)) != len(choices):
+            raise ValueError(f"a block's cells must be distinct, got {choices}")
+        return self
+
+    def cell_choices(self) -> list[tuple[int, int]]:
+        if self.cells:
+            return [tuple(c) for c in self.cells]
+        return [(d, w) for w in self.widths for d in self.depths]
+
+
+class SpaceConfig(Strict):
+    kind: Literal["mbconv"] = "mbconv"
+    stem: Annotated[int, Field(ge=8, multiple_of=8)] = 32
+    first_stage: list[str] = ["ds_r1_k3_s1_c16_se0.25"]
+    head: Annotated[int, Field(ge=8)] = 256
+    ops: list[str] = DEFAULT_OPS
+    blocks: list[BlockConfig]
+
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, ops: list[str]) -> list[str]:
+        from dna.space import check_op
+
+        if not ops:
+            raise ValueError("space.ops must list at least one op")
+        for op in ops:
+            check_op(op)
+        return ops
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, blocks: list[BlockConfig]) -> list[BlockConfig]:
+        if not blocks:
+            raise ValueError("space.blocks must list at least one block (the search space is empty)")
+        return blocks
+
+
+class DistillConfig(Strict):
+    epochs: PositiveInt = 8
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 3e-3
+    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    batch_size: PositiveInt = 64
+    cache_features: bool = True
+
+
+class RatingConfig(Strict):
+    calibration_size: PositiveInt = 256
+    batch_size: PositiveInt = 256
+
+
+class SearchConfig(Strict):
+    budgets: dict[Literal["params", "macs"], Annotated[float, Field(gt=0)]] = {}
+    front_axis: Literal["params", "macs"] = "macs"
+
+
+class RetrainConfig(Strict):
+    init: Literal["scratch", "supernet"] = "scratch"
+    kd_alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # weight of the teacher-logit loss; 0 turns it off
+    kd_temperature: Annotated[float, Field(gt=0.0)] = 4.0
+    train: TrainConfig = TrainConfig()
+
+
+class ExportConfig(Strict):
+    opset: Annotated[int, Field(ge=13, le=23)] = 18
+    atol: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-4
+
+
+class Params(Strict):
+    seed: int = 0
+    outputs: str = "outputs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    space: SpaceConfig
+    distill: DistillConfig = DistillConfig()
+    rating: RatingConfig = RatingConfig()
+    search: SearchConfig = SearchConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _boundaries_match_blocks(self) -> Params:
+        if len(self.teacher.boundaries) != len(self.space.blocks):
+            raise ValueError(
+                f"teacher.boundaries has {len(self.teacher.boundaries)} entries but space.blocks has "
+                f"{len(self.space.blocks)}: one teacher boundary per searched block is required")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.outputs)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type = Params
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        hint = typing.get_type_hints(model).get(part)
+        for arg in (hint, *typing.get_args(hint)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+                break
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "params"
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; allowed keys here: {', '.join(_allowed_keys(error['loc']))}"
+    if msg.startswith(key.split(".")[0]) or "=" in msg.split(" ")[0]:
+        return msg
+    return f"{key}={error.get('input')!r}: {msg}"
+
+
+def parse_params(raw: dict, check_paths: bool = True) -> Params:
+    """Validate a raw mapping; check_paths=False skips checks of data and checkpoint paths (to inspect a preset)."""
+    try:
+        return Params.model_validate(raw, context={"check_paths": check_paths})
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, check_paths: bool = True) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_params(raw, check_paths)

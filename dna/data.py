@@ -1,0 +1,153 @@
+"""Datasets and their fixed, seeded, disjoint splits: train / rate (rating hold-out) / test."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from dna.checkpoint import atomic_write_text
+from dna.config import DataConfig
+
+SPLITS = ("train", "rate", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Data:
+    train: Dataset
+    rate: Dataset
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+    def split(self, name: str) -> Dataset:
+        return getattr(self, name)
+
+    def loader(self, name: str, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+               num_workers: int = 0) -> DataLoader:
+        return DataLoader(self.split(name), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=num_workers, drop_last=False)
+
+    def images(self, name: str, count: int | None = None) -> torch.Tensor:
+        """The first `count` images of a split, as one tensor (a fixed batch: calibration, parity checks)."""
+        ds = self.split(name)
+        count = len(ds) if count is None else min(count, len(ds))
+        return torch.stack([ds[i][0] for i in range(count)])
+
+
+def has_images(root: str | Path) -> bool:
+    for _, _, files in os.walk(root):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def _digits(cfg: DataConfig) -> tuple[TensorDataset, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    x = (x - 0.3) / 0.35
+    if cfg.channels == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(digits.target, dtype=torch.long)
+    return TensorDataset(x, y), digits.target
+
+
+def _transform(cfg: DataConfig, train: bool):
+    from torchvision import transforms as T
+
+    steps = [T.Grayscale(1) if cfg.channels == 1 else T.Lambda(lambda im: im.convert("RGB"))]
+    if train and cfg.augment:
+        steps += [T.RandomResizedCrop(cfg.image_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
+    else:
+        steps += [T.Resize(int(round(cfg.image_size * 1.14))), T.CenterCrop(cfg.image_size)]
+    mean, std = ([0.5], [0.5]) if cfg.channels == 1 else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _torchvision(cfg: DataConfig, train: bool, augment: bool):
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cfg.name)
+    kwargs = {"root": cfg.root, "download": cfg.download, "transform": _transform(cfg, augment)}
+    if "train" in inspect.signature(cls.__init__).parameters:
+        kwargs["train"] = train
+    else:
+        kwargs["split"] = "train" if train else "test"
+    return cls(**kwargs)
+
+
+def _targets(ds) -> np.ndarray:
+    for attr in ("targets", "labels"):
+        if hasattr(ds, attr):
+            return np.asarray(getattr(ds, attr))
+    return np.asarray([ds[i][1] for i in range(len(ds))])
+
+
+def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset | None, np.ndarray]:
+    """(training pool, same pool with eval transforms, separate test set or None, labels of the pool)."""
+    if cfg.source == "digits":
+        ds, labels = _digits(cfg)
+        return ds, ds, None, labels
+    if cfg.source == "torchvision":
+        pool = _torchvision(cfg, train=True, augment=True)
+        return pool, _torchvision(cfg, train=True, augment=False), _torchvision(cfg, train=False, augment=False), _targets(pool)
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir() and train_dir != root), None)
+    pool = ImageFolder(train_dir, transform=_transform(cfg, True))
+    pool_eval = ImageFolder(train_dir, transform=_transform(cfg, False))
+    test = ImageFolder(test_dir, transform=_transform(cfg, False)) if test_dir else None
+    return pool, pool_eval, test, np.asarray(pool.targets)
+
+
+def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
+    """Seeded, stratified, disjoint index lists into the training pool (and the test set when it is separate)."""
+    _, _, test, labels = _sources(cfg)
+    index = np.arange(len(labels))
+    held = cfg.rate_fraction + (0 if test is not None else cfg.test_fraction)
+    train, rest = train_test_split(index, test_size=held, random_state=seed, stratify=labels)
+    if test is not None:
+        return {"train": sorted(train.tolist()), "rate": sorted(rest.tolist()), "test": list(range(len(test)))}
+    rate, test_idx = train_test_split(rest, test_size=cfg.test_fraction / held, random_state=seed, stratify=labels[rest])
+    return {"train": sorted(train.tolist()), "rate": sorted(rate.tolist()), "test": sorted(test_idx.tolist())}
+
+
+def write_splits(cfg: DataConfig, seed: int, path: str | Path) -> dict:
+    splits = make_splits(cfg, seed)
+    _, _, test, labels = _sources(cfg)
+    summary = {"source": cfg.source, "name": cfg.name, "seed": seed, "num_classes": int(labels.max()) + 1,
+               "sizes": {k: len(v) for k, v in splits.items()}, "separate_test_set": test is not None}
+    atomic_write_text(path, json.dumps({**summary, "splits": splits}))
+    return summary
+
+
+def load_data(cfg: DataConfig, splits_path: str | Path) -> Data:
+    saved = json.loads(Path(splits_path).read_text())
+    pool, pool_eval, test, labels = _sources(cfg)
+    idx = saved["splits"]
+    train = Subset(pool, idx["train"])
+    return Data(train=train, rate=Subset(pool_eval, idx["rate"]),
+                test=test if test is not None else Subset(pool_eval, idx["test"]),
+                num_classes=saved["num_classes"], in_chans=cfg.channels, image_size=cfg.image_size)
+
+
+def eval_view(data: Data) -> Data:
+    """The same splits with the training split under eval transforms (for teacher features and calibration)."""
+    train = data.train
+    if isinstance(train, Subset) and isinstance(data.rate, Subset) and train.dataset is not data.rate.dataset:
+        train = Subset(data.rate.dataset, train.indices)
+    return Data(train, data.rate, data.test, data.num_classes, data.in_chans, data.image_size)

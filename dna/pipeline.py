@@ -1,0 +1,316 @@
+"""The stages of a run, each a function of the params that reads the files of earlier stages and writes its own.
+
+The CLI and the Prefect flows call these; nothing here knows about either.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from dna import plots
+from dna.arch import Arch, count_cost
+from dna.checkpoint import atomic_write_text, checkpoint_digest, save_checkpoint
+from dna.config import ConfigError, Params
+from dna.data import Data, eval_view, has_images, load_data, write_splits
+from dna.distill import distill_block, load_block
+from dna.export import export_onnx
+from dna.rate import rate_block
+from dna.search import BudgetError, best_under, front_table, min_cost, pareto_front
+from dna.space import SearchSpace, build_space
+from dna.targets import TeacherTargets, teacher_shapes
+from dna.teacher import load_teacher, make_teacher
+from dna.train import resolve_device, train_classifier
+
+log = logging.getLogger(__name__)
+EpochHook = Callable[[dict], None] | None
+
+
+def digest(*parts) -> str:
+    text = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+@dataclass
+class Paths:
+    root: Path
+
+    @property
+    def splits(self) -> Path: return self.root / "data" / "splits.json"
+    @property
+    def teacher_dir(self) -> Path: return self.root / "teacher"
+    @property
+    def teacher(self) -> Path: return self.teacher_dir / "teacher.pt"
+    @property
+    def distill_dir(self) -> Path: return self.root / "distill"
+    @property
+    def features(self) -> Path: return self.distill_dir / "features"
+    def supernet(self, block: int) -> Path: return self.distill_dir / f"block_{block}.pt"
+    @property
+    def ratings_dir(self) -> Path: return self.root / "ratings"
+    def rating(self, block: int) -> Path: return self.ratings_dir / f"block_{block}.csv"
+    @property
+    def search_dir(self) -> Path: return self.root / "search"
+    @property
+    def arch(self) -> Path: return self.search_dir / "arch.yaml"
+    @property
+    def retrain_dir(self) -> Path: return self.root / "retrain"
+    @property
+    def model(self) -> Path: return self.retrain_dir / "model.pt"
+    @property
+    def export_dir(self) -> Path: return self.root / "export"
+    @property
+    def onnx(self) -> Path: return self.export_dir / "model.onnx"
+
+
+class Run:
+    """One configured run: its params, where its files go, and the objects its stages share."""
+
+    def __init__(self, params: Params):
+        self.params = params
+        self.paths = Paths(params.out_dir)
+        self.device = resolve_device(params.device)
+
+    @cached_property
+    def data(self) -> Data:
+        if not self.paths.splits.is_file():
+            raise FileNotFoundError(f"{self.paths.splits} is missing: run the data stage first (dna data)")
+        return load_data(self.params.data, self.paths.splits)
+
+    @cached_property
+    def space(self) -> SearchSpace:
+        d = self.params.data
+        return build_space(self.params.space, d.channels, d.image_size, self.num_classes)
+
+    @cached_property
+    def num_classes(self) -> int:
+        if self.paths.splits.is_file():
+            return json.loads(self.paths.splits.read_text())["num_classes"]
+        from dna.data import _sources
+
+        return int(_sources(self.params.data)[3].max()) + 1
+
+    def teacher_targets(self) -> TeacherTargets:
+        teacher = load_teacher(self.params, self.paths.teacher, self.device)
+        cache = self.paths.features if self.params.distill.cache_features and not self.params.data.augment else None
+        return TeacherTargets(teacher, self.params.teacher.boundaries, self.data, self.device, cache)
+
+    def rating_targets(self) -> TeacherTargets:
+        """Targets for rating: the training split without augmentation (calibration) and the rating split."""
+        t = self.teacher_targets()
+        return TeacherTargets(t.teacher, t.boundaries, eval_view(self.data), self.device, t.cache_dir)
+
+    # fingerprints: what determines each stage's result, so a checkpoint of another configuration is not resumed
+    def teacher_fingerprint(self) -> str:
+        return digest(self.params.seed, self.params.data, self.params.teacher)
+
+    def block_fingerprint(self, block: int) -> str:
+        p = self.params
+        space = p.space.model_dump(exclude={"blocks"}) | {"block": p.space.blocks[block].model_dump()}
+        return digest(p.seed, p.data, checkpoint_digest(self.paths.teacher), space, p.distill, block)
+
+
+# validation -------------------------------------------------------------------------------------------------------
+def validate(params: Params) -> None:
+    """Checks that need the teacher's shapes or the space's costs; raises ConfigError before any work."""
+    d, t = params.data, params.teacher
+    if d.source == "imagefolder" and not has_images(d.root):
+        raise ConfigError(f"data.root={d.root!r} contains no images ({', '.join(('.jpg', '.png', '...'))})")
+    run = Run(params)
+    try:
+        shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    sizes = run.space._resolutions
+    for i, (shape, boundary) in enumerate(zip(shapes, t.boundaries)):
+        if shape[1] != sizes[i + 1]:
+            raise ConfigError(
+                f"teacher.boundaries[{i}]={boundary}: the teacher's features there are {shape[1]}x{shape[2]} but block {i} "
+                f"of the space outputs {sizes[i + 1]}x{sizes[i + 1]} (check space.blocks[{i}].stride, data.image_size)")
+    if params.search.budgets:
+        stages = stage_tables(run.space, scored=False)
+        for axis, budget in params.search.budgets.items():
+            smallest = min_cost(stages, axis)
+            if budget < smallest:
+                raise ConfigError(f"search.budgets.{axis}={budget:g} is below the smallest network in the space "
+                                  f"({axis}={smallest:g})")
+
+
+# stages -----------------------------------------------------------------------------------------------------------
+def stage_data(run: Run) -> dict:
+    summary = write_splits(run.params.data, run.params.seed, run.paths.splits)
+    log.info("data: %s", summary["sizes"])
+    return summary
+
+
+def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
+    out = run.paths.teacher_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _, result = make_teacher(run.params, run.data, out, run.device, run.teacher_fingerprint())
+    if result.history:
+        write_csv(out / "history.csv", pd.DataFrame(result.history))
+    metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history), "model": run.params.teacher.model}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
+    targets = run.teacher_targets()
+    targets.build_cache(digest(checkpoint_digest(run.paths.teacher), run.params.data, run.params.teacher.boundaries))
+    result = distill_block(run.space, targets, block, run.params.distill, run.paths.supernet(block),
+                           in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
+                           device=run.device, on_epoch=on_epoch)
+    history = pd.DataFrame(result.history)
+    write_csv(run.paths.distill_dir / f"history_{block}.csv", history)
+    return {"block": block, "final_loss": float(history["loss"].iloc[-1]), "epochs": len(history),
+            "resumed_from": result.resumed_from}
+
+
+def stage_rate(run: Run, block: int) -> pd.DataFrame:
+    targets = run.rating_targets()
+    supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block)).to(run.device)
+    table = rate_block(run.space, supernet, targets, block, calibration_size=run.params.rating.calibration_size,
+                       batch_size=run.params.rating.batch_size)
+    write_csv(run.paths.rating(block), table)
+    return table
+
+
+def rating_summary(tables: list[pd.DataFrame]) -> dict:
+    return {f"block_{i}": {"candidates": int(len(t.drop_duplicates(["cell", "path"]))), "best": float(t["score"].min()),
+                           "median": float(t["score"].median()), "worst": float(t["score"].max())}
+            for i, t in enumerate(tables)}
+
+
+def stage_tables(space: SearchSpace, ratings: list[pd.DataFrame] | None = None, scored: bool = True) -> list[pd.DataFrame]:
+    blocks = ratings if ratings is not None else [
+        space.candidate_table(b).assign(score=0.0) for b in range(space.num_blocks)]
+    return [space.stem_table(), *blocks, space.head_table()]
+
+
+def choice_of(space: SearchSpace, stages: list[pd.DataFrame], rows: tuple[int, ...]) -> Arch:
+    from dna.space import Cell
+
+    choice = []
+    for block, row in enumerate(rows[1:-1]):
+        r = stages[block + 1].iloc[row]
+        choice.append((Cell(block, int(r["depth"]), int(r["width"])), tuple(int(o) for o in str(r["path"]).split("-"))))
+    return space.arch(choice)
+
+
+def stage_search(run: Run) -> dict:
+    p, out = run.params.search, run.paths.search_dir
+    ratings = [pd.read_csv(run.paths.rating(b), dtype={"path": str}) for b in range(run.space.num_blocks)]
+    stages = stage_tables(run.space, ratings)
+    try:
+        best = best_under(stages, dict(p.budgets))
+    except BudgetError as exc:
+        raise ConfigError(str(exc)) from None
+    arch = choice_of(run.space, stages, best.rows)
+    front = pareto_front(stages, p.front_axis)
+    table = front_table(stages, front)
+    table["arch"] = [choice_of(run.space, stages, sel.rows).tag() for sel in front]
+    table["chosen"] = [sel.rows == best.rows for sel in front]
+    out.mkdir(parents=True, exist_ok=True)
+    arch.save(run.paths.arch)
+    write_csv(out / "front.csv", table)
+    plots.front(table, p.front_axis, best, out / "front.png")
+    plots.rating_spread(ratings, out / "rating_spread.png")
+    metrics = {"score": best.score, **{k: float(v) for k, v in best.costs.items()}, "front_size": len(front),
+               "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings)}
+    write_json(out / "metrics.json", metrics)
+    log.info("search: chose score %.4f, %s", best.score, {k: int(v) for k, v in best.costs.items()})
+    return metrics
+
+
+def build_student(run: Run, arch: Arch) -> torch.nn.Module:
+    torch.manual_seed(run.params.seed)
+    return arch.build(run.data.num_classes, run.data.in_chans, drop_rate=run.params.retrain.train.drop_rate)
+
+
+def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch) -> int:
+    """Copy the supernet's weights of the chosen ops into the student where shapes agree; returns tensors copied."""
+    from dna.checkpoint import load_checkpoint
+
+    target, copied = model.state_dict(), 0
+    for block, (cell, ops) in enumerate(run.space.parse(arch)):
+        state = load_checkpoint(run.paths.supernet(block))["model"]
+        prefix = f"{cell.name}.layers."
+        offset = 1 if block == 0 else 0
+        mapping = {}
+        if block == 0:
+            mapping.update({"0.0.0.": "conv_stem.", "0.0.1.": "bn1.", "0.0.2.": "blocks.0."})
+        for i, op in enumerate(ops):
+            mapping[f"{i + offset}.{op}."] = f"blocks.{block + 1}.{i}."
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            for src, dst in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
+                if rest.startswith(src):
+                    name = dst + rest[len(src):]
+                    if name in target and target[name].shape == value.shape:
+                        target[name] = value
+                        copied += 1
+                    break
+    model.load_state_dict(target)
+    return copied
+
+
+def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
+    p, out = run.params.retrain, run.paths.retrain_dir
+    out.mkdir(parents=True, exist_ok=True)
+    arch = Arch.load(run.paths.arch)
+    model = build_student(run, arch)
+    copied = init_from_supernet(run, model, arch) if p.init == "supernet" else 0
+    teacher = load_teacher(run.params, run.paths.teacher, run.device) if p.kd_alpha > 0 else None
+    result = train_classifier(model, run.data, p.train, out / "train_state.pt", seed=run.params.seed,
+                              fingerprint=digest(run.params.seed, run.params.data, p, arch.to_dict()),
+                              device=run.device, name="retrain", teacher=teacher, kd_alpha=p.kd_alpha,
+                              kd_temperature=p.kd_temperature, on_epoch=on_epoch)
+    save_checkpoint(run.paths.model, {"model": model.state_dict(), "arch": arch.to_yaml()})
+    write_csv(out / "history.csv", pd.DataFrame(result.history))
+    plots.curves(pd.DataFrame(result.history), out / "curves.png")
+    params, macs, _ = count_cost(model.cpu(), (1, run.data.in_chans, run.data.image_size, run.data.image_size))
+    metrics = {"test_accuracy": result.test_accuracy, "params": params, "macs": macs, "epochs": len(result.history),
+               "init": p.init, "tensors_from_supernet": copied}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def stage_export(run: Run) -> dict:
+    from dna.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run.paths.model)
+    arch = Arch.from_yaml(state["arch"])
+    model = arch.build(run.data.num_classes, run.data.in_chans)
+    model.load_state_dict(state["model"])
+    retrain = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
+    images = run.data.images("test", 64)
+    metadata = {"arch": arch.tag(), "arch_yaml": arch.to_yaml(), "test_accuracy": f"{retrain['test_accuracy']:.6f}",
+                "params": str(retrain["params"]), "macs": str(retrain["macs"]),
+                "input": json.dumps({"channels": run.data.in_chans, "size": run.data.image_size})}
+    report = export_onnx(model, images, run.paths.onnx, metadata, atol=run.params.export.atol, opset=run.params.export.opset)
+    from dna.export import onnx_predict
+
+    logits = onnx_predict(run.paths.onnx, run.data.images("test").numpy())
+    labels = torch.tensor([int(y) for _, y in run.data.test])
+    onnx_acc = float((torch.from_numpy(logits).argmax(1) == labels).float().mean())
+    metrics = {"max_abs_diff": report.max_abs_diff, "parity_images": report.num_images, "opset": report.opset,
+               "onnx_test_accuracy": onnx_acc, "atol": run.params.export.atol}
+    write_json(run.paths.export_dir / "metrics.json", metrics)
+    return metrics

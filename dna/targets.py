@@ -1,0 +1,128 @@
+"""Where block targets come from. A target source yields (block input, block target) pairs for every block.
+
+`TeacherTargets` (DNA): the input of block i is the teacher's feature map at boundary i-1 (the image for
+block 0) and its target the teacher's feature map at boundary i. A self-supervised source (DNA++) would
+implement the same `TargetSource` protocol.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dna.checkpoint import atomic_write_text
+from dna.data import Data
+
+log = logging.getLogger(__name__)
+
+
+class TargetSource(Protocol):
+    def shapes(self) -> list[tuple[int, int, int]]: ...
+    def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
+              generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def first(self, block: int, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def boundary_features(teacher: nn.Module, x: torch.Tensor, boundaries: list[int]) -> list[torch.Tensor]:
+    """The teacher's feature maps at the given stage boundaries, from timm's forward_intermediates."""
+    kwargs = {"indices": list(boundaries), "intermediates_only": True}
+    if "extra_blocks" in inspect.signature(teacher.forward_intermediates).parameters:
+        kwargs["extra_blocks"] = True  # index every stage, not only those listed in feature_info
+    return teacher.forward_intermediates(x, **kwargs)
+
+
+def teacher_shapes(model_name: str, in_chans: int, image_size: int, boundaries: list[int]) -> list[tuple[int, int, int]]:
+    """(channels, height, width) at each boundary, computed on the meta device (no weights, no compute)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=10).eval()
+        count = len(model.blocks) + 1 if hasattr(model, "blocks") else None
+        if count is not None and max(boundaries) >= count:
+            raise ValueError(f"teacher.boundaries={boundaries}: {model_name} has boundaries 1..{count - 1} "
+                             f"(0 is the stem)")
+        feats = boundary_features(model, torch.empty(1, in_chans, image_size, image_size), boundaries)
+    return [tuple(f.shape[1:]) for f in feats]
+
+
+class TeacherTargets:
+    def __init__(self, teacher: nn.Module, boundaries: list[int], data: Data, device: torch.device,
+                 cache_dir: str | Path | None = None):
+        self.teacher, self.boundaries, self.data, self.device = teacher.eval(), list(boundaries), data, device
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._shapes: list[tuple[int, int, int]] | None = None
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return boundary_features(self.teacher, x.to(self.device), self.boundaries)
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        if self._shapes is None:
+            x = self.data.images("train", 1)
+            self._shapes = [tuple(f.shape[1:]) for f in self.features(x)]
+        return self._shapes
+
+    # cache -----------------------------------------------------------------------------------------------------
+    def _file(self, split: str, level: int) -> Path:
+        return self.cache_dir / f"{split}_{level}.npy"
+
+    def build_cache(self, fingerprint: str, splits: tuple[str, ...] = ("train", "rate"), batch_size: int = 256) -> None:
+        """Run the teacher once over each split and store the image and every boundary as memory-mapped arrays."""
+        if self.cache_dir is None:
+            return
+        marker = self.cache_dir / "cache.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        shapes = [tuple(self.data.images("train", 1).shape[1:])] + self.shapes()
+        for split in splits:
+            n = len(self.data.split(split))
+            arrays = [np.lib.format.open_memmap(self._file(split, lvl), mode="w+", dtype=np.float32, shape=(n, *s))
+                      for lvl, s in enumerate(shapes)]
+            start = 0
+            for x, _ in tqdm(self.data.loader(split, batch_size), desc=f"teacher features ({split})", leave=False):
+                for lvl, f in enumerate([x.to(self.device), *self.features(x)]):
+                    arrays[lvl][start:start + len(x)] = f.cpu().numpy()
+                start += len(x)
+            for a in arrays:
+                a.flush()
+        atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "shapes": [list(s) for s in shapes]}))
+
+    def _cached(self, split: str, level: int) -> np.ndarray | None:
+        if self.cache_dir is None or not self._file(split, level).is_file():
+            return None
+        return np.load(self._file(split, level), mmap_mode="r")
+
+    # pairs -----------------------------------------------------------------------------------------------------
+    def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
+              generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        inputs, targets = self._cached(split, block), self._cached(split, block + 1)
+        if inputs is not None and targets is not None:
+            n = len(inputs)
+            order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+            for start in range(0, n, batch_size):
+                idx = np.sort(order[start:start + batch_size])
+                yield (torch.from_numpy(inputs[idx]).to(self.device), torch.from_numpy(targets[idx]).to(self.device))
+            return
+        for x, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator):
+            x = x.to(self.device)
+            levels = [x, *self.features(x)]
+            yield levels[block], levels[block + 1]
+
+    def first(self, block: int, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed batch: the first `count` pairs of a split (the calibration batch)."""
+        xs, ys, seen = [], [], 0
+        for x, y in self.pairs(block, split, batch_size=min(count, 256)):
+            xs.append(x)
+            ys.append(y)
+            seen += len(x)
+            if seen >= count:
+                break
+        return torch.cat(xs)[:count], torch.cat(ys)[:count]
