@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 from timm.layers import get_act_layer
+from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models._efficientnet_builder import EfficientNetBuilder, decode_arch_def
 from timm.models.efficientnet import EfficientNet
 from torch import nn
@@ -21,7 +22,8 @@ def _same_width(channels: int, *_, **__) -> int:
 
 def build_layers(block_strings: list[str], in_chs: int) -> nn.Sequential:
     """One stage of layers from block strings, made exactly as EfficientNet's builder makes them."""
-    builder = EfficientNetBuilder(round_chs_fn=_same_width, act_layer=get_act_layer(ACT), norm_layer=nn.BatchNorm2d)
+    builder = EfficientNetBuilder(round_chs_fn=_same_width, act_layer=get_act_layer(ACT), norm_layer=nn.BatchNorm2d,
+                                  se_layer=SqueezeExcite)
     return builder(in_chs, decode_arch_def([list(block_strings)]))[0]
 
 
