@@ -102,9 +102,10 @@ def teacher(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 @_guard
 def distill(params: Path = ParamsOpt, set_: list[str] = SetOpt, block: Optional[int] = BlockOpt):
     """Train each block's supernet on the teacher's features (resumes from the last epoch)."""
-    from dna.pipeline import stage_distill
+    from dna.pipeline import stage_distill, stage_features
 
     run = _run(_load(params, set_))
+    stage_features(run)
     for b in _blocks(run, block):
         console.print(stage_distill(run, b))
 
@@ -166,6 +167,7 @@ def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 
     timed("data", P.stage_data, run)
     teacher_metrics = timed("teacher", P.stage_teacher, run)
+    timed("distill", P.stage_features, run)
     for b in range(run.space.num_blocks):
         timed("distill", P.stage_distill, run, b)
     for b in range(run.space.num_blocks):

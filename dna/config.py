@@ -182,6 +182,24 @@ class ExportConfig(Strict):
     atol: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-4
 
 
+class TrackingConfig(Strict):
+    """MLflow: where runs are tracked and under which name exported models are registered."""
+
+    tracking_uri: str | None = None  # None: a SQLite file mlflow.db in the working directory
+    experiment: str = "dna"
+    registered_model: str = "dna-student"
+    promote_metric: Literal["test_accuracy", "onnx_test_accuracy"] = "test_accuracy"
+
+
+class OrchestrationConfig(Strict):
+    """How the flows fan out blocks: threads, processes, a Dask cluster or Ray."""
+
+    task_runner: Literal["threads", "processes", "dask", "ray"] = "threads"
+    max_workers: PositiveInt = 2
+    dask_address: str | None = None  # None: a local Dask cluster with max_workers workers
+    retries: Annotated[int, Field(ge=0, le=10)] = 1
+
+
 class Params(Strict):
     seed: int = 0
     outputs: str = "outputs"
@@ -194,6 +212,8 @@ class Params(Strict):
     search: SearchConfig = SearchConfig()
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
+    mlflow: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _boundaries_match_blocks(self) -> Params:

@@ -169,9 +169,15 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     return metrics
 
 
-def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
+def stage_features(run: Run) -> None:
+    """Store the teacher's boundary features once for all blocks (when caching is on); run before distilling."""
     targets = run.teacher_targets()
     targets.build_cache(digest(checkpoint_digest(run.paths.teacher), run.params.data, run.params.teacher.boundaries))
+
+
+def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
+    """Distill one block; blocks are independent and may run in parallel once stage_features has run."""
+    targets = run.teacher_targets()
     result = distill_block(run.space, targets, block, run.params.distill, run.paths.supernet(block),
                            in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
                            device=run.device, on_epoch=on_epoch)
