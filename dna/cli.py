@@ -179,20 +179,17 @@ def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 
 
 def _report(run, teacher_metrics: dict, retrain_metrics: dict, export_metrics: dict, times: dict) -> None:
-    out = Table(title="dna run: where everything went", show_lines=False)
-    out.add_column("stage")
-    out.add_column("outputs")
-    out.add_column("seconds", justify="right")
     p = run.paths
     rows = {"data": [p.splits], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
             "distill": [p.distill_dir], "rate": [p.ratings_dir],
             "search": [p.arch, p.search_dir / "front.csv", p.search_dir / "front.png"],
             "retrain": [p.model, p.retrain_dir / "metrics.json"], "export": [p.onnx, p.export_dir / "metrics.json"]}
+    out = Console(soft_wrap=True)
+    out.print("[bold]dna run: where everything went[/]")
     for stage, files in rows.items():
-        out.add_row(stage, "\n".join(str(f) for f in files), f"{times.get(stage, 0):.1f}")
-    Console().print(out)
+        out.print(f"  {stage:<8} {times.get(stage, 0):6.1f} s  " + "  ".join(str(f) for f in files))
     gap = (export_metrics["onnx_test_accuracy"] - teacher_metrics["test_accuracy"]) * 100
-    Console().print(
+    out.print(
         f"teacher test accuracy {teacher_metrics['test_accuracy']:.4f}; exported network (ONNX Runtime) "
         f"{export_metrics['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher), "
         f"{retrain_metrics['params']:,} parameters, {retrain_metrics['macs']:,} multiply-adds; "

@@ -6,7 +6,7 @@ BatchNorm statistics depend only on its own prefix, so this equals rating each c
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -76,11 +76,18 @@ class _Scores:
 
 @torch.no_grad()
 def rate_cell(cell: CellSupernet, depth: int, calib: torch.Tensor, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-              num_ops: int, progress: bool = True) -> dict[Path_, float]:
-    """Scores of every candidate of one cell, depth-first with prefix reuse."""
+              num_ops: int, only: Iterable[Path_] | None = None, progress: bool = True) -> dict[Path_, float]:
+    """Scores of every candidate of one cell (or of those in `only`), depth-first with prefix reuse."""
     cell.eval()
     layers, fixed = list(cell.layers), cell.num_fixed
     stats: dict[Path_, list] = {}
+    wanted = None if only is None else {tuple(p[:i]) for p in only for i in range(1, depth + 1)}
+
+    def ops_at(prefix: Path_) -> Iterable[int]:
+        if len(prefix) < fixed:
+            return range(1)
+        searched = prefix[fixed:]
+        return [op for op in range(num_ops) if wanted is None or searched + (op,) in wanted]
 
     def calibrate_tree(prefix: Path_, x: torch.Tensor) -> None:
         level = len(prefix)
@@ -88,8 +95,7 @@ def rate_cell(cell: CellSupernet, depth: int, calib: torch.Tensor, batches: Iter
             calibrate(cell.adapter, x)
             stats[prefix + (-1,)] = _stats(cell.adapter)
             return
-        choices = range(1) if level < fixed else range(num_ops)
-        for op in choices:
+        for op in ops_at(prefix):
             out = calibrate(layers[level][op], x)
             stats[prefix + (op,)] = _stats(layers[level][op])
             calibrate_tree(prefix + (op,), out)
@@ -105,8 +111,7 @@ def rate_cell(cell: CellSupernet, depth: int, calib: torch.Tensor, batches: Iter
             key = prefix[fixed:]
             scores.abs[key] = scores.abs.get(key, 0.0) + err
             return
-        choices = range(1) if level < fixed else range(num_ops)
-        for op in choices:
+        for op in ops_at(prefix):
             _load_stats(layers[level][op], stats[prefix + (op,)])
             evaluate_tree(prefix + (op,), layers[level][op](x), y)
 

@@ -1,0 +1,31 @@
+# Two commands do all set-up: `make run` (install, then the whole pipeline on the embedded dataset)
+# and `make test` (install, then the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export SCIKIT_LEARN_DATA := $(CURDIR)/.sklearn_data
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet -e ".[pipeline,test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import dna.cli, timm, onnxruntime, prefect, mlflow, dvc"
+	touch $@
+
+run: setup
+	$(VENV)/bin/dna run
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf outputs mlflow.db mlruns .prefect

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from dna.checkpoint import load_checkpoint
+from dna.distill import distill_block
+from dna.train import NonFiniteLoss
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _distill(run, path, epochs, on_epoch=None, targets=None):
+    cfg = run.params.distill.model_copy(update={"epochs": epochs})
+    return distill_block(run.space, targets or run.teacher_targets(), 1, cfg, path, in_chans=run.data.in_chans,
+                         seed=0, fingerprint="test", device=torch.device("cpu"), on_epoch=on_epoch)
+
+
+def test_loss_goes_down(prepared_run, tmp_path):
+    history = _distill(prepared_run, tmp_path / "b.pt", 3).history
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[1]["lr"] == pytest.approx(history[0]["lr"] * prepared_run.params.distill.lr_decay)
+
+
+def test_interrupted_block_resumes_to_the_same_weights(prepared_run, tmp_path):
+    _distill(prepared_run, tmp_path / "whole.pt", 3)
+
+    def crash_after_first(row):
+        if row["epoch"] == 1:
+            raise Crash
+    with pytest.raises(Crash):
+        _distill(prepared_run, tmp_path / "cut.pt", 3, on_epoch=crash_after_first)
+    assert load_checkpoint(tmp_path / "cut.pt")["epoch"] == 1
+    seen = []
+    resumed = _distill(prepared_run, tmp_path / "cut.pt", 3, on_epoch=seen.append)
+    assert resumed.resumed_from == 1
+    assert [row["epoch"] for row in seen] == [2, 3], "no completed epoch is redone"
+    whole, cut = load_checkpoint(tmp_path / "whole.pt")["model"], load_checkpoint(tmp_path / "cut.pt")["model"]
+    assert whole.keys() == cut.keys()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole), "bit-for-bit equal to the uninterrupted run"
+
+
+def test_finished_block_is_not_retrained(prepared_run, tmp_path):
+    _distill(prepared_run, tmp_path / "b.pt", 2)
+    seen = []
+    again = _distill(prepared_run, tmp_path / "b.pt", 2, on_epoch=seen.append)
+    assert again.resumed_from == 2 and seen == []
+
+
+class PoisonedTargets:
+    """Real targets, with NaN targets from the second epoch on."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def shapes(self):
+        return self.inner.shapes()
+
+    def pairs(self, block, split, batch_size, shuffle=False, generator=None):
+        self.calls += 1
+        for i, (x, y) in enumerate(self.inner.pairs(block, split, batch_size, shuffle, generator)):
+            yield x, (y * float("nan") if self.calls >= 2 and i == 3 else y)
+
+
+def test_nan_loss_stops_with_block_epoch_and_step_and_keeps_last_checkpoint(prepared_run, tmp_path):
+    path = tmp_path / "b.pt"
+    with pytest.raises(NonFiniteLoss, match=r"block 1: loss is nan at epoch 2 step 3"):
+        _distill(prepared_run, path, 3, targets=PoisonedTargets(prepared_run.teacher_targets()))
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

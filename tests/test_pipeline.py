@@ -1,0 +1,104 @@
+"""The whole chain through the `dna` command on a tiny configuration, and its outputs checked against each other."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from dna.arch import Arch, count_cost
+from dna.checkpoint import load_checkpoint
+from dna.cli import app
+from dna.config import load_params
+from dna.export import onnx_predict, read_metadata
+from dna.pipeline import Run
+from tests.conftest import tiny_raw
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    raw = tiny_raw(root / "outputs")
+    raw["search"]["budgets"] = {"params": 60_000}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["run", "--params", str(root / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    return Run(load_params(root / "params.yaml")), result.output, root
+
+
+def test_run_prints_where_outputs_went(finished):
+    run, output, _ = finished
+    for path in (run.paths.arch, run.paths.model, run.paths.onnx):
+        assert path.is_file()
+        assert path.name in output
+    assert "teacher test accuracy" in output
+
+
+def test_chosen_arch_is_in_the_space_and_meets_the_budget(finished):
+    run, _, _ = finished
+    arch = Arch.load(run.paths.arch)
+    assert run.space.outside(arch) == []
+    search = json.loads((run.paths.search_dir / "metrics.json").read_text())
+    params, macs, _ = count_cost(arch.build(run.data.num_classes, run.data.in_chans), (1, 1, 16, 16))
+    assert (search["params"], search["macs"]) == (params, macs), "search cost = cost of the built network"
+    assert params <= 60_000
+    front = pd.read_csv(run.paths.search_dir / "front.csv")
+    assert front["chosen"].sum() <= 1
+    assert (front["macs"].diff().dropna() > 0).all() and (front["score"].diff().dropna() < 0).all()
+    # every front point under the budget rates no better than the chosen one (it is the optimum)
+    assert front.loc[front["params"] <= 60_000, "score"].min() >= search["score"] - 1e-9
+
+
+def test_exported_model_matches_the_retrained_one(finished):
+    run, _, _ = finished
+    state = load_checkpoint(run.paths.model)
+    arch = Arch.from_yaml(state["arch"])
+    model = arch.build(run.data.num_classes, run.data.in_chans).eval()
+    model.load_state_dict(state["model"])
+    images = run.data.images("test")
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = onnx_predict(run.paths.onnx, images.numpy())
+    assert np.abs(got - expected).max() <= 1e-4
+    meta = read_metadata(run.paths.onnx)
+    assert Arch.from_dict(json.loads(meta["arch"])) == Arch.load(run.paths.arch)
+    retrain = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
+    export = json.loads((run.paths.export_dir / "metrics.json").read_text())
+    assert float(meta["test_accuracy"]) == pytest.approx(retrain["test_accuracy"], abs=1e-6)
+    assert export["onnx_test_accuracy"] == pytest.approx(retrain["test_accuracy"], abs=1 / len(run.data.test))
+
+
+def test_second_run_resumes_everything_from_checkpoints(finished):
+    run, _, root = finished
+    result = CliRunner().invoke(app, ["run", "--params", str(root / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "teacher: resuming after epoch 2" in result.output
+    assert "retrain: resuming after epoch 2" in result.output
+    assert "epoch 1/2" not in result.output, "no epoch is trained again"
+    for block in range(run.space.num_blocks):
+        assert load_checkpoint(run.paths.supernet(block))["epoch"] == run.params.distill.epochs
+
+
+def test_arch_cost_reports_membership(finished, tmp_path):
+    run, _, root = finished
+    member = CliRunner().invoke(app, ["arch", "cost", str(run.paths.arch), "--params", str(root / "params.yaml")])
+    assert member.exit_code == 0, member.output
+    assert "member of the configured search space" in member.output
+    outsider = Arch.load(run.paths.arch).to_dict()
+    outsider["arch"][1][0] = outsider["arch"][1][0].replace("_k3_", "_k7_").replace("_k5_", "_k7_")
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(outsider))
+    other = CliRunner().invoke(app, ["arch", "cost", str(tmp_path / "other.yaml"), "--params", str(root / "params.yaml")])
+    assert other.exit_code == 1
+    assert "block 0 layer 0" in other.output
+
+
+def test_bad_params_fail_before_any_work(tmp_path):
+    raw = tiny_raw(tmp_path / "outputs")
+    raw["retrain"]["train"]["optimizer"] = "adagrad"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["run", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2
+    assert "retrain.train.optimizer" in result.output and "adamw" in result.output
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,73 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from dna.distill import load_block
+from dna.rate import calibrate, rate_block, rate_candidate_naive, rate_cell
+from dna.space import Cell
+
+
+def _batches(x, y, size):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def test_calibrate_sets_statistics_of_the_batch():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    layer[1].running_mean.fill_(7.0)
+    x = torch.randn(32, 3, 5, 5) * 3 + 1
+    calibrate(layer, x)
+    pre = layer[0](x)
+    assert torch.allclose(layer[1].running_mean, pre.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(layer[1].running_var, pre.var(dim=(0, 2, 3), unbiased=True), atol=1e-4)
+    assert not layer.training
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_prefix_reuse_equals_naive_rating(prepared_run, block):
+    run = prepared_run
+    targets = run.rating_targets()
+    supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block))
+    calib, _ = targets.first(block, "train", 64)
+    x, y = targets.first(block, "rate", 1000)
+    for cell in run.space.cells(block):
+        net = supernet[cell.name]
+        fast = rate_cell(net, cell.depth, calib, _batches(x, y, 50), len(run.space.ops), progress=False)
+        expected = set(itertools.product(range(len(run.space.ops)), repeat=cell.depth))
+        assert set(fast) == expected
+        for ops in expected:
+            naive = rate_candidate_naive(net, ops, calib, _batches(x, y, 50))
+            assert fast[ops] == pytest.approx(naive, abs=1e-5)
+    assert len({round(s, 6) for s in fast.values()}) > 1, "candidates should not all score the same"
+
+
+def test_prefix_reuse_on_a_deeper_untrained_cell(prepared_run):
+    """Depth 3 at random weights: prefixes shared by many candidates, several rating batches."""
+    run = prepared_run
+    torch.manual_seed(1)
+    cell = Cell(1, 3, 24)
+    shapes = run.rating_targets().shapes()
+    net = run.space.build_cell(cell, shapes[0][0], shapes[1][0])
+    calib = torch.randn(40, shapes[0][0], 4, 4)
+    x, y = torch.randn(90, shapes[0][0], 4, 4), torch.randn(90, shapes[1][0], 2, 2)
+    only = [(0, 1, 1), (1, 1, 0), (0, 1, 0)]
+    fast = rate_cell(net, 3, calib, _batches(x, y, 32), len(run.space.ops), only=only, progress=False)
+    assert set(fast) == set(only)
+    for ops in only:
+        assert fast[ops] == pytest.approx(rate_candidate_naive(net, ops, calib, _batches(x, y, 32)), abs=1e-5)
+
+
+def test_rating_table_has_every_candidate_with_costs(prepared_run):
+    run = prepared_run
+    targets = run.rating_targets()
+    supernet = load_block(run.space, 1, targets.shapes(), run.data.in_chans, run.paths.supernet(1))
+    table = rate_block(run.space, supernet, targets, 1, calibration_size=64, batch_size=128)
+    n_ops = len(run.space.ops)
+    expected = sum(n_ops ** c.depth for c in run.space.cells(1)) * len(run.space.in_widths(1))
+    assert len(table) == expected
+    assert table["score"].between(0, 10).all()
+    assert (table["params"] > 0).all() and (table["macs"] > 0).all()
+    # the same candidate rated under each input width has one score: rating does not depend on the cost variant
+    assert table.groupby(["cell", "path"])["score"].nunique().max() == 1
