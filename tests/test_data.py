@@ -1,0 +1,179 @@
+"""Data splits and loading: seeded, stratified, disjoint splits of the digits and of an image folder."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dna.config import DataConfig
+from dna.data import has_images, load_data, make_splits, write_splits
+
+SPLITS = ("train", "rate", "test")
+
+
+@pytest.fixture(autouse=True)
+def _data_sklearn_home(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path_factory.mktemp("sklearn_data")))
+
+
+@pytest.fixture(scope="module")
+def digits_target():
+    from sklearn.datasets import load_digits
+
+    return load_digits().target
+
+
+def _digits_cfg(**kw) -> DataConfig:
+    return DataConfig(**{"source": "digits", "image_size": 16, "channels": 1, "rate_fraction": 0.1,
+                         "test_fraction": 0.2, **kw})
+
+
+# digits ------------------------------------------------------------------------------------------------------------
+def test_digits_splits_disjoint_and_cover(digits_target):
+    splits = make_splits(_digits_cfg(), seed=0)
+    sets = {k: set(v) for k, v in splits.items()}
+    assert sorted(splits) == sorted(SPLITS)
+    assert all(len(sets[k]) == len(splits[k]) for k in SPLITS)  # no index twice within a split
+    assert not (sets["train"] & sets["rate"] or sets["train"] & sets["test"] or sets["rate"] & sets["test"])
+    assert sets["train"] | sets["rate"] | sets["test"] == set(range(len(digits_target)))
+
+
+@pytest.mark.parametrize("rate, test", [(0.1, 0.2), (0.15, 0.3), (0.05, 0.05)])
+def test_digits_split_sizes_follow_fractions(digits_target, rate, test):
+    n = len(digits_target)
+    splits = make_splits(_digits_cfg(rate_fraction=rate, test_fraction=test), seed=1)
+    assert abs(len(splits["rate"]) - rate * n) <= 1
+    assert abs(len(splits["test"]) - test * n) <= 1
+    assert len(splits["train"]) + len(splits["rate"]) + len(splits["test"]) == n
+
+
+def test_digits_splits_are_stratified(digits_target):
+    n = len(digits_target)
+    overall = Counter(digits_target.tolist())
+    splits = make_splits(_digits_cfg(), seed=0)
+    for name, fraction in (("rate", 0.1), ("test", 0.2), ("train", 0.7)):
+        counts = Counter(digits_target[splits[name]].tolist())
+        assert set(counts) == set(range(10)), f"{name} lacks a class"
+        for label, total in overall.items():
+            # each class keeps its share of the split (up to rounding in the two-step split)
+            assert abs(counts[label] - fraction * total) <= 2, (name, label, counts[label], fraction * total)
+    assert sum(overall.values()) == n
+
+
+def test_digits_splits_depend_only_on_seed():
+    cfg = _digits_cfg()
+    first, again, other = make_splits(cfg, 3), make_splits(cfg, 3), make_splits(cfg, 4)
+    assert first == again
+    assert first["rate"] != other["rate"] and first["test"] != other["test"]
+    assert sorted(first["train"] + first["rate"] + first["test"]) == sorted(other["train"] + other["rate"] + other["test"])
+
+
+@pytest.mark.parametrize("size, channels", [(16, 1), (24, 3), (32, 1)])
+def test_digits_load_shapes_labels_and_normalisation(tmp_path, digits_target, size, channels):
+    cfg = _digits_cfg(image_size=size, channels=channels)
+    path = tmp_path / "data" / "splits.json"
+    summary = write_splits(cfg, 0, path)
+    saved = json.loads(path.read_text())
+    assert summary["num_classes"] == saved["num_classes"] == 10
+    assert summary["sizes"] == {k: len(saved["splits"][k]) for k in SPLITS}
+    assert summary["separate_test_set"] is False
+
+    data = load_data(cfg, path)
+    assert (data.num_classes, data.in_chans, data.image_size) == (10, channels, size)
+    assert [len(data.split(k)) for k in SPLITS] == [len(saved["splits"][k]) for k in SPLITS]
+    for name in SPLITS:
+        x, y = data.split(name)[5]
+        assert x.shape == (channels, size, size) and x.dtype == torch.float32
+        assert int(y) == digits_target[saved["splits"][name][5]]  # label of the indexed digit
+    images = data.images("train")
+    assert images.shape == (len(data.train), channels, size, size)
+    if channels == 3:
+        assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+    assert abs(images.mean().item()) < 0.1  # normalised: centred
+    assert 0.5 < images.std().item() < 1.5  # and of unit order spread
+    batch, labels = next(iter(data.loader("rate", batch_size=7)))
+    assert batch.shape == (7, channels, size, size) and labels.dtype == torch.long
+
+
+# image folders -----------------------------------------------------------------------------------------------------
+CLASSES = {"ants": 30, "bees": 220}  # grey level of each class's images: dark ants, bright bees
+
+
+def _write_pngs(folder, count, level, seed):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = np.clip(level + rng.integers(-20, 21, size=(20, 20, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"img_{i}.png")
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """root/train/<class>/ with 6 PNGs per class and root/val/<class>/ with 2."""
+    root = tmp_path / "images"
+    for c, (name, level) in enumerate(CLASSES.items()):
+        _write_pngs(root / "train" / name, 6, level, seed=c)
+        _write_pngs(root / "val" / name, 2, level, seed=10 + c)
+    return root
+
+
+@pytest.fixture
+def flat_image_tree(tmp_path):
+    """root/<class>/ with 6 PNGs per class and no train/ or val/."""
+    root = tmp_path / "flat"
+    for c, (name, level) in enumerate(CLASSES.items()):
+        _write_pngs(root / name, 6, level, seed=c)
+    return root
+
+
+def _check_labels_follow_folders(dataset, channels):
+    assert len(dataset) > 0
+    for i in range(len(dataset)):
+        x, y = dataset[i]
+        assert x.shape == (channels, 16, 16)
+        # ants (label 0, sorted first) are dark and normalise below zero; bees (label 1) above
+        assert (x.mean().item() < 0) == (y == 0), (i, y, x.mean().item())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_imagefolder_with_train_and_val(tmp_path, image_tree, channels):
+    cfg = DataConfig(source="imagefolder", root=str(image_tree), image_size=16, channels=channels, rate_fraction=0.25)
+    splits = make_splits(cfg, seed=0)
+    assert splits["test"] == [0, 1, 2, 3]  # val/ is the test set, whole
+    assert len(splits["rate"]) == 3 and len(splits["train"]) == 9
+    assert sorted(splits["train"] + splits["rate"]) == list(range(12))
+
+    summary = write_splits(cfg, 0, tmp_path / "splits.json")
+    assert summary["separate_test_set"] is True and summary["num_classes"] == 2
+    data = load_data(cfg, tmp_path / "splits.json")
+    assert (len(data.train), len(data.rate), len(data.test)) == (9, 3, 4)
+    labels = {name: [int(data.split(name)[i][1]) for i in range(len(data.split(name)))] for name in SPLITS}
+    assert set(labels["rate"]) == {0, 1} and set(labels["train"]) == {0, 1}  # stratified
+    assert sorted(labels["test"]) == [0, 0, 1, 1]
+    for name in SPLITS:
+        _check_labels_follow_folders(data.split(name), channels)
+
+
+def test_imagefolder_without_subfolders_splits_the_pool(tmp_path, flat_image_tree):
+    cfg = DataConfig(source="imagefolder", root=str(flat_image_tree), image_size=16, channels=1,
+                     rate_fraction=0.25, test_fraction=0.25)
+    splits = make_splits(cfg, seed=0)
+    assert [len(splits[k]) for k in SPLITS] == [6, 3, 3]
+    assert sorted(splits["train"] + splits["rate"] + splits["test"]) == list(range(12))
+    write_splits(cfg, 0, tmp_path / "splits.json")
+    data = load_data(cfg, tmp_path / "splits.json")
+    for name in SPLITS:
+        _check_labels_follow_folders(data.split(name), 1)
+        assert {int(data.split(name)[i][1]) for i in range(len(data.split(name)))} == {0, 1}
+
+
+def test_has_images(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "readme.txt").write_text("text")
+    (tmp_path / "a" / "b" / "png").write_text("a file named png is not an image")
+    assert not has_images(tmp_path)
+    (tmp_path / "a" / "b" / "photo.PNG").write_bytes(b"")
+    assert has_images(tmp_path)
+    assert not has_images(tmp_path / "missing")

@@ -1,0 +1,292 @@
+"""The MBConv search space: block strings, sizes, exact cost tables, membership and cell supernets."""
+import itertools
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models._efficientnet_builder import _decode_block_str
+from torch import nn
+
+from dna.arch import Arch, count_cost
+from dna.config import load_params
+from dna.pipeline import stage_tables
+from dna.space import Cell, MBConvSpace, check_op, layer_string
+from dna.targets import teacher_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE, IN_CHANS, NUM_CLASSES = 32, 1, 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _space_one_torch_thread():
+    """Cost tables run hundreds of tiny forwards; one intra-op thread is faster for them on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def default_params():
+    return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def default_space(default_params):
+    return MBConvSpace(default_params.space, IN_CHANS, IMAGE_SIZE, NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def default_stages(default_space):
+    return stage_tables(default_space, scored=False)
+
+
+def _random_choice(space, rng):
+    choice = []
+    for block in range(space.num_blocks):
+        cell = rng.choice(space.cells(block))
+        choice.append((cell, tuple(rng.randrange(len(space.ops)) for _ in range(cell.depth))))
+    return choice
+
+
+def _with_stage(arch, index, layers):
+    stages = list(arch.stages)
+    if layers is None:
+        del stages[index]
+    else:
+        stages[index] = tuple(layers)
+    return Arch(stem=arch.stem, stages=tuple(stages), head=arch.head)
+
+
+# block strings -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op, stride, width, expected", [
+    ("ir_k5_e3_se0.25", 2, 24, "ir_r1_k5_s2_e3_c24_se0.25"),
+    ("ir_k3_e6", 1, 40, "ir_r1_k3_s1_e6_c40"),
+    ("ir_k7_e6_se0.25", 1, 320, "ir_r1_k7_s1_e6_c320_se0.25"),
+    ("ds_k3_se0.25", 2, 16, "ds_r1_k3_s2_c16_se0.25"),
+    ("er_k3_e4", 2, 32, "er_r1_k3_s2_e4_c32"),
+])
+def test_layer_string_is_timms_form(op, stride, width, expected):
+    text = layer_string(op, stride, width)
+    assert text == expected
+    args, repeat = _decode_block_str(text)
+    assert repeat == 1
+    assert (args["block_type"], args["stride"], args["out_chs"]) == (op.split("_")[0], stride, width)
+    kernel = int(next(t for t in op.split("_")[1:] if t.startswith("k"))[1:])
+    assert args["dw_kernel_size" if args["block_type"] != "er" else "exp_kernel_size"] == kernel
+    if "_e" in op:
+        assert args["exp_ratio"] == float(next(t for t in op.split("_")[1:] if t.startswith("e"))[1:])
+    assert args["se_ratio"] == (0.25 if "se0.25" in op else 0.0)
+
+
+@pytest.mark.parametrize("op", ["ir_k3_e3_se0.25", "ir_k7_e6", "ds_k5_se0.25", "er_k3_e4", "cn_k3"])
+def test_check_op_accepts_ops(op):
+    check_op(op)
+
+
+@pytest.mark.parametrize("op, problem", [
+    ("ir_k4x_e3", "not a valid op"), ("zz_k3_e3", "not a valid op"), ("ir_e6", "not a valid op"),
+    ("ir_r2_k3_e3", "sets r/s/c"), ("ir_k3_s2_e3", "sets r/s/c"), ("ir_k3_e3_c24", "sets r/s/c"),
+])
+def test_check_op_rejects(op, problem):
+    with pytest.raises(ValueError, match=problem) as err:
+        check_op(op)
+    assert repr(op) in str(err.value)
+
+
+# sizes -----------------------------------------------------------------------------------------------------------
+def test_paper_preset_block_sizes():
+    params = load_params(ROOT / "configs" / "imagenet.yaml", check_paths=False)
+    space = MBConvSpace(params.space, 3, 224, 1000)
+    method = [288, 1548, 1548, 2808, 16848, 6]  # candidates per block in the DNA paper's space
+    assert [space.block_size(b) for b in range(space.num_blocks)] == method
+    assert space.size() == math.prod(method)
+    assert f"{float(space.size()):.0e}" == "2e+17"
+
+
+def test_default_space_sizes(default_space, default_params):
+    ops = len(default_params.space.ops)
+    assert ops == 6
+    # depths [1, 2] with one width: 6 + 36; block 2 has two widths
+    assert [default_space.block_size(b) for b in range(4)] == [42, 42, 84, 42]
+    assert default_space.size() == 42 * 42 * 84 * 42
+
+
+def test_candidates_enumerate_every_op_per_layer(default_space):
+    cell = Cell(0, 2, 24)
+    candidates = list(default_space.candidates(cell))
+    assert len(candidates) == 36 == len(set(candidates))
+    assert set(candidates) == set(itertools.product(range(6), repeat=2))
+
+
+# cost tables -----------------------------------------------------------------------------------------------------
+def test_candidate_table_one_row_per_candidate_and_input_width(default_space, default_params, default_stages):
+    blocks = default_params.space.blocks
+    first_width = 16  # ds_r1_k3_s1_c16_se0.25
+    for b in range(default_space.num_blocks):
+        table = default_stages[b + 1]
+        in_widths = [first_width] if b == 0 else sorted(set(blocks[b - 1].widths))
+        cells = [(d, w) for w in blocks[b].widths for d in blocks[b].depths]
+        assert len(table) == sum(6 ** d for d, _ in cells) * len(in_widths)
+        assert sorted(table["in_width"].unique()) == in_widths
+        assert not table.duplicated(["cell", "path", "in_width"]).any()
+        for (d, w), in_width in itertools.product(cells, in_widths):
+            rows = table[(table["cell"] == f"d{d}_w{w}") & (table["in_width"] == in_width)]
+            assert set(rows["path"]) == {"-".join(map(str, p)) for p in itertools.product(range(6), repeat=d)}
+            assert (rows["out_width"] == w).all() and (rows["depth"] == d).all()
+            assert (rows["ops"].str.count(r"\+") == d - 1).all()
+        assert (table["params"] > 0).all() and (table["macs"] > 0).all()
+
+
+def test_wider_input_costs_more(default_stages):
+    table = default_stages[4]  # block 3 follows block 2's widths 48 and 64
+    by_width = {w: t.set_index(["cell", "path"]) for w, t in table.groupby("in_width")}
+    narrow, wide = by_width[48], by_width[64]
+    assert (wide["params"] > narrow["params"].loc[wide.index]).all()
+    assert (wide["macs"] > narrow["macs"].loc[wide.index]).all()
+
+
+def test_stem_and_head_tables(default_stages, default_params):
+    stem, head = default_stages[0], default_stages[-1]
+    assert len(stem) == 1 and int(stem["out_width"].iloc[0]) == 16
+    assert sorted(head["in_width"]) == sorted(set(default_params.space.blocks[-1].widths))
+    # the head's classifier alone: (256 + 1) * 10 parameters, 256 * 10 multiply-adds
+    for _, row in head.iterrows():
+        w = row["in_width"]
+        conv_bn = w * 256 + 2 * 256  # 1x1 conv without bias, batch norm weight and bias
+        assert row["params"] == conv_bn + 257 * 10
+        assert row["macs"] == w * 256 * 1 * 1 + 256 * 10  # 32 px input is 1x1 after a stride of 32
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, None], ids=["random-0", "random-1", "random-2", "largest"])
+def test_table_costs_equal_built_network_costs(default_space, default_stages, seed):
+    if seed is None:  # deepest and widest cell, largest op (k7 e6) everywhere
+        cells = [max(default_space.cells(b), key=lambda c: (c.depth, c.width)) for b in range(4)]
+        choice = [(c, (5,) * c.depth) for c in cells]
+    else:
+        choice = _random_choice(default_space, random.Random(seed))
+    stem, *blocks, head = default_stages
+    total = {"params": int(stem["params"].iloc[0]), "macs": int(stem["macs"].iloc[0])}
+    width = int(stem["out_width"].iloc[0])
+    for table, (cell, ops) in zip(blocks, choice):
+        row = table[(table["cell"] == cell.name) & (table["path"] == "-".join(map(str, ops)))
+                    & (table["in_width"] == width)]
+        assert len(row) == 1
+        for axis in total:
+            total[axis] += int(row[axis].iloc[0])
+        width = cell.width
+    row = head[head["in_width"] == width]
+    for axis in total:
+        total[axis] += int(row[axis].iloc[0])
+
+    model = default_space.arch(choice).build(NUM_CLASSES, IN_CHANS)
+    params, macs, shape = count_cost(model, (1, IN_CHANS, IMAGE_SIZE, IMAGE_SIZE))
+    assert shape == (1, NUM_CLASSES)
+    assert (params, macs) == (total["params"], total["macs"])
+
+
+# membership ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_members_parse_back(default_space, seed):
+    choice = _random_choice(default_space, random.Random(100 + seed))
+    arch = default_space.arch(choice)
+    assert default_space.outside(arch) == []
+    assert default_space.parse(arch) == choice
+    assert default_space.parse(Arch.from_yaml(arch.to_yaml())) == choice
+
+
+@pytest.fixture
+def member(default_space):
+    choice = [(Cell(0, 2, 24), (0, 1)), (Cell(1, 2, 32), (2, 3)), (Cell(2, 1, 48), (4,)), (Cell(3, 2, 96), (5, 0))]
+    return default_space.arch(choice)
+
+
+def test_member_strings(member):
+    assert member.stages[0] == ("ds_r1_k3_s1_c16_se0.25",)
+    assert member.stages[2] == ("ir_r1_k7_s2_e3_c32_se0.25", "ir_r1_k3_s1_e6_c32_se0.25")
+    assert member.stages[3] == ("ir_r1_k5_s2_e6_c48_se0.25",)
+    assert (member.stem, member.head) == (16, 256)
+
+
+def test_outside_wrong_kernel(default_space, member):
+    bad = "ir_r1_k9_s2_e3_c32_se0.25"
+    problems = default_space.outside(_with_stage(member, 2, [bad, member.stages[2][1]]))
+    assert len(problems) == 1
+    assert problems[0].startswith("block 1 layer 0:") and repr(bad) in problems[0]
+    assert "ir_r1_k7_s2_e3_c32_se0.25" in problems[0]  # lists the allowed strings
+
+
+def test_outside_wrong_stride_in_later_layer(default_space, member):
+    problems = default_space.outside(_with_stage(member, 1, ["ir_r1_k3_s2_e3_c24_se0.25"] * 2))
+    assert len(problems) == 1 and problems[0].startswith("block 0 layer 1:")
+
+
+def test_outside_wrong_width(default_space, member):
+    problems = default_space.outside(_with_stage(member, 3, ["ir_r1_k5_s2_e6_c40_se0.25"]))
+    assert len(problems) == 1
+    assert problems[0].startswith("block 2:") and "width 40" in problems[0] and "[48, 64]" in problems[0]
+
+
+def test_outside_too_deep(default_space, member):
+    problems = default_space.outside(_with_stage(member, 3, ["ir_r1_k5_s2_e6_c48_se0.25"]
+                                                 + ["ir_r1_k5_s1_e6_c48_se0.25"] * 2))
+    assert len(problems) == 1 and problems[0].startswith("block 2:") and "depth 3" in problems[0]
+
+
+def test_outside_wrong_number_of_blocks(default_space, member):
+    problems = default_space.outside(_with_stage(member, 4, None))
+    assert problems == ["3 searched stages, the space has 4 blocks"]
+    with pytest.raises(ValueError, match="3 searched stages"):
+        default_space.parse(_with_stage(member, 4, None))
+
+
+def test_outside_stem_head_and_first_stage(default_space, member):
+    arch = Arch(stem=32, stages=(("ds_r1_k3_s1_c24_se0.25",), *member.stages[1:]), head=512)
+    problems = default_space.outside(arch)
+    assert len(problems) == 3
+    assert problems[0].startswith("stem: 32") and problems[1].startswith("head: 512")
+    assert problems[2].startswith("first stage")
+
+
+# cell supernets ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block, depth, width", [(0, 2, 24), (2, 2, 64), (3, 1, 96)])
+def test_cell_supernet_path_matches_teacher_target(default_space, default_params, default_stages, block, depth, width):
+    shapes = teacher_shapes(default_params.teacher.model, IN_CHANS, IMAGE_SIZE, list(default_params.teacher.boundaries))
+    target_chs, target_h, target_w = shapes[block]
+    assert target_h == target_w == IMAGE_SIZE // 2 ** (block + 2)  # stem and every block halve the side
+    in_chs = 32 if block == 2 else 48  # a width of the block before
+    cell = Cell(block, depth, width)
+    torch.manual_seed(0)
+    supernet = default_space.build_cell(cell, in_chs, target_chs).eval()
+    assert isinstance(supernet.adapter, nn.Identity) == (width == target_chs)
+    assert len(supernet.layers) == depth + (block == 0)
+    assert all(len(choices) == 6 for choices in supernet.layers[supernet.num_fixed:])
+
+    if block == 0:
+        x = torch.randn(2, IN_CHANS, IMAGE_SIZE, IMAGE_SIZE)
+    else:
+        x = torch.randn(2, in_chs, IMAGE_SIZE // 2 ** (block + 1), IMAGE_SIZE // 2 ** (block + 1))
+    paths = [(0,) * depth, (5,) * depth]
+    with torch.no_grad():
+        outs = [supernet(x, p) for p in paths]
+    for out in outs:
+        assert out.shape == (2, target_chs, target_h, target_w)
+    assert not torch.allclose(outs[0], outs[1])  # the path selects different layers
+
+    # the parameters a path uses are the candidate table's parameters for that path
+    if block > 0:
+        table = default_stages[block + 1]
+        for path in paths:
+            used = sum(p.numel() for layer, op in zip(supernet.layers, path) for p in layer[op].parameters())
+            row = table[(table["cell"] == cell.name) & (table["path"] == "-".join(map(str, path)))
+                        & (table["in_width"] == in_chs)]
+            assert used == int(row["params"].iloc[0])
+
+
+def test_cell_supernet_full_path(default_space):
+    first = default_space.build_cell(Cell(0, 1, 24), 0, 24)
+    later = default_space.build_cell(Cell(1, 2, 32), 24, 24)
+    assert first.full_path((3,)) == (0, 3)
+    assert later.full_path((3, 4)) == (3, 4)
