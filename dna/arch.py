@@ -35,10 +35,14 @@ class Arch:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(tuple(s) for s in self.stages))
-        try:
-            decode_arch_def([list(s) for s in self.stages])
-        except Exception as exc:  # timm raises assertion/key/value errors on malformed strings
-            raise ValueError(f"arch: invalid timm block string ({exc!r})") from None
+        for i, stage in enumerate(self.stages):
+            if not stage:
+                raise ValueError(f"arch: stage {i} is empty; every stage needs at least one block string")
+            for block in stage:
+                try:
+                    decode_arch_def([[block]])
+                except Exception as exc:  # timm raises assertion/key/value errors on malformed strings
+                    raise ValueError(f"arch: invalid timm block string {block!r} in stage {i} ({exc!r})") from None
 
     def to_dict(self) -> dict:
         return {"stem": self.stem, "head": self.head, "arch": [list(s) for s in self.stages]}

@@ -139,9 +139,26 @@ class SpaceConfig(Strict):
 
         if not ops:
             raise ValueError("space.ops must list at least one op")
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"space.ops lists an op twice: {ops}")
         for op in ops:
             check_op(op)
         return ops
+
+    @field_validator("first_stage")
+    @classmethod
+    def _first_stage(cls, strings: list[str]) -> list[str]:
+        from timm.models._efficientnet_builder import _decode_block_str
+
+        if not strings:
+            raise ValueError("space.first_stage must list at least one timm block string, e.g. ds_r1_k3_s1_c16_se0.25")
+        for s in strings:
+            try:
+                _decode_block_str(s)
+            except Exception:
+                raise ValueError(f"space.first_stage: {s!r} is not a full timm block string "
+                                 "(type, r, k, s, c, e.g. ds_r1_k3_s1_c16_se0.25)") from None
+        return strings
 
     @field_validator("blocks")
     @classmethod
@@ -244,12 +261,14 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "params"
+    key = ".".join(str(p) for p in error["loc"])
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key; allowed keys here: {', '.join(_allowed_keys(error['loc']))}"
-    if msg.startswith(key.split(".")[0]) or "=" in msg.split(" ")[0]:
-        return msg
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    if not key or msg.startswith(key.split(".")[0]) or "=" in msg.split(" ")[0]:
+        return msg  # the validator's message already names its key
     return f"{key}={error.get('input')!r}: {msg}"
 
 
@@ -274,7 +293,19 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        for depth, part in enumerate(parents):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                break
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {dotted}: {'.'.join(parents[:depth + 1])} is a value, not a section")
+        if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+            node[int(leaf)] = value
+        elif isinstance(node, dict):
+            node[leaf] = value
+        else:
+            raise ConfigError(f"override {dotted}: {'.'.join(parents)} has no key {leaf!r}")
     return parse_params(raw, check_paths)

@@ -148,7 +148,7 @@ def validate(params: Params) -> None:
             smallest = min_cost(stages, axis)
             if budget < smallest:
                 raise ConfigError(f"search.budgets.{axis}={budget:g} is below the smallest network in the space "
-                                  f"({axis}={smallest:g})")
+                                  f"({axis}={smallest:.0f})")
 
 
 # stages -----------------------------------------------------------------------------------------------------------

@@ -104,8 +104,6 @@ def test_invalid_block_strings(bad, problem):
     assert problem in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="an empty stage passes Arch's validation, then build() fails inside timm's "
-                                       "builder with IndexError and MBConvSpace.outside() with IndexError")
 def test_empty_stage_is_invalid():
     with pytest.raises(ValueError, match="stage"):
         Arch(stem=16, head=64, stages=(("ds_r1_k3_s1_c16",), (), ("ir_r1_k3_s2_e6_c24",)))

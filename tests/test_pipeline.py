@@ -102,3 +102,19 @@ def test_bad_params_fail_before_any_work(tmp_path):
     assert result.exit_code == 2
     assert "retrain.train.optimizer" in result.output and "adamw" in result.output
     assert not (tmp_path / "outputs").exists()
+
+
+def test_supernet_init_copies_the_chosen_ops_weights(finished):
+    from dna.pipeline import build_student, init_from_supernet
+
+    run, _, _ = finished
+    arch = Arch.load(run.paths.arch)
+    model = build_student(run, arch)
+    copied = init_from_supernet(run, model, arch)
+    assert copied > 0
+    (cell0, ops0), (cell1, ops1) = run.space.parse(arch)
+    sup0 = load_checkpoint(run.paths.supernet(0))["model"]
+    sup1 = load_checkpoint(run.paths.supernet(1))["model"]
+    assert torch.equal(model.conv_stem.weight, sup0[f"{cell0.name}.layers.0.0.0.weight"])
+    assert torch.equal(model.blocks[1][0].conv_dw.weight, sup0[f"{cell0.name}.layers.1.{ops0[0]}.conv_dw.weight"])
+    assert torch.equal(model.blocks[2][0].conv_dw.weight, sup1[f"{cell1.name}.layers.0.{ops1[0]}.conv_dw.weight"])

@@ -59,3 +59,11 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_last_checkpoint(prepared_ru
         _train(prepared_run, tmp_path / "x.pt", 3, model=model)
     state = load_checkpoint(tmp_path / "x.pt")
     assert state["epoch"] == 1 and math.isfinite(state["history"][-1]["loss"])
+
+
+def test_kd_loss_is_zero_only_for_matching_logits():
+    from dna.train import kd_loss
+
+    logits = torch.randn(8, 10)
+    assert kd_loss(logits, logits.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(logits, torch.randn(8, 10), 4.0).item() > 0.01
