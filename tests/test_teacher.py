@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from dna.checkpoint import load_checkpoint
+from dna.teacher import load_teacher, make_teacher
+
+
+def test_teacher_is_frozen_and_in_eval_mode(prepared_run):
+    teacher = load_teacher(prepared_run.params, prepared_run.paths.teacher, torch.device("cpu"))
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    stats = [b.clone() for b in teacher.buffers()]
+    prepared_run.teacher_targets().features(prepared_run.data.images("train", 16))
+    assert all(torch.equal(a, b) for a, b in zip(stats, teacher.buffers())), "BatchNorm statistics never change"
+
+
+@pytest.mark.parametrize("fmt", ["ours", "plain state dict"])
+def test_checkpoint_source_loads_the_same_teacher(prepared_run, tmp_path, fmt):
+    state = load_checkpoint(prepared_run.paths.teacher)
+    path = tmp_path / "teacher.pth"
+    if fmt == "ours":
+        path.write_bytes(prepared_run.paths.teacher.read_bytes())
+    else:
+        torch.save(state["model"], path)
+    raw = prepared_run.params.model_dump()
+    raw["teacher"].update(source="checkpoint", checkpoint=str(path))
+    raw["teacher"]["train"]["epochs"] = 0
+    params = type(prepared_run.params).model_validate(raw)
+    teacher, result = make_teacher(params, prepared_run.data, tmp_path, torch.device("cpu"), "fp")
+    reference = load_teacher(prepared_run.params, prepared_run.paths.teacher, torch.device("cpu"))
+    x = prepared_run.data.images("test", 32)
+    assert torch.equal(teacher(x), reference(x))
+    assert 0 <= result.test_accuracy <= 1
+    assert result.history == [], "epochs=0 uses the checkpoint as it is"
