@@ -11,6 +11,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from dna.config import ConfigError, Params, load_params
@@ -52,8 +53,13 @@ def _load(params_file: Path, sets: list[str] | None, deep: bool = True) -> Param
 
 
 def _guard(fn):
-    """Turn a configuration error into one line on stderr and exit code 2."""
+    """Turn a configuration error into one line and exit code 2, and a detected fault
+    (corrupt checkpoint, diverging loss, failed ONNX parity, missing input of a stage) into one line and exit code 1."""
     import functools
+
+    from dna.checkpoint import CheckpointError
+    from dna.export import ParityError
+    from dna.train import NonFiniteLoss
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -61,8 +67,11 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2)
+        except (CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError) as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1)
     return wrapper
 
 
