@@ -12,11 +12,11 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from tqdm.auto import tqdm
 
-from dna.checkpoint import load_checkpoint, save_checkpoint
+from dna.checkpoint import load_checkpoint
 from dna.config import DistillConfig
 from dna.space import SearchSpace
 from dna.targets import TargetSource
-from dna.train import check_finite
+from dna.train import check_finite, resume_training, save_training
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,9 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     optimizer = create_optimizer_v2(supernet, opt="adam", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     result = DistillResult()
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state.get("fingerprint") == fingerprint:
-            supernet.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            result.history, result.resumed_from = list(state["history"]), int(state["epoch"])
-            log.info("block %d: resuming after epoch %d", block, result.resumed_from)
+    if state := resume_training(ckpt_path, fingerprint, supernet, optimizer, scheduler):
+        result.history, result.resumed_from = list(state["history"]), int(state["epoch"])
+        log.info("block %d: resuming after epoch %d", block, result.resumed_from)
     num_ops = [len(supernet[c.name].layers[-1]) for c in cells]
     for epoch in range(result.resumed_from, cfg.epochs):
         supernet.train()
@@ -91,9 +86,7 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
                **{f"loss_{name}": total / seen for name, total in sums.items()}}
         row["loss"] = sum(row[f"loss_{c.name}"] for c in cells) / len(cells)
         result.history.append(row)
-        save_checkpoint(ckpt_path, {"model": supernet.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                                    "history": result.history, "fingerprint": fingerprint})
+        save_training(ckpt_path, fingerprint, supernet, optimizer, scheduler, epoch + 1, result.history)
         log.info("block %d epoch %d/%d: mean cell loss %.5f", block, epoch + 1, cfg.epochs, row["loss"])
         if on_epoch:
             on_epoch(row)

@@ -31,6 +31,26 @@ def check_finite(loss: torch.Tensor, where: str, epoch: int, step: int) -> None:
                             "the last good checkpoint was kept (lower the learning rate?)")
 
 
+def resume_training(path: Path, fingerprint: str, model: nn.Module, optimizer, scheduler) -> dict | None:
+    """Load the last epoch's state into model, optimizer and scheduler if the checkpoint is of this same run."""
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if state.get("fingerprint") != fingerprint:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def save_training(path: Path, fingerprint: str, model: nn.Module, optimizer, scheduler, epoch: int,
+                  history: list[dict], **extra) -> None:
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                           "fingerprint": fingerprint, **extra})
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,15 +108,10 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
     optimizer = create_optimizer_v2(model, opt=OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     result = TrainResult()
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            result.history, result.resumed_from = list(state["history"]), int(state["epoch"])
-            log.info("%s: resuming after epoch %d from %s", name, result.resumed_from, ckpt_path)
+    if state := resume_training(ckpt_path, fingerprint, model, optimizer, scheduler):
+        torch.set_rng_state(state["rng"])
+        result.history, result.resumed_from = list(state["history"]), int(state["epoch"])
+        log.info("%s: resuming after epoch %d from %s", name, result.resumed_from, ckpt_path)
     if teacher is not None:
         teacher.to(device).eval()
     rate_loader = data.loader("rate", batch_size=256)
@@ -126,9 +141,8 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
         row = {"epoch": epoch + 1, "loss": total / seen, "train_accuracy": correct / seen,
                "rate_accuracy": accuracy(model, rate_loader, device), "lr": optimizer.param_groups[0]["lr"]}
         result.history.append(row)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                    "epoch": epoch + 1, "history": result.history, "fingerprint": fingerprint})
+        save_training(ckpt_path, fingerprint, model, optimizer, scheduler, epoch + 1, result.history,
+                      rng=torch.get_rng_state())
         log.info("%s epoch %d/%d: loss %.4f, hold-out accuracy %.4f", name, epoch + 1, cfg.epochs, row["loss"],
                  row["rate_accuracy"])
         if on_epoch:

@@ -34,6 +34,17 @@ def tiny_raw(outputs: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Cost tables and deep checks run hundreds of tiny forwards; one intra-op thread is faster for them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_params(tmp_path):
     from dna.config import parse_params

@@ -18,12 +18,7 @@ SMALL = Arch(stem=16, head=256, stages=(
 ))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _arch_one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _timm_b0_arch_def() -> list[list[str]]:

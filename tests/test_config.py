@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from dna.config import ConfigError, Params, load_params, parse_params
@@ -21,13 +20,7 @@ DEFAULT_RAW = yaml.safe_load(DEFAULT.read_text())
 TINY_OPS = ["ir_k3_e3_se0.25", "ir_k5_e6_se0.25"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _config_one_torch_thread():
-    """Deep checks cost many tiny layers; one intra-op thread is faster for them on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE, IN_CHANS, NUM_CLASSES = 32, 1, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _space_one_torch_thread():
-    """Cost tables run hundreds of tiny forwards; one intra-op thread is faster for them on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
