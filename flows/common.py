@@ -45,7 +45,8 @@ def load(params_file: str | Path = "params.yaml", overrides: dict | None = None)
 
 
 def missing_dvc_params(raw: dict) -> list[str]:
-    """Keys dvc.yaml tracks (or interpolates) that a params mapping lacks: DVC needs them written out, defaults or not."""
+    """Keys dvc.yaml tracks (or interpolates) that a params mapping lacks; DVC needs them written out, defaults
+    are not enough."""
     missing = []
     for key in sorted({k for keys in STAGE_PARAMS.values() for k in keys} | {"outputs", "search.front_axis"}):
         node = raw
@@ -133,13 +134,9 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 
 # Prefect -----------------------------------------------------------------------------------------------------------
-def share_prefect_api() -> str | None:
-    """The Prefect API this process reports to, exported as PREFECT_API_URL for the processes it starts.
-
-    Without PREFECT_API_URL a process starts its own temporary server; this starts it now (the same one the flows
-    of this process then use) so that worker processes and stage processes report to it instead of each starting
-    another one.
-    """
+def prefect_api_url() -> str | None:
+    """The Prefect API this process reports to; without PREFECT_API_URL that is a temporary local server, which
+    this starts now (the same one the flows of this process then use)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     url = PREFECT_API_URL.value()
@@ -149,9 +146,25 @@ def share_prefect_api() -> str | None:
         server = SubprocessASGIServer()
         server.start()
         url = server.api_url
+    return url
+
+
+def share_prefect_api() -> str | None:
+    """prefect_api_url(), exported as PREFECT_API_URL so that processes started from here (task-runner workers)
+    report to the same server instead of each starting a temporary one."""
+    url = prefect_api_url()
     if url:
         os.environ["PREFECT_API_URL"] = url
     return url
+
+
+def stage_task(fn: Callable, name: str, retries: int):
+    """A stage function as a Prefect task with orchestration.retries retries (no result caching: the stages'
+    checkpoints decide what is redone, so a retry of a training stage resumes from its last epoch)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(fn, name=name, retries=retries, retry_delay_seconds=1, cache_policy=NO_CACHE)
 
 
 # task runners -----------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, data_hash, load, stage_params
+from flows.common import cli, data_hash, load, stage_params, stage_task
 from flows.tracking import stage_run
 
 
@@ -15,7 +15,7 @@ def data_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
     params = load(params_file, overrides)
     run = Run(params)
     with stage_run(params, "data", stage_params(params, "data")) as (mlrun, _):
-        summary = stage_data(run)
+        summary = stage_task(stage_data, "make-splits", params.orchestration.retries)(run)
         mlrun.metrics({f"{split}_images": n for split, n in summary["sizes"].items()}
                       | {"num_classes": summary["num_classes"]})
         mlrun.tags({"dna.data_hash": data_hash(params, run.paths.splits)})

@@ -9,9 +9,11 @@ Writes outputs/distill/ (checkpoints, histories, feature cache, curves/) and out
 from __future__ import annotations
 
 import json
+import contextlib
 import logging
 import os
 import shutil
+import threading
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -25,6 +27,17 @@ from flows.tracking import STAGE_TAG, Tracking, child_run, stage_run
 
 log = logging.getLogger(__name__)
 BEST_PER_BLOCK = 3
+# Blocks in one process share torch's global random state. The core seeds it per block and then draws the
+# block's initial weights from it, and building a teacher (to distill or to rate) draws from it too; with blocks
+# running concurrently in threads, a block's weights would depend on thread timing. So with the thread runner
+# the blocks' work takes turns (still as concurrent tasks); process and Dask workers each have their own random
+# state and work on blocks in parallel.
+_TURN = threading.Lock()
+
+
+def block_turn(shared_process: bool):
+    """The lock that blocks of one process take turns with (a module function, so tasks pickle without it)."""
+    return _TURN if shared_process else contextlib.nullcontext()
 
 
 def curves_dir(params: Params):
@@ -43,8 +56,11 @@ def features_task(params: Params) -> None:
 
 
 @task(name="distill-block", task_run_name="block-{block}", cache_policy=NO_CACHE)
-def block_task(params: Params, block: int, tracking: Tracking, threads: int | None = None) -> dict:
-    """Distill one block, then rate its candidates; logs a nested MLflow run and a Prefect progress artifact."""
+def block_task(params: Params, block: int, tracking: Tracking, threads: int | None = None,
+               shared_process: bool = False) -> dict:
+    """Distill one block, then rate its candidates; logs a nested MLflow run and a Prefect progress artifact.
+
+    shared_process: other blocks run in this process too (thread runner): take turns (see block_turn)."""
     from dna.pipeline import Run, stage_distill, stage_rate
 
     if threads:
@@ -58,7 +74,7 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
     progress = artifacts.Progress(f"distill-block-{block}", epochs,
                                   f"block {block}: {len(cells)} cells ({', '.join(cells)}), {epochs} epochs")
     tags = {STAGE_TAG: "distill", "dna.block": str(block), "dna.block_fingerprint": run.block_fingerprint(block)}
-    with child_run(tracking, f"block_{block}", tags) as mlrun:
+    with child_run(tracking, f"block_{block}", tags) as mlrun, block_turn(shared_process):
         mlrun.params({"block": block, "stride": cfg.stride, "cells": json.dumps(cells), "epochs": epochs})
         logged: set[int] = set()
 
@@ -87,6 +103,7 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
                   f"{best['score'].iloc[0]:.4f}")
     columns = ["cell", "ops", "params", "macs", "score"]
     return {**result, "trained_epochs": trained, "candidates": len(candidates), "mlflow_run_id": mlrun.run_id,
+            "process": os.getpid(),
             "best": [{"block": block, **{c: row[c] for c in columns}} for row in best.to_dict("records")]}
 
 
@@ -105,19 +122,10 @@ def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None
         mlrun.tags({"dna.task_runner": orch.task_runner})
         features_task.with_options(retries=orch.retries)(params)
         block = block_task.with_options(retries=orch.retries, retry_delay_seconds=1)
-        if orch.task_runner == "threads":  # one torch thread pool shared by all blocks of this process
-            import torch
-
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
-        try:
-            futures = [block.submit(params, b, tracking, None if orch.task_runner == "threads" else threads)
-                       for b in blocks]
-            wait(futures)
-            results = [f.result() for f in futures]  # raises the first block's failure, after all have finished
-        finally:
-            if orch.task_runner == "threads":
-                torch.set_num_threads(previous)
+        shared = orch.task_runner == "threads"  # blocks share this process (and its torch thread pool)
+        futures = [block.submit(params, b, tracking, None if shared else threads, shared) for b in blocks]
+        wait(futures)
+        results = [f.result() for f in futures]  # raises the first block's failure, after all have finished
         for r in results:
             mlrun.metrics({"final_loss": r["final_loss"], "best_score": r["best"][0]["score"],
                            "trained_epochs": r["trained_epochs"], "candidates": r["candidates"]},

@@ -15,6 +15,8 @@ def environment_defaults(root: str | Path | None = None) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "SCIKIT_LEARN_DATA": str(root / ".sklearn_data"),
+        # caches that default to ~/.cache (onnxruntime writes a device id there; torch and timm cache downloads)
+        "XDG_CACHE_HOME": str(root / ".cache"),
         "MPLCONFIGDIR": str(root / ".cache" / "matplotlib"),
         "MPLBACKEND": "Agg",
         "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -9,7 +9,7 @@ import json
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, load, stage_params
+from flows.common import cli, load, stage_params, stage_task
 from flows.registry import log_onnx_model
 from flows.tracking import stage_run
 
@@ -26,7 +26,7 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None)
     run = Run(params)
     out = run.paths.export_dir
     with stage_run(params, "export", stage_params(params, "export")) as (mlrun, _):
-        metrics = stage_export(run)
+        metrics = stage_task(stage_export, "export-onnx", params.orchestration.retries)(run)
         meta = read_metadata(run.paths.onnx)
         mlrun.metrics(metrics)
         mlrun.tags({"dna.arch": meta.get("arch")})

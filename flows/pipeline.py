@@ -24,7 +24,7 @@ import yaml
 from prefect import flow, get_run_logger
 
 from flows import artifacts
-from flows.common import RESULT_SECTIONS, check_dvc_params, flatten, load, setup_logging, share_prefect_api
+from flows.common import RESULT_SECTIONS, check_dvc_params, flatten, load, prefect_api_url, setup_logging
 from flows.tracking import PARENT_ENV, stage_run
 
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -52,7 +52,8 @@ def _has_key(raw: dict, dotted: str) -> bool:
     return True
 
 
-def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False, raw_params: dict | None = None) -> list[str]:
+def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False,
+                raw_params: dict | None = None) -> list[str]:
     """`dvc repro`, or `dvc exp run -S key=value ...` when there are overrides (an experiment DVC records).
 
     A key that params.yaml does not have yet is passed as `+key=value` (DVC's syntax for adding a key)."""
@@ -130,7 +131,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
         env[PARENT_ENV] = mlrun.run_id
         env["TQDM_DISABLE"] = "1"  # progress bars would flood the log; progress is in Prefect artifacts
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        api = share_prefect_api()  # the stage flows report to the server this flow reports to
+        api = prefect_api_url()  # the stage flows report to the server this flow reports to
         if api:
             env["PREFECT_API_URL"] = api
         logger.info("running %s in %s", " ".join(["dvc", *cmd[3:]]), root)
@@ -138,7 +139,8 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
         ran, skipped = stages_run(lines)
         mlrun.tags({"dna.stages_ran": ",".join(ran), "dna.dvc_command": " ".join(["dvc", *cmd[3:]])})
         if code != 0:
-            raise RuntimeError(f"{' '.join(['dvc', *cmd[3:]])} failed with exit code {code}:\n" + "\n".join(lines[-20:]))
+            tail = "\n".join(lines[-20:])
+            raise RuntimeError(f"{' '.join(['dvc', *cmd[3:]])} failed with exit code {code}:\n{tail}")
         metrics = read_metrics(root / params.outputs)
         for stage, values in metrics.items():
             mlrun.metrics(values, prefix=f"{stage}.")

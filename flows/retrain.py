@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, load, stage_params
+from flows.common import cli, load, stage_params, stage_task
 from flows.teacher import log_history
 from flows.tracking import stage_run
 
@@ -30,7 +30,7 @@ def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None
             logged.add(int(row["epoch"]))
             progress.update(int(row["epoch"]), f"epoch {row['epoch']}, hold-out accuracy {row['rate_accuracy']:.4f}")
 
-        metrics = stage_retrain(run, on_epoch=on_epoch)
+        metrics = stage_task(stage_retrain, "retrain", params.orchestration.retries)(run, on_epoch=on_epoch)
         log_history(mlrun, run.paths.retrain_dir / "history.csv", logged)
         mlrun.metrics(metrics)
         for name in ("history.csv", "curves.png", "metrics.json"):

@@ -8,7 +8,7 @@ import pandas as pd
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, load, stage_params
+from flows.common import cli, load, stage_params, stage_task
 from flows.tracking import stage_run
 
 
@@ -39,7 +39,7 @@ def search_flow(params_file: str = "params.yaml", overrides: dict | None = None)
     run = Run(params)
     out = run.paths.search_dir
     with stage_run(params, "search", stage_params(params, "search")) as (mlrun, _):
-        metrics = stage_search(run)
+        metrics = stage_task(stage_search, "search", params.orchestration.retries)(run)
         front = pd.read_csv(out / "front.csv")
         write_csv(out / "chosen.csv", chosen_point(front))
         arch = Arch.load(run.paths.arch)

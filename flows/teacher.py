@@ -5,7 +5,7 @@ import pandas as pd
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, load, stage_params
+from flows.common import cli, load, stage_params, stage_task
 from flows.tracking import RunLog, stage_run
 
 
@@ -37,7 +37,7 @@ def teacher_flow(params_file: str = "params.yaml", overrides: dict | None = None
             logged.add(int(row["epoch"]))
             progress.update(int(row["epoch"]), f"epoch {row['epoch']}, loss {row['loss']:.4f}")
 
-        metrics = stage_teacher(run, on_epoch=on_epoch)
+        metrics = stage_task(stage_teacher, "train-teacher", params.orchestration.retries)(run, on_epoch=on_epoch)
         history = run.paths.teacher_dir / "history.csv"
         if not history.is_file():  # a teacher used as it is (no training epochs): an empty history for DVC
             atomic_write_text(history, "epoch,loss,train_accuracy,rate_accuracy,lr\n")
