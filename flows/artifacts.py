@@ -1,11 +1,8 @@
 """Prefect artifacts: progress of long tasks (updated per epoch) and the tables and notes a person wants to see."""
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 class Progress:

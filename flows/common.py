@@ -15,8 +15,6 @@ import yaml
 
 from dna.config import ConfigError, OrchestrationConfig, Params, load_params
 
-log = logging.getLogger(__name__)
-
 # The params.yaml keys each stage reads: what dvc.yaml lists under each stage's `params` (a test keeps the two equal)
 # and what each stage's MLflow run logs as its params. Device, tracking and orchestration settings are left out on
 # purpose: they change where and how a stage runs, not its result, so changing them reruns nothing.

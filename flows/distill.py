@@ -8,9 +8,8 @@ Writes outputs/distill/ (checkpoints, histories, feature cache, curves/) and out
 """
 from __future__ import annotations
 
-import json
 import contextlib
-import logging
+import json
 import os
 import shutil
 import threading
@@ -25,7 +24,6 @@ from flows.common import cli, load, make_task_runner, share_prefect_api, stage_p
 from flows.teacher import log_history
 from flows.tracking import STAGE_TAG, Tracking, child_run, stage_run
 
-log = logging.getLogger(__name__)
 BEST_PER_BLOCK = 3
 # Blocks in one process share torch's global random state. The core seeds it per block and then draws the
 # block's initial weights from it, and building a teacher (to distill or to rate) draws from it too; with blocks
