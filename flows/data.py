@@ -1,0 +1,33 @@
+"""Data stage: the fixed, seeded, disjoint train / rate / test splits (outputs/data/splits.json)."""
+from __future__ import annotations
+
+from prefect import flow
+
+from flows import artifacts
+from flows.common import cli, data_hash, load, stage_params, stage_task
+from flows.tracking import stage_run
+
+
+@flow(name="dna-data")
+def data_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    from dna.pipeline import Run, stage_data
+
+    params = load(params_file, overrides)
+    run = Run(params)
+    with stage_run(params, "data", stage_params(params, "data")) as (mlrun, _):
+        summary = stage_task(stage_data, "make-splits", params.orchestration.retries)(run)
+        mlrun.metrics({f"{split}_images": n for split, n in summary["sizes"].items()}
+                      | {"num_classes": summary["num_classes"]})
+        mlrun.tags({"dna.data_hash": data_hash(params, run.paths.splits)})
+        mlrun.artifact(run.paths.splits)
+    artifacts.table("data-splits", [{"split": k, "images": v} for k, v in summary["sizes"].items()],
+                    f"{params.data.source} split sizes (seed {params.seed}, {summary['num_classes']} classes)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(lambda path, sets: data_flow(path, sets), __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

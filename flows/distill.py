@@ -1,0 +1,154 @@
+"""Distill stage: build the teacher-feature cache once, then train and rate every block, blocks in parallel.
+
+Each block is one task (train its cells on the teacher's features, then rate every candidate of every cell),
+submitted concurrently on the task runner named by orchestration.task_runner. A block whose checkpoint
+(outputs/distill/block_i.pt) carries the same fingerprint (config, teacher weights, data) is not retrained:
+the task resumes it at its last epoch, so only its rating runs again.
+Writes outputs/distill/ (checkpoints, histories, feature cache, curves/) and outputs/ratings/block_i.csv.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+
+from dna.config import Params
+from flows import artifacts
+from flows.common import cli, load, make_task_runner, share_prefect_api, stage_params, with_absolute_outputs
+from flows.teacher import log_history
+from flows.tracking import STAGE_TAG, Tracking, child_run, stage_run
+
+BEST_PER_BLOCK = 3
+# Blocks in one process share torch's global random state. The core seeds it per block and then draws the
+# block's initial weights from it, and building a teacher (to distill or to rate) draws from it too; with blocks
+# running concurrently in threads, a block's weights would depend on thread timing. So with the thread runner
+# the blocks' work takes turns (still as concurrent tasks); process and Dask workers each have their own random
+# state and work on blocks in parallel.
+_TURN = threading.Lock()
+
+
+def block_turn(shared_process: bool):
+    """The lock that blocks of one process take turns with (a module function, so tasks pickle without it)."""
+    return _TURN if shared_process else contextlib.nullcontext()
+
+
+def curves_dir(params: Params):
+    """Per-block distillation curves for `dvc plots` (one CSV per block, so the plot follows the block count)."""
+    from dna.pipeline import Paths
+
+    return Paths(params.out_dir).distill_dir / "curves"
+
+
+@task(name="teacher-features", cache_policy=NO_CACHE)
+def features_task(params: Params) -> None:
+    """Run the teacher once over the training and rating splits and store its boundary features (if caching)."""
+    from dna.pipeline import Run, stage_features
+
+    stage_features(Run(params))
+
+
+@task(name="distill-block", task_run_name="block-{block}", cache_policy=NO_CACHE)
+def block_task(params: Params, block: int, tracking: Tracking, threads: int | None = None,
+               shared_process: bool = False) -> dict:
+    """Distill one block, then rate its candidates; logs a nested MLflow run and a Prefect progress artifact.
+
+    shared_process: other blocks run in this process too (thread runner): take turns (see block_turn)."""
+    from dna.pipeline import Run, stage_distill, stage_rate
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    run = Run(params)
+    cfg = params.space.blocks[block]
+    epochs = params.distill.epochs
+    cells = [f"d{d}_w{w}" for d, w in cfg.cell_choices()]
+    progress = artifacts.Progress(f"distill-block-{block}", epochs,
+                                  f"block {block}: {len(cells)} cells ({', '.join(cells)}), {epochs} epochs")
+    tags = {STAGE_TAG: "distill", "dna.block": str(block), "dna.block_fingerprint": run.block_fingerprint(block)}
+    with child_run(tracking, f"block_{block}", tags) as mlrun, block_turn(shared_process):
+        mlrun.params({"block": block, "stride": cfg.stride, "cells": json.dumps(cells), "epochs": epochs})
+        logged: set[int] = set()
+
+        def on_epoch(row: dict) -> None:
+            mlrun.epoch(row)
+            logged.add(int(row["epoch"]))
+            progress.update(int(row["epoch"]), f"epoch {row['epoch']}, mean cell loss {row['loss']:.5f}")
+
+        result = stage_distill(run, block, on_epoch=on_epoch)
+        history = run.paths.distill_dir / f"history_{block}.csv"
+        log_history(mlrun, history, logged)
+        table = stage_rate(run, block)
+        candidates = table.drop_duplicates(["cell", "path"])
+        best = candidates.nsmallest(BEST_PER_BLOCK, "score")
+        mlrun.metrics({"final_loss": result["final_loss"], "resumed_from": result["resumed_from"],
+                       "trained_epochs": result["epochs"] - result["resumed_from"],
+                       "candidates": len(candidates), "best_score": float(best["score"].iloc[0]),
+                       "median_score": float(candidates["score"].median())})
+        mlrun.artifact(run.paths.rating(block), "ratings")
+        mlrun.artifact(history, "history")
+    curves = curves_dir(params)
+    curves.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(history, curves / f"block_{block}.csv")
+    trained = result["epochs"] - result["resumed_from"]
+    progress.done(f"trained {trained} epoch(s), {len(candidates)} candidates rated, best score "
+                  f"{best['score'].iloc[0]:.4f}")
+    columns = ["cell", "ops", "params", "macs", "score"]
+    return {**result, "trained_epochs": trained, "candidates": len(candidates), "mlflow_run_id": mlrun.run_id,
+            "process": os.getpid(),
+            "best": [{"block": block, **{c: row[c] for c in columns}} for row in best.to_dict("records")]}
+
+
+def _threads_per_task(params: Params) -> int:
+    workers = min(params.orchestration.max_workers, len(params.space.blocks))
+    return max(1, (os.cpu_count() or 1) // max(workers, 1))
+
+
+@flow(name="dna-distill")
+def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    params = with_absolute_outputs(load(params_file, overrides))
+    orch = params.orchestration
+    threads = _threads_per_task(params)
+    blocks = range(len(params.space.blocks))
+    with stage_run(params, "distill", stage_params(params, "distill")) as (mlrun, tracking):
+        mlrun.tags({"dna.task_runner": orch.task_runner})
+        features_task.with_options(retries=orch.retries)(params)
+        block = block_task.with_options(retries=orch.retries, retry_delay_seconds=1)
+        shared = orch.task_runner == "threads"  # blocks share this process (and its torch thread pool)
+        futures = [block.submit(params, b, tracking, None if shared else threads, shared) for b in blocks]
+        wait(futures)
+        results = [f.result() for f in futures]  # raises the first block's failure, after all have finished
+        for r in results:
+            mlrun.metrics({"final_loss": r["final_loss"], "best_score": r["best"][0]["score"],
+                           "trained_epochs": r["trained_epochs"], "candidates": r["candidates"]},
+                          prefix=f"block_{r['block']}.")
+    best = [row for r in results for row in r["best"]]
+    artifacts.table("best-candidates", best,
+                    f"the {BEST_PER_BLOCK} best-rated candidates of each block (score: lower is better)")
+    return {"blocks": results, "task_runner": orch.task_runner}
+
+
+def run_distill(params_file: str = "params.yaml", overrides: dict | None = None,
+                dask_processes: bool | None = None) -> dict:
+    """Run the distill flow on the task runner the config names (a Dask LocalCluster, a process pool, ...)."""
+    from dna.config import load_params
+
+    orch = load_params(params_file, overrides).orchestration
+    if orch.task_runner in ("processes", "dask", "ray"):
+        share_prefect_api()  # workers in other processes report to this process's Prefect server
+    runner = make_task_runner(orch, dask_processes=dask_processes)
+    return distill_flow.with_options(task_runner=runner)(params_file, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run_distill, __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Export stage: ONNX export with a parity check against PyTorch, logged to MLflow as an ONNX model.
+
+Writes outputs/export/ (model.onnx, metrics.json, logged_model.json: the logged model's URI for the register stage).
+"""
+from __future__ import annotations
+
+import json
+
+from prefect import flow
+
+from flows import artifacts
+from flows.common import cli, load, stage_params, stage_task
+from flows.registry import log_onnx_model
+from flows.tracking import stage_run
+
+SAMPLE_IMAGES = 8
+
+
+@flow(name="dna-export")
+def export_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    from dna.checkpoint import atomic_write_text
+    from dna.export import read_metadata
+    from dna.pipeline import Run, stage_export
+
+    params = load(params_file, overrides)
+    run = Run(params)
+    out = run.paths.export_dir
+    with stage_run(params, "export", stage_params(params, "export")) as (mlrun, _):
+        metrics = stage_task(stage_export, "export-onnx", params.orchestration.retries)(run)
+        meta = read_metadata(run.paths.onnx)
+        mlrun.metrics(metrics)
+        mlrun.tags({"dna.arch": meta.get("arch")})
+        mlrun.artifact(out / "metrics.json")
+        info = log_onnx_model(run.paths.onnx, run.data.images("test", SAMPLE_IMAGES).numpy())
+        record = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": mlrun.run_id,
+                  "tracking_uri": mlrun.uri}
+        atomic_write_text(out / "logged_model.json", json.dumps(record, indent=2) + "\n")
+    artifacts.markdown("export-summary", artifacts.metrics_markdown(
+        "ONNX export", metrics, f"logged as `{info.model_uri}` (MLflow run `{mlrun.run_id}`)"),
+        "ONNX parity and accuracy in ONNX Runtime")
+    return metrics | {"model_uri": info.model_uri}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(lambda path, sets: export_flow(path, sets), __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

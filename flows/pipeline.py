@@ -1,0 +1,179 @@
+"""The whole pipeline as one Prefect flow: `dvc repro` (or `dvc exp run -S key=value ...`) under one MLflow run.
+
+DVC decides what reruns; each stage it runs is its own flow in its own process (python -m flows.<stage>),
+reporting to the same Prefect server and nesting its MLflow run under this flow's run (through the environment
+variable DNA_MLFLOW_PARENT_RUN_ID). The register stage of dvc.yaml registers and promotes the model.
+
+    python -m flows.pipeline                          # dvc repro
+    python -m flows.pipeline -S retrain.train.epochs=30   # dvc exp run -S retrain.train.epochs=30
+    python -m flows.pipeline --serve --cron "0 3 * * *"   # a deployment served from this process
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from prefect import flow, get_run_logger
+
+from flows import artifacts
+from flows.common import RESULT_SECTIONS, check_dvc_params, flatten, load, prefect_api_url, setup_logging
+from flows.tracking import PARENT_ENV, stage_run
+
+RAN = re.compile(r"Running stage '([^']+)'")
+SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+METRIC_FILES = {"teacher": "teacher/metrics.json", "search": "search/metrics.json", "retrain": "retrain/metrics.json",
+                "export": "export/metrics.json", "register": "register/registration.json"}
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _has_key(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False,
+                raw_params: dict | None = None) -> list[str]:
+    """`dvc repro`, or `dvc exp run -S key=value ...` when there are overrides (an experiment DVC records).
+
+    A key that params.yaml does not have yet is passed as `+key=value` (DVC's syntax for adding a key)."""
+    cmd = [sys.executable, "-m", "dvc"]
+    if overrides:
+        cmd += ["exp", "run"]
+        for key, value in overrides.items():
+            text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+            text = text.removesuffix("\n...").strip()
+            plus = "" if raw_params is None or _has_key(raw_params, key) else "+"
+            cmd += ["-S", f"{plus}{key}={text}"]
+    else:
+        cmd += ["repro"]
+    if force:
+        cmd.append("--force")
+    return cmd
+
+
+def stream(cmd: list[str], cwd: Path, env: dict[str, str], logger) -> tuple[int, list[str]]:
+    """Run cmd, sending each line of its output to the logger as it comes; returns (exit code, lines)."""
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1, errors="replace") as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            for line in raw.replace("\r", "\n").splitlines():
+                if line.strip():
+                    lines.append(line)
+                    logger.info(line)
+    return proc.returncode, lines
+
+
+def stages_run(lines: list[str]) -> tuple[list[str], list[str]]:
+    """The stages DVC ran and those it skipped as unchanged, in order, from its output."""
+    ran = [m.group(1) for line in lines if (m := RAN.search(line))]
+    skipped = [m.group(1) for line in lines if (m := SKIPPED.search(line))]
+    return ran, skipped
+
+
+def read_metrics(outputs: Path) -> dict[str, dict]:
+    out = {}
+    for stage, rel in METRIC_FILES.items():
+        path = outputs / rel
+        if path.is_file():
+            out[stage] = json.loads(path.read_text())
+    return out
+
+
+def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics: dict, run_id: str) -> str:
+    lines = ["### DNA pipeline", "", f"`{' '.join(['dvc', *cmd[3:]])}`", "",
+             f"ran: {', '.join(ran) or 'nothing (all stages up to date)'}",
+             f"up to date: {', '.join(skipped) or '-'}", "", f"MLflow run `{run_id}`", "",
+             "| stage | metric | value |", "| --- | --- | --- |"]
+    picks = {"teacher": ["test_accuracy"], "search": ["score", "params", "macs"], "retrain": ["test_accuracy"],
+             "export": ["onnx_test_accuracy", "max_abs_diff"], "register": ["version", "champion", "reason"]}
+    for stage, keys in picks.items():
+        for key in keys:
+            if key in metrics.get(stage, {}):
+                lines.append(f"| {stage} | {key} | {metrics[stage][key]} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="dna-pipeline")
+def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = None, force: bool = False) -> dict:
+    """Reproduce the DVC pipeline in project_dir (an experiment when overrides are given) and report on it."""
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    with working_directory(root):  # fail on a bad config before anything runs
+        check_dvc_params("params.yaml")
+        params = load("params.yaml", overrides)
+    cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()))
+    raw = params.model_dump(mode="json")
+    with stage_run(params, "pipeline", flatten({k: raw[k] for k in RESULT_SECTIONS}), root=root) as (mlrun, _):
+        env = dict(os.environ)
+        env[PARENT_ENV] = mlrun.run_id
+        env["TQDM_DISABLE"] = "1"  # progress bars would flood the log; progress is in Prefect artifacts
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        api = prefect_api_url()  # the stage flows report to the server this flow reports to
+        if api:
+            env["PREFECT_API_URL"] = api
+        logger.info("running %s in %s", " ".join(["dvc", *cmd[3:]]), root)
+        code, lines = stream(cmd, root, env, logger)
+        ran, skipped = stages_run(lines)
+        mlrun.tags({"dna.stages_ran": ",".join(ran), "dna.dvc_command": " ".join(["dvc", *cmd[3:]])})
+        if code != 0:
+            tail = "\n".join(lines[-20:])
+            raise RuntimeError(f"{' '.join(['dvc', *cmd[3:]])} failed with exit code {code}:\n{tail}")
+        metrics = read_metrics(root / params.outputs)
+        for stage, values in metrics.items():
+            mlrun.metrics(values, prefix=f"{stage}.")
+    artifacts.markdown("pipeline-summary", summary_markdown(cmd, ran, skipped, metrics, mlrun.run_id),
+                       "what DVC ran and the headline metrics")
+    return {"ran": ran, "skipped": skipped, "metrics": metrics, "mlflow_run_id": mlrun.run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dna.config import ConfigError
+    from flows.common import parse_overrides
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project-dir", default=".", help="the DVC project (default: here)")
+    parser.add_argument("--set", "-S", dest="sets", action="append", metavar="KEY=VALUE",
+                        help="run as a DVC experiment with this params.yaml override (repeatable)")
+    parser.add_argument("--force", action="store_true", help="rerun every stage")
+    parser.add_argument("--serve", action="store_true", help="serve a deployment of this flow instead of running it")
+    parser.add_argument("--name", default="dna-pipeline-served", help="deployment name with --serve")
+    parser.add_argument("--cron", default=None, help="cron schedule with --serve, e.g. '0 3 * * *'")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.serve:
+        pipeline_flow.serve(name=args.name, cron=args.cron,
+                            parameters={"project_dir": str(Path(args.project_dir).resolve())})
+        return 0
+    try:
+        pipeline_flow(args.project_dir, parse_overrides(args.sets) or None, args.force)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Search stage: the best architecture under the budgets and the Pareto front, from the block ratings.
+
+Writes outputs/search/ (arch.yaml, front.csv, chosen.csv, front.png, rating_spread.png, metrics.json).
+"""
+from __future__ import annotations
+
+import pandas as pd
+from prefect import flow
+
+from flows import artifacts
+from flows.common import cli, load, stage_params, stage_task
+from flows.tracking import stage_run
+
+
+def chosen_point(front: pd.DataFrame) -> pd.DataFrame:
+    """The chosen architecture's row of the front (for the Pareto plot's highlighted point)."""
+    return front.loc[front["chosen"].astype(str) == "True", ["score", "params", "macs"]]
+
+
+def arch_markdown(arch, metrics: dict, axis: str) -> str:
+    budgets = ", ".join(f"{k} <= {v:,.0f}" for k, v in metrics["budgets"].items()) or "none"
+    lines = ["### Chosen architecture", "",
+             f"rating (sum of block scores, lower is better): **{metrics['score']:.4f}**; "
+             f"params {metrics['params']:,.0f}; multiply-adds {metrics['macs']:,.0f}", "",
+             f"budgets: {budgets}; Pareto front over {axis}: {metrics['front_size']} architectures out of "
+             f"{int(metrics['space_size']):,}", "", "| stage | layers (timm block strings) |", "| --- | --- |"]
+    for i, stage in enumerate(arch.stages):
+        lines.append(f"| {i} | {' '.join(f'`{s}`' for s in stage)} |")
+    lines += ["", f"stem {arch.stem}, head {arch.head}", "", "```yaml", arch.to_yaml().rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="dna-search")
+def search_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    from dna.arch import Arch
+    from dna.pipeline import Run, stage_search, write_csv
+
+    params = load(params_file, overrides)
+    run = Run(params)
+    out = run.paths.search_dir
+    with stage_run(params, "search", stage_params(params, "search")) as (mlrun, _):
+        metrics = stage_task(stage_search, "search", params.orchestration.retries)(run)
+        front = pd.read_csv(out / "front.csv")
+        write_csv(out / "chosen.csv", chosen_point(front))
+        arch = Arch.load(run.paths.arch)
+        mlrun.metrics({k: metrics[k] for k in ("score", "params", "macs", "front_size")}
+                      | {f"{b}.best": v["best"] for b, v in metrics["ratings"].items()})
+        mlrun.tags({"dna.arch": arch.tag()})
+        for name in ("arch.yaml", "front.csv", "front.png", "rating_spread.png", "metrics.json"):
+            mlrun.artifact(out / name)
+    axis = params.search.front_axis
+    artifacts.table("pareto-front", front[["score", "params", "macs", "chosen", "arch"]].to_dict("records"),
+                    f"Pareto front of rating against {axis} ({len(front)} architectures; chosen = best under budgets)")
+    artifacts.markdown("chosen-architecture", arch_markdown(arch, metrics, axis), "the architecture to retrain")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(lambda path, sets: search_flow(path, sets), __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Fast checks of the orchestration's wiring: dvc.yaml against the flows, task runners, the DVC command line."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from pipeline_support import ROOT, tiny_raw
+
+from dna.config import ConfigError, OrchestrationConfig, parse_params
+from flows.common import STAGE_PARAMS, STAGES, make_task_runner, missing_dvc_params, pick
+from flows.env import configure_environment, environment_defaults
+from flows.pipeline import dvc_command, stages_run
+from flows.tracking import artifact_location, tracking_uri
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def test_dvc_stages_are_the_flows_in_order_and_track_exactly_the_params_each_flow_reads():
+    assert list(DVC["stages"]) == STAGES
+    for name, stage in DVC["stages"].items():
+        assert stage["cmd"] == f"python -m flows.{name}"
+        assert stage["params"] == STAGE_PARAMS[name], name
+        assert f"flows/{name}.py" in stage["deps"], name
+
+
+def test_every_tracked_param_is_a_real_config_key_and_the_project_params_file_spells_them_out():
+    params = parse_params(tiny_raw(), check_paths=False)
+    for keys in STAGE_PARAMS.values():
+        pick(params, keys)  # raises KeyError on a key the config does not have
+    assert missing_dvc_params(yaml.safe_load((ROOT / "params.yaml").read_text())) == []
+    raw = tiny_raw()
+    del raw["mlflow"]["promote_metric"]
+    assert missing_dvc_params(raw) == ["mlflow.promote_metric"]
+
+
+def test_checkpoints_that_resume_needs_persist_across_reruns():
+    persisted = set()
+    for stage in DVC["stages"].values():
+        for out in stage.get("outs", []):
+            if isinstance(out, dict):
+                (path, opts), = out.items()
+                if opts.get("persist"):
+                    persisted.add(path)
+    assert persisted == {"${outputs}/teacher/train_state.pt", "${outputs}/distill", "${outputs}/retrain/train_state.pt"}
+
+
+def test_task_runners_by_config_and_a_clear_error_for_ray_when_it_is_missing():
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    assert isinstance(make_task_runner(OrchestrationConfig(task_runner="threads")), ThreadPoolTaskRunner)
+    assert isinstance(make_task_runner(OrchestrationConfig(task_runner="processes")), ProcessPoolTaskRunner)
+    local = make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=3))
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 3
+    remote = make_task_runner(OrchestrationConfig(task_runner="dask", dask_address="tcp://127.0.0.1:8786"))
+    assert remote.address == "tcp://127.0.0.1:8786"
+    try:
+        import prefect_ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs prefect-ray"):
+            make_task_runner(OrchestrationConfig(task_runner="ray"))
+
+
+def test_dvc_command_repro_or_experiment_with_set_params():
+    assert dvc_command()[-1] == "repro"
+    cmd = dvc_command({"retrain.train.epochs": 5, "search.budgets.params": 2e6},
+                      raw_params={"retrain": {"train": {"epochs": 1}}, "search": {"budgets": {"macs": 1}}})
+    assert cmd[-6:] == ["exp", "run", "-S", "retrain.train.epochs=5", "-S", "+search.budgets.params=2000000.0"]
+    assert dvc_command(force=True)[-2:] == ["repro", "--force"]
+
+
+def test_stages_run_and_skipped_are_read_from_dvc_output():
+    lines = ["Stage 'data' didn't change, skipping", "Running stage 'retrain':", "> python -m flows.retrain",
+             "Running stage 'export':", "Updating lock file 'dvc.lock'"]
+    assert stages_run(lines) == (["retrain", "export"], ["data"])
+
+
+def test_default_tracking_is_an_absolute_sqlite_file_with_absolute_artifacts(tmp_path):
+    params = parse_params(tiny_raw(), check_paths=False)
+    assert tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert artifact_location(tracking_uri(params, tmp_path), tmp_path) == (tmp_path / "mlruns").resolve().as_uri()
+    server = parse_params(tiny_raw(tracking_uri="http://127.0.0.1:5000"), check_paths=False)
+    assert tracking_uri(server) == "http://127.0.0.1:5000" and artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_environment_defaults_stay_in_the_project_and_never_override(monkeypatch, tmp_path):
+    defaults = environment_defaults(tmp_path)
+    assert defaults["PREFECT_HOME"] == str(tmp_path.resolve() / ".prefect")
+    monkeypatch.setenv("PREFECT_HOME", "/elsewhere")
+    monkeypatch.delenv("DVC_NO_ANALYTICS", raising=False)
+    configure_environment(tmp_path)
+    assert os.environ["PREFECT_HOME"] == "/elsewhere" and os.environ["DVC_NO_ANALYTICS"] == "1"

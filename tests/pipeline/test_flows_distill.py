@@ -1,0 +1,116 @@
+"""The distill flow on a Prefect test server: blocks fan out on a task runner, log nested MLflow runs and
+Prefect artifacts, and a block whose inputs did not change is not trained again."""
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+import pytest
+
+from pipeline_support import clone_project, working_directory
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def artifacts_by_key(keys: list[str]) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    latest = {}
+    for artifact in sorted(found, key=lambda a: a.created):
+        latest[artifact.key] = artifact
+    return latest
+
+
+@pytest.fixture(scope="module")
+def distilled(prefect_api, tiny_project, tmp_path_factory):
+    """The distill flow run twice in a copy of the prepared project, on the thread pool (the default runner)."""
+    from flows.distill import run_distill
+
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-threads"))
+    with working_directory(root):
+        first = run_distill("params.yaml")
+        checkpoints = {b: sha(root / "outputs" / "distill" / f"block_{b}.pt") for b in (0, 1)}
+        second = run_distill("params.yaml")
+    return root, first, second, checkpoints
+
+
+def test_every_block_is_trained_rated_and_plotted(distilled):
+    root, first, _, _ = distilled
+    assert first["task_runner"] == "threads"
+    assert [b["block"] for b in first["blocks"]] == [0, 1]
+    for block in first["blocks"]:
+        assert block["trained_epochs"] == 2 and block["resumed_from"] == 0
+        ratings = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        assert len(ratings.drop_duplicates(["cell", "path"])) == block["candidates"] > 0
+        curve = pd.read_csv(root / "outputs" / "distill" / "curves" / f"block_{block['block']}.csv")
+        assert list(curve["epoch"]) == [1, 2]
+    assert [b["candidates"] for b in first["blocks"]] == [2, 6]  # 2 ops; block 1 has depths 1 and 2
+
+
+def test_unchanged_blocks_are_not_trained_again(distilled):
+    root, first, second, checkpoints = distilled
+    for block in second["blocks"]:
+        assert block["trained_epochs"] == 0 and block["resumed_from"] == 2
+        assert sha(root / "outputs" / "distill" / f"block_{block['block']}.pt") == checkpoints[block["block"]]
+    assert [b["final_loss"] for b in second["blocks"]] == [b["final_loss"] for b in first["blocks"]]
+
+
+def test_mlflow_has_a_stage_run_with_one_nested_run_per_block_and_per_epoch_metrics(distilled):
+    from mlflow.tracking import MlflowClient
+
+    root, first, _, _ = distilled
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    block_runs = [client.get_run(b["mlflow_run_id"]) for b in first["blocks"]]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in block_runs}
+    assert len(parents) == 1
+    stage = client.get_run(parents.pop())
+    assert stage.info.run_name == "distill" and stage.info.status == "FINISHED"
+    assert stage.data.params["distill.epochs"] == "2" and "block_1.best_score" in stage.data.metrics
+    for block, run in zip(first["blocks"], block_runs):
+        assert run.info.run_name == f"block_{block['block']}" and run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+        assert run.data.metrics["best_score"] == pytest.approx(block["best"][0]["score"])
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "ratings")] == [
+            f"ratings/block_{block['block']}.csv"]
+    assert (root / "mlruns").is_dir()  # artifacts went to the project's absolute artifact location
+
+
+def test_prefect_shows_progress_per_block_and_the_best_candidates(distilled):
+    _, first, _, _ = distilled
+    found = artifacts_by_key(["distill-block-0", "distill-block-1", "best-candidates"])
+    assert found["distill-block-0"].type == "progress" and float(found["distill-block-0"].data) == 100.0
+    assert float(found["distill-block-1"].data) == 100.0
+    table = found["best-candidates"].data
+    table = __import__("json").loads(table) if isinstance(table, str) else table
+    assert {row["block"] for row in table} == {0, 1}
+    assert min(r["score"] for r in table if r["block"] == 1) == pytest.approx(first["blocks"][1]["best"][0]["score"],
+                                                                              rel=1e-5)
+
+
+def test_blocks_run_on_a_dask_local_cluster_of_two_worker_processes(distilled, tiny_project, tmp_path_factory,
+                                                                     monkeypatch):
+    """Same project, fresh outputs, two single-threaded Dask worker processes: each block trains in a worker,
+    and the ratings agree with the thread-pool run."""
+    import os
+
+    from flows.distill import run_distill
+
+    threads_root = distilled[0]
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-dask"))
+    monkeypatch.setenv("PREFECT_API_URL", os.environ.get("PREFECT_API_URL", ""))  # restored after the test
+    with working_directory(root):
+        result = run_distill("params.yaml", {"orchestration.task_runner": "dask"}, dask_processes=True)
+    assert result["task_runner"] == "dask"
+    processes = {b["process"] for b in result["blocks"]}
+    assert os.getpid() not in processes
+    for block in result["blocks"]:
+        assert block["trained_epochs"] == 2
+        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        theirs = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        assert list(mine["path"]) == list(theirs["path"])
+        pd.testing.assert_series_equal(mine["score"], theirs["score"], rtol=1e-3)

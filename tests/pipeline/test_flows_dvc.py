@@ -1,0 +1,134 @@
+"""The DVC pipeline end to end on the tiny configuration, driven by the pipeline flow: a full `dvc repro`, a second
+one that runs nothing, then `dvc exp run -S` on a retraining parameter that reruns only retrain and what follows.
+Every stage is its own Python process reporting to the session's Prefect test server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline_support import ROOT, run_python, tiny_raw, write_params
+
+from flows.common import STAGES
+
+pytestmark = pytest.mark.slow  # about two minutes: seven stage processes, then three
+
+
+def git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+
+
+def dvc(repo, *args) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC repository with the project's dvc.yaml, flows, core code and the tiny params.yaml."""
+    repo = tmp_path_factory.mktemp("dvc-repo")
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("flows", "dna"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(repo / "params.yaml", tiny_raw())
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "tests@example.invalid")
+    git(repo, "config", "user.name", "tests")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.analytics", "false")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "tiny project")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_api, repo):
+    """Three pipeline flow runs: reproduce, reproduce again, then an experiment with retrain.train.lr changed."""
+    from flows.pipeline import pipeline_flow
+
+    outputs = repo / "outputs"
+    first = pipeline_flow(str(repo))
+    kept = {p: os.stat(outputs / p).st_mtime_ns
+            for p in ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/arch.yaml",
+                      "retrain/model.pt", "export/model.onnx")}
+    second = pipeline_flow(str(repo))
+    third = pipeline_flow(str(repo), overrides={"retrain.train.lr": 0.004})
+    after = {p: os.stat(outputs / p).st_mtime_ns for p in kept}
+    return first, second, third, kept, after
+
+
+def test_first_repro_runs_every_stage_in_order(runs, repo):
+    first = runs[0]
+    assert first["ran"] == STAGES and first["skipped"] == []
+    assert (repo / "dvc.lock").is_file()
+    assert first["metrics"]["register"]["version"] == 1 and first["metrics"]["register"]["champion"] == 1
+    assert first["metrics"]["export"]["max_abs_diff"] <= 1e-4
+
+
+def test_second_repro_runs_nothing(runs, repo):
+    second = runs[1]
+    assert second["ran"] == [] and second["skipped"] == STAGES
+    assert "up to date" in dvc(repo, "status")
+
+
+def test_a_retraining_parameter_reruns_only_retrain_and_what_follows(runs, repo):
+    _, _, third, kept, after = runs
+    assert third["ran"] == ["retrain", "export", "register"]
+    assert third["skipped"] == ["data", "teacher", "distill", "search"]
+    for path in ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/arch.yaml"):
+        assert after[path] == kept[path], f"{path} was rewritten"
+    for path in ("retrain/model.pt", "export/model.onnx"):
+        assert after[path] != kept[path], f"{path} was not rebuilt"
+    assert third["metrics"]["register"]["version"] == 2
+    assert "retrain.train.lr" in dvc(repo, "exp", "show", "--no-pager", "--csv")
+
+
+def test_one_mlflow_run_per_pipeline_run_with_a_nested_run_per_stage_that_ran(runs, repo):
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import nested_runs
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for run in runs[:3]:
+        parent = client.get_run(run["mlflow_run_id"])
+        assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+        assert [r.info.run_name for r in nested_runs(client.tracking_uri, run["mlflow_run_id"])] == run["ran"]
+    distill = next(r for r in nested_runs(client.tracking_uri, runs[0]["mlflow_run_id"])
+                   if r.info.run_name == "distill")
+    assert [r.info.run_name for r in nested_runs(client.tracking_uri, distill.info.run_id)] == ["block_0", "block_1"]
+    version = client.get_model_version("dna-student", "2")
+    for tag in ("arch", "data_hash", "params_hash", "test_accuracy", "max_abs_diff", "atol", "git_commit"):
+        assert version.tags.get(tag), tag
+    assert json.loads(version.tags["arch"])["stem"] == 16
+
+
+def test_the_champion_from_the_pipeline_runs_in_onnx_runtime_in_a_fresh_process(runs, repo):
+    registration = json.loads((repo / "outputs" / "register" / "registration.json").read_text())
+    champion = registration["champion"]
+    code = """
+import json, numpy as np, onnxruntime as ort
+from dna.config import load_params
+from dna.export import onnx_predict
+from dna.pipeline import Run
+from flows.registry import load_champion
+from flows.tracking import tracking_uri
+params = load_params("params.yaml")
+run = Run(params)
+images = run.data.images("test", 16).numpy()
+session = load_champion(tracking_uri(params), params.mlflow.registered_model)
+logits = session.run(["logits"], {"images": images})[0]
+exported = onnx_predict(run.paths.onnx, images)
+print(json.dumps({"shape": list(logits.shape), "max_diff": float(np.abs(logits - exported).max())}))
+"""
+    done = run_python(code, repo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [16, 10]
+    if champion == registration["latest_version"]:  # the champion is the model now in outputs/export
+        assert out["max_diff"] < 1e-5

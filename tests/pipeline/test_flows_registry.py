@@ -1,0 +1,126 @@
+"""The model registry on a SQLite MLflow store: promotion rules, the promote CLI, and loading the champion."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline_support import run_python, tiny_raw, write_params
+
+from flows.registry import CHALLENGER, CHAMPION, PROMOTION_TAG, log_onnx_model, promote, promote_cli, register_version
+
+NAME = "dna-student"
+
+
+def linear_onnx(path, weights: np.ndarray, bias: np.ndarray):
+    """A real ONNX classifier with the exported model's interface: images (N,1,4,4) -> logits (N,10)."""
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "W", "b"], ["logits"], transB=1)],
+        "linear",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(weights.astype(np.float32), "W"),
+         numpy_helper.from_array(bias.astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A fresh SQLite tracking store and registry, and a function that registers a version with given tags."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = ensure_experiment(uri, "dna", tmp_path)
+    client = MlflowClient(uri)
+    sample = np.random.default_rng(0).normal(size=(4, 1, 4, 4)).astype(np.float32)
+
+    def add(accuracy: float, max_abs_diff: float = 1e-7, atol: float = 1e-4, seed: int = 0) -> int:
+        rng = np.random.default_rng(seed)
+        path = linear_onnx(tmp_path / f"model_{seed}.onnx", rng.normal(size=(10, 16)), rng.normal(size=10))
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_onnx_model(path, sample)
+        return register_version(client, NAME, info.model_uri, {"test_accuracy": accuracy, "max_abs_diff": max_abs_diff,
+                                                               "atol": atol, "arch": f"linear-{seed}"})
+
+    return client, add, uri, tmp_path
+
+
+def champion(client) -> int:
+    return int(client.get_model_version_by_alias(NAME, CHAMPION).version)
+
+
+def test_promotes_better_versions_and_refuses_worse_ties_and_parity_failures(registry):
+    client, add, _, _ = registry
+    first = promote(client, NAME, add(0.80, seed=1), "test_accuracy")
+    assert first.promoted and first.previous_champion is None and "no champion yet" in first.reason
+    assert champion(client) == 1
+
+    better = promote(client, NAME, add(0.90, seed=2), "test_accuracy")
+    assert better.promoted and better.previous_champion == 1 and champion(client) == 2
+
+    worse = promote(client, NAME, add(0.85, seed=3), "test_accuracy")
+    assert not worse.promoted and "does not beat champion version 2" in worse.reason
+    assert champion(client) == 2
+    assert int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 3
+    assert client.get_model_version(NAME, "3").tags[PROMOTION_TAG].startswith("refused: ")
+
+    tie = promote(client, NAME, add(0.90, seed=4), "test_accuracy")
+    assert not tie.promoted and champion(client) == 2
+
+    unfaithful = promote(client, NAME, add(0.99, max_abs_diff=1e-2, seed=5), "test_accuracy")
+    assert not unfaithful.promoted and "fails ONNX parity" in unfaithful.reason and champion(client) == 2
+    assert int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 5
+
+    again = promote(client, NAME, 2, "test_accuracy")
+    assert again.promoted and again.reason == "already the champion" and champion(client) == 2
+
+
+def test_promote_cli_exit_codes(registry, capsys):
+    client, add, uri, tmp_path = registry
+    params = write_params(tmp_path / "params.yaml", tiny_raw(tracking_uri=uri))
+    assert promote_cli(params, None) == 2  # no versions yet
+    assert "has no versions" in capsys.readouterr().err
+    add(0.5, seed=1)
+    add(0.4, seed=2)
+    assert promote_cli(params, 1) == 0 and champion(client) == 1
+    assert promote_cli(params, None) == 1  # newest is version 2, which is worse
+    assert "version 2: not promoted" in capsys.readouterr().out and champion(client) == 1
+    assert promote_cli(params, 7) == 2
+
+
+def test_champion_loads_and_runs_in_onnx_runtime_in_a_fresh_process(registry):
+    client, add, uri, tmp_path = registry
+    promote(client, NAME, add(0.7, seed=1), "test_accuracy")
+    promote(client, NAME, add(0.9, seed=2), "test_accuracy")  # champion: the seed-2 weights
+    rng = np.random.default_rng(2)
+    weights, bias = rng.normal(size=(10, 16)), rng.normal(size=10)
+    images = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 1, 4, 4)
+    code = f"""
+import json, numpy as np, mlflow, onnxruntime as ort
+mlflow.set_tracking_uri({uri!r})
+proto = mlflow.onnx.load_model("models:/{NAME}@champion")
+session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+images = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 1, 4, 4)
+logits = session.run(["logits"], {{"images": images}})[0]
+pyfunc = mlflow.pyfunc.load_model("models:/{NAME}@champion").predict(images)
+pyfunc = pyfunc["logits"] if isinstance(pyfunc, dict) else np.asarray(pyfunc)
+print(json.dumps({{"logits": logits.tolist(), "pyfunc": np.asarray(pyfunc).tolist()}}))
+"""
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = images.reshape(3, 16) @ weights.T.astype(np.float32) + bias.astype(np.float32)
+    np.testing.assert_allclose(np.array(out["logits"]), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(out["pyfunc"]), expected, rtol=1e-4, atol=1e-4)
