@@ -1,4 +1,4 @@
-# Two commands do all set-up: `make run` (install, then the whole pipeline on the embedded dataset)
+# Two commands do all set-up: `make run` (install, then `dvc repro` of the whole pipeline on the embedded dataset)
 # and `make test` (install, then the test suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,6 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup run test clean
 
@@ -21,11 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import dna.cli, timm, onnxruntime, prefect, mlflow, dvc"
 	touch $@
 
+# The DVC pipeline (dvc.yaml) through the Prefect flows, tracked in MLflow; ends with a registered, promoted model.
 run: setup
-	$(VENV)/bin/dna run
+	$(PY) -m flows.pipeline
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf outputs mlflow.db mlruns .prefect
+	rm -rf outputs mlflow.db mlruns .prefect .cache dvc.lock

@@ -207,6 +207,16 @@ def _report(run, teacher_metrics: dict, retrain_metrics: dict, export_metrics: d
 
 @app.command()
 @_guard
+def promote(params: Path = ParamsOpt, version: Optional[int] = typer.Option(
+        None, "--version", "-v", help="registered version (default: the newest)")):
+    """Alias a registered version `challenger`; move `champion` to it if it passes ONNX parity and beats the champion."""
+    from flows.registry import promote_cli
+
+    raise typer.Exit(promote_cli(params, version))
+
+
+@app.command()
+@_guard
 def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Per block: its cells, candidates per cell and per block, and the size of the whole space."""
     from dna.space import build_space

@@ -161,7 +161,7 @@ def stage_data(run: Run) -> dict:
 def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
-    _, result = make_teacher(run.params, run.data, out, run.device, run.teacher_fingerprint())
+    _, result = make_teacher(run.params, run.data, out, run.device, run.teacher_fingerprint(), on_epoch=on_epoch)
     if result.history:
         write_csv(out / "history.csv", pd.DataFrame(result.history))
     metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history), "model": run.params.teacher.model}
@@ -284,8 +284,9 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     model = build_student(run, arch)
     copied = init_from_supernet(run, model, arch) if p.init == "supernet" else 0
     teacher = load_teacher(run.params, run.paths.teacher, run.device) if p.kd_alpha > 0 else None
+    start = [checkpoint_digest(run.paths.supernet(b)) for b in range(run.space.num_blocks)] if copied else []
     result = train_classifier(model, run.data, p.train, out / "train_state.pt", seed=run.params.seed,
-                              fingerprint=digest(run.params.seed, run.params.data, p, arch.to_dict()),
+                              fingerprint=digest(run.params.seed, run.params.data, p, arch.to_dict(), start),
                               device=run.device, name="retrain", teacher=teacher, kd_alpha=p.kd_alpha,
                               kd_temperature=p.kd_temperature, on_epoch=on_epoch)
     save_checkpoint(run.paths.model, {"model": model.state_dict(), "arch": arch.to_yaml()})

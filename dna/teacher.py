@@ -27,7 +27,8 @@ def _state_dict_of(path: str | Path) -> dict:
     return state.get("model", state.get("state_dict", state))
 
 
-def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device, fingerprint: str) -> tuple[nn.Module, TrainResult]:
+def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device, fingerprint: str,
+                 on_epoch=None) -> tuple[nn.Module, TrainResult]:
     """Build the teacher from its configured source, train it if asked, save its weights to out_dir/teacher.pt."""
     cfg = params.teacher
     torch.manual_seed(params.seed)
@@ -37,7 +38,7 @@ def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device
     result = TrainResult()
     if cfg.source == "train" or cfg.train.epochs > 0:
         result = train_classifier(model, data, cfg.train, out_dir / "train_state.pt", seed=params.seed,
-                                  fingerprint=fingerprint, device=device, name="teacher")
+                                  fingerprint=fingerprint, device=device, name="teacher", on_epoch=on_epoch)
     else:
         result.test_accuracy = accuracy(model.to(device), data.loader("test", 256), device)
     save_checkpoint(out_dir / "teacher.pt", {"model": model.state_dict(), "name": cfg.model,

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 
 from flows import artifacts
 from flows.common import RESULT_SECTIONS, check_dvc_params, flatten, load, prefect_api_url, setup_logging
-from flows.tracking import PARENT_ENV, stage_run
+from flows.tracking import PARENT_ENV, stage_run, tracking_uri
 
 RAN = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
@@ -168,11 +168,39 @@ def main(argv: list[str] | None = None) -> int:
                             parameters={"project_dir": str(Path(args.project_dir).resolve())})
         return 0
     try:
-        pipeline_flow(args.project_dir, parse_overrides(args.sets) or None, args.force)
+        result = pipeline_flow(args.project_dir, parse_overrides(args.sets) or None, args.force)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(report(Path(args.project_dir).resolve(), result))
     return 0
+
+
+def report(root: Path, result: dict) -> str:
+    """Where every output went, and the headline figures, for the end of a run."""
+    from dna.pipeline import Paths
+
+    params = load(str(root / "params.yaml"))
+    p, m = Paths(root / params.outputs), result["metrics"]
+    lines = [f"stages run: {', '.join(result['ran']) or 'none (everything up to date)'}", "outputs:"]
+    for stage, paths in {"data": [p.splits], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
+                         "distill": [p.distill_dir, p.ratings_dir],
+                         "search": [p.arch, p.search_dir / "front.csv", p.search_dir / "front.png"],
+                         "retrain": [p.model, p.retrain_dir / "metrics.json"],
+                         "export": [p.onnx, p.export_dir / "metrics.json"],
+                         "register": [p.root / "register" / "registration.json"]}.items():
+        lines.append(f"  {stage:<8} " + "  ".join(str(x.relative_to(root)) for x in paths))
+    lines.append(f"  mlflow   {tracking_uri(params)} (parent run {result['mlflow_run_id']})")
+    if {"teacher", "export"} <= m.keys():
+        gap = (m["export"]["onnx_test_accuracy"] - m["teacher"]["test_accuracy"]) * 100
+        lines.append(f"teacher test accuracy {m['teacher']['test_accuracy']:.4f}; exported network in ONNX Runtime "
+                     f"{m['export']['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher); "
+                     f"ONNX parity max |diff| {m['export']['max_abs_diff']:.2e}")
+    if "register" in m:
+        r = m["register"]
+        lines.append(f"registry: {params.mlflow.registered_model} version {r.get('version')}, champion is version "
+                     f"{r.get('champion')} ({r.get('reason')})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
