@@ -200,8 +200,10 @@ class ProfileConfig(Strict):
 
     batch_size: PositiveInt = 1
     threads: PositiveInt = 1      # ONNX Runtime intra-op threads, as the deployed model will run
-    runs: PositiveInt = 200       # timed runs per piece; the median is kept
-    warmup: Annotated[int, Field(ge=0)] = 20
+    runs: PositiveInt = 500       # timed runs per piece, taken in `rounds` rounds over all pieces in turn
+    rounds: PositiveInt = 50
+    warmup: Annotated[int, Field(ge=0)] = 30
+    percentile: Annotated[float, Field(ge=0, le=100)] = 10  # of the runs' times: low resists other processes' load
 
 
 class RetrainConfig(Strict):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import platform
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -63,22 +62,44 @@ def session(model: bytes | str | Path, threads: int = 1):
                                 providers=["CPUExecutionProvider"])
 
 
-def time_session(sess, shape: tuple[int, ...], runs: int, warmup: int) -> float:
-    """Median milliseconds of one `run` call on a random input of `shape`."""
-    name = sess.get_inputs()[0].name
-    feed = {name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        sess.run(None, feed)
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times) / 1e6
+@dataclass
+class Timed:
+    """A session to time, its input, and the times of its runs so far (nanoseconds)."""
+
+    sess: object
+    feed: dict
+    times: list[int]
+
+    @classmethod
+    def of(cls, sess, shape: tuple[int, ...]) -> Timed:
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        return cls(sess, {sess.get_inputs()[0].name: x}, [])
+
+
+def time_sessions(timed: list[Timed], cfg: ProfileConfig) -> list[float]:
+    """Milliseconds per run of each session: the `cfg.percentile` of its `cfg.runs` timed runs.
+
+    The runs are taken in `cfg.rounds` rounds, every session in turn in each round, so a spell of load from other
+    processes touches all sessions alike instead of a few. A low percentile (10th by default) is what the machine
+    gives when other processes leave it alone; it moves far less between measurements than the median.
+    """
+    per_round = max(1, -(-cfg.runs // cfg.rounds))
+    for t in timed:
+        for _ in range(cfg.warmup):
+            t.sess.run(None, t.feed)
+    for _ in range(cfg.rounds):
+        for t in timed:
+            run, feed, times = t.sess.run, t.feed, t.times
+            for _ in range(per_round):
+                start = time.perf_counter_ns()
+                run(None, feed)
+                times.append(time.perf_counter_ns() - start)
+    return [float(np.percentile(t.times, cfg.percentile)) / 1e6 for t in timed]
 
 
 def time_module(module: nn.Module, shape: tuple[int, ...], cfg: ProfileConfig) -> float:
-    return time_session(session(onnx_bytes(module, shape), cfg.threads), shape, cfg.runs, cfg.warmup)
+    """Latency of one module alone (exported with fixed input `shape`)."""
+    return time_sessions([Timed.of(session(onnx_bytes(module, shape), cfg.threads), shape)], cfg)[0]
 
 
 def overhead_graph(shape: tuple[int, ...]) -> bytes:
@@ -125,22 +146,33 @@ def piece_module(space: MBConvSpace, row: dict) -> nn.Module:
     return build_layers([layer_string(space.ops[row["op"]], row["stride"], row["width"])], row["in_width"])
 
 
+def piece_sessions(space: MBConvSpace, cfg: ProfileConfig,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], list[Timed]]:
+    """The pieces of the space (`pieces`, after an `overhead` row) and an exported, ready session for each."""
+    torch.manual_seed(0)
+    shape = (cfg.batch_size, space.in_chans, space.image_size, space.image_size)
+    rows = [{"kind": "overhead", "block": -1, "position": 0, "op": -1, "op_name": "overhead",
+             "in_width": space.in_chans, "width": space.in_chans, "stride": 1, "resolution": space.image_size}]
+    timed = [Timed.of(session(overhead_graph(shape), cfg.threads), shape)]
+    todo = pieces(space)
+    for i, row in enumerate(todo):
+        shape = (cfg.batch_size, row["in_width"], row["resolution"], row["resolution"])
+        rows.append(row)
+        timed.append(Timed.of(session(onnx_bytes(piece_module(space, row), shape), cfg.threads), shape))
+        if progress:
+            progress(i + 1, len(todo))
+    return rows, timed
+
+
+def profile_table(rows: list[dict], latencies: list[float]) -> pd.DataFrame:
+    return pd.DataFrame([{**row, COLUMN: ms} for row, ms in zip(rows, latencies)], columns=TABLE_COLUMNS)
+
+
 def profile_space(space: MBConvSpace, cfg: ProfileConfig, progress: Callable[[int, int], None] | None = None
                   ) -> pd.DataFrame:
-    """The latency table of a space: one row per piece (see `pieces`) and one `overhead` row."""
-    torch.manual_seed(0)
-    rows = pieces(space)
-    shape = (cfg.batch_size, space.in_chans, space.image_size, space.image_size)
-    overhead = time_session(session(overhead_graph(shape), cfg.threads), shape, cfg.runs, cfg.warmup)
-    out = [{"kind": "overhead", "block": -1, "position": 0, "op": -1, "op_name": "overhead",
-            "in_width": space.in_chans, "width": space.in_chans, "stride": 1, "resolution": space.image_size,
-            COLUMN: overhead}]
-    for i, row in enumerate(rows):
-        shape = (cfg.batch_size, row["in_width"], row["resolution"], row["resolution"])
-        out.append({**row, COLUMN: time_module(piece_module(space, row), shape, cfg)})
-        if progress:
-            progress(i + 1, len(rows))
-    return pd.DataFrame(out, columns=TABLE_COLUMNS)
+    """The latency table of a space: one `overhead` row and one row per piece (see `pieces`)."""
+    rows, timed = piece_sessions(space, cfg, progress)
+    return profile_table(rows, time_sessions(timed, cfg))
 
 
 def fingerprint(space: MBConvSpace, cfg: ProfileConfig) -> dict:
@@ -241,17 +273,21 @@ class LatencyTable:
         return total + self.head(space, in_w)
 
 
-def measure_arch(arch: Arch, num_classes: int, in_chans: int, image_size: int, cfg: ProfileConfig,
-                 path: str | Path | None = None) -> float:
-    """End-to-end latency of a whole network in ONNX Runtime: the file at `path` if given (e.g. `dna export`'s
-    output), or the network built from `arch` (random weights) and exported like the profiled pieces."""
+def arch_session(arch: Arch, num_classes: int, in_chans: int, image_size: int, cfg: ProfileConfig,
+                 path: str | Path | None = None) -> Timed:
+    """A whole network ready to time: the ONNX file at `path` if given (e.g. `dna export`'s output), or the network
+    built from `arch` (random weights) and exported like the profiled pieces."""
     shape = (cfg.batch_size, in_chans, image_size, image_size)
     if path is not None:
-        sess = session(path, cfg.threads)
-    else:
-        torch.manual_seed(0)
-        sess = session(onnx_bytes(arch.build(num_classes, in_chans), shape), cfg.threads)
-    return time_session(sess, shape, cfg.runs, cfg.warmup)
+        return Timed.of(session(path, cfg.threads), shape)
+    torch.manual_seed(0)
+    return Timed.of(session(onnx_bytes(arch.build(num_classes, in_chans), shape), cfg.threads), shape)
+
+
+def measure_arch(arch: Arch, num_classes: int, in_chans: int, image_size: int, cfg: ProfileConfig,
+                 path: str | Path | None = None) -> float:
+    """End-to-end latency of a whole network in ONNX Runtime (see `arch_session`)."""
+    return time_sessions([arch_session(arch, num_classes, in_chans, image_size, cfg, path)], cfg)[0]
 
 
 def write_profile(table: pd.DataFrame, meta: dict, directory: str | Path) -> Path:
