@@ -143,6 +143,17 @@ def search(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 
 @app.command()
 @_guard
+def profile(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """Time every candidate layer, the stem and the head in ONNX Runtime on this machine (for latency budgets)."""
+    from dna.pipeline import stage_profile, validate
+
+    cfg = load_params(params, _overrides(set_))
+    validate(cfg, check_profile=False)
+    console.print(stage_profile(_run(cfg)))
+
+
+@app.command()
+@_guard
 def retrain(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Train the chosen architecture (from scratch, or from the supernet's weights; optionally with KD)."""
     from dna.pipeline import stage_retrain

@@ -182,9 +182,28 @@ class RatingConfig(Strict):
     batch_size: PositiveInt = 256
 
 
+CostAxis = Literal["params", "macs", "latency_ms"]  # latency_ms needs a profile of the machine (dna profile)
+
+
 class SearchConfig(Strict):
-    budgets: dict[Literal["params", "macs"], Annotated[float, Field(gt=0)]] = {}
-    front_axis: Literal["params", "macs"] = "macs"
+    budgets: dict[CostAxis, Annotated[float, Field(gt=0)]] = {}
+    front_axis: CostAxis = "macs"
+
+    def latency_keys(self) -> list[str]:
+        """The keys that ask for latency (and so need a latency profile)."""
+        keys = [f"search.budgets.{a}" for a in self.budgets if a == "latency_ms"]
+        return keys + (["search.front_axis"] if self.front_axis == "latency_ms" else [])
+
+
+class ProfileConfig(Strict):
+    """Latency profile: every candidate layer, the stem and the head timed alone in ONNX Runtime (dna profile)."""
+
+    batch_size: PositiveInt = 1
+    threads: PositiveInt = 1      # ONNX Runtime intra-op threads, as the deployed model will run
+    runs: PositiveInt = 500       # timed runs per piece, taken in `rounds` rounds over all pieces in turn
+    rounds: PositiveInt = 50
+    warmup: Annotated[int, Field(ge=0)] = 30
+    percentile: Annotated[float, Field(ge=0, le=100)] = 10  # of the runs' times: low resists other processes' load
 
 
 class RetrainConfig(Strict):
@@ -227,6 +246,7 @@ class Params(Strict):
     distill: DistillConfig = DistillConfig()
     rating: RatingConfig = RatingConfig()
     search: SearchConfig = SearchConfig()
+    profile: ProfileConfig = ProfileConfig()
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
     mlflow: TrackingConfig = TrackingConfig()

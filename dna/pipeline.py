@@ -76,6 +76,10 @@ class Paths:
     def export_dir(self) -> Path: return self.root / "export"
     @property
     def onnx(self) -> Path: return self.export_dir / "model.onnx"
+    @property
+    def profile_dir(self) -> Path: return self.root / "profile"
+    @property
+    def latency(self) -> Path: return self.profile_dir / "latency.csv"
 
 
 class Run:
@@ -126,8 +130,11 @@ class Run:
 
 
 # validation -------------------------------------------------------------------------------------------------------
-def validate(params: Params) -> None:
-    """Checks that need the teacher's shapes or the space's costs; raises ConfigError before any work."""
+def validate(params: Params, check_profile: bool = True) -> None:
+    """Checks that need the teacher's shapes or the space's costs; raises ConfigError before any work.
+
+    check_profile=False skips the latency profile (for `dna profile`, which makes it).
+    """
     d, t = params.data, params.teacher
     if d.source == "imagefolder" and not has_images(d.root):
         raise ConfigError(f"data.root={d.root!r} contains no images ({', '.join(('.jpg', '.png', '...'))})")
@@ -142,13 +149,61 @@ def validate(params: Params) -> None:
             raise ConfigError(
                 f"teacher.boundaries[{i}]={boundary}: the teacher's features there are {shape[1]}x{shape[2]} but block {i} "
                 f"of the space outputs {sizes[i + 1]}x{sizes[i + 1]} (check space.blocks[{i}].stride, data.image_size)")
+    latency = latency_model(run) if check_profile else None
     if params.search.budgets:
-        stages = stage_tables(run.space, scored=False)
+        stages = stage_tables(run.space, scored=False, latency=latency)
         for axis, budget in params.search.budgets.items():
+            if axis == "latency_ms" and latency is None:
+                continue
             smallest = min_cost(stages, axis)
             if budget < smallest:
+                shown = f"{smallest:.0f}" if float(smallest).is_integer() else f"{smallest:.6g}"
                 raise ConfigError(f"search.budgets.{axis}={budget:g} is below the smallest network in the space "
-                                  f"({axis}={smallest:.0f})")
+                                  f"({axis}={shown})")
+
+
+# latency ----------------------------------------------------------------------------------------------------------
+def latency_model(run: Run):
+    """The machine's latency profile of this space (a dna.latency.LatencyTable), or None when there is none.
+
+    Raises ConfigError, naming the key, when search.budgets or search.front_axis asks for latency_ms and the profile
+    is missing or was measured for another space, input or profile settings.
+    """
+    from dna.latency import LatencyTable, fingerprint
+
+    keys, path = run.params.search.latency_keys(), run.paths.latency
+    meta = run.paths.profile_dir / "profile.json"
+    if not path.is_file() or not meta.is_file():
+        if keys:
+            raise ConfigError(f"{keys[0]} asks for latency_ms, but this run has no latency profile ({path} is "
+                              f"missing): run `dna profile` first, on the machine the network will run on")
+        return None
+    if json.loads(meta.read_text()).get("fingerprint") != digest(fingerprint(run.space, run.params.profile)):
+        if keys:
+            raise ConfigError(f"{keys[0]} asks for latency_ms, but the latency profile {path} was measured for "
+                              f"another space, input size or profile settings: run `dna profile` again")
+        log.warning("latency profile %s is stale (another space or settings): not used", path)
+        return None
+    return LatencyTable.load(path)
+
+
+def stage_profile(run: Run) -> dict:
+    """Time every candidate layer, the stem and the head in ONNX Runtime on this machine; write the latency table."""
+    import time
+
+    from dna.latency import fingerprint, host, profile_space, write_profile
+
+    start = time.perf_counter()
+    table = profile_space(run.space, run.params.profile)
+    seconds = time.perf_counter() - start
+    meta = {"fingerprint": digest(fingerprint(run.space, run.params.profile)), "host": host(),
+            "settings": run.params.profile.model_dump(), "rows": len(table), "seconds": round(seconds, 1)}
+    write_profile(table, meta, run.paths.profile_dir)
+    summary = {"rows": len(table), "seconds": round(seconds, 1), "path": str(run.paths.latency),
+               "overhead_ms": float(table.loc[table["kind"] == "overhead", "latency_ms"].iloc[0]),
+               "layer_ms_median": float(table.loc[table["kind"] == "layer", "latency_ms"].median())}
+    log.info("profile: %d pieces timed in %.1f s -> %s", len(table), seconds, run.paths.latency)
+    return summary
 
 
 # stages -----------------------------------------------------------------------------------------------------------
@@ -202,10 +257,13 @@ def rating_summary(tables: list[pd.DataFrame]) -> dict:
             for i, t in enumerate(tables)}
 
 
-def stage_tables(space: SearchSpace, ratings: list[pd.DataFrame] | None = None, scored: bool = True) -> list[pd.DataFrame]:
+def stage_tables(space: SearchSpace, ratings: list[pd.DataFrame] | None = None, scored: bool = True,
+                 latency=None) -> list[pd.DataFrame]:
+    """Stem, block and head tables for the search; with a latency profile (LatencyTable), a latency_ms column."""
     blocks = ratings if ratings is not None else [
         space.candidate_table(b).assign(score=0.0) for b in range(space.num_blocks)]
-    return [space.stem_table(), *blocks, space.head_table()]
+    stages = [space.stem_table(), *blocks, space.head_table()]
+    return latency.annotate(space, stages) if latency is not None else stages
 
 
 def choice_of(space: SearchSpace, stages: list[pd.DataFrame], rows: tuple[int, ...]) -> Arch:
@@ -221,7 +279,7 @@ def choice_of(space: SearchSpace, stages: list[pd.DataFrame], rows: tuple[int, .
 def stage_search(run: Run) -> dict:
     p, out = run.params.search, run.paths.search_dir
     ratings = [pd.read_csv(run.paths.rating(b), dtype={"path": str}) for b in range(run.space.num_blocks)]
-    stages = stage_tables(run.space, ratings)
+    stages = stage_tables(run.space, ratings, latency=latency_model(run))
     try:
         best = best_under(stages, dict(p.budgets))
     except BudgetError as exc:
@@ -239,7 +297,7 @@ def stage_search(run: Run) -> dict:
     metrics = {"score": best.score, **{k: float(v) for k, v in best.costs.items()}, "front_size": len(front),
                "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings)}
     write_json(out / "metrics.json", metrics)
-    log.info("search: chose score %.4f, %s", best.score, {k: int(v) for k, v in best.costs.items()})
+    log.info("search: chose score %.4f, %s", best.score, {k: float(f"{v:.4g}") for k, v in best.costs.items()})
     return metrics
 
 

@@ -1,0 +1,300 @@
+"""Latency of every piece of the search space, measured with ONNX Runtime on the machine that runs the profile.
+
+A profile times, alone, each candidate layer at its position and input size (every op for every (in_width, width,
+stride, resolution) variant of MBConvSpace's cost table), the stem (with the fixed first stage) and the head for
+each width it can follow, plus the cost of one session run of a trivial graph (`overhead`). A network's latency is
+then predicted as a sum, like its parameters and multiply-adds. Every timed piece pays the per-run overhead once,
+a whole network pays it once, so the corrected prediction subtracts it from every piece and adds it back once:
+
+    predicted = overhead + sum(piece - overhead)
+
+Each piece is exported with torch's TorchScript-based ONNX exporter (`dynamo=False`): a small layer takes a tenth
+of a second that way against seconds with the dynamo exporter, and the graphs run alike in ONNX Runtime.
+"""
+from __future__ import annotations
+
+import io
+import json
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from dna.arch import Arch, build_layers
+from dna.config import ProfileConfig
+from dna.space import Cell, MBConvSpace, layer_string
+
+COLUMN = "latency_ms"
+KINDS = ("overhead", "stem", "layer", "head")
+TABLE_COLUMNS = ["kind", "block", "position", "op", "op_name", "in_width", "width", "stride", "resolution", COLUMN]
+
+
+# timing -----------------------------------------------------------------------------------------------------------
+def onnx_bytes(module: nn.Module, shape: tuple[int, ...], opset: int = 18) -> bytes:
+    """The module (in eval mode) as an ONNX graph with a fixed input shape, from the TorchScript-based exporter."""
+    module = module.eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(shape),), buffer, dynamo=False, opset_version=opset,
+                          input_names=["x"], output_names=["y"], do_constant_folding=True)
+    return buffer.getvalue()
+
+
+def session(model: bytes | str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session with `threads` intra-op threads, one inter-op thread, all graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Timed:
+    """A session to time, its input, and the times of its runs so far (nanoseconds)."""
+
+    sess: object
+    feed: dict
+    times: list[int]
+
+    @classmethod
+    def of(cls, sess, shape: tuple[int, ...]) -> Timed:
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        return cls(sess, {sess.get_inputs()[0].name: x}, [])
+
+
+def time_sessions(timed: list[Timed], cfg: ProfileConfig) -> list[float]:
+    """Milliseconds per run of each session: the `cfg.percentile` of its `cfg.runs` timed runs.
+
+    The runs are taken in `cfg.rounds` rounds, every session in turn in each round, so a spell of load from other
+    processes touches all sessions alike instead of a few. A low percentile (10th by default) is what the machine
+    gives when other processes leave it alone; it moves far less between measurements than the median.
+    """
+    per_round = max(1, -(-cfg.runs // cfg.rounds))
+    for t in timed:
+        for _ in range(cfg.warmup):
+            t.sess.run(None, t.feed)
+    for _ in range(cfg.rounds):
+        for t in timed:
+            run, feed, times = t.sess.run, t.feed, t.times
+            for _ in range(per_round):
+                start = time.perf_counter_ns()
+                run(None, feed)
+                times.append(time.perf_counter_ns() - start)
+    return [float(np.percentile(t.times, cfg.percentile)) / 1e6 for t in timed]
+
+
+def time_module(module: nn.Module, shape: tuple[int, ...], cfg: ProfileConfig) -> float:
+    """Latency of one module alone (exported with fixed input `shape`)."""
+    return time_sessions([Timed.of(session(onnx_bytes(module, shape), cfg.threads), shape)], cfg)[0]
+
+
+def overhead_graph(shape: tuple[int, ...]) -> bytes:
+    """A graph that only copies its input: what one session run costs besides the layers."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+# the profile ------------------------------------------------------------------------------------------------------
+def pieces(space: MBConvSpace) -> list[dict]:
+    """Every piece to time: the stem, each layer variant of each block (position 0: the block's first layer, with
+    its stride and the previous block's widths as inputs; position 1: every later layer), and the head."""
+    sizes = space._resolutions
+    rows = [{"kind": "stem", "block": -1, "position": 0, "op": -1, "op_name": "stem", "in_width": space.in_chans,
+             "width": space.first_width, "stride": 2, "resolution": space.image_size}]
+    for block in range(space.num_blocks):
+        stride = space.cfg.blocks[block].stride
+        cells = space.cells(block)
+        first = sorted({(w, c.width) for c in cells for w in space.in_widths(block)})
+        later = sorted({c.width for c in cells if c.depth > 1})
+        variants = [(0, i, o, stride, sizes[block]) for i, o in first] + [(1, w, w, 1, sizes[block + 1]) for w in later]
+        for position, in_w, width, s, size in variants:
+            for op, name in enumerate(space.ops):
+                rows.append({"kind": "layer", "block": block, "position": position, "op": op, "op_name": name,
+                             "in_width": in_w, "width": width, "stride": s, "resolution": size})
+    for width in sorted({c.width for c in space.cells(space.num_blocks - 1)}):
+        rows.append({"kind": "head", "block": space.num_blocks, "position": 0, "op": -1, "op_name": "head",
+                     "in_width": width, "width": space.num_classes, "stride": 1, "resolution": sizes[-1]})
+    return rows
+
+
+def piece_module(space: MBConvSpace, row: dict) -> nn.Module:
+    if row["kind"] == "stem":
+        return space.stem()
+    if row["kind"] == "head":
+        return space.head(row["in_width"])
+    return build_layers([layer_string(space.ops[row["op"]], row["stride"], row["width"])], row["in_width"])
+
+
+def piece_sessions(space: MBConvSpace, cfg: ProfileConfig,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], list[Timed]]:
+    """The pieces of the space (`pieces`, after an `overhead` row) and an exported, ready session for each."""
+    torch.manual_seed(0)
+    shape = (cfg.batch_size, space.in_chans, space.image_size, space.image_size)
+    rows = [{"kind": "overhead", "block": -1, "position": 0, "op": -1, "op_name": "overhead",
+             "in_width": space.in_chans, "width": space.in_chans, "stride": 1, "resolution": space.image_size}]
+    timed = [Timed.of(session(overhead_graph(shape), cfg.threads), shape)]
+    todo = pieces(space)
+    for i, row in enumerate(todo):
+        shape = (cfg.batch_size, row["in_width"], row["resolution"], row["resolution"])
+        rows.append(row)
+        timed.append(Timed.of(session(onnx_bytes(piece_module(space, row), shape), cfg.threads), shape))
+        if progress:
+            progress(i + 1, len(todo))
+    return rows, timed
+
+
+def profile_table(rows: list[dict], latencies: list[float]) -> pd.DataFrame:
+    return pd.DataFrame([{**row, COLUMN: ms} for row, ms in zip(rows, latencies)], columns=TABLE_COLUMNS)
+
+
+def profile_space(space: MBConvSpace, cfg: ProfileConfig, progress: Callable[[int, int], None] | None = None
+                  ) -> pd.DataFrame:
+    """The latency table of a space: one `overhead` row and one row per piece (see `pieces`)."""
+    rows, timed = piece_sessions(space, cfg, progress)
+    return profile_table(rows, time_sessions(timed, cfg))
+
+
+def fingerprint(space: MBConvSpace, cfg: ProfileConfig) -> dict:
+    """What a profile depends on: the space, the input, and the timing settings (and, for the record, the host)."""
+    return {"space": space.cfg.model_dump(mode="json"), "in_chans": space.in_chans, "image_size": space.image_size,
+            "num_classes": space.num_classes, "profile": cfg.model_dump(mode="json")}
+
+
+def host() -> dict:
+    import onnxruntime as ort
+
+    return {"machine": platform.machine(), "processor": platform.processor() or _cpu_model(),
+            "system": platform.platform(), "onnxruntime": ort.__version__, "torch": torch.__version__}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# the latency model ------------------------------------------------------------------------------------------------
+class StaleProfile(ValueError):
+    """The profile was measured for another space, input or settings."""
+
+
+@dataclass
+class LatencyTable:
+    """A measured profile and the predictions made from it (milliseconds)."""
+
+    table: pd.DataFrame
+    corrected: bool = True
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        return cls(pd.read_csv(path))
+
+    @property
+    def overhead(self) -> float:
+        return float(self.table.loc[self.table["kind"] == "overhead", COLUMN].iloc[0])
+
+    def _lookup(self) -> dict[tuple, float]:
+        t = self.table
+        cut = self.overhead if self.corrected else 0.0
+        return {(k, int(b), int(p), int(o), int(i), int(w)): float(v) - cut
+                for k, b, p, o, i, w, v in zip(t["kind"], t["block"], t["position"], t["op"], t["in_width"],
+                                               t["width"], t[COLUMN])}
+
+    def _get(self, lookup: dict, key: tuple) -> float:
+        try:
+            return lookup[key]
+        except KeyError:
+            raise StaleProfile(f"the latency profile has no row for {key} (kind, block, position, op, in_width, "
+                               f"width): it was measured for another space; run `dna profile` again") from None
+
+    def stem(self, space: MBConvSpace) -> float:
+        fixed = self.overhead if self.corrected else 0.0  # the one session run a whole network pays
+        return fixed + self._get(self._lookup(), ("stem", -1, 0, -1, space.in_chans, space.first_width))
+
+    def head(self, space: MBConvSpace, width: int) -> float:
+        return self._get(self._lookup(), ("head", space.num_blocks, 0, -1, width, space.num_classes))
+
+    def block_column(self, space: MBConvSpace, table: pd.DataFrame) -> np.ndarray:
+        """Latency of each row (cell, path, in_width) of a block's candidate table: its layers' sum."""
+        lookup = self._lookup()
+        block = int(table["block"].iloc[0])
+        out = np.empty(len(table))
+        for r, (path, in_w, width) in enumerate(zip(table["path"].astype(str), table["in_width"], table["width"])):
+            ops = [int(o) for o in path.split("-")]
+            total = self._get(lookup, ("layer", block, 0, ops[0], int(in_w), int(width)))
+            for o in ops[1:]:
+                total += self._get(lookup, ("layer", block, 1, o, int(width), int(width)))
+            out[r] = total
+        return out
+
+    def annotate(self, space: MBConvSpace, stages: list[pd.DataFrame]) -> list[pd.DataFrame]:
+        """The stage tables (stem, blocks, head) with a `latency_ms` column."""
+        stem, *blocks, head = stages
+        stem = stem.assign(**{COLUMN: self.stem(space)})
+        blocks = [b.assign(**{COLUMN: self.block_column(space, b)}) for b in blocks]
+        head = head.assign(**{COLUMN: [self.head(space, int(w)) for w in head["in_width"]]})
+        return [stem, *blocks, head]
+
+    def predict(self, space: MBConvSpace, arch: Arch) -> float:
+        """Predicted latency of a member architecture of the space."""
+        lookup = self._lookup()
+        total = self.stem(space)
+        choice: list[tuple[Cell, tuple[int, ...]]] = space.parse(arch)
+        in_w = space.first_width
+        for block, (cell, ops) in enumerate(choice):
+            total += self._get(lookup, ("layer", block, 0, ops[0], in_w, cell.width))
+            total += sum(self._get(lookup, ("layer", block, 1, o, cell.width, cell.width)) for o in ops[1:])
+            in_w = cell.width
+        return total + self.head(space, in_w)
+
+
+def arch_session(arch: Arch, num_classes: int, in_chans: int, image_size: int, cfg: ProfileConfig,
+                 path: str | Path | None = None) -> Timed:
+    """A whole network ready to time: the ONNX file at `path` if given (e.g. `dna export`'s output), or the network
+    built from `arch` (random weights) and exported like the profiled pieces."""
+    shape = (cfg.batch_size, in_chans, image_size, image_size)
+    if path is not None:
+        return Timed.of(session(path, cfg.threads), shape)
+    torch.manual_seed(0)
+    return Timed.of(session(onnx_bytes(arch.build(num_classes, in_chans), shape), cfg.threads), shape)
+
+
+def measure_arch(arch: Arch, num_classes: int, in_chans: int, image_size: int, cfg: ProfileConfig,
+                 path: str | Path | None = None) -> float:
+    """End-to-end latency of a whole network in ONNX Runtime (see `arch_session`)."""
+    return time_sessions([arch_session(arch, num_classes, in_chans, image_size, cfg, path)], cfg)[0]
+
+
+def write_profile(table: pd.DataFrame, meta: dict, directory: str | Path) -> Path:
+    from dna.checkpoint import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "latency.csv", table.to_csv(index=False))
+    atomic_write_text(directory / "profile.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return directory / "latency.csv"
