@@ -73,8 +73,9 @@ def test_sigkilled_distillation_resumes_and_rates_like_an_uninterrupted_run(prep
     assert f"block 1: resuming after epoch {killed_at}" in output
     assert f"epoch {killed_at}/{epochs}" not in output, "no completed epoch is redone"
     got = stage_rate(Run(load_params(params)), 1)
-    # bit-for-bit on CPU: same seed, same data order, same sampled paths, same kernels
-    pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    # Same seed, data order, sampled paths and checkpoints. The resumed half trains in another process, where
+    # oneDNN may pick other float32 kernels, so scores may differ in the last bits: rtol 1e-6, not bit-for-bit.
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-6, atol=1e-9)
 
 
 def test_sigkilled_retraining_resumes_from_its_last_epoch(prepared_run, tmp_path):
