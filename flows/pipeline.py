@@ -189,7 +189,7 @@ def report(root: Path, result: dict) -> str:
                          "retrain": [p.model, p.retrain_dir / "metrics.json"],
                          "export": [p.onnx, p.export_dir / "metrics.json"],
                          "register": [p.root / "register" / "registration.json"]}.items():
-        lines.append(f"  {stage:<8} " + "  ".join(str(x.relative_to(root)) for x in paths))
+        lines.append(f"  {stage:<8} " + "  ".join(os.path.relpath(x, root) for x in paths))
     lines.append(f"  mlflow   {tracking_uri(params)} (parent run {result['mlflow_run_id']})")
     if {"teacher", "export"} <= m.keys():
         gap = (m["export"]["onnx_test_accuracy"] - m["teacher"]["test_accuracy"]) * 100
