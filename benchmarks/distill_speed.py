@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -26,11 +27,15 @@ from benchmarks._common import Times, interleaved, load_average, ratio, set_thre
 OVERRIDES = {"teacher.train.epochs": 0, "distill.epochs": 1, "device": "cpu"}
 
 
-def make_run(root: Path, params_file: str = "params.yaml"):
+def overrides(root: str | Path, teacher: str | None) -> dict:
+    return {**OVERRIDES, "outputs": str(root), **({"teacher.model": teacher} if teacher else {})}
+
+
+def make_run(root: Path, teacher: str | None = None):
     from dna.config import load_params
     from dna.pipeline import Run, stage_data, stage_features, stage_teacher
 
-    run = Run(load_params(params_file, {**OVERRIDES, "outputs": str(root)}))
+    run = Run(load_params("params.yaml", overrides(root, teacher)))
     if not run.paths.teacher.is_file():
         stage_data(run)
         stage_teacher(run)
@@ -54,12 +59,12 @@ def distill_once(run, block: int, cached: bool, scratch: Path) -> None:
     ckpt.unlink(missing_ok=True)
 
 
-def _worker(root: str, block: int, threads: int, scratch: str) -> float:
+def _worker(root: str, block: int, threads: int, scratch: str, teacher: str | None = None) -> float:
     set_threads(threads)
     from dna.config import load_params
     from dna.pipeline import Run
 
-    run = Run(load_params("params.yaml", {**OVERRIDES, "outputs": root}))
+    run = Run(load_params("params.yaml", overrides(root, teacher)))
     start = time.perf_counter()
     distill_once(run, block, True, Path(scratch))
     return time.perf_counter() - start
@@ -81,7 +86,7 @@ def cache_benchmark(run, scratch: Path, repeats: int, blocks: list[int]) -> None
     print(f"  all blocks, sum of runs: speed-up {ratio(total_t, total_c)}")
 
 
-def parallel_benchmark(run, scratch: Path, repeats: int, blocks: list[int]) -> None:
+def parallel_benchmark(run, scratch: Path, repeats: int, blocks: list[int], teacher: str | None) -> None:
     default_threads = set_threads(None)
     print(f"2. one epoch of blocks {blocks}: one after another (torch threads {default_threads}) vs 2 workers")
     root = str(run.params.out_dir)
@@ -94,18 +99,23 @@ def parallel_benchmark(run, scratch: Path, repeats: int, blocks: list[int]) -> N
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda b: distill_once(run, b, True, scratch), blocks))
 
-    def processes():
-        # spawned workers with one torch thread each (two processes with default threads would ask for 4 on 2 cores)
+    def in_processes(threads: int) -> None:
+        # spawned workers (a fresh interpreter each: imports included); 0 threads: torch's default in each
         import multiprocessing as mp
 
+        from benchmarks.distill_speed import _worker  # by module name, so that the workers can find it
+
         with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-            list(pool.map(_worker, [root] * len(blocks), blocks, [1] * len(blocks), [str(scratch)] * len(blocks)))
+            inside[threads].append(sum(pool.map(_worker, [root] * len(blocks), blocks, [threads] * len(blocks),
+                                                [str(scratch)] * len(blocks), [teacher] * len(blocks))))
+
+    inside: dict[int, list[float]] = {1: [], 0: []}
+
+    def processes():
+        in_processes(1)  # two processes with default threads ask for 4 threads on 2 cores
 
     def processes_default_threads():
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-            list(pool.map(_worker, [root] * len(blocks), blocks, [0] * len(blocks), [str(scratch)] * len(blocks)))
+        in_processes(0)
 
     times = interleaved({"sequential": sequential, "2 threads": threads, "2 processes, 1 torch thread each": processes,
                          f"2 processes, {default_threads} torch threads each": processes_default_threads}, repeats)
@@ -113,6 +123,9 @@ def parallel_benchmark(run, scratch: Path, repeats: int, blocks: list[int]) -> N
         note = "" if name == "sequential" else f"  (sequential / this: {ratio(times['sequential'], t)})"
         print(f"  {name:<36} {t.show()}{note}")
     print("  (CPU time counts this process only: worker processes' CPU is not in it)")
+    for threads, label in ((1, "1 torch thread"), (0, f"{default_threads} torch threads")):
+        print(f"  inside the workers ({label} each), block epochs took {statistics.median(inside[threads]):.2f} s "
+              f"in all (median); the rest of their wall time is starting a Python process and importing torch/timm")
 
 
 def main() -> None:
@@ -120,16 +133,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--blocks", type=int, nargs="*", default=None, help="default: every block")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for part 1 (default: torch's)")
+    ap.add_argument("--teacher", default=None, help="another timm teacher with the same stage strides, e.g. "
+                    "efficientnet_b0 (default: params.yaml's tinynet_e)")
     ap.add_argument("--root", default=None, help="outputs folder to reuse (default: a temporary one)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["cache", "parallel"])
     args = ap.parse_args()
     os.environ.setdefault("SCIKIT_LEARN_DATA", str(Path(tempfile.gettempdir()) / "dna-sklearn-data"))
     print(load_average())
-    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="dna-distill-bench-"))
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bench-d-"))
     scratch = root / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        run, cache_s = make_run(root)
+        run, cache_s = make_run(root, args.teacher)
+        print(f"teacher {run.params.teacher.model} (untrained), space of params.yaml, digits at {run.data.image_size} px")
         blocks = args.blocks if args.blocks is not None else list(range(run.space.num_blocks))
         print(f"feature cache (train and rate splits, all boundaries): built in {cache_s:.1f} s, once for all blocks")
         if "cache" not in args.skip:
@@ -138,7 +154,7 @@ def main() -> None:
             cache_benchmark(run, scratch, args.repeats, blocks)
             set_threads(default)
         if "parallel" not in args.skip:
-            parallel_benchmark(run, scratch, args.repeats, blocks)
+            parallel_benchmark(run, scratch, args.repeats, blocks, args.teacher)
         print(load_average())
     finally:
         if not args.root:

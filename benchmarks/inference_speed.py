@@ -59,7 +59,7 @@ def load_network(params, onnx_path: Path | None):
         source = "a representative network of the default space, exported here"
     torch.manual_seed(0)
     model = arch.build(10, d.channels).eval()
-    path = Path(tempfile.mkdtemp(prefix="dna-inference-")) / "model.onnx"
+    path = Path(tempfile.mkdtemp(prefix="bench-i-")) / "model.onnx"
     export_onnx(model, torch.randn(4, d.channels, d.image_size, d.image_size), path, {"arch_yaml": arch.to_yaml()})
     return path, model, d.channels, d.image_size, source
 

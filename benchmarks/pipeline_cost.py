@@ -23,6 +23,7 @@ from benchmarks._common import load_average
 
 MODULES = ["torch", "timm", "onnxruntime", "onnx", "pandas", "sklearn", "pydantic", "typer",
            "dna.cli", "dna.pipeline", "prefect", "mlflow"]
+CLI = [sys.executable, "-m", "dna.cli"]
 ENV = {"SCIKIT_LEARN_DATA": str(Path(tempfile.gettempdir()) / "dna-sklearn-data"), "MLFLOW_DISABLE_TELEMETRY": "true",
        "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
@@ -49,17 +50,16 @@ def imports(repeats: int) -> None:
             print(f"  {'import ' + module:<40} not installed")
             continue
         print(f"  {'import ' + module:<40} {statistics.median(got):6.2f} s  (runs: {', '.join(f'{g:.2f}' for g in got)})")
-    for label, args in (("dna --help", [sys.executable, "-m", "dna.cli", "--help"]),
-                        ("dna space (params.yaml)", [sys.executable, "-m", "dna.cli", "space"])):
+    for label, args in (("dna --help", [*CLI, "--help"]), ("dna space (params.yaml)", [*CLI, "space"])):
         t = statistics.median(command_seconds(args) for _ in range(repeats))
         print(f"  {label:<40} {t:6.2f} s (whole command)")
 
 
 def cold_run(params: str) -> None:
-    root = Path(tempfile.mkdtemp(prefix="dna-cold-run-"))
+    root = Path(tempfile.mkdtemp(prefix="cold-run-"))
     print(f"cold `dna run` on {params} (outputs in {root}):")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "dna.cli", "run", "--params", params, "-S", f"outputs={root}"],
+    done = subprocess.run([*CLI, "run", "--params", params, "-S", f"outputs={root}"],
                           capture_output=True, text=True, env={**os.environ, **ENV, "COLUMNS": "200"})
     took = time.perf_counter() - start
     if done.returncode != 0:

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from dna.config import ConfigError, Params, load_params
+from dna.config import ConfigError, Params, load_params, parse_overrides
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
@@ -33,22 +32,12 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _overrides(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def _load(params_file: Path, sets: list[str] | None, deep: bool = True) -> Params:
+def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True) -> Params:
     from dna.pipeline import validate
 
-    params = load_params(params_file, _overrides(sets), check_paths=deep)
+    params = load_params(params_file, parse_overrides(sets), check_paths=deep)
     if deep:
-        validate(params)
+        validate(params, check_profile=check_profile)
     return params
 
 
@@ -145,11 +134,9 @@ def search(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 @_guard
 def profile(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Time every candidate layer, the stem and the head in ONNX Runtime on this machine (for latency budgets)."""
-    from dna.pipeline import stage_profile, validate
+    from dna.pipeline import stage_profile
 
-    cfg = load_params(params, _overrides(set_))
-    validate(cfg, check_profile=False)
-    console.print(stage_profile(_run(cfg)))
+    console.print(stage_profile(_run(_load(params, set_, check_profile=False))))
 
 
 @app.command()
@@ -173,10 +160,10 @@ def export(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 @app.command("run")
 @_guard
 def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """All stages in order: data, teacher, distill, rate, search, retrain, export."""
+    """All stages in order: data, profile, teacher, distill, rate, search, retrain, export."""
     from dna import pipeline as P
 
-    run = _run(_load(params, set_))
+    run = _run(_load(params, set_, check_profile=False))  # the profile is made here, before the search reads it
     times = {}
 
     def timed(name, fn, *args):
@@ -186,6 +173,7 @@ def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
         return out
 
     timed("data", P.stage_data, run)
+    timed("profile", P.stage_profile, run)
     teacher_metrics = timed("teacher", P.stage_teacher, run)
     timed("distill", P.stage_features, run)
     for b in range(run.space.num_blocks):
@@ -200,7 +188,7 @@ def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 
 def _report(run, teacher_metrics: dict, retrain_metrics: dict, export_metrics: dict, times: dict) -> None:
     p = run.paths
-    rows = {"data": [p.splits], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
+    rows = {"data": [p.splits], "profile": [p.latency], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
             "distill": [p.distill_dir], "rate": [p.ratings_dir],
             "search": [p.arch, p.search_dir / "front.csv", p.search_dir / "front.png"],
             "retrain": [p.model, p.retrain_dir / "metrics.json"], "export": [p.onnx, p.export_dir / "metrics.json"]}
@@ -219,11 +207,13 @@ def _report(run, teacher_metrics: dict, retrain_metrics: dict, export_metrics: d
 @app.command()
 @_guard
 def promote(params: Path = ParamsOpt, version: Optional[int] = typer.Option(
-        None, "--version", "-v", help="registered version (default: the newest)")):
+        None, "--version", "-v", help="registered version (default: the newest)"),
+        withdraw: Optional[int] = typer.Option(
+            None, "--withdraw", metavar="VERSION", help="take a version out of the running for champion (rollback)")):
     """Alias a registered version `challenger`; move `champion` to it if it passes ONNX parity and beats the champion."""
     from flows.registry import promote_cli
 
-    raise typer.Exit(promote_cli(params, version))
+    raise typer.Exit(promote_cli(params, version, withdraw))
 
 
 @app.command()

@@ -300,6 +300,17 @@ def parse_params(raw: dict, check_paths: bool = True) -> Params:
         raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
 
 
+def parse_overrides(items: list[str] | None) -> dict:
+    """Command-line `-S key=value` items as an overrides mapping (values parsed as YAML: 0.004, [2, 3], null)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, check_paths: bool = True) -> Params:
     path = Path(path)
     if not path.is_file():

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
-from dna.config import ConfigError, OrchestrationConfig, Params, load_params
+from dna.config import ConfigError, OrchestrationConfig, Params, load_params, parse_overrides
 
 # The params.yaml keys each stage reads: what dvc.yaml lists under each stage's `params` (a test keeps the two equal)
 # and what each stage's MLflow run logs as its params. Device, tracking and orchestration settings are left out on
@@ -22,6 +22,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "data": ["seed", "data"],
     "teacher": ["seed", "data", "teacher"],
     "distill": ["seed", "data", "teacher.model", "teacher.boundaries", "space", "distill", "rating"],
+    "profile": ["data.image_size", "data.channels", "space", "profile"],
     "search": ["data.image_size", "data.channels", "space", "search"],
     "retrain": ["seed", "data", "teacher.model", "retrain"],
     "export": ["data", "export"],
@@ -30,15 +31,17 @@ STAGE_PARAMS: dict[str, list[str]] = {
 STAGES = list(STAGE_PARAMS)
 
 # Sections that determine the trained network; their hash tags a registered model version.
-RESULT_SECTIONS = ("seed", "data", "teacher", "space", "distill", "rating", "search", "retrain", "export")
+RESULT_SECTIONS = ("seed", "data", "teacher", "space", "distill", "rating", "search", "profile", "retrain", "export")
 
 
-def load(params_file: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Load and deep-validate the config (raises ConfigError, one line naming the key, before any work)."""
+def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
+         check_profile: bool = True) -> Params:
+    """Load and deep-validate the config (raises ConfigError, one line naming the key, before any work);
+    check_profile=False for the stage that makes the latency profile."""
     from dna.pipeline import validate
 
     params = load_params(params_file, overrides)
-    validate(params)
+    validate(params, check_profile=check_profile)
     return params
 
 
@@ -209,16 +212,6 @@ def make_task_runner(orch: OrchestrationConfig, dask_processes: bool | None = No
 
 
 # command line -----------------------------------------------------------------------------------------------------
-def parse_overrides(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "matplotlib", "alembic", "urllib3",
@@ -227,16 +220,24 @@ def setup_logging() -> None:
 
 
 def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | None = None) -> int:
-    """`python -m flows.<stage> [--params FILE] [--set KEY=VALUE ...]`: exit 0, or 2 with one line on a bad config."""
+    """`python -m flows.<stage> [--params FILE] [--set KEY=VALUE ...]`: exit 0; 2 with one line on a bad config;
+    1 with one line on a detected fault (corrupt checkpoint, diverging loss, failed ONNX parity, missing input)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", "-p", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", "-S", dest="sets", action="append", metavar="KEY=VALUE",
                         help="override a key, e.g. -S retrain.train.epochs=5")
     args = parser.parse_args(argv)
     setup_logging()
+    from dna.checkpoint import CheckpointError
+    from dna.export import ParityError
+    from dna.train import NonFiniteLoss
+
     try:
         run(args.params, parse_overrides(args.sets))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError) as exc:  # detected faults: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

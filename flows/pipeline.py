@@ -107,7 +107,7 @@ def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics
              f"ran: {', '.join(ran) or 'nothing (all stages up to date)'}",
              f"up to date: {', '.join(skipped) or '-'}", "", f"MLflow run `{run_id}`", "",
              "| stage | metric | value |", "| --- | --- | --- |"]
-    picks = {"teacher": ["test_accuracy"], "search": ["score", "params", "macs"], "retrain": ["test_accuracy"],
+    picks = {"teacher": ["test_accuracy"], "search": ["score", "params", "macs", "latency_ms"], "retrain": ["test_accuracy"],
              "export": ["onnx_test_accuracy", "max_abs_diff"], "register": ["version", "champion", "reason"]}
     for stage, keys in picks.items():
         for key in keys:
@@ -151,7 +151,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     from dna.config import ConfigError
-    from flows.common import parse_overrides
+    from dna.config import parse_overrides
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: here)")
@@ -184,7 +184,7 @@ def report(root: Path, result: dict) -> str:
     p, m = Paths(root / params.outputs), result["metrics"]
     lines = [f"stages run: {', '.join(result['ran']) or 'none (everything up to date)'}", "outputs:"]
     for stage, paths in {"data": [p.splits], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
-                         "distill": [p.distill_dir, p.ratings_dir],
+                         "distill": [p.distill_dir, p.ratings_dir], "profile": [p.latency],
                          "search": [p.arch, p.search_dir / "front.csv", p.search_dir / "front.png"],
                          "retrain": [p.model, p.retrain_dir / "metrics.json"],
                          "export": [p.onnx, p.export_dir / "metrics.json"],

@@ -14,14 +14,20 @@ from flows.tracking import stage_run
 
 def chosen_point(front: pd.DataFrame) -> pd.DataFrame:
     """The chosen architecture's row of the front (for the Pareto plot's highlighted point)."""
-    return front.loc[front["chosen"].astype(str) == "True", ["score", "params", "macs"]]
+    return front.loc[front["chosen"].astype(str) == "True", ["score", *cost_columns(front)]]
+
+
+def cost_columns(front: pd.DataFrame) -> list[str]:
+    """params and macs, and latency_ms when the run has a latency profile."""
+    return [c for c in ("params", "macs", "latency_ms") if c in front.columns]
 
 
 def arch_markdown(arch, metrics: dict, axis: str) -> str:
     budgets = ", ".join(f"{k} <= {v:,.0f}" for k, v in metrics["budgets"].items()) or "none"
     lines = ["### Chosen architecture", "",
              f"rating (sum of block scores, lower is better): **{metrics['score']:.4f}**; "
-             f"params {metrics['params']:,.0f}; multiply-adds {metrics['macs']:,.0f}", "",
+             f"params {metrics['params']:,.0f}; multiply-adds {metrics['macs']:,.0f}"
+             + (f"; predicted latency {metrics['latency_ms']:.3f} ms" if "latency_ms" in metrics else ""), "",
              f"budgets: {budgets}; Pareto front over {axis}: {metrics['front_size']} architectures out of "
              f"{int(metrics['space_size']):,}", "", "| stage | layers (timm block strings) |", "| --- | --- |"]
     for i, stage in enumerate(arch.stages):
@@ -43,13 +49,13 @@ def search_flow(params_file: str = "params.yaml", overrides: dict | None = None)
         front = pd.read_csv(out / "front.csv")
         write_csv(out / "chosen.csv", chosen_point(front))
         arch = Arch.load(run.paths.arch)
-        mlrun.metrics({k: metrics[k] for k in ("score", "params", "macs", "front_size")}
+        mlrun.metrics({k: metrics[k] for k in ("score", "params", "macs", "latency_ms", "front_size") if k in metrics}
                       | {f"{b}.best": v["best"] for b, v in metrics["ratings"].items()})
         mlrun.tags({"dna.arch": arch.tag()})
         for name in ("arch.yaml", "front.csv", "front.png", "rating_spread.png", "metrics.json"):
             mlrun.artifact(out / name)
     axis = params.search.front_axis
-    artifacts.table("pareto-front", front[["score", "params", "macs", "chosen", "arch"]].to_dict("records"),
+    artifacts.table("pareto-front", front[["score", *cost_columns(front), "chosen", "arch"]].to_dict("records"),
                     f"Pareto front of rating against {axis} ({len(front)} architectures; chosen = best under budgets)")
     artifacts.markdown("chosen-architecture", arch_markdown(arch, metrics, axis), "the architecture to retrain")
     return metrics

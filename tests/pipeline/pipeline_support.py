@@ -52,6 +52,7 @@ def tiny_raw(outputs: str = "outputs", tracking_uri: str | None = None) -> dict:
                     "cache_features": True},
         "rating": {"calibration_size": 64, "batch_size": 256},
         "search": {"budgets": {"macs": 1000000}, "front_axis": "macs"},
+        "profile": {"batch_size": 1, "threads": 1, "runs": 20, "rounds": 2, "warmup": 2, "percentile": 10},
         "retrain": {"init": "scratch", "kd_alpha": 0.0, "kd_temperature": 4.0, "train": dict(train)},
         "export": {"opset": 18, "atol": 0.0001},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "dna", "registered_model": "dna-student",

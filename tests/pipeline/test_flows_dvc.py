@@ -15,7 +15,7 @@ from pipeline_support import ROOT, run_python, tiny_raw, write_params
 
 from flows.common import STAGES
 
-pytestmark = pytest.mark.slow  # about two minutes: seven stage processes, then three
+pytestmark = pytest.mark.slow  # about three minutes: eight stage processes, then three
 
 
 def git(repo, *args):
@@ -80,7 +80,7 @@ def test_second_repro_runs_nothing(runs, repo):
 def test_a_retraining_parameter_reruns_only_retrain_and_what_follows(runs, repo):
     _, _, third, kept, after = runs
     assert third["ran"] == ["retrain", "export", "register"]
-    assert third["skipped"] == ["data", "teacher", "distill", "search"]
+    assert third["skipped"] == ["data", "teacher", "distill", "profile", "search"]
     for path in ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/arch.yaml"):
         assert after[path] == kept[path], f"{path} was rewritten"
     for path in ("retrain/model.pt", "export/model.onnx"):
