@@ -123,15 +123,35 @@ def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None
         shared = orch.task_runner == "threads"  # blocks share this process (and its torch thread pool)
         futures = [block.submit(params, b, tracking, None if shared else threads, shared) for b in blocks]
         wait(futures)
-        results = [f.result() for f in futures]  # raises the first block's failure, after all have finished
+        results, failed = [], {}
+        for b, future in zip(blocks, futures):
+            try:
+                results.append(future.result())
+            except Exception as exc:  # any failure of a block, after its retries: reported with the others below
+                failed[b] = exc
         for r in results:
             mlrun.metrics({"final_loss": r["final_loss"], "best_score": r["best"][0]["score"],
                            "trained_epochs": r["trained_epochs"], "candidates": r["candidates"]},
                           prefix=f"block_{r['block']}.")
-    best = [row for r in results for row in r["best"]]
-    artifacts.table("best-candidates", best,
-                    f"the {BEST_PER_BLOCK} best-rated candidates of each block (score: lower is better)")
+        best = [row for r in results for row in r["best"]]
+        if best:
+            artifacts.table("best-candidates", best,
+                            f"the {BEST_PER_BLOCK} best-rated candidates of each block (score: lower is better)")
+        if failed:
+            mlrun.tags({"dna.failed_blocks": ",".join(map(str, failed))})
+            raise BlockFailure(failed, orch.retries, [r["block"] for r in results])
     return {"blocks": results, "task_runner": orch.task_runner}
+
+
+class BlockFailure(RuntimeError):
+    """Some blocks failed after their retries; the others finished and their checkpoints and ratings are kept."""
+
+    def __init__(self, failed: dict[int, BaseException], retries: int, kept: list[int]):
+        self.failed, self.kept = failed, kept
+        causes = "; ".join(f"block {b}: {type(e).__name__}: {e}" for b, e in failed.items())
+        done = f"blocks {', '.join(map(str, kept))} finished and are kept" if kept else "no block finished"
+        super().__init__(f"distill: {len(failed)} block(s) failed after {retries} retr{'y' if retries == 1 else 'ies'}"
+                         f" ({causes}); {done}: running the stage again redoes only the failed blocks")
 
 
 def run_distill(params_file: str = "params.yaml", overrides: dict | None = None,

@@ -15,6 +15,7 @@ from pathlib import Path
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PROMOTION_TAG = "promotion"
+CANDIDATE_TAG = "dna.candidate"
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,10 @@ def _by_alias(client, name: str, alias: str):
 def promote(client, name: str, version: int | str, metric: str) -> PromotionResult:
     """Give `version` the alias challenger; move champion to it if it passes parity and beats the champion.
 
-    The version's tags carry what is compared: `max_abs_diff` and `atol` (ONNX parity) and `metric`.
-    The decision is recorded on the version as the tag `promotion`.
+    The version's tags carry what is compared: `max_abs_diff` and `atol` (ONNX parity) and `metric`. A version
+    that passes parity and has the metric becomes a candidate (tag dna.candidate); champion then goes to the best
+    candidate (the oldest among equals), re-checked after every move, so promotions that race end with champion on
+    the best of them whatever their order. The decision is recorded on the version as the tag `promotion`.
     """
     version = int(version)
     candidate = client.get_model_version(name, str(version))  # raises if there is no such version
@@ -75,8 +78,6 @@ def promote(client, name: str, version: int | str, metric: str) -> PromotionResu
     current_value = _float((current.tags or {}).get(metric)) if current is not None else None
 
     def result(promoted: bool, reason: str) -> PromotionResult:
-        if promoted and current_version != version:
-            client.set_registered_model_alias(name, CHAMPION, str(version))
         client.set_model_version_tag(name, str(version), PROMOTION_TAG,
                                      ("champion: " if promoted else "refused: ") + reason)
         return PromotionResult(name, version, promoted, reason, metric, value, current_version, current_value)
@@ -89,14 +90,50 @@ def promote(client, name: str, version: int | str, metric: str) -> PromotionResu
         return result(False, f"fails ONNX parity: max_abs_diff {diff:.3g} > atol {atol:.3g}")
     if value is None:
         return result(False, f"no {metric} tag to compare")
+    client.set_model_version_tag(name, str(version), CANDIDATE_TAG, "true")
+    champion, champion_value = settle_champion(client, name, metric)
+    if champion != version:
+        return result(False, f"{metric} {value:.4f} does not beat champion version {champion} ({champion_value:.4f})")
     if current is None:
         return result(True, f"no champion yet; {metric} {value:.4f}, parity max_abs_diff {diff:.3g} <= {atol:.3g}")
-    if current_value is not None and not value > current_value:
-        return result(False, f"{metric} {value:.4f} does not beat champion version {current_version} "
-                             f"({current_value:.4f})")
     against = f"{current_value:.4f}" if current_value is not None else "no recorded value"
     return result(True, f"{metric} {value:.4f} beats champion version {current_version} ({against}); "
                         f"parity max_abs_diff {diff:.3g} <= {atol:.3g}")
+
+
+def settle_champion(client, name: str, metric: str, max_moves: int = 100) -> tuple[int, float]:
+    """Point champion at the best candidate version and check again until nothing moved it in between.
+
+    Candidates: versions tagged dna.candidate=true (set only after parity passed) with a value of `metric`, and
+    the current champion. Whoever moves the alias last re-reads every candidate afterwards, so the last check of
+    all sees the final alias on the best candidate. A candidate tagged dna.candidate=withdrawn takes no part.
+    """
+    for _ in range(max_moves):
+        values = {int(v.version): _float((v.tags or {}).get(metric))
+                  for v in client.search_model_versions(f"name = '{name}'")
+                  if (v.tags or {}).get(CANDIDATE_TAG) == "true"}
+        current = _by_alias(client, name, CHAMPION)
+        if current is not None and int(current.version) not in values \
+                and (current.tags or {}).get(CANDIDATE_TAG) != "withdrawn":
+            values[int(current.version)] = _float((current.tags or {}).get(metric))
+        values = {v: x for v, x in values.items() if x is not None}
+        best = max(values, key=lambda v: (values[v], -v))
+        if current is not None and int(current.version) == best:
+            return best, values[best]
+        client.set_registered_model_alias(name, CHAMPION, str(best))
+    raise RuntimeError(f"{name}: the champion alias kept moving under {max_moves} promotions; try again")
+
+
+def withdraw(client, name: str, version: int | str, metric: str) -> int | None:
+    """Take a version out of the running for champion (a rollback); champion moves to the best remaining candidate.
+    Returns the champion afterwards (None if no candidate remains, the alias then removed)."""
+    client.set_model_version_tag(name, str(version), CANDIDATE_TAG, "withdrawn")
+    current = _by_alias(client, name, CHAMPION)
+    if current is not None and int(current.version) == int(version):
+        client.delete_registered_model_alias(name, CHAMPION)
+    remaining = [v for v in client.search_model_versions(f"name = '{name}'")
+                 if (v.tags or {}).get(CANDIDATE_TAG) == "true" and _float((v.tags or {}).get(metric)) is not None]
+    return settle_champion(client, name, metric)[0] if remaining else None
 
 
 def latest_version(client, name: str) -> int | None:
@@ -152,8 +189,10 @@ def load_champion(tracking_uri: str, name: str):
 
 
 # command line -------------------------------------------------------------------------------------------------------
-def promote_cli(params_file: str | Path = "params.yaml", version: int | None = None) -> int:
-    """`dna promote`: promote a version (default: the newest) of mlflow.registered_model by the rules above.
+def promote_cli(params_file: str | Path = "params.yaml", version: int | None = None,
+                withdrawn: int | None = None) -> int:
+    """`dna promote`: promote a version (default: the newest) of mlflow.registered_model by the rules above;
+    with `withdrawn`, take that version out of the running instead (champion goes to the best remaining one).
 
     Prints one line; exit code 0 if it is the champion afterwards, 1 if it was refused, 2 on an error
     (bad config, no such model or version).
@@ -172,11 +211,16 @@ def promote_cli(params_file: str | Path = "params.yaml", version: int | None = N
     name = params.mlflow.registered_model
     client = MlflowClient(tracking_uri(params))
     try:
-        if version is None:
+        if version is None and withdrawn is None:
             version = latest_version(client, name)
             if version is None:
                 print(f"error: registered model {name!r} has no versions in {client.tracking_uri}", file=sys.stderr)
                 return 2
+        if withdrawn is not None:
+            now = withdraw(client, name, withdrawn, params.mlflow.promote_metric)
+            print(f"{name} version {withdrawn} withdrawn; champion now: "
+                  + (f"version {now}" if now is not None else "none (no candidate left)"))
+            return 0
         result = promote(client, name, version, params.mlflow.promote_metric)
     except MlflowException as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -191,5 +235,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Promote a registered model version to champion if it qualifies.")
     parser.add_argument("--params", "-p", default="params.yaml")
     parser.add_argument("--version", "-v", type=int, default=None, help="version (default: the newest)")
+    parser.add_argument("--withdraw", type=int, default=None, metavar="VERSION",
+                        help="take a version out of the running for champion (a rollback)")
     args = parser.parse_args()
-    raise SystemExit(promote_cli(args.params, args.version))
+    raise SystemExit(promote_cli(args.params, args.version, args.withdraw))

@@ -98,6 +98,8 @@ def test_promote_cli_exit_codes(registry, capsys):
     assert promote_cli(params, None) == 1  # newest is version 2, which is worse
     assert "version 2: not promoted" in capsys.readouterr().out and champion(client) == 1
     assert promote_cli(params, 7) == 2
+    assert promote_cli(params, withdrawn=1) == 0 and champion(client) == 2  # rolled back to the remaining one
+    assert "version 1 withdrawn; champion now: version 2" in capsys.readouterr().out
 
 
 def test_champion_loads_and_runs_in_onnx_runtime_in_a_fresh_process(registry):
@@ -124,3 +126,64 @@ print(json.dumps({{"logits": logits.tolist(), "pyfunc": np.asarray(pyfunc).tolis
     expected = images.reshape(3, 16) @ weights.T.astype(np.float32) + bias.astype(np.float32)
     np.testing.assert_allclose(np.array(out["logits"]), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.array(out["pyfunc"]), expected, rtol=1e-4, atol=1e-4)
+
+
+class SlowAliasReads:
+    """An MlflowClient whose reads of the champion alias take `delay` seconds: what a slow network or a busy
+    server does to two promotions that run at once, made certain."""
+
+    def __init__(self, client, delay: float):
+        self._client, self._delay = client, delay
+
+    def __getattr__(self, attr):
+        return getattr(self._client, attr)
+
+    def get_model_version_by_alias(self, name, alias):
+        import time
+
+        found = self._client.get_model_version_by_alias(name, alias)
+        time.sleep(self._delay)
+        return found
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("slow_one", ["better", "worse"])
+def test_racing_promotions_leave_champion_on_the_better_version(registry, slow_one):
+    """Champion v1 (0.70); v2 (0.90) and v3 (0.80) are promoted at the same time from two threads, one of them
+    reading the champion slowly: whichever finishes last, champion ends on v2. (v3 may be champion for a moment,
+    when it settles before v2 is a candidate; its decision then says it beat v1, which it did.)"""
+    import threading
+
+    client, add, _, _ = registry
+    promote(client, NAME, add(0.70, seed=1), "test_accuracy")
+    better, worse = add(0.90, seed=2), add(0.80, seed=3)
+    delays = {better: 0.6 if slow_one == "better" else 0.0, worse: 0.6 if slow_one == "worse" else 0.0}
+    results, start = {}, threading.Barrier(2)
+
+    def run(version):
+        start.wait()
+        results[version] = promote(SlowAliasReads(client, delays[version]), NAME, version, "test_accuracy")
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in (better, worse)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert champion(client) == better and results[better].promoted
+    if not results[worse].promoted:
+        assert f"does not beat champion version {better}" in results[worse].reason
+
+
+@pytest.mark.reliability
+def test_promoting_twice_is_harmless_and_a_withdrawn_champion_hands_over_to_the_next_best(registry):
+    from flows.registry import withdraw
+
+    client, add, _, _ = registry
+    for accuracy, seed in ((0.70, 1), (0.90, 2), (0.80, 3)):
+        promote(client, NAME, add(accuracy, seed=seed), "test_accuracy")
+    assert champion(client) == 2
+    again = promote(client, NAME, 3, "test_accuracy")
+    assert not again.promoted and champion(client) == 2
+    assert withdraw(client, NAME, 2, "test_accuracy") == 3 and champion(client) == 3  # roll back the 0.90 model
+    assert not promote(client, NAME, add(0.75, seed=4), "test_accuracy").promoted  # 0.90 no longer counts
+    assert champion(client) == 3

@@ -1,0 +1,219 @@
+"""Faults at the level of the flows: a block task that fails once is retried by Prefect and resumes from its last
+epoch; a block that keeps failing fails the stage with the block named while the other blocks' results are kept;
+a model that fails ONNX parity is never registered; a bad config writes no output and no MLflow run."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline_support import clone_project, tiny_raw, working_directory, write_params
+
+pytestmark = pytest.mark.reliability
+
+
+def flaky_stage_distill(monkeypatch, failing_block: int, times: int) -> list[int]:
+    """Make dna.pipeline.stage_distill fail for one block the first `times` calls, right after the block's first
+    epoch is checkpointed (as a worker lost mid-block would); returns the blocks of every call, in order."""
+    import dna.pipeline
+
+    real, calls = dna.pipeline.stage_distill, []
+
+    def stage_distill(run, block, on_epoch=None):
+        calls.append(block)
+        if block != failing_block or calls.count(block) > times:
+            return real(run, block, on_epoch=on_epoch)
+
+        def fail_after_first_epoch(row):
+            if on_epoch:
+                on_epoch(row)
+            raise ConnectionError(f"injected: lost the worker of block {block} after epoch {row['epoch']}")
+
+        return real(run, block, on_epoch=fail_after_first_epoch)
+
+    monkeypatch.setattr(dna.pipeline, "stage_distill", stage_distill)
+    return calls
+
+
+def ratings(root, block: int) -> pd.DataFrame:
+    return pd.read_csv(root / "outputs" / "ratings" / f"block_{block}.csv", dtype={"path": str})
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_api, tiny_project, tmp_path_factory):
+    """The distill flow without faults: the ratings a faulty run must end up with."""
+    from flows.distill import run_distill
+
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-reference"))
+    with working_directory(root):
+        run_distill("params.yaml")
+    return root
+
+
+def test_a_block_that_fails_once_is_retried_and_resumes_from_its_last_epoch(reference, tiny_project, tmp_path,
+                                                                           monkeypatch):
+    from flows.distill import run_distill
+
+    calls = flaky_stage_distill(monkeypatch, failing_block=1, times=1)
+    root = clone_project(tiny_project, tmp_path / "project")
+    with working_directory(root):
+        result = run_distill("params.yaml")  # orchestration.retries = 1
+    assert calls.count(1) == 2 and calls.count(0) == 1
+    retried = result["blocks"][1]
+    assert retried["resumed_from"] == 1 and retried["trained_epochs"] == 1  # epoch 1 was not trained again
+    for block in (0, 1):
+        mine, theirs = ratings(root, block), ratings(reference, block)
+        assert list(mine["path"]) == list(theirs["path"])
+        # the same process resumes from an exact checkpoint: same weights, so the same scores
+        pd.testing.assert_series_equal(mine["score"], theirs["score"], rtol=1e-6)
+
+
+def test_a_block_that_keeps_failing_fails_the_stage_naming_it_and_keeps_the_others(prefect_api, tiny_project,
+                                                                                 tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from flows.distill import BlockFailure, run_distill
+    from flows.tracking import nested_runs
+
+    calls = flaky_stage_distill(monkeypatch, failing_block=1, times=99)
+    root = clone_project(tiny_project, tmp_path / "project")
+    with working_directory(root), pytest.raises(BlockFailure) as failure:
+        run_distill("params.yaml")
+    message = str(failure.value)
+    assert "block 1: ConnectionError: injected" in message and "blocks 0 finished and are kept" in message
+    assert "block 0:" not in message
+    assert calls.count(1) == 2  # the first try and one retry
+    assert len(ratings(root, 0)) > 0 and not (root / "outputs" / "ratings" / "block_1.csv").exists()
+    assert (root / "outputs" / "distill" / "block_1.pt").is_file()  # its last good epoch, for the next run
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    stage = client.search_runs(client.get_experiment_by_name("dna").experiment_id,
+                               filter_string="attributes.run_name = 'distill'")[0]
+    assert stage.info.status == "FAILED" and stage.data.tags["dna.failed_blocks"] == "1"
+    assert "block_0.best_score" in stage.data.metrics
+    blocks = {r.info.run_name: r.info.status for r in nested_runs(client.tracking_uri, stage.info.run_id)}
+    assert blocks["block_0"] == "FINISHED" and blocks["block_1"] == "FAILED"
+
+    monkeypatch.undo()  # the fault is gone: the stage again redoes only what is missing
+    before = (root / "outputs" / "distill" / "block_0.pt").read_bytes()
+    with working_directory(root):
+        result = run_distill("params.yaml")
+    # both tries of block 1 checkpointed their epochs before failing: nothing is trained again, block 1 is rated
+    assert [(b["resumed_from"], b["trained_epochs"]) for b in result["blocks"]] == [(2, 0), (2, 0)]
+    assert (root / "outputs" / "distill" / "block_0.pt").read_bytes() == before
+    assert len(ratings(root, 1)) == result["blocks"][1]["candidates"] > 0
+
+
+@pytest.fixture(scope="module")
+def retrained(tiny_project, tmp_path_factory):
+    """A project with a chosen architecture (the space's smallest) retrained for one epoch."""
+    from dna.config import load_params
+    from dna.pipeline import Run, stage_retrain
+    from dna.space import Cell
+
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("retrained"))
+    with working_directory(root):
+        run = Run(load_params("params.yaml"))
+        run.space.arch([(Cell(b, 1, run.space.cells(b)[0].width), (0,)) for b in range(run.space.num_blocks)]) \
+            .save(run.paths.arch)
+        stage_retrain(run)
+    return root
+
+
+def test_a_model_that_fails_onnx_parity_is_never_registered(prefect_api, retrained, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dna.export import ParityError
+    from flows.export import export_flow
+    from flows.register import register_flow
+
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
+    strict = {"export.atol": 1e-12}  # far below float32 round-off: the check cannot pass
+    with working_directory(root):
+        with pytest.raises(ParityError, match="atol 1e-12"):
+            export_flow("params.yaml", strict)
+        assert not (root / "outputs" / "export" / "model.onnx").exists()
+        with pytest.raises(FileNotFoundError):
+            register_flow("params.yaml", strict)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.search_registered_models() == [] and client.search_model_versions() == []
+    assert client.search_logged_models(experiment_ids=[client.get_experiment_by_name("dna").experiment_id]) == []
+    export_run = client.search_runs([client.get_experiment_by_name("dna").experiment_id],
+                                    filter_string="attributes.run_name = 'export'")[0]
+    assert export_run.info.status == "FAILED"
+
+    with working_directory(root):  # what `dvc repro` runs: exit 1 with one line, and still nothing registered
+        from flows.export import main as export_main
+
+        assert export_main(["-S", "export.atol=1e-12"]) == 1
+    assert client.search_model_versions() == []
+    with working_directory(root):  # the default tolerance passes: now it is registered, as version 1
+        export_flow("params.yaml")
+        record = register_flow("params.yaml")
+    assert record["version"] == 1 and record["champion"] == 1
+
+
+BAD_CONFIGS = [
+    pytest.param({"retrain.train.epochs": "ten"}, "retrain.train.epochs", id="wrong-type"),
+    pytest.param({"space.ops": ["ir_k4x"]}, "space.ops", id="unknown-op"),
+    pytest.param({"teacher.model": "efficientnet_b99"}, "teacher.model", id="unknown-timm-model"),
+    pytest.param({"search.budgets": {"macs": 1000}}, "search.budgets.macs", id="budget-below-the-smallest-network"),
+    pytest.param({"data.source": "imagefolder", "data.root": "/nonexistent/images"}, "data.root", id="missing-folder"),
+    pytest.param({"orchestration.task_runner": "slurm"}, "orchestration.task_runner", id="unknown-task-runner"),
+]
+
+
+def nested_set(raw: dict, dotted: str, value) -> dict:
+    node = raw
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return raw
+
+
+def bad_project(root, change: dict):
+    raw = tiny_raw()
+    for dotted, value in change.items():
+        nested_set(raw, dotted, value)
+    write_params(root / "params.yaml", raw)
+    return raw
+
+
+def assert_nothing_written(root, raw: dict) -> None:
+    """No outputs, no MLflow store (mlflow.db, mlruns), no dvc.lock: only the params file, unchanged."""
+    assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]
+    assert yaml.safe_load((root / "params.yaml").read_text()) == json.loads(json.dumps(raw))
+
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("change, key", BAD_CONFIGS)
+def test_a_bad_config_stops_the_pipeline_before_any_work(prefect_api, tmp_path, capsys, change, key):
+    """python -m flows.pipeline: exit 2, one line naming the key, and nothing written."""
+    from flows.pipeline import main as pipeline_main
+
+    raw = bad_project(tmp_path, change)
+    assert pipeline_main(["--project-dir", str(tmp_path)]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and key in lines[0], lines
+    assert_nothing_written(tmp_path, raw)
+
+
+def test_a_bad_config_stops_every_stage_before_any_work(prefect_api, tmp_path, capsys):
+    """Each stage's own entry point (what `dvc repro` runs): exit 2, one line naming the key, nothing written."""
+    import importlib
+
+    from flows.common import STAGES
+
+    raw = bad_project(tmp_path, {"search.budgets": {"macs": 1000}})
+    with working_directory(tmp_path):
+        for stage in STAGES:
+            assert importlib.import_module(f"flows.{stage}").main(["--params", "params.yaml"]) == 2, stage
+            lines = error_lines(capsys)
+            assert len(lines) == 1 and "search.budgets.macs" in lines[0] and "smallest" in lines[0], (stage, lines)
+    assert_nothing_written(tmp_path, raw)
