@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from dna.arch import Arch, count_cost
 from dna.checkpoint import atomic_write_text, checkpoint_digest, save_checkpoint
 from dna.config import ConfigError, Params
 from dna.data import Data, eval_view, has_images, load_data, write_splits
+from dna.paths import Paths
 from dna.distill import distill_block, load_block
 from dna.export import export_onnx
 from dna.rate import rate_block
@@ -44,42 +44,6 @@ def write_json(path: Path, value: dict) -> None:
 
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
-
-
-@dataclass
-class Paths:
-    root: Path
-
-    @property
-    def splits(self) -> Path: return self.root / "data" / "splits.json"
-    @property
-    def teacher_dir(self) -> Path: return self.root / "teacher"
-    @property
-    def teacher(self) -> Path: return self.teacher_dir / "teacher.pt"
-    @property
-    def distill_dir(self) -> Path: return self.root / "distill"
-    @property
-    def features(self) -> Path: return self.distill_dir / "features"
-    def supernet(self, block: int) -> Path: return self.distill_dir / f"block_{block}.pt"
-    @property
-    def ratings_dir(self) -> Path: return self.root / "ratings"
-    def rating(self, block: int) -> Path: return self.ratings_dir / f"block_{block}.csv"
-    @property
-    def search_dir(self) -> Path: return self.root / "search"
-    @property
-    def arch(self) -> Path: return self.search_dir / "arch.yaml"
-    @property
-    def retrain_dir(self) -> Path: return self.root / "retrain"
-    @property
-    def model(self) -> Path: return self.retrain_dir / "model.pt"
-    @property
-    def export_dir(self) -> Path: return self.root / "export"
-    @property
-    def onnx(self) -> Path: return self.export_dir / "model.onnx"
-    @property
-    def profile_dir(self) -> Path: return self.root / "profile"
-    @property
-    def latency(self) -> Path: return self.profile_dir / "latency.csv"
 
 
 class Run:

@@ -150,8 +150,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dna.config import ConfigError
-    from dna.config import parse_overrides
+    from dna.config import ConfigError, load_params, parse_overrides
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: here)")
@@ -167,21 +166,40 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_flow.serve(name=args.name, cron=args.cron,
                             parameters={"project_dir": str(Path(args.project_dir).resolve())})
         return 0
+    root = Path(args.project_dir).resolve()
     try:
-        result = pipeline_flow(args.project_dir, parse_overrides(args.sets) or None, args.force)
+        overrides = parse_overrides(args.sets) or None
+        if not overrides and not args.force and up_to_date(root):
+            load_params(root / "params.yaml", check_paths=False)  # still one line on a broken file
+            print("dvc status: every stage is up to date; nothing to run (no Prefect flow run, no MLflow run)")
+            result = {"ran": [], "skipped": [], "metrics": None, "mlflow_run_id": None}
+        else:
+            result = pipeline_flow(str(root), overrides, args.force)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report(Path(args.project_dir).resolve(), result))
+    print(report(root, result))
     return 0
+
+
+def up_to_date(root: Path) -> bool:
+    """Whether `dvc status` finds every stage up to date: a second's check before starting any server or run."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
+                              text=True, timeout=600, check=False)
+        return done.returncode == 0 and json.loads((done.stdout.strip().splitlines() or ["null"])[-1]) == {}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return False
 
 
 def report(root: Path, result: dict) -> str:
     """Where every output went, and the headline figures, for the end of a run."""
-    from dna.pipeline import Paths
+    from dna.config import load_params
+    from dna.paths import Paths
 
-    params = load(str(root / "params.yaml"))
-    p, m = Paths(root / params.outputs), result["metrics"]
+    params = load_params(root / "params.yaml", check_paths=False)
+    p = Paths(root / params.outputs)
+    m = result["metrics"] if result["metrics"] is not None else read_metrics(p.root)
     lines = [f"stages run: {', '.join(result['ran']) or 'none (everything up to date)'}", "outputs:"]
     for stage, paths in {"data": [p.splits], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
                          "distill": [p.distill_dir, p.ratings_dir], "profile": [p.latency],
@@ -190,7 +208,8 @@ def report(root: Path, result: dict) -> str:
                          "export": [p.onnx, p.export_dir / "metrics.json"],
                          "register": [p.root / "register" / "registration.json"]}.items():
         lines.append(f"  {stage:<8} " + "  ".join(os.path.relpath(x, root) for x in paths))
-    lines.append(f"  mlflow   {tracking_uri(params)} (parent run {result['mlflow_run_id']})")
+    run_id = result["mlflow_run_id"]
+    lines.append(f"  mlflow   {tracking_uri(params, root)}" + (f" (parent run {run_id})" if run_id else ""))
     if {"teacher", "export"} <= m.keys():
         gap = (m["export"]["onnx_test_accuracy"] - m["teacher"]["test_accuracy"]) * 100
         lines.append(f"teacher test accuracy {m['teacher']['test_accuracy']:.4f}; exported network in ONNX Runtime "

@@ -1,0 +1,41 @@
+"""Where each stage's files go under `outputs` (a light module: reading results needs no torch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Paths:
+    root: Path
+
+    @property
+    def splits(self) -> Path: return self.root / "data" / "splits.json"
+    @property
+    def teacher_dir(self) -> Path: return self.root / "teacher"
+    @property
+    def teacher(self) -> Path: return self.teacher_dir / "teacher.pt"
+    @property
+    def distill_dir(self) -> Path: return self.root / "distill"
+    @property
+    def features(self) -> Path: return self.distill_dir / "features"
+    def supernet(self, block: int) -> Path: return self.distill_dir / f"block_{block}.pt"
+    @property
+    def ratings_dir(self) -> Path: return self.root / "ratings"
+    def rating(self, block: int) -> Path: return self.ratings_dir / f"block_{block}.csv"
+    @property
+    def search_dir(self) -> Path: return self.root / "search"
+    @property
+    def arch(self) -> Path: return self.search_dir / "arch.yaml"
+    @property
+    def retrain_dir(self) -> Path: return self.root / "retrain"
+    @property
+    def model(self) -> Path: return self.retrain_dir / "model.pt"
+    @property
+    def export_dir(self) -> Path: return self.root / "export"
+    @property
+    def onnx(self) -> Path: return self.export_dir / "model.onnx"
+    @property
+    def profile_dir(self) -> Path: return self.root / "profile"
+    @property
+    def latency(self) -> Path: return self.profile_dir / "latency.csv"
