@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["cache", "parallel"])
     args = ap.parse_args()
     os.environ.setdefault("SCIKIT_LEARN_DATA", str(Path(tempfile.gettempdir()) / "dna-sklearn-data"))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # per-step bars of every block would drown the figures
     print(load_average())
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bench-d-"))
     scratch = root / "scratch"
