@@ -92,3 +92,28 @@ def test_environment_defaults_stay_in_the_project_and_never_override(monkeypatch
     monkeypatch.delenv("DVC_NO_ANALYTICS", raising=False)
     configure_environment(tmp_path)
     assert os.environ["PREFECT_HOME"] == "/elsewhere" and os.environ["DVC_NO_ANALYTICS"] == "1"
+
+
+@pytest.mark.reliability
+def test_nothing_listens_beyond_loopback_by_default(prefect_api):
+    """The Prefect server the flows start and a local Dask cluster of worker processes (the default
+    orchestration settings otherwise) listen on loopback addresses only."""
+    import psutil
+
+    from prefect import flow, task
+
+    @task
+    def pid() -> int:
+        return os.getpid()
+
+    @flow(task_runner=make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=1), dask_processes=True))
+    def probe() -> tuple[int, list]:
+        worker = pid.submit().result()  # the cluster is up while the flow runs
+        me = psutil.Process()
+        ours = {me.pid, *(child.pid for child in me.children(recursive=True))}
+        return worker, [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+
+    worker, listening = probe()
+    assert worker != os.getpid() and worker in {c.pid for c in listening}  # a Dask worker process, listening
+    assert os.getpid() in {c.pid for c in listening}  # the Dask scheduler, in this process
+    assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
