@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from dna.config import ConfigError, Params, load_params, parse_overrides
+from dna.config import ConfigError, Params, detected_faults, load_params, parse_overrides
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
@@ -46,10 +46,6 @@ def _guard(fn):
     (corrupt checkpoint, diverging loss, failed ONNX parity, missing input of a stage) into one line and exit code 1."""
     import functools
 
-    from dna.checkpoint import CheckpointError
-    from dna.export import ParityError
-    from dna.train import NonFiniteLoss
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _setup_logging()
@@ -58,7 +54,9 @@ def _guard(fn):
         except ConfigError as exc:
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2)
-        except (CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, detected_faults()):
+                raise
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1)
     return wrapper

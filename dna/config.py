@@ -17,6 +17,16 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message names the key, the value and what is allowed."""
 
 
+def detected_faults() -> tuple[type[Exception], ...]:
+    """Faults a run detects and reports in one line (exit code 1): a corrupt checkpoint, a diverging loss, a failed
+    ONNX parity check, a missing input of a stage. Imported when asked: the modules that raise them import torch."""
+    from dna.checkpoint import CheckpointError
+    from dna.export import ParityError
+    from dna.train import NonFiniteLoss
+
+    return CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

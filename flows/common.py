@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
-from dna.config import ConfigError, OrchestrationConfig, Params, load_params, parse_overrides
+from dna.config import ConfigError, OrchestrationConfig, Params, detected_faults, load_params, parse_overrides
 
 # The params.yaml keys each stage reads: what dvc.yaml lists under each stage's `params` (a test keeps the two equal)
 # and what each stage's MLflow run logs as its params. Device, tracking and orchestration settings are left out on
@@ -228,16 +228,14 @@ def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | Non
                         help="override a key, e.g. -S retrain.train.epochs=5")
     args = parser.parse_args(argv)
     setup_logging()
-    from dna.checkpoint import CheckpointError
-    from dna.export import ParityError
-    from dna.train import NonFiniteLoss
-
     try:
         run(args.params, parse_overrides(args.sets))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError) as exc:  # detected faults: one line
+    except Exception as exc:
+        if not isinstance(exc, detected_faults()):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
