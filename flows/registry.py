@@ -117,6 +117,8 @@ def settle_champion(client, name: str, metric: str, max_moves: int = 100) -> tup
                 and (current.tags or {}).get(CANDIDATE_TAG) != "withdrawn":
             values[int(current.version)] = _float((current.tags or {}).get(metric))
         values = {v: x for v, x in values.items() if x is not None}
+        if not values:
+            raise RuntimeError(f"{name}: no version is a candidate for champion (none passed parity with a {metric})")
         best = max(values, key=lambda v: (values[v], -v))
         if current is not None and int(current.version) == best:
             return best, values[best]
