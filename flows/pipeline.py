@@ -107,7 +107,8 @@ def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics
              f"ran: {', '.join(ran) or 'nothing (all stages up to date)'}",
              f"up to date: {', '.join(skipped) or '-'}", "", f"MLflow run `{run_id}`", "",
              "| stage | metric | value |", "| --- | --- | --- |"]
-    picks = {"teacher": ["test_accuracy"], "search": ["score", "params", "macs", "latency_ms"], "retrain": ["test_accuracy"],
+    picks = {"teacher": ["test_accuracy"], "search": ["score", "params", "macs", "latency_ms"],
+             "retrain": ["test_accuracy"],
              "export": ["onnx_test_accuracy", "max_abs_diff"], "register": ["version", "champion", "reason"]}
     for stage, keys in picks.items():
         for key in keys:

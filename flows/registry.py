@@ -101,22 +101,28 @@ def promote(client, name: str, version: int | str, metric: str) -> PromotionResu
                         f"parity max_abs_diff {diff:.3g} <= {atol:.3g}")
 
 
+def candidate_values(client, name: str, metric: str) -> dict[int, float]:
+    """Versions tagged dna.candidate=true (set only after parity passed) with a value of `metric`, by version."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    values = {int(v.version): _float((v.tags or {}).get(metric)) for v in versions
+              if (v.tags or {}).get(CANDIDATE_TAG) == "true"}
+    return {v: x for v, x in values.items() if x is not None}
+
+
 def settle_champion(client, name: str, metric: str, max_moves: int = 100) -> tuple[int, float]:
     """Point champion at the best candidate version and check again until nothing moved it in between.
 
-    Candidates: versions tagged dna.candidate=true (set only after parity passed) with a value of `metric`, and
-    the current champion. Whoever moves the alias last re-reads every candidate afterwards, so the last check of
-    all sees the final alias on the best candidate. A candidate tagged dna.candidate=withdrawn takes no part.
+    Candidates: candidate_values() and the current champion. Whoever moves the alias last re-reads every candidate
+    afterwards, so the last check of all sees the final alias on the best candidate. A candidate tagged
+    dna.candidate=withdrawn takes no part.
     """
     for _ in range(max_moves):
-        values = {int(v.version): _float((v.tags or {}).get(metric))
-                  for v in client.search_model_versions(f"name = '{name}'")
-                  if (v.tags or {}).get(CANDIDATE_TAG) == "true"}
+        values = candidate_values(client, name, metric)
         current = _by_alias(client, name, CHAMPION)
-        if current is not None and int(current.version) not in values \
-                and (current.tags or {}).get(CANDIDATE_TAG) != "withdrawn":
-            values[int(current.version)] = _float((current.tags or {}).get(metric))
-        values = {v: x for v, x in values.items() if x is not None}
+        current_tags = (current.tags or {}) if current is not None else {}
+        if current is not None and current_tags.get(CANDIDATE_TAG) != "withdrawn" \
+                and _float(current_tags.get(metric)) is not None:
+            values.setdefault(int(current.version), _float(current_tags.get(metric)))
         if not values:
             raise RuntimeError(f"{name}: no version is a candidate for champion (none passed parity with a {metric})")
         best = max(values, key=lambda v: (values[v], -v))
@@ -133,9 +139,7 @@ def withdraw(client, name: str, version: int | str, metric: str) -> int | None:
     current = _by_alias(client, name, CHAMPION)
     if current is not None and int(current.version) == int(version):
         client.delete_registered_model_alias(name, CHAMPION)
-    remaining = [v for v in client.search_model_versions(f"name = '{name}'")
-                 if (v.tags or {}).get(CANDIDATE_TAG) == "true" and _float((v.tags or {}).get(metric)) is not None]
-    return settle_champion(client, name, metric)[0] if remaining else None
+    return settle_champion(client, name, metric)[0] if candidate_values(client, name, metric) else None
 
 
 def latest_version(client, name: str) -> int | None:
