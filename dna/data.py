@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from dna.checkpoint import atomic_write_text
-from dna.config import DataConfig
+from dna.config import ConfigError, DataConfig
 
 SPLITS = ("train", "rate", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -26,20 +26,41 @@ class Data:
     num_classes: int
     in_chans: int
     image_size: int
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # per split, aligned with its positions
 
     def split(self, name: str) -> Dataset:
         return getattr(self, name)
+
+    def stratified(self, name: str, count: int, seed: int) -> list[int]:
+        """A seeded sample of `count` positions of a split in which every class is represented (one of each first,
+        the rest in proportion to the classes' sizes); sorted. The whole split when `count` covers it."""
+        labels = self.labels.get(name)
+        n = len(self.split(name))
+        if count >= n:
+            return list(range(n))
+        if labels is None:
+            raise ValueError(f"the {name} split has no labels to stratify by")
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n)
+        grouped = order[np.argsort(labels[order], kind="stable")]  # by class, in random order within each
+        classes, starts, sizes = np.unique(labels[grouped], return_index=True, return_counts=True)
+        within = np.arange(n) - np.repeat(starts, sizes)
+        # the j-th member of a class of n_c has key (j + u_c) / n_c: classes interleave in proportion to their size
+        key = (within + np.repeat(rng.random(len(classes)), sizes)) / np.repeat(sizes, sizes)
+        key[within == 0] = -1.0  # one of each class first
+        return sorted(grouped[np.argsort(key, kind="stable")[:count]].tolist())
 
     def loader(self, name: str, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                num_workers: int = 0) -> DataLoader:
         return DataLoader(self.split(name), batch_size=batch_size, shuffle=shuffle, generator=generator,
                           num_workers=num_workers, drop_last=False)
 
-    def images(self, name: str, count: int | None = None) -> torch.Tensor:
-        """The first `count` images of a split, as one tensor (a fixed batch: calibration, parity checks)."""
+    def images(self, name: str, count: int | None = None, positions: list[int] | None = None) -> torch.Tensor:
+        """The first `count` images of a split, or those at `positions`, as one tensor (a fixed batch)."""
         ds = self.split(name)
-        count = len(ds) if count is None else min(count, len(ds))
-        return torch.stack([ds[i][0] for i in range(count)])
+        if positions is None:
+            positions = range(len(ds) if count is None else min(count, len(ds)))
+        return torch.stack([ds[i][0] for i in positions])
 
 
 def has_images(root: str | Path) -> bool:
@@ -85,7 +106,27 @@ def _torchvision(cfg: DataConfig, train: bool, augment: bool):
         kwargs["train"] = train
     else:
         kwargs["split"] = "train" if train else "test"
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # torchvision raises RuntimeError, OSError, ValueError... from deep inside
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = "download it there (data.download: true, online)" if not cfg.download else "check the download"
+        raise ConfigError(
+            f"data.root={cfg.root!r}, data.name={cfg.name!r}: torchvision cannot open the {kwargs.get('split', 'train' if train else 'test')} "
+            f"split ({type(exc).__name__}: {cause}); expected the dataset prepared under data.root as "
+            f"torchvision.datasets.{cfg.name} lays it out (for MNIST-like datasets the unpacked files in "
+            f"{Path(cfg.root) / cfg.name / 'raw'}), or {where}") from None
+
+
+def _image_folder(path: Path, cfg: DataConfig, train: bool):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(path, transform=_transform(cfg, train))
+    except Exception as exc:
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"data.root={cfg.root!r}: cannot read {path} as an image folder ({cause}); expected one "
+                          f"folder of images per class") from None
 
 
 def _targets(ds) -> np.ndarray:
@@ -103,15 +144,21 @@ def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset | None, np.ndar
     if cfg.source == "torchvision":
         pool = _torchvision(cfg, train=True, augment=True)
         return pool, _torchvision(cfg, train=True, augment=False), _torchvision(cfg, train=False, augment=False), _targets(pool)
-    from torchvision.datasets import ImageFolder
-
     root = Path(cfg.root)
     train_dir = root / "train" if (root / "train").is_dir() else root
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir() and train_dir != root), None)
-    pool = ImageFolder(train_dir, transform=_transform(cfg, True))
-    pool_eval = ImageFolder(train_dir, transform=_transform(cfg, False))
-    test = ImageFolder(test_dir, transform=_transform(cfg, False)) if test_dir else None
+    pool = _image_folder(train_dir, cfg, True)
+    pool_eval = _image_folder(train_dir, cfg, False)
+    test = _image_folder(test_dir, cfg, False) if test_dir else None
     return pool, pool_eval, test, np.asarray(pool.targets)
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Open a torchvision dataset as the stages will (cheap: no images are decoded); raises ConfigError naming
+    data.root and data.name when it cannot be opened."""
+    if cfg.source == "torchvision":
+        _torchvision(cfg, train=True, augment=False)
+        _torchvision(cfg, train=False, augment=False)
 
 
 def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
@@ -140,9 +187,12 @@ def load_data(cfg: DataConfig, splits_path: str | Path) -> Data:
     pool, pool_eval, test, labels = _sources(cfg)
     idx = saved["splits"]
     train = Subset(pool, idx["train"])
+    split_labels = {"train": labels[idx["train"]], "rate": labels[idx["rate"]],
+                    "test": _targets(test) if test is not None else labels[idx["test"]]}
     return Data(train=train, rate=Subset(pool_eval, idx["rate"]),
                 test=test if test is not None else Subset(pool_eval, idx["test"]),
-                num_classes=saved["num_classes"], in_chans=cfg.channels, image_size=cfg.image_size)
+                num_classes=saved["num_classes"], in_chans=cfg.channels, image_size=cfg.image_size,
+                labels=split_labels)
 
 
 def eval_view(data: Data) -> Data:
@@ -150,4 +200,4 @@ def eval_view(data: Data) -> Data:
     train = data.train
     if isinstance(train, Subset) and isinstance(data.rate, Subset) and train.dataset is not data.rate.dataset:
         train = Subset(data.rate.dataset, train.indices)
-    return Data(train, data.rate, data.test, data.num_classes, data.in_chans, data.image_size)
+    return Data(train, data.rate, data.test, data.num_classes, data.in_chans, data.image_size, data.labels)

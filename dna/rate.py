@@ -217,9 +217,11 @@ def rate_candidate_naive(cell: CellSupernet, ops: Path_, calib: torch.Tensor,
 
 
 def rate_block(space: SearchSpace, supernet: nn.ModuleDict, targets: TargetSource, block: int, *,
-               calibration_size: int, batch_size: int) -> pd.DataFrame:
-    """The block's rating table: one row per (candidate, input width) with cell, ops, score, params, macs."""
-    calib, _ = targets.first(block, "train", calibration_size)
+               calibration_size: int, batch_size: int, seed: int = 0) -> pd.DataFrame:
+    """The block's rating table: one row per (candidate, input width) with cell, ops, score, params, macs.
+
+    BatchNorm is calibrated on a seeded, class-stratified sample of the training split (the same for every cell)."""
+    calib, _ = targets.sample(block, "train", calibration_size, seed)
     table = space.candidate_table(block)
     scores = {}
     for cell in space.cells(block):

@@ -27,7 +27,7 @@ class TargetSource(Protocol):
     def shapes(self) -> list[tuple[int, int, int]]: ...
     def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
               generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-    def first(self, block: int, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def boundary_features(teacher: nn.Module, x: torch.Tensor, boundaries: list[int]) -> list[torch.Tensor]:
@@ -116,13 +116,18 @@ class TeacherTargets:
             levels = [x, *self.features(x)]
             yield levels[block], levels[block + 1]
 
-    def first(self, block: int, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fixed batch: the first `count` pairs of a split (the calibration batch)."""
-        xs, ys, seen = [], [], 0
-        for x, y in self.pairs(block, split, batch_size=min(count, 256)):
-            xs.append(x)
-            ys.append(y)
-            seen += len(x)
-            if seen >= count:
-                break
-        return torch.cat(xs)[:count], torch.cat(ys)[:count]
+    def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed batch (the calibration batch): `count` pairs of a split drawn with every class represented
+        (Data.stratified), not the first ones, which in a class-sorted dataset hold one or two classes."""
+        positions = self.data.stratified(split, count, seed)
+        inputs, targets = self._cached(split, block), self._cached(split, block + 1)
+        if inputs is not None and targets is not None:
+            idx = np.asarray(positions)
+            return torch.from_numpy(inputs[idx]).to(self.device), torch.from_numpy(targets[idx]).to(self.device)
+        xs, ys = [], []
+        for start in range(0, len(positions), 256):
+            x = self.data.images(split, positions=positions[start:start + 256]).to(self.device)
+            levels = [x, *self.features(x)]
+            xs.append(levels[block])
+            ys.append(levels[block + 1])
+        return torch.cat(xs), torch.cat(ys)

@@ -177,3 +177,56 @@ def test_has_images(tmp_path):
     (tmp_path / "a" / "b" / "photo.PNG").write_bytes(b"")
     assert has_images(tmp_path)
     assert not has_images(tmp_path / "missing")
+
+
+def test_stratified_sample_is_seeded_proportional_and_holds_every_class(digits_target, tmp_path):
+    cfg = _digits_cfg()
+    write_splits(cfg, 0, tmp_path / "splits.json")
+    data = load_data(cfg, tmp_path / "splits.json")
+    labels = data.labels["train"]
+    assert np.array_equal(labels, [int(data.train[i][1]) for i in range(len(data.train))])
+    sample = data.stratified("train", 100, seed=0)
+    assert len(sample) == len(set(sample)) == 100 and sample == sorted(sample)
+    counts = Counter(labels[sample].tolist())
+    assert set(counts) == set(range(10))
+    for label, total in Counter(labels.tolist()).items():
+        assert abs(counts[label] - 100 * total / len(labels)) <= 2  # in proportion to the class's size
+    assert data.stratified("train", 100, seed=0) == sample != data.stratified("train", 100, seed=1)
+    assert Counter(labels[data.stratified("train", 10, seed=5)].tolist()) == Counter(range(10)), "one of each"
+    assert data.stratified("train", 10**6, seed=0) == list(range(len(labels)))
+
+
+# torchvision datasets that are not prepared ------------------------------------------------------------------------
+@pytest.mark.parametrize("prepared", ["empty root", "only the .gz files"])
+def test_an_unprepared_torchvision_dataset_stops_in_one_line_before_anything_is_written(tmp_path, prepared):
+    """torchvision's MNIST wants the unpacked files under <root>/MNIST/raw/; without them (and download off) the
+    command says so in one line naming data.root and data.name, exit code 2, and writes nothing."""
+    import gzip
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from dna.cli import app
+    from tests.conftest import tiny_raw
+
+    root = tmp_path / "mnist"
+    root.mkdir()
+    if prepared == "only the .gz files":
+        (root / "MNIST" / "raw").mkdir(parents=True)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"):
+            with gzip.open(root / "MNIST" / "raw" / f"{name}.gz", "wb") as f:
+                f.write(bytes(16))
+    project = tmp_path / "project"
+    project.mkdir()
+    raw = tiny_raw(project / "outputs")
+    raw["data"] = {"source": "torchvision", "name": "MNIST", "root": str(root), "image_size": 16, "channels": 1}
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    for command in (["data"], ["run"]):
+        result = CliRunner().invoke(app, [*command, "--params", str(project / "params.yaml")])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"data.root={str(root)!r}" in lines[0] and "data.name='MNIST'" in lines[0]
+        assert "MNIST/raw" in lines[0] and "Traceback" not in result.output
+    assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]

@@ -28,3 +28,60 @@ def test_shuffled_pairs_follow_the_generator(prepared_run):
     b = next(t.pairs(1, "train", 16, shuffle=True, generator=torch.Generator().manual_seed(3)))[1]
     c = next(t.pairs(1, "train", 16, shuffle=True, generator=torch.Generator().manual_seed(4)))[1]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_calibration_batch_holds_every_class_of_a_class_sorted_image_folder(tmp_path):
+    """An ImageFolder's indices are sorted by class: the first images of its training split are one class. The
+    calibration batch that rating (and supernet initialisation) use is a seeded sample holding every class."""
+    import timm
+
+    from dna.config import DataConfig
+    from dna.data import load_data, write_splits
+    from tests.test_data import _write_pngs
+
+    levels = [20, 70, 120, 170, 220]  # grey level of each class's images
+    for c, level in enumerate(levels):
+        _write_pngs(tmp_path / "images" / f"class_{c}", 12, level, seed=c)
+    cfg = DataConfig(source="imagefolder", root=str(tmp_path / "images"), image_size=16, channels=1,
+                     rate_fraction=0.2, test_fraction=0.2)
+    write_splits(cfg, 0, tmp_path / "splits.json")
+    data = load_data(cfg, tmp_path / "splits.json")
+    teacher = timm.create_model("tinynet_e", num_classes=5, in_chans=1).eval()
+    targets = TeacherTargets(teacher, [2], eval_view(data), torch.device("cpu"))
+
+    def classes(images):
+        grey = (images.mean(dim=(1, 2, 3)) * 0.5 + 0.5) * 255  # undo Normalize(0.5, 0.5)
+        return {int(torch.tensor(levels, dtype=torch.float32).sub(g).abs().argmin()) for g in grey}
+
+    assert classes(data.images("train", 8)) == {0, 1}, "the first images of the split hold two classes"
+    x, y = targets.sample(0, "train", 8, seed=0)
+    assert x.shape == (8, 1, 16, 16) and y.shape[0] == 8
+    assert classes(x) == set(range(5))
+    again, _ = targets.sample(0, "train", 8, seed=0)
+    other, _ = targets.sample(0, "train", 8, seed=1)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+
+
+def test_a_new_seed_rebuilds_the_feature_cache(prepared_run, tmp_path):
+    """Same teacher, another seed: other splits, so the cached features (of the old training images, some of them
+    now test images) must not be reused."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from dna.pipeline import Run, stage_data, stage_features
+
+    for name in ("data", "teacher", "distill/features"):
+        shutil.copytree(prepared_run.paths.root / name, tmp_path / "outputs" / name)
+    moved = Run(prepared_run.params.model_copy(update={"outputs": str(tmp_path / "outputs")}))
+    before = json.loads((moved.paths.features / "cache.json").read_text())["fingerprint"]
+    stage_features(moved)  # same seed, same splits: kept
+    assert json.loads((moved.paths.features / "cache.json").read_text())["fingerprint"] == before
+
+    reseeded = Run(moved.params.model_copy(update={"seed": 1}))
+    stage_data(reseeded)
+    stage_features(reseeded)
+    assert json.loads((reseeded.paths.features / "cache.json").read_text())["fingerprint"] != before
+    cached = np.load(reseeded.paths.features / "train_0.npy")
+    assert np.array_equal(cached, eval_view(reseeded.data).images("train").numpy())
