@@ -112,6 +112,15 @@ def checkpoint_digest(path: str | Path) -> str:
         return _read_header(f, path).hex()
 
 
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's sha256 (for files that are not checkpoints: splits, exports)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     with _open(path) as f:

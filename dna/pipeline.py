@@ -16,9 +16,9 @@ import torch
 
 from dna import plots
 from dna.arch import Arch, count_cost
-from dna.checkpoint import atomic_write_text, checkpoint_digest, save_checkpoint
+from dna.checkpoint import atomic_write_text, checkpoint_digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params
-from dna.data import Data, eval_view, has_images, load_data, write_splits
+from dna.data import Data, check_source, eval_view, has_images, load_data, write_splits
 from dna.paths import Paths
 from dna.distill import distill_block, load_block
 from dna.export import export_onnx
@@ -90,7 +90,8 @@ class Run:
     def block_fingerprint(self, block: int) -> str:
         p = self.params
         space = p.space.model_dump(exclude={"blocks"}) | {"block": p.space.blocks[block].model_dump()}
-        return digest(p.seed, p.data, checkpoint_digest(self.paths.teacher), space, p.distill, block)
+        return digest(p.seed, p.data, file_digest(self.paths.splits), checkpoint_digest(self.paths.teacher), space,
+                      p.distill, block)
 
 
 # validation -------------------------------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ def validate(params: Params, check_profile: bool = True) -> None:
     d, t = params.data, params.teacher
     if d.source == "imagefolder" and not has_images(d.root):
         raise ConfigError(f"data.root={d.root!r} contains no images ({', '.join(('.jpg', '.png', '...'))})")
+    check_source(d)
     run = Run(params)
     try:
         shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries)
@@ -188,10 +190,16 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     return metrics
 
 
+def features_fingerprint(run: Run) -> str:
+    """What the cached teacher features depend on: the teacher's weights, the data, the exact splits (so a new seed
+    rebuilds them) and the boundaries."""
+    return digest(checkpoint_digest(run.paths.teacher), run.params.data, file_digest(run.paths.splits),
+                  run.params.teacher.boundaries)
+
+
 def stage_features(run: Run) -> None:
     """Store the teacher's boundary features once for all blocks (when caching is on); run before distilling."""
-    targets = run.teacher_targets()
-    targets.build_cache(digest(checkpoint_digest(run.paths.teacher), run.params.data, run.params.teacher.boundaries))
+    run.teacher_targets().build_cache(features_fingerprint(run))
 
 
 def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
@@ -210,7 +218,7 @@ def stage_rate(run: Run, block: int) -> pd.DataFrame:
     targets = run.rating_targets()
     supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block)).to(run.device)
     table = rate_block(run.space, supernet, targets, block, calibration_size=run.params.rating.calibration_size,
-                       batch_size=run.params.rating.batch_size)
+                       batch_size=run.params.rating.batch_size, seed=run.params.seed)
     write_csv(run.paths.rating(block), table)
     return table
 
@@ -270,33 +278,22 @@ def build_student(run: Run, arch: Arch) -> torch.nn.Module:
     return arch.build(run.data.num_classes, run.data.in_chans, drop_rate=run.params.retrain.train.drop_rate)
 
 
-def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch) -> int:
-    """Copy the supernet's weights of the chosen ops into the student where shapes agree; returns tensors copied."""
+def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
+    """Extract the chosen subnet's weights from the block supernets (dna.space.Extraction says what was and was not
+    copied), then re-estimate every BatchNorm of the network on a class-stratified calibration batch of training
+    images: the supernets' statistics are those of a mixture of paths fed the teacher's features."""
     from dna.checkpoint import load_checkpoint
+    from dna.rate import calibrate
 
-    target, copied = model.state_dict(), 0
-    for block, (cell, ops) in enumerate(run.space.parse(arch)):
-        state = load_checkpoint(run.paths.supernet(block))["model"]
-        prefix = f"{cell.name}.layers."
-        offset = 1 if block == 0 else 0
-        mapping = {}
-        if block == 0:
-            mapping.update({"0.0.0.": "conv_stem.", "0.0.1.": "bn1.", "0.0.2.": "blocks.0."})
-        for i, op in enumerate(ops):
-            mapping[f"{i + offset}.{op}."] = f"blocks.{block + 1}.{i}."
-        for key, value in state.items():
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
-            for src, dst in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
-                if rest.startswith(src):
-                    name = dst + rest[len(src):]
-                    if name in target and target[name].shape == value.shape:
-                        target[name] = value
-                        copied += 1
-                    break
-    model.load_state_dict(target)
-    return copied
+    supernets = [load_checkpoint(run.paths.supernet(b))["model"] for b in range(run.space.num_blocks)]
+    extraction = run.space.extract(arch, supernets, model)
+    data = eval_view(run.data)
+    images = data.images("train", positions=data.stratified("train", run.params.rating.calibration_size,
+                                                             run.params.seed))
+    calibrate(model, images)
+    for layer, reason in extraction.not_copied.items():
+        log.info("retrain: %s not initialised from the supernet: %s", layer, reason)
+    return extraction
 
 
 def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
@@ -304,9 +301,9 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     arch = Arch.load(run.paths.arch)
     model = build_student(run, arch)
-    copied = init_from_supernet(run, model, arch) if p.init == "supernet" else 0
+    extraction = init_from_supernet(run, model, arch) if p.init == "supernet" else None
     teacher = load_teacher(run.params, run.paths.teacher, run.device) if p.kd_alpha > 0 else None
-    start = [checkpoint_digest(run.paths.supernet(b)) for b in range(run.space.num_blocks)] if copied else []
+    start = [checkpoint_digest(run.paths.supernet(b)) for b in range(run.space.num_blocks)] if extraction else []
     result = train_classifier(model, run.data, p.train, out / "train_state.pt", seed=run.params.seed,
                               fingerprint=digest(run.params.seed, run.params.data, p, arch.to_dict(), start),
                               device=run.device, name="retrain", teacher=teacher, kd_alpha=p.kd_alpha,
@@ -316,7 +313,7 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     plots.curves(pd.DataFrame(result.history), out / "curves.png")
     params, macs, _ = count_cost(model.cpu(), (1, run.data.in_chans, run.data.image_size, run.data.image_size))
     metrics = {"test_accuracy": result.test_accuracy, "params": params, "macs": macs, "epochs": len(result.history),
-               "init": p.init, "tensors_from_supernet": copied}
+               "init": p.init, **(extraction.summary() if extraction else {})}
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -60,8 +60,9 @@ class Cell:
 class CellSupernet(nn.Module):
     """Every op of every layer of one cell; a path (one op index per layer) selects a candidate.
 
-    Layers before `num_fixed` have a single choice (the stem of the first block); `adapter` maps the
-    cell's width to the target's width for distillation and is not part of the final network.
+    Layers before `num_fixed` have a single choice (the stem of the first block); `adapter` (a 1x1 conv and a
+    BatchNorm, for every cell alike) maps the cell's output to the target for distillation and is not part of the
+    final network.
     """
 
     def __init__(self, layers: list[list[nn.Module]], adapter: nn.Module, num_fixed: int):
@@ -79,6 +80,43 @@ class CellSupernet(nn.Module):
         return self.adapter(x)
 
 
+@dataclass
+class Extraction:
+    """What extracting a subnet copied: every layer with a counterpart in the supernets, by the network's module
+    name; the layers with a counterpart that could not be copied, with the reason (a width or input mismatch);
+    and the tensors of the network that have no counterpart at all (the head)."""
+
+    copied: list[str]
+    not_copied: dict[str, str]
+    no_counterpart: list[str]
+    tensors: int
+
+    def summary(self) -> dict:
+        return {"supernet_layers_copied": len(self.copied), "supernet_tensors_copied": self.tensors,
+                "supernet_not_copied": self.not_copied, "supernet_no_counterpart": self.no_counterpart}
+
+
+def _copy_layer(source: dict[str, torch.Tensor], src: str, target: dict[str, torch.Tensor], dst: str) -> str | None:
+    """Copy every tensor under prefix `src` of `source` to prefix `dst` of `target`, or none of them; returns why
+    not, or None when copied."""
+    theirs = {k[len(src):]: v for k, v in source.items() if k.startswith(src)}
+    ours = {k[len(dst):]: v for k, v in target.items() if k.startswith(dst)}
+    if set(theirs) != set(ours):
+        return f"different tensors: {sorted(set(theirs) ^ set(ours))[:4]}"
+    mismatched = [k for k in ours if ours[k].shape != theirs[k].shape]
+    if mismatched:
+        convs = [k for k in ours if ours[k].dim() == 4]
+        first = convs[0] if convs else mismatched[0]
+        if convs and ours[first].shape[1] != theirs[first].shape[1] and ours[first].shape[1] > 1:
+            return (f"input width {theirs[first].shape[1]} in the supernet, {ours[first].shape[1]} in this network "
+                    f"({len(mismatched)} of {len(ours)} tensors differ in shape)")
+        k = mismatched[0]
+        return f"{k} is {tuple(theirs[k].shape)} in the supernet, {tuple(ours[k].shape)} in this network"
+    for k in ours:
+        target[dst + k] = theirs[k]
+    return None
+
+
 class SearchSpace(Protocol):
     num_blocks: int
 
@@ -90,6 +128,8 @@ class SearchSpace(Protocol):
     def head_table(self) -> pd.DataFrame: ...
     def arch(self, choice: list[tuple[Cell, tuple[int, ...]]]) -> Arch: ...
     def outside(self, arch: Arch) -> list[str]: ...
+    def parse(self, arch: Arch) -> list[tuple[Cell, tuple[int, ...]]]: ...
+    def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction: ...
 
 
 class MBConvSpace:
@@ -165,6 +205,33 @@ class MBConvSpace:
             choice.append((cell, ops))
         return choice
 
+    def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction:
+        """Load into `model` (arch built as a timm EfficientNet) the supernets' weights of the chosen ops: every
+        tensor of every layer that has a counterpart, a layer whole or not at all. The first layer of a block after
+        the first sees the target's width at the boundary before in its supernet and the previous block's width
+        here: where those differ it is reported, not copied. The adapters have no counterpart."""
+        target = model.state_dict()
+        pairs: list[tuple[int, str, str]] = []  # (block, supernet prefix, network prefix)
+        for block, (cell, ops) in enumerate(self.parse(arch)):
+            prefix = f"{cell.name}.layers."
+            if block == 0:
+                pairs += [(0, f"{prefix}0.0.0.", "conv_stem."), (0, f"{prefix}0.0.1.", "bn1.")]
+                pairs += [(0, f"{prefix}0.0.2.{j}.", f"blocks.0.{j}.") for j in range(len(self.cfg.first_stage))]
+            offset = 1 if block == 0 else 0
+            pairs += [(block, f"{prefix}{i + offset}.{op}.", f"blocks.{block + 1}.{i}.") for i, op in enumerate(ops)]
+        copied, not_copied, tensors = [], {}, 0
+        for block, src, dst in pairs:
+            reason = _copy_layer(supernets[block], src, target, dst)
+            if reason is None:
+                copied.append(dst.rstrip("."))
+                tensors += sum(1 for k in target if k.startswith(dst))
+            else:
+                not_copied[dst.rstrip(".")] = reason
+        model.load_state_dict(target)
+        covered = tuple(dst for _, _, dst in pairs)
+        no_counterpart = sorted({k.rsplit(".", 1)[0] for k in target if not k.startswith(covered)})
+        return Extraction(copied, not_copied, no_counterpart, tensors)
+
     # modules ---------------------------------------------------------------------------------------------------
     def stem(self) -> nn.Sequential:
         """Stem conv, its norm and the fixed first stage, made as EfficientNet makes them."""
@@ -186,8 +253,8 @@ class MBConvSpace:
         for i in range(cell.depth):
             layers.append([build_layers([layer_string(op, stride if i == 0 else 1, cell.width)], chs)[0] for op in self.ops])
             chs = cell.width
-        adapter = nn.Identity() if cell.width == target_chs else nn.Sequential(
-            nn.Conv2d(cell.width, target_chs, 1, bias=False), nn.BatchNorm2d(target_chs))
+        # every cell gets the same kind of head, so the scores of a block's cells are comparable whatever their width
+        adapter = nn.Sequential(nn.Conv2d(cell.width, target_chs, 1, bias=False), nn.BatchNorm2d(target_chs))
         return CellSupernet(layers, adapter, num_fixed=1 if cell.block == 0 else 0)
 
     # costs -----------------------------------------------------------------------------------------------------

@@ -107,17 +107,11 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def file_hash(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def data_hash(params: Params, splits_file: str | Path) -> str:
     """The data config and the exact split indices (the split file) together."""
-    text = json.dumps(params.data.model_dump(mode="json"), sort_keys=True) + file_hash(splits_file)
+    from dna.checkpoint import file_digest
+
+    text = json.dumps(params.data.model_dump(mode="json"), sort_keys=True) + file_digest(splits_file)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -104,17 +104,27 @@ def test_bad_params_fail_before_any_work(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_supernet_init_copies_the_chosen_ops_weights(finished):
+def test_supernet_init_extracts_the_subnet_then_re_estimates_batchnorm(finished):
+    from dna.data import eval_view
     from dna.pipeline import build_student, init_from_supernet
 
     run, _, _ = finished
     arch = Arch.load(run.paths.arch)
     model = build_student(run, arch)
-    copied = init_from_supernet(run, model, arch)
-    assert copied > 0
+    extraction = init_from_supernet(run, model, arch)
     (cell0, ops0), (cell1, ops1) = run.space.parse(arch)
     sup0 = load_checkpoint(run.paths.supernet(0))["model"]
     sup1 = load_checkpoint(run.paths.supernet(1))["model"]
+    # the tiny space's block 0 is as wide as the teacher's boundary: every searched layer has a counterpart
+    assert extraction.not_copied == {}
+    assert len(extraction.copied) == 3 + cell0.depth + cell1.depth
     assert torch.equal(model.conv_stem.weight, sup0[f"{cell0.name}.layers.0.0.0.weight"])
     assert torch.equal(model.blocks[1][0].conv_dw.weight, sup0[f"{cell0.name}.layers.1.{ops0[0]}.conv_dw.weight"])
-    assert torch.equal(model.blocks[2][0].conv_dw.weight, sup1[f"{cell1.name}.layers.0.{ops1[0]}.conv_dw.weight"])
+    assert torch.equal(model.blocks[2][0].conv_pw.weight, sup1[f"{cell1.name}.layers.0.{ops1[0]}.conv_pw.weight"])
+    # BatchNorm statistics are those of the network's own features on a calibration batch, not the supernet's
+    data = eval_view(run.data)
+    images = data.images("train", positions=data.stratified("train", run.params.rating.calibration_size, run.params.seed))
+    with torch.no_grad():
+        stem = model.conv_stem(images)
+    assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(model.bn1.running_mean, sup0[f"{cell0.name}.layers.0.0.1.running_mean"], atol=1e-3)

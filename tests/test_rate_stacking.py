@@ -28,6 +28,8 @@ def test_stacked_rating_equals_naive(tmp_path, adapter, stack_bytes):
     space = _space(tmp_path)
     target = {"conv_bn": 20, "identity": 24, "other": 24}[adapter]
     net = space.build_cell(Cell(1, 2, 24), 16, target)
+    if adapter == "identity":
+        net.adapter = nn.Identity()
     if adapter == "other":
         net.adapter = nn.Sequential(nn.Conv2d(24, 20, 1), nn.BatchNorm2d(20), nn.ReLU())
         target = 20

@@ -254,7 +254,8 @@ def test_cell_supernet_path_matches_teacher_target(default_space, default_params
     cell = Cell(block, depth, width)
     torch.manual_seed(0)
     supernet = default_space.build_cell(cell, in_chs, target_chs).eval()
-    assert isinstance(supernet.adapter, nn.Identity) == (width == target_chs)
+    conv, norm = supernet.adapter  # the same head for every cell, whether or not its width is the target's
+    assert (conv.in_channels, conv.out_channels, norm.num_features) == (width, target_chs, target_chs)
     assert len(supernet.layers) == depth + (block == 0)
     assert all(len(choices) == 6 for choices in supernet.layers[supernet.num_fixed:])
 
@@ -284,3 +285,52 @@ def test_cell_supernet_full_path(default_space):
     later = default_space.build_cell(Cell(1, 2, 32), 24, 24)
     assert first.full_path((3,)) == (0, 3)
     assert later.full_path((3, 4)) == (3, 4)
+
+
+def test_every_cell_of_a_block_gets_the_same_kind_of_adapter(default_space):
+    """A cell as wide as the target and one narrower are scored through the same kind of head."""
+    same, other = default_space.build_cell(Cell(1, 1, 32), 24, 32), default_space.build_cell(Cell(1, 1, 32), 24, 40)
+    assert [type(m) for m in same.adapter] == [type(m) for m in other.adapter] == [nn.Conv2d, nn.BatchNorm2d]
+    assert same.adapter[0].weight.shape == (32, 32, 1, 1) and other.adapter[0].weight.shape == (40, 32, 1, 1)
+
+
+# subnet extraction -------------------------------------------------------------------------------------------------
+def test_extraction_copies_every_layer_with_a_counterpart_and_names_the_others(default_space, default_params):
+    """In the default space the student's widths differ from the teacher's: the first layer of each block after the
+    first saw the teacher's width in its supernet, so it has no counterpart; every other layer is copied whole."""
+    from dna.distill import build_block
+
+    shapes = teacher_shapes(default_params.teacher.model, IN_CHANS, IMAGE_SIZE, list(default_params.teacher.boundaries))
+    torch.manual_seed(0)
+    supernets = [build_block(default_space, b, shapes, IN_CHANS).state_dict() for b in range(default_space.num_blocks)]
+    choice = _random_choice(default_space, random.Random(3))
+    arch = default_space.arch(choice)
+    model = arch.build(NUM_CLASSES, IN_CHANS)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    extraction = default_space.extract(arch, supernets, model)
+
+    widths = [cell.width for cell, _ in choice]
+    mismatched = {f"blocks.{b + 1}.0": (shapes[b - 1][0], widths[b - 1]) for b in range(1, len(choice))
+                  if shapes[b - 1][0] != widths[b - 1]}
+    assert len(mismatched) == 3, "the default space's widths all differ from tinynet_e's"
+    assert set(extraction.not_copied) == set(mismatched)
+    for layer, (theirs, ours) in mismatched.items():
+        assert f"input width {theirs} in the supernet, {ours} in this network" in extraction.not_copied[layer]
+    assert extraction.no_counterpart == ["bn2", "classifier", "conv_head"]
+
+    state = model.state_dict()
+    expected_layers = ["conv_stem", "bn1", "blocks.0.0"] + [f"blocks.{b + 1}.{i}" for b, (c, _) in enumerate(choice)
+                                                             for i in range(c.depth)]
+    assert sorted(extraction.copied + list(mismatched)) == sorted(expected_layers)
+    for b, (cell, ops) in enumerate(choice):
+        offset = 1 if b == 0 else 0
+        for i, op in enumerate(ops):
+            dst, src = f"blocks.{b + 1}.{i}.", f"{cell.name}.layers.{i + offset}.{op}."
+            keys = [k for k in state if k.startswith(dst)]
+            assert keys
+            for k in keys:
+                if dst.rstrip(".") in mismatched:  # left whole as initialised, not a single tensor pasted in
+                    assert torch.equal(state[k], fresh[k]), k
+                else:
+                    assert torch.equal(state[k], supernets[b][src + k[len(dst):]]), k
+    assert extraction.tensors == sum(1 for k in state if k.startswith(tuple(f"{x}." for x in extraction.copied)))
