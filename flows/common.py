@@ -8,12 +8,20 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from dna.config import ConfigError, OrchestrationConfig, Params, detected_faults, load_params, parse_overrides
+from dna.config import (
+    ConfigError,
+    OrchestrationConfig,
+    Params,
+    detected_faults,
+    load_params,
+    parse_overrides,
+)
 
 # The params.yaml keys each stage reads: what dvc.yaml lists under each stage's `params` (a test keeps the two equal)
 # and what each stage's MLflow run logs as its params. Device, tracking and orchestration settings are left out on
@@ -29,6 +37,10 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "register": ["mlflow.registered_model", "mlflow.promote_metric"],
 }
 STAGES = list(STAGE_PARAMS)
+# The module that runs each stage (`python -m flows.<module>`, dvc.yaml's cmd): the stage's name, except where that
+# name is a standard-library module (a Prefect worker puts flows/ first on sys.path: flows/profile.py would shadow
+# the `profile` that cProfile, and so torch, imports).
+STAGE_MODULES: dict[str, str] = {**{stage: stage for stage in STAGES}, "profile": "latency_profile"}
 
 # Sections that determine the trained network; their hash tags a registered model version.
 RESULT_SECTIONS = ("seed", "data", "teacher", "space", "distill", "rating", "search", "profile", "retrain", "export")
@@ -118,11 +130,12 @@ def data_hash(params: Params, splits_file: str | Path) -> str:
 def git_commit(cwd: str | Path | None = None) -> str | None:
     """The checked-out commit, with '-dirty' when tracked files differ from it; None outside a git repository."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=False)
         if head.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
+                               capture_output=True, text=True, timeout=10, check=False)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -214,7 +227,7 @@ def setup_logging() -> None:
 
 
 def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | None = None) -> int:
-    """`python -m flows.<stage> [--params FILE] [--set KEY=VALUE ...]`: exit 0; 2 with one line on a bad config;
+    """`python -m flows.<module> [--params FILE] [--set KEY=VALUE ...]`: exit 0; 2 with one line on a bad config;
     1 with one line on a detected fault (corrupt checkpoint, diverging loss, failed ONNX parity, missing input)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", "-p", default="params.yaml", help="params file (default: params.yaml)")

@@ -1,8 +1,8 @@
 """The whole pipeline as one Prefect flow: `dvc repro` (or `dvc exp run -S key=value ...`) under one MLflow run.
 
-DVC decides what reruns; each stage it runs is its own flow in its own process (python -m flows.<stage>),
-reporting to the same Prefect server and nesting its MLflow run under this flow's run (through the environment
-variable DNA_MLFLOW_PARENT_RUN_ID). The register stage of dvc.yaml registers and promotes the model.
+DVC decides what reruns; each stage it runs is its own flow in its own process (python -m flows.<module>, its cmd
+in dvc.yaml), reporting to the same Prefect server and nesting its MLflow run under this flow's run (through the
+environment variable DNA_MLFLOW_PARENT_RUN_ID). The register stage of dvc.yaml registers and promotes the model.
 
     python -m flows.pipeline                          # dvc repro
     python -m flows.pipeline -S retrain.train.epochs=30   # dvc exp run -S retrain.train.epochs=30
@@ -17,14 +17,22 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
 
 from flows import artifacts
-from flows.common import RESULT_SECTIONS, check_dvc_params, flatten, load, prefect_api_url, setup_logging
+from flows.common import (
+    RESULT_SECTIONS,
+    check_dvc_params,
+    flatten,
+    load,
+    prefect_api_url,
+    setup_logging,
+)
 from flows.tracking import PARENT_ENV, stage_run, tracking_uri
 
 RAN = re.compile(r"Running stage '([^']+)'")

@@ -5,11 +5,17 @@ import os
 
 import pytest
 import yaml
-
 from pipeline_support import ROOT, tiny_raw
 
 from dna.config import ConfigError, OrchestrationConfig, parse_params
-from flows.common import STAGE_PARAMS, STAGES, make_task_runner, missing_dvc_params, pick
+from flows.common import (
+    STAGE_MODULES,
+    STAGE_PARAMS,
+    STAGES,
+    make_task_runner,
+    missing_dvc_params,
+    pick,
+)
 from flows.env import configure_environment, environment_defaults
 from flows.pipeline import dvc_command, stages_run
 from flows.tracking import artifact_location, tracking_uri
@@ -20,9 +26,9 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 def test_dvc_stages_are_the_flows_in_order_and_track_exactly_the_params_each_flow_reads():
     assert list(DVC["stages"]) == STAGES
     for name, stage in DVC["stages"].items():
-        assert stage["cmd"] == f"python -m flows.{name}"
+        assert stage["cmd"] == f"python -m flows.{STAGE_MODULES[name]}"
         assert stage["params"] == STAGE_PARAMS[name], name
-        assert f"flows/{name}.py" in stage["deps"], name
+        assert f"flows/{STAGE_MODULES[name]}.py" in stage["deps"], name
 
 
 def test_every_tracked_param_is_a_real_config_key_and_the_project_params_file_spells_them_out():
@@ -99,7 +105,6 @@ def test_nothing_listens_beyond_loopback_by_default(prefect_api):
     """The Prefect server the flows start and a local Dask cluster of worker processes (the default
     orchestration settings otherwise) listen on loopback addresses only."""
     import psutil
-
     from prefect import flow, task
 
     @task

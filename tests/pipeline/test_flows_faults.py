@@ -8,7 +8,6 @@ import json
 import pandas as pd
 import pytest
 import yaml
-
 from pipeline_support import clone_project, tiny_raw, working_directory, write_params
 
 pytestmark = pytest.mark.reliability
@@ -208,12 +207,13 @@ def test_a_bad_config_stops_every_stage_before_any_work(prefect_api, tmp_path, c
     """Each stage's own entry point (what `dvc repro` runs): exit 2, one line naming the key, nothing written."""
     import importlib
 
-    from flows.common import STAGES
+    from flows.common import STAGE_MODULES, STAGES
 
     raw = bad_project(tmp_path, {"search.budgets": {"macs": 1000}})
     with working_directory(tmp_path):
         for stage in STAGES:
-            assert importlib.import_module(f"flows.{stage}").main(["--params", "params.yaml"]) == 2, stage
+            module = importlib.import_module(f"flows.{STAGE_MODULES[stage]}")
+            assert module.main(["--params", "params.yaml"]) == 2, stage
             lines = error_lines(capsys)
             assert len(lines) == 1 and "search.budgets.macs" in lines[0] and "smallest" in lines[0], (stage, lines)
     assert_nothing_written(tmp_path, raw)

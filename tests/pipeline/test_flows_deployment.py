@@ -1,0 +1,161 @@
+"""The nightly deployment as the README runs it, through the real entry points: `prefect server start` on loopback,
+`prefect work-pool create`, `prefect --no-prompt deploy --all` with the project's prefect.yaml, `prefect worker start`
+and `prefect deployment run dna-pipeline/nightly`, on a git + DVC copy of the project with the tiny params.
+
+Only a real worker imports the entrypoint the way a deployment does (with flows/ first on sys.path);
+the in-process test server of the other tests does not."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pipeline_support import ROOT, tiny_raw, write_params
+
+pytestmark = pytest.mark.slow  # about five minutes: a Prefect server, a worker, and the whole tiny pipeline
+
+RUN_TIMEOUT_S = 600
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the process group (Prefect's worker ignores SIGTERM for a while), then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            stop(proc)
+
+
+def prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 180) -> str:
+    done = subprocess.run(["prefect", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A git + DVC repository with the project's dvc.yaml, prefect.yaml, flows, core code and the tiny params.yaml."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", "prefect.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("flows", "dna"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(repo / "params.yaml", tiny_raw())
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "tests@example.invalid")
+    git(repo, "config", "user.name", "tests")
+    for args in (("init", "-q"), ("config", "core.analytics", "false")):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "tiny project")
+    return repo
+
+
+@pytest.fixture
+def shell_env(tmp_path, project) -> dict[str, str]:
+    """The README's exports in a shell that has changed into the project; HOME is an empty folder to check that
+    nothing is written there."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the project is imported from its folder
+    env.update({
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "HOME": str(tmp_path / "home"),
+        "PWD": str(project),  # what a shell sets on `cd`; prefect.yaml reads it at deploy time
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    })
+    (tmp_path / "home").mkdir()
+    return env
+
+
+def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"prefect server exited:\n{tail(log)}"
+        with contextlib.suppress(OSError, ValueError):
+            if get_json(f"{api}/health") is True:
+                return
+        time.sleep(1)
+    raise AssertionError(f"prefect server not healthy after {timeout} s:\n{tail(log)}")
+
+
+def wait_finished(api: str, flow_run_id: str, worker: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    state: dict = {}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, urllib.error.HTTPError):
+            state = get_json(f"{api}/flow_runs/{flow_run_id}")["state"] or {}
+        if state.get("type") in TERMINAL:
+            return state
+        assert worker.poll() is None, f"prefect worker exited:\n{tail(log)}"
+        time.sleep(3)
+    raise AssertionError(f"flow run not finished after {RUN_TIMEOUT_S} s (state {state.get('name')}):\n{tail(log)}")
+
+
+def test_the_nightly_deployment_runs_the_pipeline_on_a_process_worker(tmp_path, project, shell_env):
+    env, api = shell_env, shell_env["PREFECT_API_URL"]
+    port = api.split(":")[-1].split("/")[0]
+    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    with background(["prefect", "server", "start", "--host", "127.0.0.1", "--port", port], project, env,
+                    server_log) as server:
+        wait_healthy(api, server, server_log)
+        prefect(env, project, "work-pool", "create", "dna-process", "--type", "process")
+        deployed = prefect(env, project, "--no-prompt", "deploy", "--all")
+        assert "dna-pipeline/nightly" in deployed, deployed
+        with background(["prefect", "worker", "start", "--pool", "dna-process"], project, env, worker_log) as worker:
+            started = prefect(env, project, "deployment", "run", "dna-pipeline/nightly")
+            flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
+            state = wait_finished(api, flow_run_id, worker, worker_log)
+        assert state["type"] == "COMPLETED", f"flow run {state.get('name')}: {state.get('message')}\n{tail(worker_log)}"
+    registration = json.loads((project / "outputs" / "register" / "registration.json").read_text())
+    assert registration["version"] == 1 and registration["champion"] == 1
+    assert (project / "dvc.lock").is_file() and (project / "mlflow.db").is_file()
+    assert sorted(p.name for p in Path(env["HOME"]).iterdir()) == [], "written to the home folder"
