@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
-from tqdm.auto import tqdm
 
 from dna.checkpoint import load_checkpoint
 from dna.config import DistillConfig
+from dna.progress import progress
 from dna.space import SearchSpace
 from dna.targets import TargetSource
 from dna.train import check_finite, resume_training, save_training
@@ -64,8 +64,8 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
         paths = torch.Generator().manual_seed(seed * 200_003 + block * 1_013 + epoch)
         sums = {c.name: 0.0 for c in cells}
         seen = 0
-        bar = tqdm(targets.pairs(block, "train", cfg.batch_size, shuffle=True, generator=shuffle),
-                   desc=f"block {block} epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        bar = progress(targets.pairs(block, "train", cfg.batch_size, shuffle=True, generator=shuffle),
+                       f"block {block} epoch {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(bar):
             x = x.contiguous(memory_format=torch.channels_last)
             losses = []

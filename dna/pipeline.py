@@ -19,9 +19,9 @@ from dna.arch import Arch, count_cost
 from dna.checkpoint import atomic_write_text, checkpoint_digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params
 from dna.data import Data, check_source, eval_view, has_images, load_data, write_splits
-from dna.paths import Paths
 from dna.distill import distill_block, load_block
 from dna.export import export_onnx
+from dna.paths import Paths
 from dna.rate import rate_block
 from dna.search import BudgetError, best_under, front_table, min_cost, pareto_front
 from dna.space import SearchSpace, build_space

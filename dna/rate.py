@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from tqdm.auto import tqdm
 
+from dna.progress import progress as progress_of
 from dna.space import CellSupernet, SearchSpace
 from dna.targets import TargetSource
 
@@ -195,7 +195,7 @@ def rate_cell(cell: CellSupernet, depth: int, calib: torch.Tensor, batches: Iter
                 scores.abs[key] = scores.abs.get(key, 0.0) + err
 
     first = True
-    for x, y in tqdm(_stacked(batches, stack_bytes), desc="rating", leave=False, disable=not progress):
+    for x, y in progress_of(_stacked(batches, stack_bytes), "rating", disable=not progress):
         scores.add_target(y)
         walk((), calib if first else None, x, y)
         first = False

@@ -15,10 +15,10 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dna.checkpoint import atomic_write_text
 from dna.data import Data
+from dna.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class TeacherTargets:
             arrays = [np.lib.format.open_memmap(self._file(split, lvl), mode="w+", dtype=np.float32, shape=(n, *s))
                       for lvl, s in enumerate(shapes)]
             start = 0
-            for x, _ in tqdm(self.data.loader(split, batch_size), desc=f"teacher features ({split})", leave=False):
+            for x, _ in progress(self.data.loader(split, batch_size), f"teacher features ({split})"):
                 for lvl, f in enumerate([x.to(self.device), *self.features(x)]):
                     arrays[lvl][start:start + len(x)] = f.cpu().numpy()
                 start += len(x)

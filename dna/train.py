@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
-from tqdm.auto import tqdm
 
 from dna.checkpoint import load_checkpoint, save_checkpoint
 from dna.config import TrainConfig
 from dna.data import Data
+from dna.progress import progress
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = {"sgd": "sgd", "momentum": "momentum", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsproptf"}
@@ -120,7 +120,7 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
         loader = data.loader("train", cfg.batch_size, shuffle=True,
                              generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         total, seen, correct = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        bar = progress(loader, f"{name} epoch {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
             logits = model(x)

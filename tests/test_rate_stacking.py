@@ -8,7 +8,6 @@ from torch import nn
 from dna.config import parse_params
 from dna.rate import rate_candidate_naive, rate_cell
 from dna.space import Cell, build_space
-
 from tests.conftest import tiny_raw
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from pipeline_support import tiny_raw, working_directory, write_params
 
 

@@ -6,7 +6,6 @@ import hashlib
 
 import pandas as pd
 import pytest
-
 from pipeline_support import clone_project, working_directory
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from pipeline_support import ROOT, run_python, tiny_raw, write_params
 
 from flows.common import STAGES

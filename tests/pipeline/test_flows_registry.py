@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from pipeline_support import run_python, tiny_raw, write_params
 
 from flows.registry import CHALLENGER, CHAMPION, PROMOTION_TAG, log_onnx_model, promote, promote_cli, register_version
