@@ -27,6 +27,7 @@ class Data:
     in_chans: int
     image_size: int
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # per split, aligned with its positions
+    class_names: list[str] = field(default_factory=list)  # by label; "0", "1", ... when the data names none
 
     def split(self, name: str) -> Dataset:
         return getattr(self, name)
@@ -161,6 +162,15 @@ def check_source(cfg: DataConfig) -> None:
         _torchvision(cfg, train=False, augment=False)
 
 
+def class_names(pool: Dataset, num_classes: int) -> list[str]:
+    """The names of the labels 0..num_classes-1: the dataset's `classes` (torchvision datasets, ImageFolder) when
+    it names them all, else the labels as text ("0", "1", ...; the digits)."""
+    names = getattr(pool, "classes", None)
+    if names is not None and len(names) >= num_classes:
+        return [str(n) for n in list(names)[:num_classes]]
+    return [str(i) for i in range(num_classes)]
+
+
 def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
     """Seeded, stratified, disjoint index lists into the training pool (and the test set when it is separate)."""
     _, _, test, labels = _sources(cfg)
@@ -175,8 +185,10 @@ def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
 
 def write_splits(cfg: DataConfig, seed: int, path: str | Path) -> dict:
     splits = make_splits(cfg, seed)
-    _, _, test, labels = _sources(cfg)
-    summary = {"source": cfg.source, "name": cfg.name, "seed": seed, "num_classes": int(labels.max()) + 1,
+    pool, _, test, labels = _sources(cfg)
+    num_classes = int(labels.max()) + 1
+    summary = {"source": cfg.source, "name": cfg.name, "seed": seed, "num_classes": num_classes,
+               "class_names": class_names(pool, num_classes),
                "sizes": {k: len(v) for k, v in splits.items()}, "separate_test_set": test is not None}
     atomic_write_text(path, json.dumps({**summary, "splits": splits}))
     return summary
@@ -189,10 +201,11 @@ def load_data(cfg: DataConfig, splits_path: str | Path) -> Data:
     train = Subset(pool, idx["train"])
     split_labels = {"train": labels[idx["train"]], "rate": labels[idx["rate"]],
                     "test": _targets(test) if test is not None else labels[idx["test"]]}
+    names = saved.get("class_names") or [str(i) for i in range(saved["num_classes"])]  # older files name none
     return Data(train=train, rate=Subset(pool_eval, idx["rate"]),
                 test=test if test is not None else Subset(pool_eval, idx["test"]),
                 num_classes=saved["num_classes"], in_chans=cfg.channels, image_size=cfg.image_size,
-                labels=split_labels)
+                labels=split_labels, class_names=list(names))
 
 
 def eval_view(data: Data) -> Data:
@@ -200,4 +213,5 @@ def eval_view(data: Data) -> Data:
     train = data.train
     if isinstance(train, Subset) and isinstance(data.rate, Subset) and train.dataset is not data.rate.dataset:
         train = Subset(data.rate.dataset, train.indices)
-    return Data(train, data.rate, data.test, data.num_classes, data.in_chans, data.image_size, data.labels)
+    return Data(train, data.rate, data.test, data.num_classes, data.in_chans, data.image_size, data.labels,
+                data.class_names)

@@ -1,7 +1,13 @@
-"""ONNX export with metadata, checker validation and an onnxruntime parity check."""
+"""ONNX export with metadata, checker validation and an onnxruntime parity check.
+
+The exported graph answers, per image, the model's `logits`, the class `probabilities` (softmax over the classes)
+and the predicted `class_index` (int64); the class names it was trained on are in its metadata (`class_names`,
+a JSON list indexed by class_index).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +20,9 @@ from dna.checkpoint import staged_file
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+PROBABILITIES = "probabilities"
+CLASS_INDEX = "class_index"
+OUTPUT_NAMES = (OUTPUT_NAME, PROBABILITIES, CLASS_INDEX)
 
 
 @dataclass(frozen=True)
@@ -39,14 +48,19 @@ def export_onnx(
     metadata: dict[str, str],
     atol: float = 1e-4,
     opset: int = 18,
+    class_names: list[str] | None = None,
 ) -> ExportReport:
     """Export ``model`` (in eval mode) to a single self-contained ONNX file at ``path``.
 
-    The file only appears at ``path`` once the checker and the parity check on two
-    batch sizes have passed. On a parity failure any previous file at ``path`` is
-    removed too, so a stale export cannot be mistaken for this one.
+    The graph's outputs are OUTPUT_NAMES; ``class_names`` (one per logit) go into the
+    metadata as a JSON list. The file only appears at ``path`` once the checker and the
+    parity check (logits and probabilities, on two batch sizes) have passed. On a parity
+    failure any previous file at ``path`` is removed too, so a stale export cannot be
+    mistaken for this one.
     """
     path = Path(path)
+    if class_names is not None:
+        metadata = {**metadata, "class_names": json.dumps([str(n) for n in class_names])}
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -66,6 +80,9 @@ def export_onnx(
             verbose=False,
         )
         proto = program.model_proto
+        add_prediction_outputs(proto)
+        if class_names is not None:
+            _check_class_count(model, probe, len(class_names))
         onnx.helper.set_model_props(
             proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata}
         )
@@ -89,13 +106,45 @@ def export_onnx(
     return ExportReport(path=path, max_abs_diff=diff, opset=opset_used, num_images=len(images))
 
 
-def _max_abs_diff(model: torch.nn.Module, session: ort.InferenceSession, batch: torch.Tensor) -> float:
+def add_prediction_outputs(proto: onnx.ModelProto) -> None:
+    """Append `probabilities` (Softmax of the logits over classes) and `class_index` (their ArgMax, int64, one per
+    image) to the graph's outputs, after `logits`."""
+    graph = proto.graph
+    (logits,) = [o for o in graph.output if o.name == OUTPUT_NAME]
+    taken = {name for node in graph.node for name in node.output} | {v.name for v in graph.input}
+    if taken & {PROBABILITIES, CLASS_INDEX}:
+        raise ValueError(f"the exported graph already has a value named {PROBABILITIES!r} or {CLASS_INDEX!r}")
+    graph.node.extend([
+        onnx.helper.make_node("Softmax", [OUTPUT_NAME], [PROBABILITIES], name="dna_probabilities", axis=1),
+        onnx.helper.make_node("ArgMax", [OUTPUT_NAME], [CLASS_INDEX], name="dna_class_index", axis=1, keepdims=0),
+    ])
+    probabilities = onnx.ValueInfoProto()
+    probabilities.CopyFrom(logits)
+    probabilities.name = PROBABILITIES
+    batch = logits.type.tensor_type.shape.dim[0]
+    index = onnx.helper.make_tensor_value_info(CLASS_INDEX, onnx.TensorProto.INT64,
+                                               [batch.dim_param or batch.dim_value or None])
+    graph.output.extend([probabilities, index])
+
+
+def _check_class_count(model: torch.nn.Module, probe: torch.Tensor, count: int) -> None:
     with torch.no_grad():
-        expected = model(batch.to(_device(model))).float().cpu().numpy()
-    actual = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    if actual.shape != expected.shape:
+        width = model(probe[:1].to(_device(model))).shape[1]
+    if width != count:
+        raise ValueError(f"{count} class names for a model with {width} outputs")
+
+
+def _max_abs_diff(model: torch.nn.Module, session: ort.InferenceSession, batch: torch.Tensor) -> float:
+    """The largest difference of logits and probabilities from PyTorch's; inf when a shape differs or class_index
+    is not the argmax of the logits."""
+    with torch.no_grad():
+        logits = model(batch.to(_device(model))).float().cpu()
+    expected = (logits.numpy(), torch.softmax(logits, dim=1).numpy())
+    actual = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
+    if any(a.shape != e.shape for a, e in zip(actual, expected)) or actual[2].shape != (len(batch),) \
+            or not np.array_equal(actual[2], actual[0].argmax(axis=1)):
         return float("inf")
-    return float(np.max(np.abs(actual - expected), initial=0.0))
+    return max(float(np.max(np.abs(a - e), initial=0.0)) for a, e in zip(actual, expected))
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -111,6 +160,34 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def class_names(path: str | Path) -> list[str] | None:
+    """The class names recorded at export (by class_index), or None for an export without them."""
+    names = read_metadata(path).get("class_names")
+    return json.loads(names) if names is not None else None
+
+
+def onnx_outputs(path: str | Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the graph by name (logits, probabilities, class_index for an export of this module)."""
+    session = _session(path)
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+    return dict(zip(names, values))
+
+
 def onnx_predict(path: str | Path, images: np.ndarray) -> np.ndarray:
+    """The logits."""
     session = _session(path)
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+
+def onnx_accuracy(path: str | Path, batches) -> float:
+    """Top-1 accuracy of the ONNX model in ONNX Runtime over (images, labels) batches (a DataLoader), one batch
+    in memory at a time."""
+    session = _session(path)
+    correct = total = 0
+    for images, labels in batches:
+        feed = {INPUT_NAME: np.ascontiguousarray(np.asarray(images), dtype=np.float32)}
+        predicted = session.run([OUTPUT_NAME], feed)[0].argmax(axis=1)
+        correct += int((predicted == np.asarray(labels)).sum())
+        total += len(labels)
+    return correct / max(total, 1)

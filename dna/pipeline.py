@@ -20,7 +20,7 @@ from dna.checkpoint import atomic_write_text, checkpoint_digest, file_digest, sa
 from dna.config import ConfigError, Params
 from dna.data import Data, check_source, eval_view, has_images, load_data, write_splits
 from dna.distill import distill_block, load_block
-from dna.export import export_onnx
+from dna.export import export_onnx, onnx_accuracy
 from dna.paths import Paths
 from dna.rate import rate_block
 from dna.search import BudgetError, best_under, front_table, min_cost, pareto_front
@@ -31,6 +31,7 @@ from dna.train import resolve_device, train_classifier
 
 log = logging.getLogger(__name__)
 EpochHook = Callable[[dict], None] | None
+EVAL_BATCH_SIZE = 256  # images per batch when evaluating a whole split (the test split may not fit in memory)
 
 
 def digest(*parts) -> str:
@@ -319,6 +320,8 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
 
 
 def stage_export(run: Run) -> dict:
+    """Export the retrained student to ONNX (with the class names of the data), check parity, and measure its test
+    accuracy in ONNX Runtime batch by batch."""
     from dna.checkpoint import load_checkpoint
 
     state = load_checkpoint(run.paths.model)
@@ -330,12 +333,9 @@ def stage_export(run: Run) -> dict:
     metadata = {"arch": arch.tag(), "arch_yaml": arch.to_yaml(), "test_accuracy": f"{retrain['test_accuracy']:.6f}",
                 "params": str(retrain["params"]), "macs": str(retrain["macs"]),
                 "input": json.dumps({"channels": run.data.in_chans, "size": run.data.image_size})}
-    report = export_onnx(model, images, run.paths.onnx, metadata, atol=run.params.export.atol, opset=run.params.export.opset)
-    from dna.export import onnx_predict
-
-    logits = onnx_predict(run.paths.onnx, run.data.images("test").numpy())
-    labels = torch.tensor([int(y) for _, y in run.data.test])
-    onnx_acc = float((torch.from_numpy(logits).argmax(1) == labels).float().mean())
+    report = export_onnx(model, images, run.paths.onnx, metadata, atol=run.params.export.atol,
+                         opset=run.params.export.opset, class_names=run.data.class_names)
+    onnx_acc = onnx_accuracy(run.paths.onnx, run.data.loader("test", EVAL_BATCH_SIZE))
     metrics = {"max_abs_diff": report.max_abs_diff, "parity_images": report.num_images, "opset": report.opset,
                "onnx_test_accuracy": onnx_acc, "atol": run.params.export.atol}
     write_json(run.paths.export_dir / "metrics.json", metrics)

@@ -155,23 +155,32 @@ def onnx_requirements() -> list[str]:
     return [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
 
 
-def log_onnx_model(onnx_path: str | Path, sample, name: str = "model"):
+def log_onnx_model(onnx_path: str | Path, sample, name: str = "model", example_images: int = 2):
     """Log an ONNX file to the active MLflow run as a model; returns its ModelInfo (model_uri: models:/<id>).
 
-    `sample` is a small batch of inputs (numpy); the signature is inferred from it and the model's outputs.
+    `sample` is a small batch of real inputs (numpy); the signature is inferred from it and every output of the model
+    (logits, probabilities, class_index for an export of dna.export), and its first `example_images` are the input
+    example. The model's metadata carries the export's arch, accuracy, cost and class names (a list, by class_index).
     """
+    import json
+
     import mlflow
     import numpy as np
     import onnx
     from mlflow.models import infer_signature
 
-    from dna.export import onnx_predict
+    from dna.export import onnx_outputs
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    signature = infer_signature(sample, onnx_predict(onnx_path, sample))
+    signature = infer_signature(sample, onnx_outputs(onnx_path, sample))
     proto = onnx.load(str(onnx_path))  # log_model rewrites the proto it is given: load a fresh one each time
-    metadata = {p.key: p.value for p in proto.metadata_props if p.key in ("arch", "test_accuracy", "params", "macs")}
-    return mlflow.onnx.log_model(proto, name=name, signature=signature, pip_requirements=onnx_requirements(),
+    props = {p.key: p.value for p in proto.metadata_props}
+    metadata = {k: v for k, v in props.items() if k in ("arch", "test_accuracy", "params", "macs")}
+    if "class_names" in props:
+        metadata["class_names"] = json.loads(props["class_names"])
+    example = sample[:example_images] if example_images > 0 else None
+    return mlflow.onnx.log_model(proto, name=name, signature=signature, input_example=example,
+                                 pip_requirements=onnx_requirements(),
                                  onnx_execution_providers=["CPUExecutionProvider"], metadata=metadata)
 
 

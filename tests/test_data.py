@@ -77,11 +77,13 @@ def test_digits_load_shapes_labels_and_normalisation(tmp_path, digits_target, si
     summary = write_splits(cfg, 0, path)
     saved = json.loads(path.read_text())
     assert summary["num_classes"] == saved["num_classes"] == 10
+    assert summary["class_names"] == saved["class_names"] == [str(i) for i in range(10)]
     assert summary["sizes"] == {k: len(saved["splits"][k]) for k in SPLITS}
     assert summary["separate_test_set"] is False
 
     data = load_data(cfg, path)
     assert (data.num_classes, data.in_chans, data.image_size) == (10, channels, size)
+    assert data.class_names == [str(i) for i in range(10)]
     assert [len(data.split(k)) for k in SPLITS] == [len(saved["splits"][k]) for k in SPLITS]
     for name in SPLITS:
         x, y = data.split(name)[5]
@@ -148,6 +150,7 @@ def test_imagefolder_with_train_and_val(tmp_path, image_tree, channels):
     summary = write_splits(cfg, 0, tmp_path / "splits.json")
     assert summary["separate_test_set"] is True and summary["num_classes"] == 2
     data = load_data(cfg, tmp_path / "splits.json")
+    assert summary["class_names"] == data.class_names == sorted(CLASSES)  # the folder names, by label
     assert (len(data.train), len(data.rate), len(data.test)) == (9, 3, 4)
     labels = {name: [int(data.split(name)[i][1]) for i in range(len(data.split(name)))] for name in SPLITS}
     assert set(labels["rate"]) == {0, 1} and set(labels["train"]) == {0, 1}  # stratified
@@ -167,6 +170,17 @@ def test_imagefolder_without_subfolders_splits_the_pool(tmp_path, flat_image_tre
     for name in SPLITS:
         _check_labels_follow_folders(data.split(name), 1)
         assert {int(data.split(name)[i][1]) for i in range(len(data.split(name)))} == {0, 1}
+
+
+def test_class_names_come_from_the_split_file_and_older_files_without_them_get_the_labels(tmp_path, image_tree):
+    cfg = DataConfig(source="imagefolder", root=str(image_tree), image_size=16, channels=1, rate_fraction=0.25)
+    path = tmp_path / "splits.json"
+    write_splits(cfg, 0, path)
+    saved = json.loads(path.read_text())
+    assert load_data(cfg, path).class_names == ["ants", "bees"]
+    del saved["class_names"]  # a split file written before class names were recorded
+    path.write_text(json.dumps(saved))
+    assert load_data(cfg, path).class_names == ["0", "1"]
 
 
 def test_has_images(tmp_path):

@@ -8,7 +8,16 @@ from timm.layers import get_act_layer
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.efficientnet import EfficientNet
 
-from dna.export import ExportReport, ParityError, export_onnx, onnx_predict, read_metadata
+from dna.export import (
+    ExportReport,
+    ParityError,
+    class_names,
+    export_onnx,
+    onnx_accuracy,
+    onnx_outputs,
+    onnx_predict,
+    read_metadata,
+)
 
 ARCH = [["ds_r1_k3_s1_c16_se0.25"], ["ir_r1_k5_s2_e3_c24_se0.25"], ["ir_r1_k3_s2_e6_c40_se0.25"]]
 METADATA = {"arch": "ds_r1_k3_s1_c16_se0.25|ir_r1_k5_s2_e3_c24_se0.25", "dataset": "mnist", "top1": "0.981"}
@@ -68,7 +77,7 @@ def test_report_and_single_self_contained_file(exported):
         t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
     )
     assert [i.name for i in proto.graph.input] == ["images"]
-    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "class_index"]
 
 
 def test_metadata_round_trips(exported):
@@ -89,6 +98,56 @@ def test_batch_dimension_is_dynamic(exported):
             expected = model(images).numpy()
         assert logits.shape == (n, 10)
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_probabilities_and_class_index_per_image(exported):
+    model, report = exported
+    images = _images(5, seed=5)
+    out = onnx_outputs(report.path, images.numpy())
+    assert list(out) == ["logits", "probabilities", "class_index"]
+    with torch.no_grad():
+        logits = copy.deepcopy(model).eval()(images)
+    np.testing.assert_allclose(out["probabilities"], torch.softmax(logits, 1).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    assert out["class_index"].dtype == np.int64 and out["class_index"].shape == (5,)
+    np.testing.assert_array_equal(out["class_index"], out["logits"].argmax(axis=1))
+    assert class_names(report.path) is None  # none were given
+
+
+def test_class_names_recorded_and_checked_against_the_outputs(tmp_path):
+    names = [f"class {i}" for i in range(10)]
+    report = export_onnx(_tiny_convnet(), _images(2), tmp_path / "named.onnx", {"k": "v"}, class_names=names)
+    assert class_names(report.path) == names
+    assert read_metadata(report.path)["k"] == "v"
+    with pytest.raises(ValueError, match="3 class names for a model with 10 outputs"):
+        export_onnx(_tiny_convnet(), _images(2), tmp_path / "wrong.onnx", {}, class_names=["a", "b", "c"])
+    assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_accuracy_batch_by_batch_equals_the_whole_split_at_once(tmp_path):
+    """Evaluated through a DataLoader smaller than the split, with at most one earlier batch still alive whenever
+    the next one is made (no batch is kept), the accuracy is that of all images in one run."""
+    import weakref
+
+    from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+    report = export_onnx(_tiny_convnet(), _images(2), tmp_path / "m.onnx", {})
+    images = _images(23, seed=4)
+    logits = onnx_predict(report.path, images.numpy())
+    labels = torch.from_numpy(logits.argmax(axis=1))
+    labels[::3] = (labels[::3] + 1) % 10  # a third of them wrong
+    expected = int((torch.from_numpy(logits).argmax(1) == labels).sum()) / len(labels)
+    alive, peak = [], []
+
+    def collate(items):
+        batch = default_collate(items)
+        peak.append(sum(ref() is not None for ref in alive))
+        alive.append(weakref.ref(batch[0]))
+        return batch
+
+    loader = DataLoader(TensorDataset(images, labels), batch_size=5, collate_fn=collate)
+    assert onnx_accuracy(report.path, loader) == expected
+    assert 0 < expected < 1 and len(alive) == 5 and max(peak) <= 1
 
 
 def test_single_image_export(tmp_path):

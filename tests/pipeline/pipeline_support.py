@@ -92,3 +92,13 @@ def run_python(code: str, cwd: Path, timeout: int = 300) -> subprocess.Completed
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([PYTHON, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def retrain_smallest_student(run) -> dict:
+    """The search's output without the search: the smallest network of the space as the chosen arch; then the real
+    retrain stage (one epoch in the tiny configuration). Returns its metrics."""
+    from dna.pipeline import choice_of, stage_retrain, stage_tables
+
+    arch = choice_of(run.space, stage_tables(run.space, scored=False), (0,) * (run.space.num_blocks + 2))
+    arch.save(run.paths.arch)
+    return stage_retrain(run)

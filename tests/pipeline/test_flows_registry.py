@@ -1,4 +1,7 @@
-"""The model registry on a SQLite MLflow store: promotion rules, the promote CLI, and loading the champion."""
+"""The model registry on a SQLite MLflow store: promotion rules, the promote CLI, and loading the champion.
+
+The rules are exercised on small hand-built linear ONNX models; a real exported student is promoted to champion and
+served in test_serve.py."""
 from __future__ import annotations
 
 import json
