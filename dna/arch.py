@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,11 @@ import torch
 import yaml
 from timm.layers import get_act_layer
 from timm.models._efficientnet_blocks import SqueezeExcite
-from timm.models._efficientnet_builder import EfficientNetBuilder, decode_arch_def
+from timm.models._efficientnet_builder import (
+    EfficientNetBuilder,
+    _decode_block_str,
+    decode_arch_def,
+)
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
@@ -18,6 +23,30 @@ ACT = "swish"
 
 def _same_width(channels: int, *_, **__) -> int:
     return int(channels)
+
+
+def _token_key(token: str) -> str | None:
+    """The option a token of a block string sets, read as timm's `_decode_block_str` reads it."""
+    if token in ("skip", "noskip") or token.startswith("n"):
+        return None
+    parts = re.split(r"(\d.*)", token)
+    return parts[0] if len(parts) >= 2 else None
+
+
+def expand_repeats(block: str) -> list[str]:
+    """`ir_r2_k3_s2_e3_c40` -> [`ir_r1_k3_s2_e3_c40`, `ir_r1_k3_s1_e3_c40`]: one string per layer.
+
+    The repeat count is timm's; copies after the first get stride 1, as timm's builder gives them. Every other token
+    is kept, in its place.
+    """
+    kind, *tokens = block.split("_")
+    repeats = _decode_block_str(block)[1]
+
+    def layer(first: bool) -> str:
+        out = ["r1" if _token_key(t) == "r" else t if first or _token_key(t) != "s" else "s1" for t in tokens]
+        return "_".join([kind, *out])
+
+    return [layer(i == 0) for i in range(repeats)]
 
 
 def build_layers(block_strings: list[str], in_chs: int) -> nn.Sequential:
@@ -29,6 +58,12 @@ def build_layers(block_strings: list[str], in_chs: int) -> nn.Sequential:
 
 @dataclass(frozen=True)
 class Arch:
+    """A whole network: stem width, stages of timm block strings, head width.
+
+    Repeats (`_rN`) are expanded on construction, so every layer is one `_r1` string: the same network compares
+    equal however its repeats were written, and files and tags carry this canonical form.
+    """
+
     stem: int
     stages: tuple[tuple[str, ...], ...]
     head: int
@@ -43,6 +78,8 @@ class Arch:
                     decode_arch_def([[block]])
                 except Exception as exc:  # timm raises assertion/key/value errors on malformed strings
                     raise ValueError(f"arch: invalid timm block string {block!r} in stage {i} ({exc!r})") from None
+        expanded = tuple(tuple(layer for block in stage for layer in expand_repeats(block)) for stage in self.stages)
+        object.__setattr__(self, "stages", expanded)
 
     def to_dict(self) -> dict:
         return {"stem": self.stem, "head": self.head, "arch": [list(s) for s in self.stages]}

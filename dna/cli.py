@@ -214,14 +214,22 @@ def promote(params: Path = ParamsOpt, version: Optional[int] = typer.Option(
     raise typer.Exit(promote_cli(params, version, withdraw))
 
 
+def _space(cfg: Params):
+    """The configured space, with the class count of the data (or data.num_classes when the data is not here)."""
+    from dna.data import class_count
+    from dna.paths import Paths
+    from dna.space import build_space
+
+    num_classes = class_count(cfg.data, Paths(cfg.out_dir).splits)
+    return build_space(cfg.space, cfg.data.channels, cfg.data.image_size, num_classes)
+
+
 @app.command()
 @_guard
 def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Per block: its cells, candidates per cell and per block, and the size of the whole space."""
-    from dna.space import build_space
-
     cfg = _load(params, set_, deep=False)
-    s = build_space(cfg.space, cfg.data.channels, cfg.data.image_size, 10)
+    s = _space(cfg)
     table = Table(title=f"search space ({len(cfg.space.ops)} ops per layer)")
     for col in ("block", "stride", "cells (depth x width: candidates)", "candidates"):
         table.add_column(col)
@@ -239,23 +247,24 @@ def arch_cost(arch_file: Path = typer.Argument(..., help="architecture YAML (ste
               params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Parameters and multiply-adds of an architecture, and whether it belongs to the configured space."""
     from dna.arch import Arch, count_cost
-    from dna.space import build_space
 
     cfg = _load(params, set_, deep=False)
     try:
         arch = Arch.load(arch_file)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{arch_file}: {exc}") from None
-    num_classes = 10
-    model = arch.build(num_classes, cfg.data.channels)
+    space = _space(cfg)
+    model = arch.build(space.num_classes, cfg.data.channels)
     n, macs, _ = count_cost(model, (1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
     Console().print(f"{arch_file}: {n:,} parameters, {macs:,} multiply-adds at {cfg.data.channels}x"
-                    f"{cfg.data.image_size}x{cfg.data.image_size} ({num_classes} classes)")
-    problems = build_space(cfg.space, cfg.data.channels, cfg.data.image_size, num_classes).outside(arch)
-    if problems:
-        Console().print("not in the configured search space:\n  " + "\n  ".join(problems))
+                    f"{cfg.data.image_size}x{cfg.data.image_size} ({space.num_classes} classes)", soft_wrap=True)
+    answer = space.membership(arch)
+    member = all(inside for inside, _ in answer)
+    Console().print(("member of" if member else "not in") + " the configured search space:", highlight=False)
+    for inside, why in answer:
+        Console().print(f"  {'ok ' if inside else 'NO '} {why}", highlight=False, markup=False, soft_wrap=True)
+    if not member:
         raise typer.Exit(1)
-    Console().print("member of the configured search space")
 
 
 def main() -> None:  # pragma: no cover

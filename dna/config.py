@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -36,6 +45,7 @@ class DataConfig(Strict):
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
     root: str | None = None
     download: bool = False
+    num_classes: PositiveInt | None = None  # used when the data is absent (e.g. inspecting a preset); checked against it
     image_size: PositiveInt = 32
     channels: Literal[1, 3] = 1
     rate_fraction: Fraction = 0.1
@@ -61,6 +71,14 @@ class DataConfig(Strict):
         if self.rate_fraction + self.test_fraction >= 0.9:
             raise ValueError("data.rate_fraction + data.test_fraction must leave at least 10% for training")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """Unset num_classes is left out, so configs without it dump (and fingerprint) as they did before the key."""
+        out = handler(self)
+        if self.num_classes is None:
+            out.pop("num_classes", None)
+        return out
 
 
 class TrainConfig(Strict):

@@ -171,6 +171,47 @@ def class_names(pool: Dataset, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+def _classes_in_data(cfg: DataConfig) -> tuple[int, str] | None:
+    """(number of classes, where it was read) from the dataset itself, or None when it is not on this machine."""
+    if cfg.source == "digits":
+        from sklearn.datasets import load_digits
+
+        return int(load_digits().target.max()) + 1, "scikit-learn's digits"
+    if not cfg.root or not Path(cfg.root).is_dir():
+        return None
+    if cfg.source == "imagefolder":
+        from torchvision.datasets.folder import find_classes
+
+        root = Path(cfg.root)
+        classes, _ = find_classes(root / "train" if (root / "train").is_dir() else root)
+        return len(classes), f"the class folders of {root}"
+    try:
+        pool = _torchvision(cfg.model_copy(update={"download": False}), train=True, augment=False)
+    except ConfigError:  # torchvision's "Dataset not found": the root exists but holds no copy
+        return None
+    return int(_targets(pool).max()) + 1, f"{cfg.name} in {cfg.root}"
+
+
+def class_count(cfg: DataConfig, splits_path: str | Path | None = None) -> int:
+    """The number of classes: from the data when it is here (a run's splits, else the dataset), else data.num_classes.
+
+    Raises ConfigError when neither is known, or when data.num_classes disagrees with the data.
+    """
+    found = None
+    if splits_path is not None and Path(splits_path).is_file():
+        found = json.loads(Path(splits_path).read_text())["num_classes"], str(splits_path)
+    found = found or _classes_in_data(cfg)
+    if found is None:
+        if cfg.num_classes is None:
+            raise ConfigError(f"data.num_classes is not set and the data is not here (data.root={cfg.root!r}) to count "
+                              "its classes: set data.num_classes")
+        return cfg.num_classes
+    count, source = found
+    if cfg.num_classes is not None and cfg.num_classes != count:
+        raise ConfigError(f"data.num_classes={cfg.num_classes} but the data has {count} classes ({source})")
+    return count
+
+
 def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
     """Seeded, stratified, disjoint index lists into the training pool (and the test set when it is separate)."""
     _, _, test, labels = _sources(cfg)

@@ -18,7 +18,7 @@ from dna import plots
 from dna.arch import Arch, count_cost
 from dna.checkpoint import atomic_write_text, checkpoint_digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params
-from dna.data import Data, check_source, eval_view, has_images, load_data, write_splits
+from dna.data import Data, check_source, class_count, eval_view, has_images, load_data, write_splits
 from dna.distill import distill_block, load_block
 from dna.export import export_onnx, onnx_accuracy
 from dna.paths import Paths
@@ -68,11 +68,7 @@ class Run:
 
     @cached_property
     def num_classes(self) -> int:
-        if self.paths.splits.is_file():
-            return json.loads(self.paths.splits.read_text())["num_classes"]
-        from dna.data import _sources
-
-        return int(_sources(self.params.data)[3].max()) + 1
+        return class_count(self.params.data, self.paths.splits)
 
     def teacher_targets(self) -> TeacherTargets:
         teacher = load_teacher(self.params, self.paths.teacher, self.device)

@@ -19,7 +19,7 @@ from timm.layers import create_classifier, create_conv2d, get_act_layer, get_nor
 from timm.models._efficientnet_builder import _decode_block_str
 from torch import nn
 
-from dna.arch import ACT, Arch, build_layers, count_cost
+from dna.arch import ACT, Arch, build_layers, count_cost, expand_repeats
 from dna.config import SpaceConfig
 
 _FIXED = re.compile(r"^[rsc]\d")
@@ -130,6 +130,7 @@ class SearchSpace(Protocol):
     def outside(self, arch: Arch) -> list[str]: ...
     def parse(self, arch: Arch) -> list[tuple[Cell, tuple[int, ...]]]: ...
     def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction: ...
+    def membership(self, arch: Arch) -> list[tuple[bool, str]]: ...
 
 
 class MBConvSpace:
@@ -166,32 +167,47 @@ class MBConvSpace:
         stages = [tuple(self.cfg.first_stage)] + [tuple(self.layer_strings(c, ops)) for c, ops in choice]
         return Arch(stem=self.cfg.stem, stages=tuple(stages), head=self.cfg.head)
 
-    def outside(self, arch: Arch) -> list[str]:
-        """Where an architecture leaves this space; empty when it is a member."""
-        problems = []
-        if arch.stem != self.cfg.stem:
-            problems.append(f"stem: {arch.stem} channels, the space has {self.cfg.stem}")
-        if arch.head != self.cfg.head:
-            problems.append(f"head: {arch.head} channels, the space has {self.cfg.head}")
-        if list(arch.stages[:1]) != [tuple(self.cfg.first_stage)]:
-            problems.append(f"first stage: {list(arch.stages[:1])}, the space fixes {[self.cfg.first_stage]}")
+    def _layer_choices(self, block: int, position: int, width: int) -> list[str]:
+        """The layer string of each op at this position of a block, at this width."""
+        stride = self.cfg.blocks[block].stride if position == 0 else 1
+        return [layer_string(op, stride, width) for op in self.ops]
+
+    def _layer_op(self, block: int, position: int, width: int, layer: str) -> int | None:
+        """Which op a layer is (compared as timm decodes it, so token order and defaults do not matter), or None."""
+        made = _decode_block_str(layer)[0]
+        return next((o for o, s in enumerate(self._layer_choices(block, position, width)) if _decode_block_str(s)[0] == made),
+                    None)
+
+    def membership(self, arch: Arch) -> list[tuple[bool, str]]:
+        """Stem, head, first stage, then per searched block its cell and per layer its op: (in the space, why)."""
+        cfg = self.cfg
+        out = [(arch.stem == cfg.stem, f"stem: {arch.stem} channels, the space has {cfg.stem}"),
+               (arch.head == cfg.head, f"head: {arch.head} channels, the space has {cfg.head}")]
+        first = list(arch.stages[0]) if arch.stages else []
+        fixed = [layer for s in cfg.first_stage for layer in expand_repeats(s)]
+        decoded = [[_decode_block_str(s)[0] for s in layers] for layers in (first, fixed)]
+        same = decoded[0] == decoded[1]
+        out.append((same, f"first stage: {first} " + ("builds" if same else "differs from") + f" the space's {fixed}"))
         searched = arch.stages[1:]
         if len(searched) != self.num_blocks:
-            problems.append(f"{len(searched)} searched stages, the space has {self.num_blocks} blocks")
+            out.append((False, f"{len(searched)} searched stages, the space has {self.num_blocks} blocks"))
         for block, layers in enumerate(searched[: self.num_blocks]):
-            widths = {c.width for c in self.cells(block)}
-            width = _decode_block_str(layers[-1])[0]["out_chs"]
-            cell = Cell(block, len(layers), width)
-            if cell not in self.cells(block):
-                problems.append(f"block {block}: depth {len(layers)} width {width} is not a cell of this block "
-                                f"(cells: {', '.join(c.name for c in self.cells(block))}; widths {sorted(widths)})")
-                continue
-            allowed = {self.layer_strings(cell, (o,) * len(layers))[i]: o for i in range(len(layers)) for o in range(len(self.ops))}
+            cells = self.cells(block)
+            cell = Cell(block, len(layers), _decode_block_str(layers[-1])[0]["out_chs"])
+            where = f"block {block}: depth {cell.depth} width {cell.width}"
+            known = f"cells: {', '.join(c.name for c in cells)}; widths {sorted({c.width for c in cells})}"
+            out.append((True, f"{where} is cell {cell.name}") if cell in cells else
+                       (False, f"{where} is not a cell of this block ({known})"))
             for i, s in enumerate(layers):
-                if s not in allowed or self.layer_strings(cell, (allowed[s],) * len(layers))[i] != s:
-                    problems.append(f"block {block} layer {i}: {s!r} is not one of this layer's ops "
-                                    f"({', '.join(self.layer_strings(cell, (o,) * len(layers))[i] for o in range(len(self.ops)))})")
-        return problems
+                op = self._layer_op(block, i, cell.width, s)
+                allowed = ", ".join(self._layer_choices(block, i, cell.width))
+                out.append((True, f"block {block} layer {i}: {s!r} is op {self.ops[op]}") if op is not None else
+                           (False, f"block {block} layer {i}: {s!r} is not one of this layer's ops ({allowed})"))
+        return out
+
+    def outside(self, arch: Arch) -> list[str]:
+        """Where an architecture leaves this space; empty when it is a member."""
+        return [why for inside, why in self.membership(arch) if not inside]
 
     def parse(self, arch: Arch) -> list[tuple[Cell, tuple[int, ...]]]:
         """The (cell, ops) of each block of a member architecture."""
@@ -200,9 +216,7 @@ class MBConvSpace:
         choice = []
         for block, layers in enumerate(arch.stages[1:]):
             cell = Cell(block, len(layers), _decode_block_str(layers[-1])[0]["out_chs"])
-            ops = tuple(next(o for o in range(len(self.ops)) if self.layer_strings(cell, (o,) * cell.depth)[i] == s)
-                        for i, s in enumerate(layers))
-            choice.append((cell, ops))
+            choice.append((cell, tuple(self._layer_op(block, i, cell.width, s) for i, s in enumerate(layers))))
         return choice
 
     def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction:

@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from dna.arch import Arch, build_layers, count_cost
+from dna.arch import Arch, build_layers, count_cost, expand_repeats
 
 SMALL = Arch(stem=16, head=256, stages=(
     ("ds_r1_k3_s1_c16_se0.25",),
@@ -104,6 +104,56 @@ def test_empty_stage_is_invalid():
         Arch(stem=16, head=64, stages=(("ds_r1_k3_s1_c16",), (), ("ir_r1_k3_s2_e6_c24",)))
 
 
+# repeats ---------------------------------------------------------------------------------------------------------
+def test_repeat_expands_to_layers_with_stride_on_the_first():
+    arch = Arch(stem=16, head=64, stages=(("ds_r1_k3_s1_c16",), ("ir_r2_k3_s2_e3_c40_se0.25",)))
+    assert arch.stages[1] == ("ir_r1_k3_s2_e3_c40_se0.25", "ir_r1_k3_s1_e3_c40_se0.25")
+    text = arch.to_yaml()
+    assert "_r2_" not in text and yaml.safe_load(text)["arch"][1] == list(arch.stages[1])
+    assert Arch.from_yaml(text) == arch and Arch.from_yaml(text).to_yaml() == text
+
+
+@pytest.mark.parametrize("block, layers", [
+    ("ir_r3_k3_s2_e6_c24_se0.25_noskip", ["ir_r1_k3_s2_e6_c24_se0.25_noskip"] + ["ir_r1_k3_s1_e6_c24_se0.25_noskip"] * 2),
+    ("ir_r2_s2_k5_a1_e3_c40_nre", ["ir_r1_s2_k5_a1_e3_c40_nre", "ir_r1_s1_k5_a1_e3_c40_nre"]),  # token order kept
+    ("ir_r2_k3_s22_e3_c40", ["ir_r1_k3_s22_e3_c40", "ir_r1_k3_s1_e3_c40"]),  # the whole stride token is replaced
+    ("ds_r1_k3_s1_e1_c16_se0.25", ["ds_r1_k3_s1_e1_c16_se0.25"]),
+    ("ir_r1_k3_s2_e6_c24_skip", ["ir_r1_k3_s2_e6_c24_skip"]),  # `skip` and `se` are not s tokens
+])
+def test_expand_repeats_changes_only_r_and_s(block, layers):
+    assert expand_repeats(block) == layers
+
+
+def test_expanded_layers_decode_as_timm_builds_the_repeats():
+    """Each expanded layer decodes to the block arguments timm's builder uses for that copy of the repeat."""
+    from timm.models._efficientnet_builder import _decode_block_str, decode_arch_def
+
+    block = "ir_r3_k5_s2_e6_c40_se0.25_nre_noskip"
+    theirs = decode_arch_def([[block]])[0]
+    for i, args in enumerate(theirs):
+        args["stride"] = args["stride"] if i == 0 else 1  # what EfficientNetBuilder does to later blocks of a stack
+    assert [_decode_block_str(s)[0] for s in expand_repeats(block)] == theirs
+
+
+def test_same_network_however_its_repeats_are_written():
+    written = Arch(stem=32, stages=B0_ARCH_DEF, head=1280)
+    expanded = Arch(stem=32, stages=[[layer for s in stage for layer in expand_repeats(s)] for stage in B0_ARCH_DEF],
+                    head=1280)
+    assert written == expanded and hash(written) == hash(expanded)
+    assert [len(s) for s in written.stages] == [1, 2, 2, 3, 3, 4, 1]
+    assert written.tag() == expanded.tag() and "_r1_" in written.tag() and "_r2_" not in written.tag()
+    assert written.stages[5] == ("ir_r1_k5_s2_e6_c192_se0.25",) + ("ir_r1_k5_s1_e6_c192_se0.25",) * 3
+    # a stage may also mix repeat strings and single layers
+    mixed = Arch(stem=32, head=1280, stages=[*B0_ARCH_DEF[:5], ["ir_r1_k5_s2_e6_c192_se0.25", "ir_r3_k5_s1_e6_c192_se0.25"],
+                                              B0_ARCH_DEF[6]])
+    assert mixed == written
+
+
+def test_zero_repeats_is_invalid():
+    with pytest.raises(ValueError, match="invalid timm block string"):
+        Arch(stem=16, head=64, stages=(("ds_r1_k3_s1_c16",), ("ir_r0_k3_s2_e3_c24",)))
+
+
 # building --------------------------------------------------------------------------------------------------------
 def test_b0_arch_def_is_timms():
     assert _timm_b0_arch_def() == B0_ARCH_DEF
@@ -118,6 +168,21 @@ def test_b0_through_arch_has_timms_parameter_count():
     assert abs(count(ours) - 5.3e6) < 0.05e6  # EfficientNet-B0's published size
     # and the same layers: repeats expand to 16 blocks with the same shapes, name by name
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_b0_with_repeats_is_written_back_expanded_and_builds_timms_b0(tmp_path):
+    """EfficientNet-B0 in timm's notation, through a file: the canonical file has 16 `_r1` layers, same network."""
+    (tmp_path / "b0.yaml").write_text(yaml.safe_dump({"stem": 32, "head": 1280, "arch": B0_ARCH_DEF}))
+    arch = Arch.load(tmp_path / "b0.yaml")
+    assert sum(len(s) for s in arch.stages) == 16
+    assert all("_r1_" in layer for stage in arch.stages for layer in stage)
+    theirs = timm.create_model("efficientnet_b0", pretrained=False)
+    for stored in (arch, Arch.from_yaml(arch.to_yaml()), Arch.from_dict(json.loads(arch.tag()))):
+        ours = stored.build(num_classes=1000, in_chans=3)
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    strides = [layer.conv_dw.stride[0] for stage in ours.blocks[1:] for layer in stage]
+    assert strides == [layer.conv_dw.stride[0] for stage in theirs.blocks[1:] for layer in stage]
 
 
 def test_build_sets_classes_channels_and_dropout():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dna.config import DataConfig
-from dna.data import has_images, load_data, make_splits, write_splits
+from dna.config import ConfigError, DataConfig
+from dna.data import class_count, has_images, load_data, make_splits, write_splits
 
 SPLITS = ("train", "rate", "test")
 
@@ -244,3 +244,54 @@ def test_an_unprepared_torchvision_dataset_stops_in_one_line_before_anything_is_
         assert f"data.root={str(root)!r}" in lines[0] and "data.name='MNIST'" in lines[0]
         assert "MNIST/raw" in lines[0] and "Traceback" not in result.output
     assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]
+
+
+# the number of classes ---------------------------------------------------------------------------------------------
+def _absent_imagefolder(tmp_path, **kw) -> DataConfig:
+    raw = {"source": "imagefolder", "root": str(tmp_path / "absent"), "channels": 3, **kw}
+    return DataConfig.model_validate(raw, context={"check_paths": False})
+
+
+def test_class_count_from_the_digits():
+    assert class_count(_digits_cfg()) == 10
+    assert class_count(_digits_cfg(num_classes=10)) == 10
+    with pytest.raises(ConfigError, match=r"data\.num_classes=1000 but the data has 10 classes"):
+        class_count(_digits_cfg(num_classes=1000))
+
+
+def test_class_count_from_the_config_when_the_data_is_absent(tmp_path):
+    assert class_count(_absent_imagefolder(tmp_path, num_classes=1000), tmp_path / "no-splits.json") == 1000
+    with pytest.raises(ConfigError, match=r"data\.num_classes is not set") as err:
+        class_count(_absent_imagefolder(tmp_path))
+    assert "absent" in str(err.value)  # names the missing root
+
+
+def test_class_count_from_the_class_folders(tmp_path, image_tree, flat_image_tree):
+    for root in (image_tree, flat_image_tree):
+        assert class_count(DataConfig(source="imagefolder", root=str(root))) == len(CLASSES)
+    assert class_count(DataConfig(source="imagefolder", root=str(image_tree), num_classes=2)) == 2
+    with pytest.raises(ConfigError, match=r"data\.num_classes=1000 but the data has 2 classes") as err:
+        class_count(DataConfig(source="imagefolder", root=str(image_tree), num_classes=1000))
+    assert str(image_tree) in str(err.value)
+
+
+def test_class_count_of_a_run_comes_from_its_splits(tmp_path):
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"num_classes": 7, "splits": {}}))
+    assert class_count(_absent_imagefolder(tmp_path), splits) == 7  # the data was split elsewhere: its count is here
+    assert class_count(_absent_imagefolder(tmp_path, num_classes=7), splits) == 7
+    with pytest.raises(ConfigError, match=r"data\.num_classes=1000 but the data has 7 classes") as err:
+        class_count(_absent_imagefolder(tmp_path, num_classes=1000), splits)
+    assert "splits.json" in str(err.value)
+
+
+def test_unset_num_classes_is_left_out_of_dumps():
+    """Fingerprints of configs written before the key existed stay the same."""
+    assert "num_classes" not in _digits_cfg().model_dump()
+    assert _digits_cfg(num_classes=10).model_dump(mode="json")["num_classes"] == 10
+
+
+def test_class_count_of_a_torchvision_root_without_its_files(tmp_path):
+    cfg = DataConfig(source="torchvision", name="CIFAR10", root=str(tmp_path), download=True, num_classes=10)
+    assert class_count(cfg) == 10  # nothing downloaded, nothing read: the config's count
+    assert list(tmp_path.iterdir()) == []

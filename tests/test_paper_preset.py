@@ -1,19 +1,50 @@
-"""The paper's ImageNet preset: its space, and one of its blocks at full width, trained and rated at low resolution."""
+"""The paper's ImageNet preset: its space, its class count, EfficientNet-B0 against it, and one of its blocks at
+full width, trained and rated at low resolution."""
+import logging
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import yaml
 
 from dna.config import load_params
+from dna.data import class_count
 from dna.distill import build_block
 from dna.rate import rate_candidate_naive, rate_cell
 from dna.space import build_space
 from dna.targets import teacher_shapes
 from tests.conftest import ROOT
 
+PRESET = ROOT / "configs" / "imagenet.yaml"
+B0 = {"stem": 32, "head": 1280, "arch": [  # timm's efficientnet_b0 arch_def, repeats as timm writes them
+    ["ds_r1_k3_s1_e1_c16_se0.25"], ["ir_r2_k3_s2_e6_c24_se0.25"], ["ir_r2_k5_s2_e6_c40_se0.25"],
+    ["ir_r3_k3_s2_e6_c80_se0.25"], ["ir_r3_k5_s1_e6_c112_se0.25"], ["ir_r4_k5_s2_e6_c192_se0.25"],
+    ["ir_r1_k3_s1_e6_c320_se0.25"]]}
+
 
 @pytest.fixture(scope="module")
 def preset():
-    return load_params(ROOT / "configs" / "imagenet.yaml", check_paths=False)
+    return load_params(PRESET, check_paths=False)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run `dna` in-process, with outputs in tmp_path (no splits there); the root logger is put back afterwards."""
+    from typer.testing import CliRunner
+
+    from dna.cli import app
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield lambda *args: CliRunner().invoke(app, [*args, "--params", str(PRESET), "-S", f"outputs={tmp_path}"])
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_classes_come_from_the_config_when_imagenet_is_absent(preset, tmp_path):
+    assert preset.data.num_classes == 1000
+    assert class_count(preset.data, tmp_path / "splits.json") == 1000
 
 
 def test_space_size_is_the_papers(preset):
@@ -59,3 +90,38 @@ def test_full_width_block_learns_and_its_rating_prefers_the_trained_path(preset)
     for ops in only:
         assert scores[ops] == pytest.approx(rate_candidate_naive(cell, ops, calib, [(x, y)]), abs=1e-5)
     assert scores[trained] < scores[untrained]
+
+
+def test_arch_cost_of_efficientnet_b0(cli, tmp_path):
+    (tmp_path / "b0.yaml").write_text(yaml.safe_dump(B0))
+    result = cli("arch", "cost", str(tmp_path / "b0.yaml"))
+    params = sum(p.numel() for p in timm.create_model("efficientnet_b0", pretrained=False).parameters())
+    assert f"{params:,} parameters" in result.stdout and "at 3x224x224 (1000 classes)" in result.stdout
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert "not in the configured search space:" in lines and result.exit_code == 1
+    # the preset has no 3-layer cell of 112 channels and no 4-layer cell of 192: those two stages, nothing else
+    assert [line for line in lines if line.startswith("NO")] == [
+        "NO  block 3: depth 3 width 112 is not a cell of this block (cells: d3_w96, d4_w96, d4_w112; widths [96, 112])",
+        "NO  block 4: depth 4 width 192 is not a cell of this block (cells: d4_w160, d5_w160, d5_w192; widths [160, 192])"]
+    assert "ok  first stage: ['ds_r1_k3_s1_e1_c16_se0.25'] builds the space's ['ds_r1_k3_s1_c16_se0.25']" in lines
+    assert "ok  block 0: depth 2 width 24 is cell d2_w24" in lines
+    assert "ok  block 0 layer 1: 'ir_r1_k3_s1_e6_c24_se0.25' is op ir_k3_e6_se0.25" in lines  # the repeat, stride 1
+    assert "ok  block 4 layer 3: 'ir_r1_k5_s1_e6_c192_se0.25' is op ir_k5_e6_se0.25" in lines
+    assert sum(" layer " in line for line in lines) == 15  # every searched layer of B0 has its line
+
+
+def test_arch_cost_of_a_member_written_with_repeats(cli, tmp_path):
+    member = {**B0, "arch": B0["arch"][:4] + [["ir_r4_k5_s1_e6_c112_se0.25"], ["ir_r5_k5_s2_e6_c192_se0.25"],
+                                               B0["arch"][6]]}
+    (tmp_path / "member.yaml").write_text(yaml.safe_dump(member))
+    result = cli("arch", "cost", str(tmp_path / "member.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "member of the configured search space:" in result.stdout and "NO " not in result.stdout
+    assert "ok  block 4: depth 5 width 192 is cell d5_w192" in result.stdout
+
+
+def test_unknown_class_count_is_a_config_error(cli):
+    result = cli("space", "-S", "data.num_classes=null")
+    assert result.exit_code == 2
+    assert "data.num_classes is not set" in result.stderr and "/data/imagenet" in result.stderr
+    assert "whole space" in cli("space").stdout

@@ -244,6 +244,50 @@ def test_outside_stem_head_and_first_stage(default_space, member):
     assert problems[2].startswith("first stage")
 
 
+def test_member_written_with_repeats_is_a_member(default_space):
+    choice = [(Cell(0, 2, 24), (3, 3)), (Cell(1, 1, 32), (0,)), (Cell(2, 2, 64), (5, 5)), (Cell(3, 2, 96), (1, 4))]
+    canonical = default_space.arch(choice)
+    written = canonical.to_dict()
+    written["arch"][1] = ["ir_r2_k3_s2_e6_c24_se0.25"]
+    written["arch"][3] = ["ir_r2_k7_s2_e6_c64_se0.25"]
+    arch = Arch.from_dict(written)
+    assert arch == canonical
+    assert default_space.outside(arch) == []
+    assert default_space.parse(arch) == choice
+
+
+def test_layers_compare_as_timm_builds_them(default_space, member):
+    """Token order and a default written out (ds takes no expansion) make the same layer; a skip change does not."""
+    stages = [list(s) for s in member.stages]
+    stages[0] = ["ds_r1_k3_s1_e1_c16_se0.25"]
+    stages[1][0] = "ir_r1_s2_k3_e3_c24_se0.25"
+    reordered = Arch(stem=member.stem, stages=stages, head=member.head)
+    assert default_space.outside(reordered) == []
+    assert default_space.parse(reordered) == default_space.parse(member)
+    stages[1][1] = stages[1][1] + "_noskip"
+    problems = default_space.outside(Arch(stem=member.stem, stages=stages, head=member.head))
+    assert len(problems) == 1 and problems[0].startswith("block 0 layer 1:")
+
+
+def test_membership_answers_layer_by_layer(default_space, member):
+    answer = default_space.membership(member)
+    assert all(inside for inside, _ in answer)
+    assert (True, "block 1: depth 2 width 32 is cell d2_w32") in answer
+    assert (True, "block 1 layer 0: 'ir_r1_k7_s2_e3_c32_se0.25' is op ir_k7_e3_se0.25") in answer
+    assert len(answer) == 3 + 4 + sum(len(s) for s in member.stages[1:])  # stem, head, first stage; blocks; layers
+
+
+def test_layers_of_a_stage_that_is_no_cell_are_still_checked(default_space, member):
+    layers = ["ir_r1_k5_s2_e6_c48_se0.25", "ir_r1_k9_s1_e6_c48_se0.25", "ir_r1_k3_s1_e3_c48_se0.25"]
+    answer = default_space.membership(_with_stage(member, 3, layers))
+    block2 = [(inside, why) for inside, why in answer if why.startswith("block 2")]
+    assert [inside for inside, _ in block2] == [False, True, False, True]
+    assert "depth 3 width 48 is not a cell" in block2[0][1]
+    assert block2[2][1].startswith("block 2 layer 1: 'ir_r1_k9_s1_e6_c48_se0.25' is not one of this layer's ops")
+    assert "ir_r1_k7_s1_e6_c48_se0.25" in block2[2][1]  # the allowed strings of layer 1: stride 1
+    assert block2[3][1] == "block 2 layer 2: 'ir_r1_k3_s1_e3_c48_se0.25' is op ir_k3_e3_se0.25"
+
+
 # cell supernets ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("block, depth, width", [(0, 2, 24), (2, 2, 64), (3, 1, 96)])
 def test_cell_supernet_path_matches_teacher_target(default_space, default_params, default_stages, block, depth, width):

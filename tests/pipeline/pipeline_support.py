@@ -102,3 +102,19 @@ def retrain_smallest_student(run) -> dict:
     arch = choice_of(run.space, stage_tables(run.space, scored=False), (0,) * (run.space.num_blocks + 2))
     arch.save(run.paths.arch)
     return stage_retrain(run)
+
+
+def git_dvc_project(repo: Path, files: tuple[str, ...] = ("dvc.yaml", ".gitignore", ".dvcignore")) -> Path:
+    """A git + DVC repository at `repo` with the project's `files`, flows/, dna/ and the tiny params.yaml, committed."""
+    repo.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("flows", "dna"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(repo / "params.yaml", tiny_raw())
+    for args in (["git", "init", "-q"], ["git", "config", "user.email", "tests@example.invalid"],
+                 ["git", "config", "user.name", "tests"], [PYTHON, "-m", "dvc", "init", "-q"],
+                 [PYTHON, "-m", "dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                 ["git", "commit", "-q", "-m", "tiny project"]):
+        subprocess.run(args, cwd=repo, check=True, capture_output=True, text=True)
+    return repo

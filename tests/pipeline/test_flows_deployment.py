@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pipeline_support import ROOT, tiny_raw, write_params
+from pipeline_support import git_dvc_project
 
 pytestmark = pytest.mark.slow  # about five minutes: a Prefect server, a worker, and the whole tiny pipeline
 
@@ -73,28 +72,10 @@ def prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 180) -> s
     return done.stdout
 
 
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def project(tmp_path) -> Path:
     """A git + DVC repository with the project's dvc.yaml, prefect.yaml, flows, core code and the tiny params.yaml."""
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "prefect.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("flows", "dna"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(repo / "params.yaml", tiny_raw())
-    git(repo, "init", "-q")
-    git(repo, "config", "user.email", "tests@example.invalid")
-    git(repo, "config", "user.name", "tests")
-    for args in (("init", "-q"), ("config", "core.analytics", "false")):
-        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True)
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "tiny project")
-    return repo
+    return git_dvc_project(tmp_path / "project", ("dvc.yaml", "prefect.yaml", ".gitignore", ".dvcignore"))
 
 
 @pytest.fixture

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from pipeline_support import ROOT, run_python, tiny_raw, write_params
+from pipeline_support import git_dvc_project, run_python
 
 from flows.common import STAGES
 
 pytestmark = pytest.mark.slow  # about three minutes: eight stage processes, then three
-
-
-def git(repo, *args):
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
 
 
 def dvc(repo, *args) -> str:
@@ -30,20 +25,7 @@ def dvc(repo, *args) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git + DVC repository with the project's dvc.yaml, flows, core code and the tiny params.yaml."""
-    repo = tmp_path_factory.mktemp("dvc-repo")
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("flows", "dna"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(repo / "params.yaml", tiny_raw())
-    git(repo, "init", "-q")
-    git(repo, "config", "user.email", "tests@example.invalid")
-    git(repo, "config", "user.name", "tests")
-    dvc(repo, "init", "-q")
-    dvc(repo, "config", "core.analytics", "false")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "tiny project")
-    return repo
+    return git_dvc_project(tmp_path_factory.mktemp("dvc-repo"))
 
 
 @pytest.fixture(scope="module")
