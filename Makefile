@@ -27,6 +27,7 @@ run: setup
 	$(PY) -m flows.pipeline
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:

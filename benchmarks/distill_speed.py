@@ -75,8 +75,8 @@ def cache_benchmark(run, scratch: Path, repeats: int, blocks: list[int]) -> None
           f"(torch threads {set_threads(None)})")
     total_c, total_t = Times(), Times()
     for block in blocks:
-        times = interleaved({"cache": lambda: distill_once(run, block, True, scratch),
-                             "teacher": lambda: distill_once(run, block, False, scratch)}, repeats)
+        times = interleaved({"cache": lambda b=block: distill_once(run, b, True, scratch),
+                             "teacher": lambda b=block: distill_once(run, b, False, scratch)}, repeats)
         print(f"  block {block}: cache {times['cache'].show()}")
         print(f"           teacher {times['teacher'].show()}")
         print(f"           speed-up {ratio(times['teacher'], times['cache'])}")
@@ -146,7 +146,8 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         run, cache_s = make_run(root, args.teacher)
-        print(f"teacher {run.params.teacher.model} (untrained), space of params.yaml, digits at {run.data.image_size} px")
+        print(f"teacher {run.params.teacher.model} (untrained), space of params.yaml, "
+              f"digits at {run.data.image_size} px")
         blocks = args.blocks if args.blocks is not None else list(range(run.space.num_blocks))
         print(f"feature cache (train and rate splits, all boundaries): built in {cache_s:.1f} s, once for all blocks")
         if "cache" not in args.skip:

@@ -102,12 +102,12 @@ def main() -> None:
             with torch.inference_mode():
                 diff = float(np.abs(sess.run([OUTPUT_NAME], feed)[0] - model(x).numpy()).max())
 
-            def eager():
+            def eager(x=x, calls=calls):
                 with torch.inference_mode():
                     for _ in range(calls):
                         model(x)
 
-            def onnxrt():
+            def onnxrt(sess=sess, feed=feed, calls=calls):
                 for _ in range(calls):
                     sess.run([OUTPUT_NAME], feed)
 

@@ -49,7 +49,8 @@ def imports(repeats: int) -> None:
         if None in got:
             print(f"  {'import ' + module:<40} not installed")
             continue
-        print(f"  {'import ' + module:<40} {statistics.median(got):6.2f} s  (runs: {', '.join(f'{g:.2f}' for g in got)})")
+        runs = ", ".join(f"{g:.2f}" for g in got)
+        print(f"  {'import ' + module:<40} {statistics.median(got):6.2f} s  (runs: {runs})")
     for label, args in (("dna --help", [*CLI, "--help"]), ("dna space (params.yaml)", [*CLI, "space"])):
         t = statistics.median(command_seconds(args) for _ in range(repeats))
         print(f"  {label:<40} {t:6.2f} s (whole command)")

@@ -53,12 +53,12 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except ConfigError as exc:
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except Exception as exc:
             if not isinstance(exc, detected_faults()):
                 raise
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
     return wrapper
 
 
@@ -208,7 +208,8 @@ def promote(params: Path = ParamsOpt, version: Optional[int] = typer.Option(
         None, "--version", "-v", help="registered version (default: the newest)"),
         withdraw: Optional[int] = typer.Option(
             None, "--withdraw", metavar="VERSION", help="take a version out of the running for champion (rollback)")):
-    """Alias a registered version `challenger`; move `champion` to it if it passes ONNX parity and beats the champion."""
+    """Alias a registered version `challenger`; move `champion` to it if it passes ONNX parity and beats the
+    champion."""
     from flows.registry import promote_cli
 
     raise typer.Exit(promote_cli(params, version, withdraw))

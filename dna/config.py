@@ -45,7 +45,7 @@ class DataConfig(Strict):
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
     root: str | None = None
     download: bool = False
-    num_classes: PositiveInt | None = None  # used when the data is absent (e.g. inspecting a preset); checked against it
+    num_classes: PositiveInt | None = None  # used when the data is absent (inspecting a preset); checked against it
     image_size: PositiveInt = 32
     channels: Literal[1, 3] = 1
     rate_fraction: Fraction = 0.1
@@ -117,7 +117,8 @@ class TeacherConfig(Strict):
         if self.source == "checkpoint" and not self.checkpoint:
             raise ValueError("teacher.checkpoint is required when teacher.source='checkpoint'")
         if self.source == "checkpoint" and check_paths and not Path(self.checkpoint).is_file():
-            raise ValueError(f"teacher.checkpoint={self.checkpoint!r} must be an existing file when teacher.source='checkpoint'")
+            raise ValueError(f"teacher.checkpoint={self.checkpoint!r} must be an existing file when "
+                             "teacher.source='checkpoint'")
         if list(self.boundaries) != sorted(set(self.boundaries)):
             raise ValueError(f"teacher.boundaries={self.boundaries} must be strictly increasing")
         return self

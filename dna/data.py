@@ -112,9 +112,10 @@ def _torchvision(cfg: DataConfig, train: bool, augment: bool):
     except Exception as exc:  # torchvision raises RuntimeError, OSError, ValueError... from deep inside
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         where = "download it there (data.download: true, online)" if not cfg.download else "check the download"
+        split = "train" if train else "test"
         raise ConfigError(
-            f"data.root={cfg.root!r}, data.name={cfg.name!r}: torchvision cannot open the {kwargs.get('split', 'train' if train else 'test')} "
-            f"split ({type(exc).__name__}: {cause}); expected the dataset prepared under data.root as "
+            f"data.root={cfg.root!r}, data.name={cfg.name!r}: torchvision cannot open the {split} split "
+            f"({type(exc).__name__}: {cause}); expected the dataset prepared under data.root as "
             f"torchvision.datasets.{cfg.name} lays it out (for MNIST-like datasets the unpacked files in "
             f"{Path(cfg.root) / cfg.name / 'raw'}), or {where}") from None
 
@@ -144,7 +145,8 @@ def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset | None, np.ndar
         return ds, ds, None, labels
     if cfg.source == "torchvision":
         pool = _torchvision(cfg, train=True, augment=True)
-        return pool, _torchvision(cfg, train=True, augment=False), _torchvision(cfg, train=False, augment=False), _targets(pool)
+        pool_eval, test = _torchvision(cfg, train=True, augment=False), _torchvision(cfg, train=False, augment=False)
+        return pool, pool_eval, test, _targets(pool)
     root = Path(cfg.root)
     train_dir = root / "train" if (root / "train").is_dir() else root
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir() and train_dir != root), None)
@@ -220,7 +222,8 @@ def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
     train, rest = train_test_split(index, test_size=held, random_state=seed, stratify=labels)
     if test is not None:
         return {"train": sorted(train.tolist()), "rate": sorted(rest.tolist()), "test": list(range(len(test)))}
-    rate, test_idx = train_test_split(rest, test_size=cfg.test_fraction / held, random_state=seed, stratify=labels[rest])
+    rate, test_idx = train_test_split(rest, test_size=cfg.test_fraction / held, random_state=seed,
+                                      stratify=labels[rest])
     return {"train": sorted(train.tolist()), "rate": sorted(rate.tolist()), "test": sorted(test_idx.tolist())}
 
 

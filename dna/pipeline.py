@@ -110,8 +110,9 @@ def validate(params: Params, check_profile: bool = True) -> None:
     for i, (shape, boundary) in enumerate(zip(shapes, t.boundaries)):
         if shape[1] != sizes[i + 1]:
             raise ConfigError(
-                f"teacher.boundaries[{i}]={boundary}: the teacher's features there are {shape[1]}x{shape[2]} but block {i} "
-                f"of the space outputs {sizes[i + 1]}x{sizes[i + 1]} (check space.blocks[{i}].stride, data.image_size)")
+                f"teacher.boundaries[{i}]={boundary}: the teacher's features there are {shape[1]}x{shape[2]} but "
+                f"block {i} of the space outputs {sizes[i + 1]}x{sizes[i + 1]} "
+                f"(check space.blocks[{i}].stride, data.image_size)")
     latency = latency_model(run) if check_profile else None
     if params.search.budgets:
         stages = stage_tables(run.space, scored=False, latency=latency)
@@ -213,7 +214,8 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
 
 def stage_rate(run: Run, block: int) -> pd.DataFrame:
     targets = run.rating_targets()
-    supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block)).to(run.device)
+    supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block))
+    supernet = supernet.to(run.device)
     table = rate_block(run.space, supernet, targets, block, calibration_size=run.params.rating.calibration_size,
                        batch_size=run.params.rating.batch_size, seed=run.params.seed)
     write_csv(run.paths.rating(block), table)

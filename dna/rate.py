@@ -51,7 +51,10 @@ def _load_stats(norms: list[_BatchNorm], stats) -> None:
         bn.running_var.copy_(var)
 
 
-def _stacked(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def _stacked(batches: Iterable[Pair], limit: int) -> Iterator[Pair]:
     """Consecutive batches concatenated into chunks of at most `limit` bytes (a larger batch stays whole)."""
     xs, ys, size = [], [], 0
     for x, y in batches:

@@ -175,8 +175,8 @@ class MBConvSpace:
     def _layer_op(self, block: int, position: int, width: int, layer: str) -> int | None:
         """Which op a layer is (compared as timm decodes it, so token order and defaults do not matter), or None."""
         made = _decode_block_str(layer)[0]
-        return next((o for o, s in enumerate(self._layer_choices(block, position, width)) if _decode_block_str(s)[0] == made),
-                    None)
+        choices = self._layer_choices(block, position, width)
+        return next((o for o, s in enumerate(choices) if _decode_block_str(s)[0] == made), None)
 
     def membership(self, arch: Arch) -> list[tuple[bool, str]]:
         """Stem, head, first stage, then per searched block its cell and per layer its op: (in the space, why)."""
@@ -258,14 +258,16 @@ class MBConvSpace:
     def head(self, in_width: int) -> nn.Sequential:
         norm_act = get_norm_act_layer(nn.BatchNorm2d, get_act_layer(ACT))
         pool, classifier = create_classifier(self.cfg.head, self.num_classes, pool_type="avg")
-        return nn.Sequential(create_conv2d(in_width, self.cfg.head, 1, padding=""), norm_act(self.cfg.head), pool, classifier)
+        conv = create_conv2d(in_width, self.cfg.head, 1, padding="")
+        return nn.Sequential(conv, norm_act(self.cfg.head), pool, classifier)
 
     def build_cell(self, cell: Cell, in_chs: int, target_chs: int) -> CellSupernet:
         stride = self.cfg.blocks[cell.block].stride
         layers: list[list[nn.Module]] = [[self.stem()]] if cell.block == 0 else []
         chs = self.first_width if cell.block == 0 else in_chs
         for i in range(cell.depth):
-            layers.append([build_layers([layer_string(op, stride if i == 0 else 1, cell.width)], chs)[0] for op in self.ops])
+            strings = [layer_string(op, stride if i == 0 else 1, cell.width) for op in self.ops]
+            layers.append([build_layers([s], chs)[0] for s in strings])
             chs = cell.width
         # every cell gets the same kind of head, so the scores of a block's cells are comparable whatever their width
         adapter = nn.Sequential(nn.Conv2d(cell.width, target_chs, 1, bias=False), nn.BatchNorm2d(target_chs))
@@ -299,16 +301,19 @@ class MBConvSpace:
             names = ["+".join(self.ops[o] for o in row) for row in grid]
             paths = ["-".join(map(str, row)) for row in grid]
             for in_width in self.in_widths(block):
-                first = np.array([self._layer_cost(block, 0, o, in_width, cell.width) for o in range(n)], dtype=np.int64)
+                first = np.array([self._layer_cost(block, 0, o, in_width, cell.width) for o in range(n)],
+                                 dtype=np.int64)
                 cost = first[grid[:, 0]] + rest
                 frames.append(pd.DataFrame({
-                    "block": block, "cell": cell.name, "depth": cell.depth, "width": cell.width, "ops": names, "path": paths,
-                    "in_width": in_width, "out_width": cell.width, "params": cost[:, 0], "macs": cost[:, 1]}))
+                    "block": block, "cell": cell.name, "depth": cell.depth, "width": cell.width, "ops": names,
+                    "path": paths, "in_width": in_width, "out_width": cell.width, "params": cost[:, 0],
+                    "macs": cost[:, 1]}))
         return pd.concat(frames, ignore_index=True)
 
     def stem_table(self) -> pd.DataFrame:
         params, macs, _ = count_cost(self.stem(), (1, self.in_chans, self.image_size, self.image_size))
-        return pd.DataFrame({"in_width": [0], "out_width": [self.first_width], "score": [0.0], "params": [params], "macs": [macs]})
+        return pd.DataFrame({"in_width": [0], "out_width": [self.first_width], "score": [0.0], "params": [params],
+                             "macs": [macs]})
 
     def head_table(self) -> pd.DataFrame:
         size = self._resolutions[-1]

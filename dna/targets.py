@@ -38,7 +38,8 @@ def boundary_features(teacher: nn.Module, x: torch.Tensor, boundaries: list[int]
     return teacher.forward_intermediates(x, **kwargs)
 
 
-def teacher_shapes(model_name: str, in_chans: int, image_size: int, boundaries: list[int]) -> list[tuple[int, int, int]]:
+def teacher_shapes(model_name: str, in_chans: int, image_size: int,
+                   boundaries: list[int]) -> list[tuple[int, int, int]]:
     """(channels, height, width) at each boundary, computed on the meta device (no weights, no compute)."""
     import timm
 

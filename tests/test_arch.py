@@ -114,7 +114,8 @@ def test_repeat_expands_to_layers_with_stride_on_the_first():
 
 
 @pytest.mark.parametrize("block, layers", [
-    ("ir_r3_k3_s2_e6_c24_se0.25_noskip", ["ir_r1_k3_s2_e6_c24_se0.25_noskip"] + ["ir_r1_k3_s1_e6_c24_se0.25_noskip"] * 2),
+    ("ir_r3_k3_s2_e6_c24_se0.25_noskip",
+     ["ir_r1_k3_s2_e6_c24_se0.25_noskip"] + ["ir_r1_k3_s1_e6_c24_se0.25_noskip"] * 2),
     ("ir_r2_s2_k5_a1_e3_c40_nre", ["ir_r1_s2_k5_a1_e3_c40_nre", "ir_r1_s1_k5_a1_e3_c40_nre"]),  # token order kept
     ("ir_r2_k3_s22_e3_c40", ["ir_r1_k3_s22_e3_c40", "ir_r1_k3_s1_e3_c40"]),  # the whole stride token is replaced
     ("ds_r1_k3_s1_e1_c16_se0.25", ["ds_r1_k3_s1_e1_c16_se0.25"]),
@@ -144,8 +145,8 @@ def test_same_network_however_its_repeats_are_written():
     assert written.tag() == expanded.tag() and "_r1_" in written.tag() and "_r2_" not in written.tag()
     assert written.stages[5] == ("ir_r1_k5_s2_e6_c192_se0.25",) + ("ir_r1_k5_s1_e6_c192_se0.25",) * 3
     # a stage may also mix repeat strings and single layers
-    mixed = Arch(stem=32, head=1280, stages=[*B0_ARCH_DEF[:5], ["ir_r1_k5_s2_e6_c192_se0.25", "ir_r3_k5_s1_e6_c192_se0.25"],
-                                              B0_ARCH_DEF[6]])
+    split = ["ir_r1_k5_s2_e6_c192_se0.25", "ir_r3_k5_s1_e6_c192_se0.25"]
+    mixed = Arch(stem=32, head=1280, stages=[*B0_ARCH_DEF[:5], split, B0_ARCH_DEF[6]])
     assert mixed == written
 
 
@@ -180,7 +181,8 @@ def test_b0_with_repeats_is_written_back_expanded_and_builds_timms_b0(tmp_path):
     for stored in (arch, Arch.from_yaml(arch.to_yaml()), Arch.from_dict(json.loads(arch.tag()))):
         ours = stored.build(num_classes=1000, in_chans=3)
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
-        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+        shapes = {k: v.shape for k, v in theirs.state_dict().items()}
+        assert {k: v.shape for k, v in ours.state_dict().items()} == shapes
     strides = [layer.conv_dw.stride[0] for stage in ours.blocks[1:] for layer in stage]
     assert strides == [layer.conv_dw.stride[0] for stage in theirs.blocks[1:] for layer in stage]
 

@@ -101,8 +101,10 @@ def test_arch_cost_of_efficientnet_b0(cli, tmp_path):
     assert "not in the configured search space:" in lines and result.exit_code == 1
     # the preset has no 3-layer cell of 112 channels and no 4-layer cell of 192: those two stages, nothing else
     assert [line for line in lines if line.startswith("NO")] == [
-        "NO  block 3: depth 3 width 112 is not a cell of this block (cells: d3_w96, d4_w96, d4_w112; widths [96, 112])",
-        "NO  block 4: depth 4 width 192 is not a cell of this block (cells: d4_w160, d5_w160, d5_w192; widths [160, 192])"]
+        "NO  block 3: depth 3 width 112 is not a cell of this block "
+        "(cells: d3_w96, d4_w96, d4_w112; widths [96, 112])",
+        "NO  block 4: depth 4 width 192 is not a cell of this block "
+        "(cells: d4_w160, d5_w160, d5_w192; widths [160, 192])"]
     assert "ok  first stage: ['ds_r1_k3_s1_e1_c16_se0.25'] builds the space's ['ds_r1_k3_s1_c16_se0.25']" in lines
     assert "ok  block 0: depth 2 width 24 is cell d2_w24" in lines
     assert "ok  block 0 layer 1: 'ir_r1_k3_s1_e6_c24_se0.25' is op ir_k3_e6_se0.25" in lines  # the repeat, stride 1

@@ -89,7 +89,8 @@ def test_arch_cost_reports_membership(finished, tmp_path):
     outsider = Arch.load(run.paths.arch).to_dict()
     outsider["arch"][1][0] = outsider["arch"][1][0].replace("_k3_", "_k7_").replace("_k5_", "_k7_")
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(outsider))
-    other = CliRunner().invoke(app, ["arch", "cost", str(tmp_path / "other.yaml"), "--params", str(root / "params.yaml")])
+    other = CliRunner().invoke(app, ["arch", "cost", str(tmp_path / "other.yaml"),
+                                     "--params", str(root / "params.yaml")])
     assert other.exit_code == 1
     assert "block 0 layer 0" in other.output
 
@@ -123,7 +124,8 @@ def test_supernet_init_extracts_the_subnet_then_re_estimates_batchnorm(finished)
     assert torch.equal(model.blocks[2][0].conv_pw.weight, sup1[f"{cell1.name}.layers.0.{ops1[0]}.conv_pw.weight"])
     # BatchNorm statistics are those of the network's own features on a calibration batch, not the supernet's
     data = eval_view(run.data)
-    images = data.images("train", positions=data.stratified("train", run.params.rating.calibration_size, run.params.seed))
+    positions = data.stratified("train", run.params.rating.calibration_size, run.params.seed)
+    images = data.images("train", positions=positions)
     with torch.no_grad():
         stem = model.conv_stem(images)
     assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)

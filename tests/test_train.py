@@ -18,8 +18,8 @@ def _model(run):
 
 def _train(run, path, epochs, lr=0.03, on_epoch=None, model=None):
     cfg = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=1, batch_size=128)
-    return train_classifier(model or _model(run), run.data, cfg, path, seed=0, fingerprint=f"t{lr}", device=torch.device("cpu"),
-                            name="student", on_epoch=on_epoch)
+    return train_classifier(model or _model(run), run.data, cfg, path, seed=0, fingerprint=f"t{lr}",
+                            device=torch.device("cpu"), name="student", on_epoch=on_epoch)
 
 
 def test_schedule_warms_up_then_decays():
