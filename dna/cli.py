@@ -1,19 +1,22 @@
-"""The `dna` command: one subcommand per stage, `dna run` for all of them, and tools to inspect spaces and archs."""
+"""The `dna` command: one subcommand per stage (from the stage table, dna/stages.py), `dna run` for all of them in
+order, and tools to inspect spaces and architectures. Commands of other packages (e.g. `dna promote` of the model
+registry) join through the `dna.commands` entry points."""
 from __future__ import annotations
 
-import logging
+import functools
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from dna.config import ConfigError, Params, detected_faults, load_params, parse_overrides
+from dna.config import ConfigError, Params, load_params, parse_overrides
+from dna.stages import STAGES, Stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
@@ -25,13 +28,6 @@ SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S retrain
 BlockOpt = typer.Option(None, "--block", "-b", help="only this block (default: all)")
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True) -> Params:
     from dna.pipeline import validate
 
@@ -41,24 +37,24 @@ def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_pr
     return params
 
 
-def _guard(fn):
-    """Turn a configuration error into one line and exit code 2, and a detected fault
-    (corrupt checkpoint, diverging loss, failed ONNX parity, missing input of a stage) into one line and exit code 1."""
-    import functools
+def guarded(fn):
+    """Set up logging; turn an error of the exit-code policy (dna/errors.py) into one line and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _setup_logging()
+        from dna.logs import setup_logging
+
+        setup_logging()
         try:
             return fn(*args, **kwargs)
-        except ConfigError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
         except Exception as exc:
-            if not isinstance(exc, detected_faults()):
+            from dna.errors import exit_code
+
+            code = exit_code(exc)
+            if code is None:
                 raise
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(code) from None
     return wrapper
 
 
@@ -76,143 +72,85 @@ def _blocks(run, block: Optional[int]) -> list[int]:
     return [block]
 
 
-@app.command()
-@_guard
-def data(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """Make the fixed train / rate / test splits."""
-    from dna.pipeline import stage_data
-
-    stage_data(_run(_load(params, set_)))
-
-
-@app.command()
-@_guard
-def teacher(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """Train, download or load the teacher; report its test accuracy."""
-    from dna.pipeline import stage_teacher
-
-    console.print(stage_teacher(_run(_load(params, set_))))
+def run_stage(stage: Stage, run, blocks: list[int] | None = None) -> list:
+    """Run one stage of the table on a run: once, or per block (after its preparation); returns its results."""
+    if not stage.per_block:
+        return [stage.load()(run)]
+    if prepare := stage.load_prepare():
+        prepare(run)
+    return [stage.load()(run, b) for b in (range(run.space.num_blocks) if blocks is None else blocks)]
 
 
-@app.command()
-@_guard
-def distill(params: Path = ParamsOpt, set_: list[str] = SetOpt, block: Optional[int] = BlockOpt):
-    """Train each block's supernet on the teacher's features (resumes from the last epoch)."""
-    from dna.pipeline import stage_distill, stage_features
-
-    run = _run(_load(params, set_))
-    stage_features(run)
-    for b in _blocks(run, block):
-        console.print(stage_distill(run, b))
+def _show(stage: Stage, run, result) -> str:
+    if stage.per_block and hasattr(result, "columns"):  # a rating table
+        block = int(result["block"].iloc[0])
+        return f"block {block}: {len(result)} rows, best score {result['score'].min():.4f} -> {run.paths.rating(block)}"
+    if isinstance(result, dict):
+        return str({k: v for k, v in result.items() if not isinstance(v, dict)})
+    return str(result)
 
 
-@app.command()
-@_guard
-def rate(params: Path = ParamsOpt, set_: list[str] = SetOpt, block: Optional[int] = BlockOpt):
-    """Rate every candidate of every cell of each block."""
-    from dna.pipeline import stage_rate
+def _stage_command(stage: Stage):
+    """The stage's `dna <stage>` command: --params and -S, and --block for a per-block stage."""
+    def show(run, blocks):
+        for result in run_stage(stage, run, blocks):
+            console.print(_show(stage, run, result), soft_wrap=True, markup=False, highlight=False)
 
-    run = _run(_load(params, set_))
-    for b in _blocks(run, block):
-        table = stage_rate(run, b)
-        console.print(f"block {b}: {len(table)} rows, best score {table['score'].min():.4f} -> {run.paths.rating(b)}")
+    def per_block(params: Path = ParamsOpt, set_: list[str] = SetOpt, block: Optional[int] = BlockOpt):
+        run = _run(_load(params, set_, check_profile=not stage.makes_profile))
+        show(run, _blocks(run, block))
 
+    def once(params: Path = ParamsOpt, set_: list[str] = SetOpt):
+        show(_run(_load(params, set_, check_profile=not stage.makes_profile)), None)
 
-@app.command()
-@_guard
-def search(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """Choose the best architecture under the budgets and compute the Pareto front."""
-    from dna.pipeline import stage_search
-
-    metrics = stage_search(_run(_load(params, set_)))
-    console.print({k: v for k, v in metrics.items() if k != "ratings"})
+    command = per_block if stage.per_block else once
+    command.__doc__ = stage.help
+    return command
 
 
-@app.command()
-@_guard
-def profile(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """Time every candidate layer, the stem and the head in ONNX Runtime on this machine (for latency budgets)."""
-    from dna.pipeline import stage_profile
-
-    console.print(stage_profile(_run(_load(params, set_, check_profile=False))))
+for _stage in STAGES:
+    app.command(_stage.name)(guarded(_stage_command(_stage)))
 
 
-@app.command()
-@_guard
-def retrain(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """Train the chosen architecture (from scratch, or from the supernet's weights; optionally with KD)."""
-    from dna.pipeline import stage_retrain
-
-    console.print(stage_retrain(_run(_load(params, set_))))
-
-
-@app.command()
-@_guard
-def export(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """Export the retrained network to ONNX and check it against PyTorch."""
-    from dna.pipeline import stage_export
-
-    console.print(stage_export(_run(_load(params, set_))))
-
-
-@app.command("run")
-@_guard
 def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    """All stages in order: data, profile, teacher, distill, rate, search, retrain, export."""
-    from dna import pipeline as P
-
-    run = _run(_load(params, set_, check_profile=False))  # the profile is made here, before the search reads it
-    times = {}
-
-    def timed(name, fn, *args):
+    run = _run(_load(params, set_, check_profile=False))  # the profile is made on the way, before the search
+    times: dict[str, float] = {}
+    for stage in STAGES:
         start = time.perf_counter()
-        out = fn(*args)
-        times[name] = times.get(name, 0.0) + time.perf_counter() - start
-        return out
-
-    timed("data", P.stage_data, run)
-    timed("profile", P.stage_profile, run)
-    teacher_metrics = timed("teacher", P.stage_teacher, run)
-    timed("distill", P.stage_features, run)
-    for b in range(run.space.num_blocks):
-        timed("distill", P.stage_distill, run, b)
-    for b in range(run.space.num_blocks):
-        timed("rate", P.stage_rate, run, b)
-    timed("search", P.stage_search, run)
-    retrain_metrics = timed("retrain", P.stage_retrain, run)
-    export_metrics = timed("export", P.stage_export, run)
-    _report(run, teacher_metrics, retrain_metrics, export_metrics, times)
+        run_stage(stage, run)
+        times[stage.name] = time.perf_counter() - start
+    _report(run, times)
 
 
-def _report(run, teacher_metrics: dict, retrain_metrics: dict, export_metrics: dict, times: dict) -> None:
-    p = run.paths
-    rows = {"data": [p.splits], "profile": [p.latency], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
-            "distill": [p.distill_dir], "rate": [p.ratings_dir],
-            "search": [p.arch, p.search_dir / "front.csv", p.search_dir / "front.png"],
-            "retrain": [p.model, p.retrain_dir / "metrics.json"], "export": [p.onnx, p.export_dir / "metrics.json"]}
+run_all.__doc__ = "All stages in order: " + ", ".join(s.name for s in STAGES) + "."
+app.command("run")(guarded(run_all))
+
+
+def _report(run, times: dict) -> None:
+    import json
+
     out = Console(soft_wrap=True)
     out.print("[bold]dna run: where everything went[/]")
-    for stage, files in rows.items():
-        out.print(f"  {stage:<8} {times.get(stage, 0):6.1f} s  " + "  ".join(str(f) for f in files))
-    gap = (export_metrics["onnx_test_accuracy"] - teacher_metrics["test_accuracy"]) * 100
+    metrics = {}
+    for stage in STAGES:
+        files = "  ".join(str(run.paths.root / f) for f in stage.files())
+        out.print(f"  {stage.name:<8} {times.get(stage.name, 0):6.1f} s  {files}",
+                  markup=False, highlight=False)
+        if stage.metrics:
+            metrics[stage.name] = json.loads((run.paths.root / stage.metrics).read_text())
+    teacher, retrain, export = metrics["teacher"], metrics["retrain"], metrics["export"]
+    gap = (export["onnx_test_accuracy"] - teacher["test_accuracy"]) * 100
     out.print(
-        f"teacher test accuracy {teacher_metrics['test_accuracy']:.4f}; exported network (ONNX Runtime) "
-        f"{export_metrics['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher), "
-        f"{retrain_metrics['params']:,} parameters, {retrain_metrics['macs']:,} multiply-adds; "
-        f"ONNX parity max |diff| {export_metrics['max_abs_diff']:.2e}")
+        f"teacher test accuracy {teacher['test_accuracy']:.4f}; exported network (ONNX Runtime) "
+        f"{export['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher), "
+        f"{retrain['params']:,} parameters, {retrain['macs']:,} multiply-adds; "
+        f"ONNX parity max |diff| {export['max_abs_diff']:.2e}")
 
 
-@app.command()
-@_guard
-def promote(params: Path = ParamsOpt, version: Optional[int] = typer.Option(
-        None, "--version", "-v", help="registered version (default: the newest)"),
-        withdraw: Optional[int] = typer.Option(
-            None, "--withdraw", metavar="VERSION", help="take a version out of the running for champion (rollback)")):
-    """Alias a registered version `challenger`; move `champion` to it if it passes ONNX parity and beats the
-    champion."""
-    from flows.registry import promote_cli
-
-    raise typer.Exit(promote_cli(params, version, withdraw))
+def _add_plugin_commands() -> None:
+    """Commands other installed packages add (entry points of the group `dna.commands`, each a function)."""
+    for entry in entry_points(group="dna.commands"):
+        app.command(entry.name)(guarded(entry.load()))
 
 
 def _space(cfg: Params):
@@ -226,7 +164,7 @@ def _space(cfg: Params):
 
 
 @app.command()
-@_guard
+@guarded
 def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Per block: its cells, candidates per cell and per block, and the size of the whole space."""
     cfg = _load(params, set_, deep=False)
@@ -243,7 +181,7 @@ def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
 
 
 @arch_app.command("cost")
-@_guard
+@guarded
 def arch_cost(arch_file: Path = typer.Argument(..., help="architecture YAML (stem, head, arch)"),
               params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Parameters and multiply-adds of an architecture, and whether it belongs to the configured space."""
@@ -266,6 +204,9 @@ def arch_cost(arch_file: Path = typer.Argument(..., help="architecture YAML (ste
         Console().print(f"  {'ok ' if inside else 'NO '} {why}", highlight=False, markup=False, soft_wrap=True)
     if not member:
         raise typer.Exit(1)
+
+
+_add_plugin_commands()
 
 
 def main() -> None:  # pragma: no cover

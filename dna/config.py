@@ -12,6 +12,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_serializer,
     model_validator,
@@ -24,16 +25,6 @@ DEFAULT_OPS = [f"ir_k{k}_e{e}_se0.25" for e in (3, 6) for k in (3, 5, 7)]
 
 class ConfigError(ValueError):
     """A params file that cannot be used; the message names the key, the value and what is allowed."""
-
-
-def detected_faults() -> tuple[type[Exception], ...]:
-    """Faults a run detects and reports in one line (exit code 1): a corrupt checkpoint, a diverging loss, a failed
-    ONNX parity check, a missing input of a stage. Imported when asked: the modules that raise them import torch."""
-    from dna.checkpoint import CheckpointError
-    from dna.export import ParityError
-    from dna.train import NonFiniteLoss
-
-    return CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError
 
 
 class Strict(BaseModel):
@@ -247,25 +238,9 @@ class ExportConfig(Strict):
     atol: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-4
 
 
-class TrackingConfig(Strict):
-    """MLflow: where runs are tracked and under which name exported models are registered."""
+class CoreParams(Strict):
+    """The sections of the method; other layers add theirs (extension_sections)."""
 
-    tracking_uri: str | None = None  # None: a SQLite file mlflow.db in the working directory
-    experiment: str = "dna"
-    registered_model: str = "dna-student"
-    promote_metric: Literal["test_accuracy", "onnx_test_accuracy"] = "test_accuracy"
-
-
-class OrchestrationConfig(Strict):
-    """How the flows fan out blocks: threads, processes, a Dask cluster or Ray."""
-
-    task_runner: Literal["threads", "processes", "dask", "ray"] = "threads"
-    max_workers: PositiveInt = 2
-    dask_address: str | None = None  # None: a local Dask cluster with max_workers workers
-    retries: Annotated[int, Field(ge=0, le=10)] = 1
-
-
-class Params(Strict):
     seed: int = 0
     outputs: str = "outputs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -278,11 +253,9 @@ class Params(Strict):
     profile: ProfileConfig = ProfileConfig()
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
-    mlflow: TrackingConfig = TrackingConfig()
-    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
-    def _boundaries_match_blocks(self) -> Params:
+    def _boundaries_match_blocks(self) -> CoreParams:
         if len(self.teacher.boundaries) != len(self.space.blocks):
             raise ValueError(
                 f"teacher.boundaries has {len(self.teacher.boundaries)} entries but space.blocks has "
@@ -292,6 +265,25 @@ class Params(Strict):
     @property
     def out_dir(self) -> Path:
         return Path(self.outputs)
+
+
+def extension_sections() -> dict[str, type[BaseModel]]:
+    """Sections of params.yaml that installed packages own (entry points of the group `dna.sections`), such as the
+    tracking and orchestration settings of the flows; each a pydantic model whose defaults are all set."""
+    from importlib.metadata import entry_points
+
+    return {e.name: e.load() for e in sorted(entry_points(group="dna.sections"), key=lambda e: e.name)}
+
+
+def _params_model() -> type[CoreParams]:
+    sections = extension_sections()
+    if not sections:
+        return CoreParams
+    fields = {name: (model, model()) for name, model in sections.items()}
+    return create_model("Params", __base__=CoreParams, __module__=__name__, **fields)
+
+
+Params = _params_model()
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, data_hash, load, stage_params, stage_task
+from flows.entry import cli, load
+from flows.hashes import data_hash
+from flows.prefect_api import stage_task
+from flows.steps import stage_params
 from flows.tracking import stage_run
 
 

@@ -19,8 +19,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from dna.config import Params
+from dna.errors import StageFailure
 from flows import artifacts
-from flows.common import cli, load, make_task_runner, share_prefect_api, stage_params, with_absolute_outputs
+from flows.entry import cli, load, with_absolute_outputs
+from flows.prefect_api import share_prefect_api
+from flows.steps import stage_params
+from flows.task_runners import make_task_runner
 from flows.teacher import log_history
 from flows.tracking import STAGE_TAG, Tracking, child_run, stage_run
 
@@ -143,7 +147,7 @@ def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None
     return {"blocks": results, "task_runner": orch.task_runner}
 
 
-class BlockFailure(RuntimeError):
+class BlockFailure(StageFailure):
     """Some blocks failed after their retries; the others finished and their checkpoints and ratings are kept."""
 
     def __init__(self, failed: dict[int, BaseException], retries: int, kept: list[int]):

@@ -24,21 +24,15 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
+from dna.logs import setup_logging
 from flows import artifacts
-from flows.common import (
-    RESULT_SECTIONS,
-    check_dvc_params,
-    flatten,
-    load,
-    prefect_api_url,
-    setup_logging,
-)
+from flows.entry import check_dvc_params, load
+from flows.prefect_api import prefect_api_url
+from flows.steps import METRIC_FILES, RESULT_SECTIONS, STEPS, flatten
 from flows.tracking import PARENT_ENV, stage_run, tracking_uri
 
 RAN = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
-METRIC_FILES = {"teacher": "teacher/metrics.json", "search": "search/metrics.json", "retrain": "retrain/metrics.json",
-                "export": "export/metrics.json", "register": "register/registration.json"}
 
 
 @contextlib.contextmanager
@@ -115,13 +109,10 @@ def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics
              f"ran: {', '.join(ran) or 'nothing (all stages up to date)'}",
              f"up to date: {', '.join(skipped) or '-'}", "", f"MLflow run `{run_id}`", "",
              "| stage | metric | value |", "| --- | --- | --- |"]
-    picks = {"teacher": ["test_accuracy"], "search": ["score", "params", "macs", "latency_ms"],
-             "retrain": ["test_accuracy"],
-             "export": ["onnx_test_accuracy", "max_abs_diff"], "register": ["version", "champion", "reason"]}
-    for stage, keys in picks.items():
-        for key in keys:
-            if key in metrics.get(stage, {}):
-                lines.append(f"| {stage} | {key} | {metrics[stage][key]} |")
+    for step in STEPS:
+        for key in step.headline:
+            if key in metrics.get(step.name, {}):
+                lines.append(f"| {step.name} | {key} | {metrics[step.name][key]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +150,8 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dna.config import ConfigError, parse_overrides
+    from dna.config import parse_overrides
+    from dna.errors import exit_code
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: here)")
@@ -188,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(text)
                 return 0
         result = pipeline_flow(str(root), overrides, args.force)
-    except ConfigError as exc:
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return code
     print(report(root, result))
     return 0
 
@@ -207,8 +202,9 @@ def up_to_date(root: Path) -> bool:
 
 def report(root: Path, result: dict) -> str:
     """Where every output went, and the headline figures, for the end of a run."""
-    from dna.config import Params, TrackingConfig
+    from dna.config import Params
     from dna.paths import Paths
+    from flows.settings import TrackingConfig
 
     # only the few keys a report needs, without the whole schema's checks (they import timm: seconds); the
     # config was checked in full by the run that made these results
@@ -218,13 +214,9 @@ def report(root: Path, result: dict) -> str:
     p = Paths(root / params.outputs)
     m = result["metrics"] if result["metrics"] is not None else read_metrics(p.root)
     lines = [f"stages run: {', '.join(result['ran']) or 'none (everything up to date)'}", "outputs:"]
-    for stage, paths in {"data": [p.splits], "teacher": [p.teacher, p.teacher_dir / "metrics.json"],
-                         "distill": [p.distill_dir, p.ratings_dir], "profile": [p.latency],
-                         "search": [p.arch, p.search_dir / "front.csv", p.search_dir / "front.png"],
-                         "retrain": [p.model, p.retrain_dir / "metrics.json"],
-                         "export": [p.onnx, p.export_dir / "metrics.json"],
-                         "register": [p.root / "register" / "registration.json"]}.items():
-        lines.append(f"  {stage:<8} " + "  ".join(os.path.relpath(x, root) for x in paths))
+    for step in STEPS:
+        files = step.outputs + ((step.metrics,) if step.metrics else ())
+        lines.append(f"  {step.name:<8} " + "  ".join(os.path.relpath(p.root / f, root) for f in files))
     run_id = result["mlflow_run_id"]
     lines.append(f"  mlflow   {tracking_uri(params, root)}" + (f" (parent run {run_id})" if run_id else ""))
     if {"teacher", "export"} <= m.keys():

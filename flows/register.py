@@ -11,8 +11,10 @@ from pathlib import Path
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, data_hash, git_commit, load, params_hash, stage_params
+from flows.entry import cli, load
+from flows.hashes import data_hash, git_commit, params_hash
 from flows.registry import latest_version, log_onnx_model, promote, register_version
+from flows.steps import stage_params
 from flows.tracking import stage_run
 
 SAMPLE_IMAGES = 8

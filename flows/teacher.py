@@ -5,7 +5,9 @@ import pandas as pd
 from prefect import flow
 
 from flows import artifacts
-from flows.common import cli, load, stage_params, stage_task
+from flows.entry import cli, load
+from flows.prefect_api import stage_task
+from flows.steps import stage_params
 from flows.tracking import RunLog, stage_run
 
 

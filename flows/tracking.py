@@ -177,7 +177,7 @@ def stage_run(params: Params, stage: str, logged_params: dict[str, str] | None =
     Ends FINISHED, or FAILED if the body raises."""
     import mlflow
 
-    from flows.common import git_commit, params_hash
+    from flows.hashes import git_commit, params_hash
 
     uri = tracking_uri(params, root)
     mlflow.set_tracking_uri(uri)

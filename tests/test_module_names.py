@@ -47,7 +47,7 @@ def installed_top_level_names() -> set[str]:
 
 def test_the_name_lists_are_not_empty():
     names = project_module_names()
-    assert {"pipeline", "common", "config", "test_module_names"} <= names.keys()
+    assert {"pipeline", "steps", "config", "test_module_names"} <= names.keys()
     assert {"json", "profile", "logging"} <= set(sys.stdlib_module_names)
     assert {"torch", "timm", "prefect", "mlflow", "dvc", "yaml"} <= installed_top_level_names()
 

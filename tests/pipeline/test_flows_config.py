@@ -7,28 +7,46 @@ import pytest
 import yaml
 from pipeline_support import ROOT, tiny_raw
 
-from dna.config import ConfigError, OrchestrationConfig, parse_params
-from flows.common import (
-    STAGE_MODULES,
-    STAGE_PARAMS,
-    STAGES,
-    make_task_runner,
-    missing_dvc_params,
-    pick,
-)
+from dna.config import ConfigError, parse_params
+from flows.entry import missing_dvc_params
 from flows.env import configure_environment, environment_defaults
 from flows.pipeline import dvc_command, stages_run
+from flows.settings import OrchestrationConfig
+from flows.steps import STAGE_MODULES, STAGE_PARAMS, STAGES, STEPS, pick
+from flows.task_runners import make_task_runner
 from flows.tracking import artifact_location, tracking_uri
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
-def test_dvc_stages_are_the_flows_in_order_and_track_exactly_the_params_each_flow_reads():
+def _paths(entries: list) -> set[str]:
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+
+def test_dvc_yaml_is_the_stage_table_steps_in_order_with_their_params_outputs_and_metrics():
     assert list(DVC["stages"]) == STAGES
-    for name, stage in DVC["stages"].items():
-        assert stage["cmd"] == f"python -m flows.{STAGE_MODULES[name]}"
-        assert stage["params"] == STAGE_PARAMS[name], name
-        assert f"flows/{STAGE_MODULES[name]}.py" in stage["deps"], name
+    for step in STEPS:
+        stage = DVC["stages"][step.name]
+        assert stage["cmd"] == f"python -m flows.{STAGE_MODULES[step.name]}"
+        assert stage["params"] == STAGE_PARAMS[step.name] == list(step.params), step.name
+        assert f"flows/{STAGE_MODULES[step.name]}.py" in stage["deps"], step.name
+        assert _paths(stage.get("outs", [])) == {f"${{outputs}}/{o}" for o in step.outputs}, step.name
+        assert _paths(stage.get("metrics", [])) == ({f"${{outputs}}/{step.metrics}"} if step.metrics else set())
+
+
+def test_a_new_stage_is_one_table_entry_plus_its_function():
+    from dna.stages import STAGES as TABLE
+    from dna.stages import Stage
+    from flows.steps import steps_of
+
+    extra = Stage("calibrate", "Re-estimate something.", "dna.pipeline:stage_data", ("seed", "rating"),
+                  ("calibrate/stats.json",), metrics="calibrate/metrics.json", headline=("error",))
+    steps = steps_of((*TABLE, extra))
+    assert [s.name for s in steps] == [*STAGES[:-1], "calibrate", "register"]
+    new = steps[-2]
+    assert (new.module, new.params, new.outputs, new.metrics) == (
+        "calibrate", ("seed", "rating"), ("calibrate/stats.json",), "calibrate/metrics.json")
+    assert extra.load() is __import__("dna.pipeline", fromlist=["stage_data"]).stage_data
 
 
 def test_every_tracked_param_is_a_real_config_key_and_the_project_params_file_spells_them_out():

@@ -11,7 +11,7 @@ import sys
 import pytest
 from pipeline_support import git_dvc_project, run_python
 
-from flows.common import STAGES
+from flows.steps import STAGES
 
 pytestmark = pytest.mark.slow  # about three minutes: eight stage processes, then three
 

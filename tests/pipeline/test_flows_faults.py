@@ -207,7 +207,7 @@ def test_a_bad_config_stops_every_stage_before_any_work(prefect_api, tmp_path, c
     """Each stage's own entry point (what `dvc repro` runs): exit 2, one line naming the key, nothing written."""
     import importlib
 
-    from flows.common import STAGE_MODULES, STAGES
+    from flows.steps import STAGE_MODULES, STAGES
 
     raw = bad_project(tmp_path, {"search.budgets": {"macs": 1000}})
     with working_directory(tmp_path):

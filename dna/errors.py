@@ -1,0 +1,35 @@
+"""The one exit-code policy of every command line (`dna`, `python -m flows.<step>`, the pipeline flow).
+
+2: a configuration that cannot be used (ConfigError: the message names the key and what is allowed).
+1: a fault a run detects: a corrupt checkpoint, a diverging loss, a failed ONNX parity check, a missing input of a
+   stage, a block that kept failing.
+Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+from dna.config import ConfigError
+
+CONFIG_ERROR, DETECTED_FAULT = 2, 1
+
+
+def detected_faults() -> tuple[type[Exception], ...]:
+    """Imported when asked: the modules that raise them import torch."""
+    from dna.checkpoint import CheckpointError
+    from dna.export import ParityError
+    from dna.train import NonFiniteLoss
+
+    return CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError, StageFailure
+
+
+class StageFailure(RuntimeError):
+    """A stage that failed in a way it detected and described (e.g. blocks that kept failing); the others' work
+    is kept."""
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code for an error reported in one line, or None for one that should keep its traceback."""
+    if isinstance(exc, ConfigError):
+        return CONFIG_ERROR
+    if isinstance(exc, detected_faults()):
+        return DETECTED_FAULT
+    return None

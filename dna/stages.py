@@ -1,0 +1,91 @@
+"""The one table of stages: what each reads, runs and writes, in run order.
+
+The `dna` command's stage commands, `dna run`'s order and report, and (through flows/steps.py) the Prefect flows,
+the MLflow metric files, the pipeline report and the checks of dvc.yaml all come from this table. Adding a stage is
+one entry here plus its function. A stage's function is named as "module:attribute" and imported only when the
+stage runs, so reading the table costs no imports.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    function: str  # "module:attribute": function(run) -> dict, or function(run, block) for a per-block stage
+    params: tuple[str, ...]  # the params.yaml keys that decide its result
+    outputs: tuple[str, ...]  # files and folders it writes, under `outputs`
+    metrics: str | None = None  # its metrics file under `outputs`
+    headline: tuple[str, ...] = ()  # the metrics a report shows
+    per_block: bool = False
+    prepare: str | None = None  # "module:attribute" run once before a per-block stage's blocks
+    trains: bool = False  # takes an on_epoch hook
+    makes_profile: bool = False  # validated without the latency profile, which it makes
+    step: str | None = None  # the pipeline step (DVC stage, Prefect flow) it runs in, when not one of its own
+
+    def files(self) -> tuple[str, ...]:
+        """Everything it writes under `outputs`: its outputs and its metrics file."""
+        return self.outputs + ((self.metrics,) if self.metrics else ())
+
+    @property
+    def pipeline_step(self) -> str:
+        return self.step or self.name
+
+    def load(self) -> Callable:
+        return _attribute(self.function)
+
+    def load_prepare(self) -> Callable | None:
+        return _attribute(self.prepare) if self.prepare else None
+
+
+def _attribute(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "Make the fixed train / rate / test splits.", "dna.pipeline:stage_data",
+          ("seed", "data"), ("data/splits.json",)),
+    Stage("teacher", "Train, download or load the teacher; report its test accuracy.", "dna.pipeline:stage_teacher",
+          ("seed", "data", "teacher"),
+          ("teacher/teacher.pt", "teacher/train_state.pt", "teacher/history.csv"),
+          metrics="teacher/metrics.json", headline=("test_accuracy",), trains=True),
+    Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
+          "dna.pipeline:stage_distill", ("seed", "data", "teacher.model", "teacher.boundaries", "space", "distill"),
+          ("distill",), per_block=True, prepare="dna.pipeline:stage_features", trains=True),
+    Stage("rate", "Rate every candidate of every cell of each block.", "dna.pipeline:stage_rate",
+          ("rating",), ("ratings",), per_block=True, step="distill"),
+    Stage("profile", "Time every candidate layer, the stem and the head in ONNX Runtime on this machine.",
+          "dna.pipeline:stage_profile", ("data.image_size", "data.channels", "space", "profile"),
+          ("profile/latency.csv", "profile/profile.json"), makes_profile=True),
+    Stage("search", "Choose the best architecture under the budgets and compute the Pareto front.",
+          "dna.pipeline:stage_search", ("data.image_size", "data.channels", "space", "search"),
+          ("search/arch.yaml", "search/front.csv", "search/front.png", "search/rating_spread.png"),
+          metrics="search/metrics.json", headline=("score", "params", "macs", "latency_ms")),
+    Stage("retrain", "Train the chosen architecture (from scratch or from the supernets; optionally with KD).",
+          "dna.pipeline:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
+          ("retrain/model.pt", "retrain/train_state.pt", "retrain/history.csv", "retrain/curves.png"),
+          metrics="retrain/metrics.json", headline=("test_accuracy",), trains=True),
+    Stage("export", "Export the retrained network to ONNX and check it against PyTorch.", "dna.pipeline:stage_export",
+          ("data", "export"), ("export/model.onnx",), metrics="export/metrics.json",
+          headline=("onnx_test_accuracy", "max_abs_diff")),
+)
+
+
+def stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"no stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")
+
+
+def steps(table: tuple[Stage, ...] = STAGES) -> dict[str, list[Stage]]:
+    """The stages grouped into pipeline steps (each a DVC stage and a Prefect flow), in run order."""
+    out: dict[str, list[Stage]] = {}
+    for s in table:
+        out.setdefault(s.pipeline_step, []).append(s)
+    return out

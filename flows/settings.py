@@ -1,0 +1,32 @@
+"""The sections of params.yaml that the pipeline owns, not the method: MLflow tracking and orchestration.
+
+They join the one schema (dna.config.Params) through the `dna.sections` entry points in pyproject.toml, so a
+params file is still validated whole, in one place, before any work.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingConfig(Section):
+    """MLflow: where runs are tracked and under which name exported models are registered."""
+
+    tracking_uri: str | None = None  # None: a SQLite file mlflow.db in the working directory
+    experiment: str = "dna"
+    registered_model: str = "dna-student"
+    promote_metric: Literal["test_accuracy", "onnx_test_accuracy"] = "test_accuracy"
+
+
+class OrchestrationConfig(Section):
+    """How the flows fan out blocks: threads, processes, a Dask cluster or Ray."""
+
+    task_runner: Literal["threads", "processes", "dask", "ray"] = "threads"
+    max_workers: Annotated[int, Field(gt=0)] = 2
+    dask_address: str | None = None  # None: a local Dask cluster with max_workers workers
+    retries: Annotated[int, Field(ge=0, le=10)] = 1

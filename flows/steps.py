@@ -1,0 +1,80 @@
+"""The pipeline's steps (each a DVC stage and a Prefect flow, `python -m flows.<module>`), made from the stage table
+(dna/stages.py) plus the step only the pipeline has, registration in MLflow. dvc.yaml is checked against this by
+tests; each step's MLflow run logs the params it reads.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from dna.config import Params
+from dna.stages import STAGES as STAGE_TABLE
+from dna.stages import Stage
+from dna.stages import steps as stage_steps
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    module: str  # python -m flows.<module>
+    params: tuple[str, ...]  # the params.yaml keys it reads, as dvc.yaml lists them
+    outputs: tuple[str, ...]  # under `outputs`, as dvc.yaml lists them (outs)
+    metrics: str | None  # under `outputs` (dvc.yaml metrics; logged to MLflow by the pipeline flow)
+    headline: tuple[str, ...]
+
+
+def steps_of(table: tuple[Stage, ...] = STAGE_TABLE) -> list[Step]:
+    """The steps of a stage table: its stages grouped by step, then registration."""
+    out = []
+    for name, stages in stage_steps(table).items():
+        params = tuple(dict.fromkeys(k for s in stages for k in s.params))
+        outputs = tuple(o for s in stages for o in s.outputs) + FLOW_OUTPUTS.get(name, ())
+        metrics = [s.metrics for s in stages if s.metrics]
+        out.append(Step(name, MODULES.get(name, name), params, outputs, metrics[0] if metrics else None,
+                        tuple(h for s in stages for h in s.headline)))
+    return [*out, REGISTER]
+
+
+# Outputs a step's flow writes beyond its stage functions (for DVC plots and the register step).
+FLOW_OUTPUTS = {"search": ("search/chosen.csv",), "export": ("export/logged_model.json",)}
+# The module of a step whose name is a standard-library module (a Prefect worker puts flows/ first on sys.path:
+# flows/profile.py would shadow the `profile` that cProfile, and so torch, imports).
+MODULES = {"profile": "latency_profile"}
+
+REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.promote_metric"), (),
+                "register/registration.json", ("version", "champion", "reason"))
+STEPS: list[Step] = steps_of()
+STAGES = [s.name for s in STEPS]
+STAGE_PARAMS: dict[str, list[str]] = {s.name: list(s.params) for s in STEPS}
+STAGE_MODULES: dict[str, str] = {s.name: s.module for s in STEPS}
+METRIC_FILES: dict[str, str] = {s.name: s.metrics for s in STEPS if s.metrics}
+
+# Sections that determine the trained network; their hash tags a registered model version.
+RESULT_SECTIONS = ("seed", "data", "teacher", "space", "distill", "rating", "search", "profile", "retrain", "export")
+
+
+def pick(params: Params, keys: list[str]) -> dict[str, Any]:
+    """The values of dotted keys, e.g. pick(p, ["seed", "teacher.model"])."""
+    raw = params.model_dump(mode="json")
+    out = {}
+    for key in keys:
+        node = raw
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted keys with string values (lists stay one value), for MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)}
+
+
+def stage_params(params: Params, step: str) -> dict[str, str]:
+    return flatten(pick(params, STAGE_PARAMS[step]))

@@ -1,0 +1,49 @@
+"""The Prefect task runner named by orchestration.task_runner."""
+from __future__ import annotations
+
+import os
+
+from dna.config import ConfigError
+from flows.settings import OrchestrationConfig
+
+
+def make_task_runner(orch: OrchestrationConfig, dask_processes: bool | None = None):
+    """The Prefect task runner named by orchestration.task_runner.
+
+    dask: a LocalCluster of max_workers single-threaded workers, or the cluster at orchestration.dask_address.
+    dask_processes=False runs the local cluster's workers as threads of this process (the env variable
+    DNA_DASK_PROCESSES=0 does the same); by default they are processes.
+    """
+    kind = orch.task_runner
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+    if kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=orch.max_workers)
+    if kind == "dask":
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # workers' startup chatter, also in workers
+        try:
+            import dask
+
+            dask.config.refresh()
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ConfigError("orchestration.task_runner='dask' needs prefect-dask: pip install prefect-dask") from None
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address)
+        if dask_processes is None:
+            dask_processes = os.environ.get("DNA_DASK_PROCESSES", "1") not in ("0", "false", "no")
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": orch.max_workers, "threads_per_worker": 1,
+                                              "processes": dask_processes, "dashboard_address": None})
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ConfigError("orchestration.task_runner='ray' needs prefect-ray, which is not installed: "
+                              "pip install prefect-ray (or choose threads, processes or dask)") from None
+        return RayTaskRunner()
+    raise ConfigError(f"orchestration.task_runner={kind!r}; allowed: threads, processes, dask, ray")
