@@ -1,4 +1,5 @@
-"""The architecture value type: a whole network as timm block strings, built by timm's own EfficientNet builder."""
+"""The architecture value type: a whole network as timm block strings, with the family and build settings that
+make it (dna.arch_families)."""
 from __future__ import annotations
 
 import json
@@ -8,21 +9,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from timm.layers import get_act_layer
-from timm.models._efficientnet_blocks import SqueezeExcite
-from timm.models._efficientnet_builder import (
-    EfficientNetBuilder,
-    _decode_block_str,
-    decode_arch_def,
-)
-from timm.models.efficientnet import EfficientNet
+from timm.models._efficientnet_builder import _decode_block_str, decode_arch_def
 from torch import nn
 
-ACT = "swish"
+from dna.arch_families import DEFAULT_FAMILY, BuildSettings, build_timm_layers, get_family
 
-
-def _same_width(channels: int, *_, **__) -> int:
-    return int(channels)
+DEFAULT_SETTINGS = BuildSettings()
+ACT = DEFAULT_SETTINGS.act  # the default activation, for modules that build with the default settings
+KEYS = ("family", "build", "stem", "head", "arch")
 
 
 def _token_key(token: str) -> str | None:
@@ -49,17 +43,17 @@ def expand_repeats(block: str) -> list[str]:
     return [layer(i == 0) for i in range(repeats)]
 
 
-def build_layers(block_strings: list[str], in_chs: int) -> nn.Sequential:
+def build_layers(block_strings: list[str], in_chs: int, settings: BuildSettings = DEFAULT_SETTINGS) -> nn.Sequential:
     """One stage of layers from block strings, made exactly as EfficientNet's builder makes them."""
-    builder = EfficientNetBuilder(round_chs_fn=_same_width, act_layer=get_act_layer(ACT), norm_layer=nn.BatchNorm2d,
-                                  se_layer=SqueezeExcite)
-    return builder(in_chs, decode_arch_def([list(block_strings)]))[0]
+    return build_timm_layers(block_strings, in_chs, settings)
 
 
 @dataclass(frozen=True)
 class Arch:
-    """A whole network: stem width, stages of timm block strings, head width.
+    """A whole network: stem width, stages of timm block strings, head width, and the family and build settings
+    (activation, normalisation, squeeze-excitation gate) that make it.
 
+    Files without `family` or `build` (older ones) load with the defaults; files and tags always state them.
     Repeats (`_rN`) are expanded on construction, so every layer is one `_r1` string: the same network compares
     equal however its repeats were written, and files and tags carry this canonical form.
     """
@@ -67,8 +61,17 @@ class Arch:
     stem: int
     stages: tuple[tuple[str, ...], ...]
     head: int
+    family: str = DEFAULT_FAMILY
+    settings: BuildSettings = DEFAULT_SETTINGS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.family, str):
+            raise ValueError(f"arch: family must be a name, got {self.family!r}")
+        get_family(self.family)  # raises on an unregistered family, naming the registered ones
+        if isinstance(self.settings, dict):
+            object.__setattr__(self, "settings", BuildSettings.from_dict(self.settings))
+        if not isinstance(self.settings, BuildSettings):
+            raise ValueError(f"arch: settings must be BuildSettings or a mapping, got {self.settings!r}")
         object.__setattr__(self, "stages", tuple(tuple(s) for s in self.stages))
         for i, stage in enumerate(self.stages):
             if not stage:
@@ -82,14 +85,19 @@ class Arch:
         object.__setattr__(self, "stages", expanded)
 
     def to_dict(self) -> dict:
-        return {"stem": self.stem, "head": self.head, "arch": [list(s) for s in self.stages]}
+        return {"family": self.family, "build": self.settings.to_dict(), "stem": self.stem, "head": self.head,
+                "arch": [list(s) for s in self.stages]}
 
     @classmethod
     def from_dict(cls, raw: dict) -> Arch:
         missing = {"stem", "head", "arch"} - set(raw or {})
         if missing:
             raise ValueError(f"arch file lacks key(s) {sorted(missing)}; expected stem, head and arch")
-        return cls(stem=int(raw["stem"]), head=int(raw["head"]), stages=raw["arch"])
+        unknown = sorted(set(raw) - set(KEYS))
+        if unknown:
+            raise ValueError(f"arch file has unknown key(s) {unknown}; allowed: {', '.join(KEYS)}")
+        return cls(stem=int(raw["stem"]), head=int(raw["head"]), stages=raw["arch"],
+                   family=raw.get("family", DEFAULT_FAMILY), settings=BuildSettings.from_dict(raw.get("build")))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=1000)
@@ -112,11 +120,9 @@ class Arch:
         """One-line form for tags and metadata."""
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
-    def build(self, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> EfficientNet:
-        return EfficientNet(
-            decode_arch_def([list(s) for s in self.stages]), num_classes=num_classes, num_features=self.head,
-            in_chans=in_chans, stem_size=self.stem, fix_stem=True, round_chs_fn=_same_width,
-            act_layer=get_act_layer(ACT), drop_rate=drop_rate)
+    def build(self, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> nn.Module:
+        """The network, made by the arch's family with its build settings."""
+        return get_family(self.family).build(self, num_classes, in_chans, drop_rate)
 
 
 def count_cost(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, torch.Size]:

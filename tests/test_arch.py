@@ -1,15 +1,23 @@
-"""The architecture value type: files, tags, building with timm's EfficientNet, and counting costs."""
+"""The architecture value type: files, tags, families and build settings, building with timm, and counting costs."""
 import ast
 import inspect
 import json
 
+import onnx
 import pytest
 import timm
 import torch
 import yaml
+from timm.layers import BatchNormAct2d, GroupNorm1Act, LayerNormAct2d, activations
+from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models._efficientnet_builder import decode_arch_def
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
+from dna import arch_families
 from dna.arch import Arch, build_layers, count_cost, expand_repeats
+from dna.arch_families import ARCH_FAMILIES, BuildSettings, Family, get_family, register_family
 
 SMALL = Arch(stem=16, head=256, stages=(
     ("ds_r1_k3_s1_c16_se0.25",),
@@ -44,7 +52,9 @@ def test_yaml_round_trip(tmp_path):
     text = SMALL.to_yaml()
     assert Arch.from_yaml(text) == SMALL
     raw = yaml.safe_load(text)
-    assert raw == {"stem": 16, "head": 256, "arch": [list(s) for s in SMALL.stages]}
+    assert raw == {"family": "efficientnet", "build": {"act": "swish", "norm": "batchnorm", "se_gate": "sigmoid"},
+                   "stem": 16, "head": 256, "arch": [list(s) for s in SMALL.stages]}
+    assert list(raw) == ["family", "build", "stem", "head", "arch"]  # the file opens with what makes the network
     path = SMALL.save(tmp_path / "search" / "arch.yaml")
     assert path == tmp_path / "search" / "arch.yaml" and path.read_text() == text
     loaded = Arch.load(path)
@@ -207,6 +217,171 @@ def test_build_layers_makes_one_stage():
     assert stage[1].conv_pw.out_channels == 144  # 24 x e6
     with torch.no_grad():
         assert stage.eval()(torch.randn(1, 16, 16, 16)).shape == (1, 24, 8, 8)
+
+
+# families and build settings ------------------------------------------------------------------------------------
+TINY = Arch(stem=8, head=32, stages=(("ds_r1_k3_s1_c8_se0.25",), ("ir_r1_k3_s2_e3_c16_se0.25",)))
+MOBILE = BuildSettings(act="hard_swish", norm="groupnorm1", se_gate="hard_sigmoid")
+
+
+def _with(arch: Arch, **changes) -> Arch:
+    return Arch(**{"stem": arch.stem, "stages": arch.stages, "head": arch.head, "family": arch.family,
+                   "settings": arch.settings, **changes})
+
+
+def _types(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.modules()}
+
+
+@pytest.fixture
+def families(monkeypatch):
+    """A copy of the family registry, so a family registered by a test is gone after it."""
+    monkeypatch.setattr(arch_families, "ARCH_FAMILIES", dict(ARCH_FAMILIES))
+    return arch_families.ARCH_FAMILIES
+
+
+def test_round_trip_with_family_and_settings(tmp_path):
+    arch = _with(SMALL, settings=MOBILE)
+    assert arch != SMALL and arch.stages == SMALL.stages
+    raw = yaml.safe_load(arch.to_yaml())
+    assert raw["family"] == "efficientnet"
+    assert raw["build"] == {"act": "hard_swish", "norm": "groupnorm1", "se_gate": "hard_sigmoid"}
+    loaded = Arch.load(arch.save(tmp_path / "arch.yaml"))
+    assert loaded == arch and loaded.settings == MOBILE and hash(loaded) == hash(arch)
+    assert Arch.from_dict(json.loads(arch.tag())) == arch
+    assert '"build":{"act":"hard_swish","norm":"groupnorm1","se_gate":"hard_sigmoid"}' in arch.tag()
+    assert _with(SMALL, settings={"act": "relu"}).settings == BuildSettings(act="relu")  # a mapping is read too
+
+
+def test_old_file_without_family_or_build_gets_todays_defaults_and_states_them(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"stem": 16, "head": 256, "arch": [list(s) for s in SMALL.stages]}))
+    arch = Arch.load(old)
+    assert arch == SMALL and arch.family == "efficientnet"
+    assert arch.settings == BuildSettings(act="swish", norm="batchnorm", se_gate="sigmoid")
+    raw = yaml.safe_load(arch.save(tmp_path / "new.yaml").read_text())
+    assert raw["family"] == "efficientnet"
+    assert raw["build"] == {"act": "swish", "norm": "batchnorm", "se_gate": "sigmoid"}
+    # a partial `build` takes defaults for the rest and is written back whole
+    partial = Arch.from_yaml("build: {act: relu}\nstem: 16\nhead: 256\narch: [[ds_r1_k3_s1_c16]]\n")
+    assert yaml.safe_load(partial.to_yaml())["build"] == {"act": "relu", "norm": "batchnorm", "se_gate": "sigmoid"}
+
+
+def test_default_settings_build_the_network_built_before_settings_existed():
+    from timm.layers import get_act_layer
+
+    ours = SMALL.build(num_classes=10, in_chans=3)
+    before = EfficientNet(decode_arch_def([list(s) for s in SMALL.stages]), num_classes=10, num_features=256,
+                          in_chans=3, stem_size=16, fix_stem=True, round_chs_fn=lambda c, *_, **__: int(c),
+                          act_layer=get_act_layer("swish"))
+    assert [type(m) for m in ours.modules()] == [type(m) for m in before.modules()]
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in before.state_dict().items()}
+
+
+@pytest.mark.parametrize("settings, act, norm, gate", [
+    (BuildSettings(), nn.SiLU, BatchNormAct2d, nn.Sigmoid),
+    (BuildSettings(act="relu"), nn.ReLU, BatchNormAct2d, nn.Sigmoid),
+    (MOBILE, nn.Hardswish, GroupNorm1Act, nn.Hardsigmoid),
+    (BuildSettings(act="gelu", norm="layernorm2d"), activations.GELU, LayerNormAct2d, nn.Sigmoid),  # timm's GELU
+], ids=["default", "relu", "mobile", "gelu-layernorm"])
+def test_settings_choose_the_built_layers(settings, act, norm, gate):
+    model = _with(SMALL, settings=settings).build(num_classes=5, in_chans=3)
+    assert type(model.bn1) is norm and type(model.bn2) is norm  # stem and head
+    assert type(model.bn1.act) is act and type(model.bn2.act) is act
+    blocks = [layer for stage in model.blocks for layer in stage]
+    assert all(type(layer.bn1) is norm and type(layer.bn1.act) is act for layer in blocks)
+    ses = [m for m in model.modules() if isinstance(m, SqueezeExcite)]
+    assert len(ses) == 4 and all(type(se.gate) is gate and type(se.act1) is act for se in ses)
+    others = {nn.SiLU, nn.ReLU, nn.Hardswish, activations.GELU} - {act}
+    assert not others & _types(model)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_build_layers_makes_the_family_s_layers_with_the_same_settings():
+    arch = _with(SMALL, settings=MOBILE)
+    model = arch.build(num_classes=5, in_chans=3)
+    stage = get_family(arch.family).build_layers(arch.stages[1], 16, arch.settings)
+    assert [type(m) for m in stage.modules()] == [type(m) for m in model.blocks[1].modules()]
+    assert {k: v.shape for k, v in stage.state_dict().items()} == \
+        {k: v.shape for k, v in model.blocks[1].state_dict().items()}
+    assert nn.Hardswish in _types(build_layers(list(arch.stages[1]), 16, MOBILE))
+    assert nn.SiLU in _types(build_layers(list(arch.stages[1]), 16))  # default settings, as search spaces call it
+
+
+@pytest.mark.parametrize("settings, op", [(MOBILE, "HardSwish"), (BuildSettings(act="relu"), "Relu")],
+                         ids=["hard_swish-groupnorm1", "relu"])
+def test_non_default_settings_export_to_onnx(tmp_path, settings, op):
+    from dna.export import export_onnx
+
+    arch = _with(TINY, settings=settings)
+    report = export_onnx(arch.build(num_classes=4, in_chans=3), torch.randn(2, 3, 32, 32), tmp_path / "m.onnx",
+                         {"arch": arch.tag()})
+    assert report.max_abs_diff <= 1e-4
+    graph = onnx.load(str(report.path))
+    ops = {node.op_type for node in graph.graph.node} | {
+        node.op_type for function in graph.functions for node in function.node}
+    assert op in ops and not ({"HardSwish", "Relu"} - {op}) & ops
+    assert ("HardSigmoid" in ops) == (settings.se_gate == "hard_sigmoid")
+    assert ("Sigmoid" in ops) == (settings.se_gate == "sigmoid")  # neither activation is exported as a sigmoid
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert Arch.from_dict(json.loads(meta["arch"])) == arch
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"family": "resnet"}, "family='resnet' is unknown; registered families: efficientnet"),
+    ({"build": {"act": "swishy"}}, "act='swishy' is unknown; allowed: .*hard_swish"),
+    ({"build": {"norm": "instance"}}, "norm='instance' is unknown; allowed: batchnorm, groupnorm1, layernorm2d"),
+    ({"build": {"se_gate": "relu"}}, "se_gate='relu' is unknown; allowed: sigmoid, hard_sigmoid"),
+    ({"build": {"activation": "relu"}}, r"unknown build setting\(s\) \['activation'\]; allowed: act, norm, se_gate"),
+    ({"build": "relu"}, "`build` must be a mapping"),
+    ({"bulid": {"act": "relu"}}, r"unknown key\(s\) \['bulid'\]; allowed: family, build, stem, head, arch"),
+], ids=["family", "act", "norm", "se-gate", "setting-key", "build-not-mapping", "top-level-key"])
+def test_unknown_family_or_setting_is_a_clear_error(changes, message):
+    raw = {**SMALL.to_dict(), **changes}
+    with pytest.raises(ValueError, match=message):
+        Arch.from_dict(raw)
+
+
+def test_settings_and_family_are_checked_on_construction_too():
+    with pytest.raises(ValueError, match="act='Swish'"):
+        BuildSettings(act="Swish")
+    with pytest.raises(ValueError, match="family='mobilenetv3' is unknown"):
+        _with(SMALL, family="mobilenetv3")
+
+
+def _build_mobilenetv3(arch: Arch, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> nn.Module:
+    return MobileNetV3(decode_arch_def([list(s) for s in arch.stages]), num_classes=num_classes, in_chans=in_chans,
+                       stem_size=arch.stem, fix_stem=True, num_features=arch.head, drop_rate=drop_rate,
+                       **arch.settings.timm_kwargs())
+
+
+def test_a_family_is_one_registered_entry(families, tmp_path):
+    with pytest.raises(ValueError, match="registered families: efficientnet$"):
+        _with(TINY, family="mobilenetv3")
+    register_family("mobilenetv3", Family(build=_build_mobilenetv3))
+    arch = _with(TINY, family="mobilenetv3", settings=BuildSettings(act="hard_swish", se_gate="hard_sigmoid"))
+    model = arch.build(num_classes=7, in_chans=3)
+    assert isinstance(model, MobileNetV3) and not isinstance(model, EfficientNet)
+    assert model.conv_stem.out_channels == 8 and model.conv_head.out_channels == 32
+    assert model.classifier.out_features == 7
+    assert nn.Hardswish in _types(model) and nn.SiLU not in _types(model)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    loaded = Arch.load(arch.save(tmp_path / "arch.yaml"))
+    assert loaded == arch and yaml.safe_load(arch.to_yaml())["family"] == "mobilenetv3"
+    assert type(loaded.build(num_classes=7, in_chans=3)) is MobileNetV3
+    assert arch != _with(TINY, settings=arch.settings)  # same layers, other family: another network
+    with pytest.raises(ValueError, match="already registered"):
+        register_family("mobilenetv3", Family(build=_build_mobilenetv3))
+    with pytest.raises(ValueError, match="registered families: efficientnet, mobilenetv3"):
+        _with(TINY, family="resnet")
+
+
+def test_registered_test_family_is_gone_afterwards():
+    assert "mobilenetv3" not in arch_families.ARCH_FAMILIES and "efficientnet" in arch_families.ARCH_FAMILIES
 
 
 # costs -----------------------------------------------------------------------------------------------------------
