@@ -38,7 +38,7 @@ def load_network(params, onnx_path: Path | None):
     from dna.arch import Arch
     from dna.checkpoint import load_checkpoint
     from dna.export import export_onnx, read_metadata
-    from dna.space import build_space
+    from dna.spaces import build_space
 
     d, out = params.data, Path(params.outputs)
     if onnx_path is not None and onnx_path.is_file():

@@ -54,7 +54,7 @@ def main() -> None:
     from dna.arch import Arch
     from dna.config import load_params
     from dna.latency import LatencyTable, arch_session, piece_sessions, profile_table, time_sessions
-    from dna.space import build_space
+    from dna.spaces import build_space
 
     params = load_params(args.params, {"outputs": args.outputs} if args.outputs else None)
     cfg = params.profile.model_copy(update={k: v for k, v in (("runs", args.runs), ("rounds", args.rounds)) if v})

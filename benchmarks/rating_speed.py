@@ -59,7 +59,8 @@ def main() -> None:
 
     from dna.config import load_params
     from dna.rate import rate_candidate_naive, rate_cell
-    from dna.space import Cell, build_space
+    from dna.spaces import build_space
+    from dna.spaces.base import Cell
 
     params = load_params("params.yaml")
     space = build_space(params.space, 1, 32, 10)

@@ -35,7 +35,7 @@ CACHE = Path("outputs/benchmarks")
 def paper_tables() -> list[pd.DataFrame]:
     """Stem, the six searched blocks and the head of configs/imagenet.yaml, unscored, with real costs (cached)."""
     from dna.config import load_params
-    from dna.space import build_space
+    from dna.spaces import build_space
 
     params = load_params("configs/imagenet.yaml", check_paths=False)
     key = hashlib.sha256(params.space.model_dump_json().encode()).hexdigest()[:12]
@@ -44,7 +44,8 @@ def paper_tables() -> list[pd.DataFrame]:
         return pd.read_pickle(path)
     start = time.perf_counter()
     space = build_space(params.space, params.data.channels, params.data.image_size, 1000)
-    tables = [space.stem_table(), *(space.candidate_table(b) for b in range(space.num_blocks)), space.head_table()]
+    stages = [space.stem_table(), *(space.candidate_table(b) for b in range(space.num_blocks)), space.head_table()]
+    tables = [s.to_frame() for s in stages]
     print(f"(counted the paper space's costs in {time.perf_counter() - start:.0f} s; cached at {path})")
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.to_pickle(tables, path)

@@ -157,7 +157,7 @@ def _space(cfg: Params):
     """The configured space, with the class count of the data (or data.num_classes when the data is not here)."""
     from dna.data import class_count
     from dna.paths import Paths
-    from dna.space import build_space
+    from dna.spaces import build_space
 
     num_classes = class_count(cfg.data, Paths(cfg.out_dir).splits)
     return build_space(cfg.space, cfg.data.channels, cfg.data.image_size, num_classes)

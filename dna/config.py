@@ -145,24 +145,31 @@ class BlockConfig(Strict):
 
 
 class SpaceConfig(Strict):
-    kind: Literal["mbconv"] = "mbconv"
+    """The search space: `kind` picks one registered in dna.spaces, which reads the other keys its own way and
+    checks them (the MBConv space: stem and head widths, a fixed first stage, the ops of a layer, the blocks)."""
+
+    kind: str = "mbconv"
     stem: Annotated[int, Field(ge=8, multiple_of=8)] = 32
     first_stage: list[str] = ["ds_r1_k3_s1_c16_se0.25"]
     head: Annotated[int, Field(ge=8)] = 256
     ops: list[str] = DEFAULT_OPS
     blocks: list[BlockConfig]
 
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, kind: str) -> str:
+        from dna.spaces import space_class
+
+        space_class(kind)
+        return kind
+
     @field_validator("ops")
     @classmethod
     def _ops(cls, ops: list[str]) -> list[str]:
-        from dna.space import check_op
-
         if not ops:
             raise ValueError("space.ops must list at least one op")
         if len(set(ops)) != len(ops):
             raise ValueError(f"space.ops lists an op twice: {ops}")
-        for op in ops:
-            check_op(op)
         return ops
 
     @field_validator("first_stage")
@@ -186,6 +193,13 @@ class SpaceConfig(Strict):
         if not blocks:
             raise ValueError("space.blocks must list at least one block (the search space is empty)")
         return blocks
+
+    @model_validator(mode="after")
+    def _buildable(self) -> SpaceConfig:
+        from dna.spaces import space_class
+
+        space_class(self.kind).check_config(self)
+        return self
 
 
 class DistillConfig(Strict):

@@ -14,7 +14,7 @@ from torch import nn
 from dna.checkpoint import load_checkpoint
 from dna.config import DistillConfig
 from dna.progress import progress
-from dna.space import SearchSpace
+from dna.spaces.base import SearchSpace
 from dna.targets import TargetSource
 from dna.train import check_finite, resume_training, save_training
 

@@ -1,8 +1,8 @@
 """Latency of every piece of the search space, measured with ONNX Runtime on the machine that runs the profile.
 
-A profile times, alone, each candidate layer at its position and input size (every op for every (in_width, width,
-stride, resolution) variant of MBConvSpace's cost table), the stem (with the fixed first stage) and the head for
-each width it can follow, plus the cost of one session run of a trivial graph (`overhead`). A network's latency is
+A profile times, alone, every piece of the space (`SearchSpace.pieces`: the stem, each layer variant at its position
+and input size, the head for each width it can follow), plus the cost of one session run of a trivial graph
+(`overhead`). A network's latency is
 then predicted as a sum, like its parameters and multiply-adds. Every timed piece pays the per-run overhead once,
 a whole network pays it once, so the corrected prediction subtracts it from every piece and adds it back once:
 
@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dna.arch import Arch, build_layers
+from dna.arch import Arch
 from dna.config import ProfileConfig
-from dna.space import Cell, MBConvSpace, layer_string
+from dna.spaces.base import Candidates, Piece, SearchSpace
 
 COLUMN = "latency_ms"
 KINDS = ("overhead", "stem", "layer", "head")
@@ -116,37 +116,12 @@ def overhead_graph(shape: tuple[int, ...]) -> bytes:
 
 
 # the profile ------------------------------------------------------------------------------------------------------
-def pieces(space: MBConvSpace) -> list[dict]:
-    """Every piece to time: the stem, each layer variant of each block (position 0: the block's first layer, with
-    its stride and the previous block's widths as inputs; position 1: every later layer), and the head."""
-    sizes = space._resolutions
-    rows = [{"kind": "stem", "block": -1, "position": 0, "op": -1, "op_name": "stem", "in_width": space.in_chans,
-             "width": space.first_width, "stride": 2, "resolution": space.image_size}]
-    for block in range(space.num_blocks):
-        stride = space.cfg.blocks[block].stride
-        cells = space.cells(block)
-        first = sorted({(w, c.width) for c in cells for w in space.in_widths(block)})
-        later = sorted({c.width for c in cells if c.depth > 1})
-        variants = [(0, i, o, stride, sizes[block]) for i, o in first] + [(1, w, w, 1, sizes[block + 1]) for w in later]
-        for position, in_w, width, s, size in variants:
-            for op, name in enumerate(space.ops):
-                rows.append({"kind": "layer", "block": block, "position": position, "op": op, "op_name": name,
-                             "in_width": in_w, "width": width, "stride": s, "resolution": size})
-    for width in sorted({c.width for c in space.cells(space.num_blocks - 1)}):
-        rows.append({"kind": "head", "block": space.num_blocks, "position": 0, "op": -1, "op_name": "head",
-                     "in_width": width, "width": space.num_classes, "stride": 1, "resolution": sizes[-1]})
-    return rows
+def pieces(space: SearchSpace) -> list[dict]:
+    """Every piece to time, as rows of the profile (see `dna.spaces.base.Piece`)."""
+    return [p.row() for p in space.pieces()]
 
 
-def piece_module(space: MBConvSpace, row: dict) -> nn.Module:
-    if row["kind"] == "stem":
-        return space.stem()
-    if row["kind"] == "head":
-        return space.head(row["in_width"])
-    return build_layers([layer_string(space.ops[row["op"]], row["stride"], row["width"])], row["in_width"])
-
-
-def piece_sessions(space: MBConvSpace, cfg: ProfileConfig,
+def piece_sessions(space: SearchSpace, cfg: ProfileConfig,
                    progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], list[Timed]]:
     """The pieces of the space (`pieces`, after an `overhead` row) and an exported, ready session for each."""
     torch.manual_seed(0)
@@ -154,11 +129,11 @@ def piece_sessions(space: MBConvSpace, cfg: ProfileConfig,
     rows = [{"kind": "overhead", "block": -1, "position": 0, "op": -1, "op_name": "overhead",
              "in_width": space.in_chans, "width": space.in_chans, "stride": 1, "resolution": space.image_size}]
     timed = [Timed.of(session(overhead_graph(shape), cfg.threads), shape)]
-    todo = pieces(space)
-    for i, row in enumerate(todo):
-        shape = (cfg.batch_size, row["in_width"], row["resolution"], row["resolution"])
-        rows.append(row)
-        timed.append(Timed.of(session(onnx_bytes(piece_module(space, row), shape), cfg.threads), shape))
+    todo = space.pieces()
+    for i, piece in enumerate(todo):
+        shape = piece.input_shape(cfg.batch_size)
+        rows.append(piece.row())
+        timed.append(Timed.of(session(onnx_bytes(space.piece_module(piece), shape), cfg.threads), shape))
         if progress:
             progress(i + 1, len(todo))
     return rows, timed
@@ -168,14 +143,14 @@ def profile_table(rows: list[dict], latencies: list[float]) -> pd.DataFrame:
     return pd.DataFrame([{**row, COLUMN: ms} for row, ms in zip(rows, latencies)], columns=TABLE_COLUMNS)
 
 
-def profile_space(space: MBConvSpace, cfg: ProfileConfig, progress: Callable[[int, int], None] | None = None
+def profile_space(space: SearchSpace, cfg: ProfileConfig, progress: Callable[[int, int], None] | None = None
                   ) -> pd.DataFrame:
     """The latency table of a space: one `overhead` row and one row per piece (see `pieces`)."""
     rows, timed = piece_sessions(space, cfg, progress)
     return profile_table(rows, time_sessions(timed, cfg))
 
 
-def fingerprint(space: MBConvSpace, cfg: ProfileConfig) -> dict:
+def fingerprint(space: SearchSpace, cfg: ProfileConfig) -> dict:
     """What a profile depends on: the space, the input, and the timing settings (and, for the record, the host)."""
     return {"space": space.cfg.model_dump(mode="json"), "in_chans": space.in_chans, "image_size": space.image_size,
             "num_classes": space.num_classes, "profile": cfg.model_dump(mode="json")}
@@ -232,45 +207,25 @@ class LatencyTable:
             raise StaleProfile(f"the latency profile has no row for {key} (kind, block, position, op, in_width, "
                                f"width): it was measured for another space; run `dna profile` again") from None
 
-    def stem(self, space: MBConvSpace) -> float:
-        fixed = self.overhead if self.corrected else 0.0  # the one session run a whole network pays
-        return fixed + self._get(self._lookup(), ("stem", -1, 0, -1, space.in_chans, space.first_width))
+    def _sum(self, lookup: dict, pieces: list[Piece]) -> float:
+        return sum(self._get(lookup, p.key) for p in pieces)
 
-    def head(self, space: MBConvSpace, width: int) -> float:
-        return self._get(self._lookup(), ("head", space.num_blocks, 0, -1, width, space.num_classes))
-
-    def block_column(self, space: MBConvSpace, table: pd.DataFrame) -> np.ndarray:
-        """Latency of each row (cell, path, in_width) of a block's candidate table: its layers' sum."""
+    def annotate(self, space: SearchSpace, stages: list[Candidates]) -> list[Candidates]:
+        """The stage tables (stem, blocks, head) with latency: each row the sum of its pieces. The stem carries the
+        one session run a whole network pays."""
         lookup = self._lookup()
-        block = int(table["block"].iloc[0])
-        out = np.empty(len(table))
-        for r, (path, in_w, width) in enumerate(zip(table["path"].astype(str), table["in_width"], table["width"])):
-            ops = [int(o) for o in path.split("-")]
-            total = self._get(lookup, ("layer", block, 0, ops[0], int(in_w), int(width)))
-            for o in ops[1:]:
-                total += self._get(lookup, ("layer", block, 1, o, int(width), int(width)))
-            out[r] = total
-        return out
-
-    def annotate(self, space: MBConvSpace, stages: list[pd.DataFrame]) -> list[pd.DataFrame]:
-        """The stage tables (stem, blocks, head) with a `latency_ms` column."""
+        fixed = self.overhead if self.corrected else 0.0
         stem, *blocks, head = stages
-        stem = stem.assign(**{COLUMN: self.stem(space)})
-        blocks = [b.assign(**{COLUMN: self.block_column(space, b)}) for b in blocks]
-        head = head.assign(**{COLUMN: [self.head(space, int(w)) for w in head["in_width"]]})
+        stem = stem.with_latency([fixed + self._get(lookup, space.stem_piece().key)])
+        blocks = [b.with_latency(self._sum(lookup, space.layer_pieces(cell, ops, int(w)))
+                                 for cell, ops, w in zip(b.cells, b.ops, b.in_width)) for b in blocks]
+        head = head.with_latency(self._get(lookup, space.head_piece(int(w)).key) for w in head.in_width)
         return [stem, *blocks, head]
 
-    def predict(self, space: MBConvSpace, arch: Arch) -> float:
+    def predict(self, space: SearchSpace, arch: Arch) -> float:
         """Predicted latency of a member architecture of the space."""
-        lookup = self._lookup()
-        total = self.stem(space)
-        choice: list[tuple[Cell, tuple[int, ...]]] = space.parse(arch)
-        in_w = space.first_width
-        for block, (cell, ops) in enumerate(choice):
-            total += self._get(lookup, ("layer", block, 0, ops[0], in_w, cell.width))
-            total += sum(self._get(lookup, ("layer", block, 1, o, cell.width, cell.width)) for o in ops[1:])
-            in_w = cell.width
-        return total + self.head(space, in_w)
+        fixed = self.overhead if self.corrected else 0.0
+        return fixed + self._sum(self._lookup(), space.chain(space.parse(arch)))
 
 
 def arch_session(arch: Arch, num_classes: int, in_chans: int, image_size: int, cfg: ProfileConfig,

@@ -24,7 +24,8 @@ from dna.export import export_onnx, onnx_accuracy
 from dna.paths import Paths
 from dna.rate import rate_block
 from dna.search import BudgetError, best_under, front_table, min_cost, pareto_front
-from dna.space import SearchSpace, build_space
+from dna.spaces import build_space
+from dna.spaces.base import Candidates, SearchSpace
 from dna.targets import TeacherTargets, teacher_shapes
 from dna.teacher import load_teacher, make_teacher
 from dna.train import resolve_device, train_classifier
@@ -106,7 +107,7 @@ def validate(params: Params, check_profile: bool = True) -> None:
         shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    sizes = run.space._resolutions
+    sizes = run.space.block_resolutions()
     for i, (shape, boundary) in enumerate(zip(shapes, t.boundaries)):
         if shape[1] != sizes[i + 1]:
             raise ConfigError(
@@ -115,7 +116,7 @@ def validate(params: Params, check_profile: bool = True) -> None:
                 f"(check space.blocks[{i}].stride, data.image_size)")
     latency = latency_model(run) if check_profile else None
     if params.search.budgets:
-        stages = stage_tables(run.space, scored=False, latency=latency)
+        stages = [s.costs() for s in stage_tables(run.space, scored=False, latency=latency)]
         for axis, budget in params.search.budgets.items():
             if axis == "latency_ms" and latency is None:
                 continue
@@ -218,8 +219,9 @@ def stage_rate(run: Run, block: int) -> pd.DataFrame:
     supernet = supernet.to(run.device)
     table = rate_block(run.space, supernet, targets, block, calibration_size=run.params.rating.calibration_size,
                        batch_size=run.params.rating.batch_size, seed=run.params.seed)
-    write_csv(run.paths.rating(block), table)
-    return table
+    frame = table.to_frame()
+    write_csv(run.paths.rating(block), frame)
+    return frame
 
 
 def rating_summary(tables: list[pd.DataFrame]) -> dict:
@@ -228,36 +230,31 @@ def rating_summary(tables: list[pd.DataFrame]) -> dict:
             for i, t in enumerate(tables)}
 
 
-def stage_tables(space: SearchSpace, ratings: list[pd.DataFrame] | None = None, scored: bool = True,
-                 latency=None) -> list[pd.DataFrame]:
-    """Stem, block and head tables for the search; with a latency profile (LatencyTable), a latency_ms column."""
-    blocks = ratings if ratings is not None else [
-        space.candidate_table(b).assign(score=0.0) for b in range(space.num_blocks)]
+def stage_tables(space: SearchSpace, ratings: list[Candidates] | None = None, scored: bool = True,
+                 latency=None) -> list[Candidates]:
+    """Stem, block and head tables for the search; with a latency profile (LatencyTable), their latency."""
+    blocks = ratings if ratings is not None else [space.candidate_table(b) for b in range(space.num_blocks)]
     stages = [space.stem_table(), *blocks, space.head_table()]
     return latency.annotate(space, stages) if latency is not None else stages
 
 
-def choice_of(space: SearchSpace, stages: list[pd.DataFrame], rows: tuple[int, ...]) -> Arch:
-    from dna.space import Cell
-
-    choice = []
-    for block, row in enumerate(rows[1:-1]):
-        r = stages[block + 1].iloc[row]
-        choice.append((Cell(block, int(r["depth"]), int(r["width"])), tuple(int(o) for o in str(r["path"]).split("-"))))
-    return space.arch(choice)
+def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...]) -> Arch:
+    """The network of one row per stage (stem and head rows included)."""
+    return space.arch([stage.choice(row) for stage, row in zip(stages[1:-1], rows[1:-1])])
 
 
 def stage_search(run: Run) -> dict:
     p, out = run.params.search, run.paths.search_dir
     ratings = [pd.read_csv(run.paths.rating(b), dtype={"path": str}) for b in range(run.space.num_blocks)]
-    stages = stage_tables(run.space, ratings, latency=latency_model(run))
+    stages = stage_tables(run.space, [Candidates.from_frame(r) for r in ratings], latency=latency_model(run))
+    costs = [s.costs() for s in stages]
     try:
-        best = best_under(stages, dict(p.budgets))
+        best = best_under(costs, dict(p.budgets))
     except BudgetError as exc:
         raise ConfigError(str(exc)) from None
     arch = choice_of(run.space, stages, best.rows)
-    front = pareto_front(stages, p.front_axis)
-    table = front_table(stages, front)
+    front = pareto_front(costs, p.front_axis)
+    table = front_table(costs, front)
     table["arch"] = [choice_of(run.space, stages, sel.rows).tag() for sel in front]
     table["chosen"] = [sel.rows == best.rows for sel in front]
     out.mkdir(parents=True, exist_ok=True)
@@ -274,12 +271,12 @@ def stage_search(run: Run) -> dict:
 
 def build_student(run: Run, arch: Arch) -> torch.nn.Module:
     torch.manual_seed(run.params.seed)
-    return arch.build(run.data.num_classes, run.data.in_chans, drop_rate=run.params.retrain.train.drop_rate)
+    return run.space.build(arch, drop_rate=run.params.retrain.train.drop_rate)
 
 
 def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
-    """Extract the chosen subnet's weights from the block supernets (dna.space.Extraction says what was and was not
-    copied), then re-estimate every BatchNorm of the network on a class-stratified calibration batch of training
+    """Extract the chosen subnet's weights from the block supernets (dna.spaces.base.Extraction says what was and was
+    not copied), then re-estimate every BatchNorm of the network on a class-stratified calibration batch of training
     images: the supernets' statistics are those of a mixture of paths fed the teacher's features."""
     from dna.checkpoint import load_checkpoint
     from dna.rate import calibrate
@@ -324,7 +321,7 @@ def stage_export(run: Run) -> dict:
 
     state = load_checkpoint(run.paths.model)
     arch = Arch.from_yaml(state["arch"])
-    model = arch.build(run.data.num_classes, run.data.in_chans)
+    model = run.space.build(arch)
     model.load_state_dict(state["model"])
     retrain = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
     images = run.data.images("test", 64)

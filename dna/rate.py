@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dna.progress import progress as progress_of
-from dna.space import CellSupernet, SearchSpace
+from dna.spaces.base import Candidates, CellSupernet, SearchSpace
 from dna.targets import TargetSource
 
 Path_ = tuple[int, ...]
@@ -220,8 +219,8 @@ def rate_candidate_naive(cell: CellSupernet, ops: Path_, calib: torch.Tensor,
 
 
 def rate_block(space: SearchSpace, supernet: nn.ModuleDict, targets: TargetSource, block: int, *,
-               calibration_size: int, batch_size: int, seed: int = 0) -> pd.DataFrame:
-    """The block's rating table: one row per (candidate, input width) with cell, ops, score, params, macs.
+               calibration_size: int, batch_size: int, seed: int = 0) -> Candidates:
+    """The block's candidates, one row per (candidate, input width), with their scores.
 
     BatchNorm is calibrated on a seeded, class-stratified sample of the training split (the same for every cell)."""
     calib, _ = targets.sample(block, "train", calibration_size, seed)
@@ -230,6 +229,5 @@ def rate_block(space: SearchSpace, supernet: nn.ModuleDict, targets: TargetSourc
     for cell in space.cells(block):
         num_ops = len(supernet[cell.name].layers[-1])
         got = rate_cell(supernet[cell.name], cell.depth, calib, targets.pairs(block, "rate", batch_size), num_ops)
-        scores.update({(cell.name, "-".join(map(str, p))): s for p, s in got.items()})
-    table["score"] = [scores[(c, p)] for c, p in zip(table["cell"], table["path"])]
-    return table
+        scores.update({(cell, ops): s for ops, s in got.items()})
+    return table.with_scores(scores[(cell, ops)] for cell, ops in zip(table.cells, table.ops))

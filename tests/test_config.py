@@ -11,7 +11,7 @@ import yaml
 from dna.config import ConfigError, Params, load_params, parse_params
 from dna.pipeline import stage_tables, validate
 from dna.search import min_cost
-from dna.space import MBConvSpace
+from dna.spaces.mbconv import MBConvSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "params.yaml"
@@ -117,6 +117,9 @@ MALFORMED = [
                  id="op-sets-stride"),
     pytest.param(_raw(**{"space.ops": ["ir_k3_e3_c16"]}), ["space.ops", "'ir_k3_e3_c16'", "r/s/c"],
                  id="op-sets-width"),
+    pytest.param(_raw(**{"space.ops": ["ir_k3_e3_se0.25", "mqa_k3_h4_d16_v2"]}),
+                 ["space.ops", "'mqa_k3_h4_d16_v2'", "timm cannot build"], id="op-timm-cannot-build"),
+    pytest.param(_raw(**{"space.kind": "vit"}), ["space.kind='vit'", "allowed: mbconv"], id="unknown-space-kind"),
     pytest.param(_raw(**{"space.ops": []}), ["space.ops", "at least one op"], id="no-ops"),
     pytest.param(_raw(**{"space.blocks": [], "teacher.boundaries": []}), ["space.blocks", "at least one block"],
                  id="no-blocks"),
@@ -235,7 +238,7 @@ def _figure(message: str, axis: str) -> float:
 @pytest.fixture(scope="module")
 def tiny_space_stages():
     params = parse_params(_tiny_raw())
-    return stage_tables(MBConvSpace(params.space, 1, 32, 10), scored=False)
+    return [s.to_frame() for s in stage_tables(MBConvSpace(params.space, 1, 32, 10), scored=False)]
 
 
 def test_tiny_space_minimum_by_enumeration(tiny_space_stages):
@@ -263,7 +266,7 @@ def test_budget_message_gives_exact_minimum_above_a_million():
     raw = _tiny_raw(**{"search.budgets": {"macs": 1000}, "data.image_size": 96})
     raw["space"]["ops"] = TINY_OPS[:1]
     params = parse_params(raw)
-    smallest = min_cost(stage_tables(MBConvSpace(params.space, 1, 96, 10), scored=False), "macs")
+    smallest = min_cost([s.costs() for s in stage_tables(MBConvSpace(params.space, 1, 96, 10))], "macs")
     assert smallest > 1e6 and smallest % 10 != 0  # not representable in 6 significant digits
     with pytest.raises(ConfigError) as err:
         validate(params)

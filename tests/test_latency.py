@@ -72,7 +72,7 @@ def test_profile_has_one_positive_row_per_piece(tmp_path):
 def test_candidate_latency_is_the_sum_of_its_layers(tmp_path):
     run = Run(_params(tmp_path))
     model = _synthetic_profile(run)
-    stages = stage_tables(run.space, scored=False, latency=model)
+    stages = [s.to_frame() for s in stage_tables(run.space, scored=False, latency=model)]
     assert all(COLUMN in s.columns for s in stages)
     t = model.table.set_index(["kind", "block", "position", "op", "in_width", "width"])[COLUMN]
     cut = model.overhead
@@ -98,7 +98,7 @@ def test_latency_budget_is_exact_against_brute_force(tmp_path):
     run = Run(_params(tmp_path))
     model = _synthetic_profile(run, seed=3)
     rng = np.random.default_rng(0)
-    stages = stage_tables(run.space, scored=False, latency=model)
+    stages = [s.to_frame() for s in stage_tables(run.space, scored=False, latency=model)]
     for s in stages[1:-1]:
         s["score"] = rng.uniform(0.1, 1.0, len(s))
     chains = list(_chains(stages))

@@ -12,7 +12,7 @@ from dna.config import load_params
 from dna.data import class_count
 from dna.distill import build_block
 from dna.rate import rate_candidate_naive, rate_cell
-from dna.space import build_space
+from dna.spaces import build_space
 from dna.targets import teacher_shapes
 from tests.conftest import ROOT
 

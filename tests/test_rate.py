@@ -6,7 +6,7 @@ from torch import nn
 
 from dna.distill import load_block
 from dna.rate import calibrate, rate_block, rate_candidate_naive, rate_cell
-from dna.space import Cell
+from dna.spaces.base import Cell
 
 
 def _batches(x, y, size):
@@ -63,7 +63,7 @@ def test_rating_table_has_every_candidate_with_costs(prepared_run):
     run = prepared_run
     targets = run.rating_targets()
     supernet = load_block(run.space, 1, targets.shapes(), run.data.in_chans, run.paths.supernet(1))
-    table = rate_block(run.space, supernet, targets, 1, calibration_size=64, batch_size=128)
+    table = rate_block(run.space, supernet, targets, 1, calibration_size=64, batch_size=128).to_frame()
     n_ops = len(run.space.ops)
     expected = sum(n_ops ** c.depth for c in run.space.cells(1)) * len(run.space.in_widths(1))
     assert len(table) == expected

@@ -12,7 +12,8 @@ from torch import nn
 from dna.arch import Arch, count_cost
 from dna.config import load_params
 from dna.pipeline import stage_tables
-from dna.space import Cell, MBConvSpace, check_op, layer_string
+from dna.spaces.base import Cell
+from dna.spaces.mbconv import MBConvSpace, check_op, layer_string
 from dna.targets import teacher_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def default_space(default_params):
 
 @pytest.fixture(scope="module")
 def default_stages(default_space):
-    return stage_tables(default_space, scored=False)
+    return [s.to_frame() for s in stage_tables(default_space, scored=False)]
 
 
 def _random_choice(space, rng):
@@ -83,6 +84,7 @@ def test_check_op_accepts_ops(op):
 @pytest.mark.parametrize("op, problem", [
     ("ir_k4x_e3", "not a valid op"), ("zz_k3_e3", "not a valid op"), ("ir_e6", "not a valid op"),
     ("ir_r2_k3_e3", "sets r/s/c"), ("ir_k3_s2_e3", "sets r/s/c"), ("ir_k3_e3_c24", "sets r/s/c"),
+    ("mqa_k3_h4_d16_v2", "decodes but timm cannot build it"),
 ])
 def test_check_op_rejects(op, problem):
     with pytest.raises(ValueError, match=problem) as err:

@@ -110,7 +110,7 @@ def retrained(tiny_project, tmp_path_factory):
     """A project with a chosen architecture (the space's smallest) retrained for one epoch."""
     from dna.config import load_params
     from dna.pipeline import Run, stage_retrain
-    from dna.space import Cell
+    from dna.spaces.base import Cell
 
     root = clone_project(tiny_project, tmp_path_factory.mktemp("retrained"))
     with working_directory(root):

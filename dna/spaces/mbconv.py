@@ -1,19 +1,13 @@
-"""Search spaces: which candidates each block has, the supernet of each cell, and what candidates cost.
-
-A block is split into cells (one depth and one width each); a candidate of a cell picks one op per layer.
-`SearchSpace` is the seam a new kind of space (e.g. vision transformers) plugs into; `MBConvSpace` is the
-MBConv space of the DNA paper, built from timm's inverted-residual blocks.
+"""The MBConv space of the DNA paper, built from timm's inverted-residual blocks: the stem and a fixed first stage,
+then per block a cell (depth, width) and one op per layer (a timm block string without repeat, stride and width).
 """
 from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator, Protocol
+from typing import Iterator
 
-import numpy as np
-import pandas as pd
 import torch
 from timm.layers import create_classifier, create_conv2d, get_act_layer, get_norm_act_layer
 from timm.models._efficientnet_builder import _decode_block_str
@@ -21,6 +15,8 @@ from torch import nn
 
 from dna.arch import ACT, Arch, build_layers, count_cost, expand_repeats
 from dna.config import SpaceConfig
+from dna.spaces import register_space
+from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, extract_pairs
 
 _FIXED = re.compile(r"^[rsc]\d")
 
@@ -44,96 +40,21 @@ def check_op(op: str) -> None:
         _decode_block_str(layer_string(op, 1, 16))
     except Exception:
         raise ValueError(f"space.ops: {op!r} is not a valid op; {hint}") from None
+    try:  # timm decodes some strings it cannot build (e.g. mqa_k3_h4_d16_v2)
+        with torch.no_grad():
+            build_layers([layer_string(op, 1, 16)], 16).eval()(torch.zeros(1, 16, 8, 8))
+    except Exception as exc:
+        raise ValueError(f"space.ops: {op!r} decodes but timm cannot build it ({type(exc).__name__}: {exc}); "
+                         f"{hint}") from None
 
 
-@dataclass(frozen=True)
-class Cell:
-    block: int
-    depth: int
-    width: int
+@register_space("mbconv")
+class MBConvSpace(SpaceBase):
+    @classmethod
+    def check_config(cls, cfg: SpaceConfig) -> None:
+        for op in cfg.ops:
+            check_op(op)
 
-    @property
-    def name(self) -> str:
-        return f"d{self.depth}_w{self.width}"
-
-
-class CellSupernet(nn.Module):
-    """Every op of every layer of one cell; a path (one op index per layer) selects a candidate.
-
-    Layers before `num_fixed` have a single choice (the stem of the first block); `adapter` (a 1x1 conv and a
-    BatchNorm, for every cell alike) maps the cell's output to the target for distillation and is not part of the
-    final network.
-    """
-
-    def __init__(self, layers: list[list[nn.Module]], adapter: nn.Module, num_fixed: int):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleList(choices) for choices in layers)
-        self.adapter = adapter
-        self.num_fixed = num_fixed
-
-    def full_path(self, ops: tuple[int, ...]) -> tuple[int, ...]:
-        return (0,) * self.num_fixed + tuple(ops)
-
-    def forward(self, x: torch.Tensor, ops: tuple[int, ...]) -> torch.Tensor:
-        for choices, index in zip(self.layers, self.full_path(ops)):
-            x = choices[index](x)
-        return self.adapter(x)
-
-
-@dataclass
-class Extraction:
-    """What extracting a subnet copied: every layer with a counterpart in the supernets, by the network's module
-    name; the layers with a counterpart that could not be copied, with the reason (a width or input mismatch);
-    and the tensors of the network that have no counterpart at all (the head)."""
-
-    copied: list[str]
-    not_copied: dict[str, str]
-    no_counterpart: list[str]
-    tensors: int
-
-    def summary(self) -> dict:
-        return {"supernet_layers_copied": len(self.copied), "supernet_tensors_copied": self.tensors,
-                "supernet_not_copied": self.not_copied, "supernet_no_counterpart": self.no_counterpart}
-
-
-def _copy_layer(source: dict[str, torch.Tensor], src: str, target: dict[str, torch.Tensor], dst: str) -> str | None:
-    """Copy every tensor under prefix `src` of `source` to prefix `dst` of `target`, or none of them; returns why
-    not, or None when copied."""
-    theirs = {k[len(src):]: v for k, v in source.items() if k.startswith(src)}
-    ours = {k[len(dst):]: v for k, v in target.items() if k.startswith(dst)}
-    if set(theirs) != set(ours):
-        return f"different tensors: {sorted(set(theirs) ^ set(ours))[:4]}"
-    mismatched = [k for k in ours if ours[k].shape != theirs[k].shape]
-    if mismatched:
-        convs = [k for k in ours if ours[k].dim() == 4]
-        first = convs[0] if convs else mismatched[0]
-        if convs and ours[first].shape[1] != theirs[first].shape[1] and ours[first].shape[1] > 1:
-            return (f"input width {theirs[first].shape[1]} in the supernet, {ours[first].shape[1]} in this network "
-                    f"({len(mismatched)} of {len(ours)} tensors differ in shape)")
-        k = mismatched[0]
-        return f"{k} is {tuple(theirs[k].shape)} in the supernet, {tuple(ours[k].shape)} in this network"
-    for k in ours:
-        target[dst + k] = theirs[k]
-    return None
-
-
-class SearchSpace(Protocol):
-    num_blocks: int
-
-    def cells(self, block: int) -> list[Cell]: ...
-    def candidates(self, cell: Cell) -> Iterator[tuple[int, ...]]: ...
-    def build_cell(self, cell: Cell, in_chs: int, target_chs: int) -> CellSupernet: ...
-    def candidate_table(self, block: int) -> pd.DataFrame: ...
-    def stem_table(self) -> pd.DataFrame: ...
-    def head_table(self) -> pd.DataFrame: ...
-    def arch(self, choice: list[tuple[Cell, tuple[int, ...]]]) -> Arch: ...
-    def outside(self, arch: Arch) -> list[str]: ...
-    def parse(self, arch: Arch) -> list[tuple[Cell, tuple[int, ...]]]: ...
-    def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction: ...
-    def membership(self, arch: Arch) -> list[tuple[bool, str]]: ...
-
-
-class MBConvSpace:
     def __init__(self, cfg: SpaceConfig, in_chans: int, image_size: int, num_classes: int):
         self.cfg, self.in_chans, self.image_size, self.num_classes = cfg, in_chans, image_size, num_classes
         self.ops = list(cfg.ops)
@@ -144,26 +65,17 @@ class MBConvSpace:
     def cells(self, block: int) -> list[Cell]:
         return [Cell(block, d, w) for d, w in self.cfg.blocks[block].cell_choices()]
 
-    def candidates(self, cell: Cell) -> Iterator[tuple[int, ...]]:
+    def candidates(self, cell: Cell) -> Iterator[Ops]:
         return itertools.product(range(len(self.ops)), repeat=cell.depth)
-
-    def block_size(self, block: int) -> int:
-        return sum(len(self.ops) ** c.depth for c in self.cells(block))
-
-    def size(self) -> int:
-        return int(np.prod([self.block_size(b) for b in range(self.num_blocks)], dtype=object))
 
     def in_widths(self, block: int) -> list[int]:
         return [self.first_width] if block == 0 else sorted({c.width for c in self.cells(block - 1)})
 
-    def layer_strings(self, cell: Cell, ops: tuple[int, ...]) -> list[str]:
+    def layer_strings(self, cell: Cell, ops: Ops) -> list[str]:
         stride = self.cfg.blocks[cell.block].stride
         return [layer_string(self.ops[o], stride if i == 0 else 1, cell.width) for i, o in enumerate(ops)]
 
-    def ops_name(self, ops: tuple[int, ...]) -> str:
-        return "+".join(self.ops[o] for o in ops)
-
-    def arch(self, choice: list[tuple[Cell, tuple[int, ...]]]) -> Arch:
+    def arch(self, choice: Choice) -> Arch:
         stages = [tuple(self.cfg.first_stage)] + [tuple(self.layer_strings(c, ops)) for c, ops in choice]
         return Arch(stem=self.cfg.stem, stages=tuple(stages), head=self.cfg.head)
 
@@ -205,11 +117,7 @@ class MBConvSpace:
                            (False, f"block {block} layer {i}: {s!r} is not one of this layer's ops ({allowed})"))
         return out
 
-    def outside(self, arch: Arch) -> list[str]:
-        """Where an architecture leaves this space; empty when it is a member."""
-        return [why for inside, why in self.membership(arch) if not inside]
-
-    def parse(self, arch: Arch) -> list[tuple[Cell, tuple[int, ...]]]:
+    def parse(self, arch: Arch) -> Choice:
         """The (cell, ops) of each block of a member architecture."""
         if problems := self.outside(arch):
             raise ValueError("; ".join(problems))
@@ -224,7 +132,6 @@ class MBConvSpace:
         tensor of every layer that has a counterpart, a layer whole or not at all. The first layer of a block after
         the first sees the target's width at the boundary before in its supernet and the previous block's width
         here: where those differ it is reported, not copied. The adapters have no counterpart."""
-        target = model.state_dict()
         pairs: list[tuple[int, str, str]] = []  # (block, supernet prefix, network prefix)
         for block, (cell, ops) in enumerate(self.parse(arch)):
             prefix = f"{cell.name}.layers."
@@ -233,18 +140,10 @@ class MBConvSpace:
                 pairs += [(0, f"{prefix}0.0.2.{j}.", f"blocks.0.{j}.") for j in range(len(self.cfg.first_stage))]
             offset = 1 if block == 0 else 0
             pairs += [(block, f"{prefix}{i + offset}.{op}.", f"blocks.{block + 1}.{i}.") for i, op in enumerate(ops)]
-        copied, not_copied, tensors = [], {}, 0
-        for block, src, dst in pairs:
-            reason = _copy_layer(supernets[block], src, target, dst)
-            if reason is None:
-                copied.append(dst.rstrip("."))
-                tensors += sum(1 for k in target if k.startswith(dst))
-            else:
-                not_copied[dst.rstrip(".")] = reason
-        model.load_state_dict(target)
-        covered = tuple(dst for _, _, dst in pairs)
-        no_counterpart = sorted({k.rsplit(".", 1)[0] for k in target if not k.startswith(covered)})
-        return Extraction(copied, not_copied, no_counterpart, tensors)
+        return extract_pairs(pairs, supernets, model)
+
+    def build(self, arch: Arch, drop_rate: float = 0.0) -> nn.Module:
+        return arch.build(self.num_classes, self.in_chans, drop_rate=drop_rate)
 
     # modules ---------------------------------------------------------------------------------------------------
     def stem(self) -> nn.Sequential:
@@ -273,58 +172,37 @@ class MBConvSpace:
         adapter = nn.Sequential(nn.Conv2d(cell.width, target_chs, 1, bias=False), nn.BatchNorm2d(target_chs))
         return CellSupernet(layers, adapter, num_fixed=1 if cell.block == 0 else 0)
 
-    # costs -----------------------------------------------------------------------------------------------------
+    # pieces --------------------------------------------------------------------------------------------------
+    def block_resolutions(self) -> list[int]:
+        """Input side length of each block, and after the last block."""
+        return list(self._resolutions)
+
     @cached_property
     def _resolutions(self) -> list[int]:
-        """Input side length of each block, and after the last block."""
         *_, shape = count_cost(self.stem(), (1, self.in_chans, self.image_size, self.image_size))
         sizes = [shape[-1]]
         for block in self.cfg.blocks:
             sizes.append((sizes[-1] - 1) // block.stride + 1)
         return sizes
 
-    def _layer_cost(self, block: int, position: int, op: int, in_chs: int, width: int) -> tuple[int, int]:
-        stride = self.cfg.blocks[block].stride if position == 0 else 1
-        size = self._resolutions[block] if position == 0 else self._resolutions[block + 1]
-        layer = build_layers([layer_string(self.ops[op], stride, width)], in_chs)
-        params, macs, _ = count_cost(layer, (1, in_chs, size, size))
-        return params, macs
+    def stem_piece(self) -> Piece:
+        return Piece("stem", -1, 0, -1, "stem", self.in_chans, self.first_width, 2, self.image_size)
 
-    def candidate_table(self, block: int) -> pd.DataFrame:
-        """One row per (candidate, input width): cell, ops, widths, parameters and multiply-adds."""
-        frames = []
-        n = len(self.ops)
-        for cell in self.cells(block):
-            inner = np.array([self._layer_cost(block, 1, o, cell.width, cell.width) for o in range(n)], dtype=np.int64)
-            grid = np.array(list(self.candidates(cell)), dtype=np.int64).reshape(-1, cell.depth)
-            rest = inner[grid[:, 1:]].sum(axis=1) if cell.depth > 1 else np.zeros((len(grid), 2), dtype=np.int64)
-            names = ["+".join(self.ops[o] for o in row) for row in grid]
-            paths = ["-".join(map(str, row)) for row in grid]
-            for in_width in self.in_widths(block):
-                first = np.array([self._layer_cost(block, 0, o, in_width, cell.width) for o in range(n)],
-                                 dtype=np.int64)
-                cost = first[grid[:, 0]] + rest
-                frames.append(pd.DataFrame({
-                    "block": block, "cell": cell.name, "depth": cell.depth, "width": cell.width, "ops": names,
-                    "path": paths, "in_width": in_width, "out_width": cell.width, "params": cost[:, 0],
-                    "macs": cost[:, 1]}))
-        return pd.concat(frames, ignore_index=True)
+    def head_piece(self, in_width: int) -> Piece:
+        return Piece("head", self.num_blocks, 0, -1, "head", in_width, self.num_classes, 1, self._resolutions[-1])
 
-    def stem_table(self) -> pd.DataFrame:
-        params, macs, _ = count_cost(self.stem(), (1, self.in_chans, self.image_size, self.image_size))
-        return pd.DataFrame({"in_width": [0], "out_width": [self.first_width], "score": [0.0], "params": [params],
-                             "macs": [macs]})
+    def layer_pieces(self, cell: Cell, ops: Ops, in_width: int) -> list[Piece]:
+        """The first layer of a block (position 0: its stride, the previous block's width in) and every later one
+        (position 1)."""
+        block, stride = cell.block, self.cfg.blocks[cell.block].stride
+        first = Piece("layer", block, 0, ops[0], self.ops[ops[0]], in_width, cell.width, stride,
+                      self._resolutions[block])
+        size = self._resolutions[block + 1]
+        return [first] + [Piece("layer", block, 1, o, self.ops[o], cell.width, cell.width, 1, size) for o in ops[1:]]
 
-    def head_table(self) -> pd.DataFrame:
-        size = self._resolutions[-1]
-        rows = []
-        for width in sorted({c.width for c in self.cells(self.num_blocks - 1)}):
-            params, macs, _ = count_cost(self.head(width), (1, width, size, size))
-            rows.append({"in_width": width, "out_width": 0, "score": 0.0, "params": params, "macs": macs})
-        return pd.DataFrame(rows)
-
-
-def build_space(cfg: SpaceConfig, in_chans: int, image_size: int, num_classes: int) -> SearchSpace:
-    if cfg.kind == "mbconv":
-        return MBConvSpace(cfg, in_chans, image_size, num_classes)
-    raise ValueError(f"space.kind={cfg.kind!r} is not implemented")
+    def piece_module(self, piece: Piece) -> nn.Module:
+        if piece.kind == "stem":
+            return self.stem()
+        if piece.kind == "head":
+            return self.head(piece.in_width)
+        return build_layers([layer_string(self.ops[piece.op], piece.stride, piece.width)], piece.in_width)
