@@ -193,7 +193,7 @@ def arch_cost(arch_file: Path = typer.Argument(..., help="architecture YAML (ste
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{arch_file}: {exc}") from None
     space = _space(cfg)
-    model = arch.build(space.num_classes, cfg.data.channels)
+    model = space.build(arch)
     n, macs, _ = count_cost(model, (1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size))
     Console().print(f"{arch_file}: {n:,} parameters, {macs:,} multiply-adds at {cfg.data.channels}x"
                     f"{cfg.data.image_size}x{cfg.data.image_size} ({space.num_classes} classes)", soft_wrap=True)

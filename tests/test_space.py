@@ -276,7 +276,7 @@ def test_membership_answers_layer_by_layer(default_space, member):
     assert all(inside for inside, _ in answer)
     assert (True, "block 1: depth 2 width 32 is cell d2_w32") in answer
     assert (True, "block 1 layer 0: 'ir_r1_k7_s2_e3_c32_se0.25' is op ir_k7_e3_se0.25") in answer
-    assert len(answer) == 3 + 4 + sum(len(s) for s in member.stages[1:])  # stem, head, first stage; blocks; layers
+    assert len(answer) == 4 + 4 + sum(len(s) for s in member.stages[1:])  # build, stem, head, first stage; blocks; layers
 
 
 def test_layers_of_a_stage_that_is_no_cell_are_still_checked(default_space, member):
@@ -380,3 +380,13 @@ def test_extraction_copies_every_layer_with_a_counterpart_and_names_the_others(d
                 else:
                     assert torch.equal(state[k], supernets[b][src + k[len(dst):]]), k
     assert extraction.tensors == sum(1 for k in state if k.startswith(tuple(f"{x}." for x in extraction.copied)))
+
+
+def test_an_arch_built_with_other_settings_is_not_a_member(default_space):
+    """The space's supernets are made with swish, BatchNorm and sigmoid gates: their weights and ratings say nothing
+    about a network built otherwise."""
+    member = default_space.arch(_random_choice(default_space, random.Random(0)))
+    assert default_space.outside(member) == []
+    other = Arch(stem=member.stem, stages=member.stages, head=member.head, settings={"act": "relu"})
+    problems = default_space.outside(other)
+    assert len(problems) == 1 and problems[0].startswith("family efficientnet, build {'act': 'relu'")

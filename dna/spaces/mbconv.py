@@ -13,7 +13,8 @@ from timm.layers import create_classifier, create_conv2d, get_act_layer, get_nor
 from timm.models._efficientnet_builder import _decode_block_str
 from torch import nn
 
-from dna.arch import ACT, Arch, build_layers, count_cost, expand_repeats
+from dna.arch import ACT, DEFAULT_SETTINGS, Arch, build_layers, count_cost, expand_repeats
+from dna.arch_families import DEFAULT_FAMILY
 from dna.config import SpaceConfig
 from dna.spaces import register_space
 from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, extract_pairs
@@ -93,7 +94,10 @@ class MBConvSpace(SpaceBase):
     def membership(self, arch: Arch) -> list[tuple[bool, str]]:
         """Stem, head, first stage, then per searched block its cell and per layer its op: (in the space, why)."""
         cfg = self.cfg
-        out = [(arch.stem == cfg.stem, f"stem: {arch.stem} channels, the space has {cfg.stem}"),
+        built = (arch.family, arch.settings) == (DEFAULT_FAMILY, DEFAULT_SETTINGS)
+        out = [(built, f"family {arch.family}, build {arch.settings.to_dict()}: the space builds {DEFAULT_FAMILY} "
+                       f"with {DEFAULT_SETTINGS.to_dict()}"),
+               (arch.stem == cfg.stem, f"stem: {arch.stem} channels, the space has {cfg.stem}"),
                (arch.head == cfg.head, f"head: {arch.head} channels, the space has {cfg.head}")]
         first = list(arch.stages[0]) if arch.stages else []
         fixed = [layer for s in cfg.first_stage for layer in expand_repeats(s)]
