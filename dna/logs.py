@@ -8,6 +8,18 @@ QUIET = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "matplotlib", "a
          "distributed")
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner may swap it and close the old one)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if sys.stderr.isatty():
         from rich.console import Console
@@ -16,7 +28,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
         fmt = "%(message)s"
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         fmt = "%(asctime)s %(name)s %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", handlers=[handler], force=True)
     for name in QUIET:

@@ -33,3 +33,21 @@ def test_a_bar_only_on_a_terminal(monkeypatch, tty, disabled, expected):
     bar = P.progress(range(3), "x")
     assert expected in type(bar).__name__
     assert list(bar) == [0, 1, 2]
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch, capsys):
+    """A test runner swaps sys.stderr and closes the old one: logging keeps writing to the current one."""
+    import io
+
+    from dna.logs import setup_logging
+
+    monkeypatch.setattr(P.sys.stderr, "isatty", lambda: False)
+    setup_logging()
+    old = io.StringIO()
+    monkeypatch.setattr("sys.stderr", old)
+    logging.getLogger("dna.test").info("first")
+    old.close()
+    new = io.StringIO()
+    monkeypatch.setattr("sys.stderr", new)
+    logging.getLogger("dna.test").info("second")
+    assert new.getvalue().rstrip().endswith("dna.test second")
