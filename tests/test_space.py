@@ -276,7 +276,8 @@ def test_membership_answers_layer_by_layer(default_space, member):
     assert all(inside for inside, _ in answer)
     assert (True, "block 1: depth 2 width 32 is cell d2_w32") in answer
     assert (True, "block 1 layer 0: 'ir_r1_k7_s2_e3_c32_se0.25' is op ir_k7_e3_se0.25") in answer
-    assert len(answer) == 4 + 4 + sum(len(s) for s in member.stages[1:])  # build, stem, head, first stage; blocks; layers
+    # build settings, stem, head, first stage; one line per block and per layer
+    assert len(answer) == 4 + 4 + sum(len(s) for s in member.stages[1:])
 
 
 def test_layers_of_a_stage_that_is_no_cell_are_still_checked(default_space, member):
