@@ -29,7 +29,8 @@ from dna.config import (
 STAGE_PARAMS: dict[str, list[str]] = {
     "data": ["seed", "data"],
     "teacher": ["seed", "data", "teacher"],
-    "distill": ["seed", "data", "teacher.model", "teacher.boundaries", "space", "distill", "rating"],
+    "distill": ["seed", "data", "teacher.model", "teacher.boundaries", "space", "supervision", "distill",
+                "rating"],
     "profile": ["data.image_size", "data.channels", "space", "profile"],
     "search": ["data.image_size", "data.channels", "space", "search"],
     "retrain": ["seed", "data", "teacher.model", "retrain"],
@@ -43,7 +44,8 @@ STAGES = list(STAGE_PARAMS)
 STAGE_MODULES: dict[str, str] = {**{stage: stage for stage in STAGES}, "profile": "latency_profile"}
 
 # Sections that determine the trained network; their hash tags a registered model version.
-RESULT_SECTIONS = ("seed", "data", "teacher", "space", "distill", "rating", "search", "profile", "retrain", "export")
+RESULT_SECTIONS = ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "search", "profile",
+                   "retrain", "export")
 
 
 def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
