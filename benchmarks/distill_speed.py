@@ -49,7 +49,7 @@ def distill_once(run, block: int, cached: bool, scratch: Path) -> None:
     from dna.distill import distill_block
     from dna.targets import TeacherTargets
 
-    targets = run.teacher_targets()
+    targets = run.supervision
     if not cached:
         targets = TeacherTargets(targets.teacher, targets.boundaries, targets.data, targets.device, cache_dir=None)
     ckpt = scratch / f"block_{block}_{'cached' if cached else 'teacher'}_{os.getpid()}.pt"

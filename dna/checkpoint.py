@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -114,11 +115,17 @@ def checkpoint_digest(path: str | Path) -> str:
 
 def file_digest(path: str | Path) -> str:
     """The first 16 hex digits of a file's sha256 (for files that are not checkpoints: splits, exports)."""
-    digest = hashlib.sha256()
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
+
+
+def digest(*parts) -> str:
+    """The first 16 hex digits of the sha256 of JSON-able parts (pydantic models as their JSON dump)."""
+    text = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -211,6 +211,36 @@ class DistillConfig(Strict):
     cache_features: bool = True
 
 
+class SupervisionConfig(BaseModel):
+    """What each block learns to reproduce and how its candidates are rated (dna.supervision). Keys other than
+    `kind` are the kind's own options, checked against its `Options` model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str = "teacher"
+
+    @model_validator(mode="after")
+    def _known_kind(self) -> SupervisionConfig:
+        from dna.supervision import options_model
+
+        model, given = options_model(self.kind), dict(self.model_extra or {})
+        if model is None and given:
+            raise ValueError(f"supervision: kind {self.kind!r} takes no options, got {', '.join(sorted(given))}")
+        if model is not None:
+            try:
+                model.model_validate(given)
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"supervision.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                           for e in exc.errors())) from None
+        return self
+
+    def options(self) -> BaseModel | None:
+        """The kind's options, validated (None when the kind has none)."""
+        from dna.supervision import options_model
+
+        model = options_model(self.kind)
+        return None if model is None else model.model_validate(dict(self.model_extra or {}))
+
+
 class RatingConfig(Strict):
     calibration_size: PositiveInt = 256
     batch_size: PositiveInt = 256
@@ -261,6 +291,7 @@ class CoreParams(Strict):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     space: SpaceConfig
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)  # built when used: it imports torch
     distill: DistillConfig = DistillConfig()
     rating: RatingConfig = RatingConfig()
     search: SearchConfig = SearchConfig()

@@ -4,7 +4,6 @@ The CLI and the Prefect flows call these; nothing here knows about either.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from functools import cached_property
@@ -16,7 +15,7 @@ import torch
 
 from dna import plots
 from dna.arch import Arch, count_cost
-from dna.checkpoint import atomic_write_text, checkpoint_digest, file_digest, save_checkpoint
+from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params
 from dna.data import Data, check_source, class_count, eval_view, has_images, load_data, write_splits
 from dna.distill import distill_block, load_block
@@ -26,18 +25,14 @@ from dna.rate import rate_block
 from dna.search import BudgetError, best_under, front_table, min_cost, pareto_front
 from dna.spaces import build_space
 from dna.spaces.base import Candidates, SearchSpace
-from dna.targets import TeacherTargets, teacher_shapes
+from dna.supervision import BlockSupervision, build_supervision
+from dna.targets import teacher_shapes
 from dna.teacher import load_teacher, make_teacher
 from dna.train import resolve_device, train_classifier
 
 log = logging.getLogger(__name__)
 EpochHook = Callable[[dict], None] | None
 EVAL_BATCH_SIZE = 256  # images per batch when evaluating a whole split (the test split may not fit in memory)
-
-
-def digest(*parts) -> str:
-    text = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -71,15 +66,11 @@ class Run:
     def num_classes(self) -> int:
         return class_count(self.params.data, self.paths.splits)
 
-    def teacher_targets(self) -> TeacherTargets:
-        teacher = load_teacher(self.params, self.paths.teacher, self.device)
-        cache = self.paths.features if self.params.distill.cache_features and not self.params.data.augment else None
-        return TeacherTargets(teacher, self.params.teacher.boundaries, self.data, self.device, cache)
-
-    def rating_targets(self) -> TeacherTargets:
-        """Targets for rating: the training split without augmentation (calibration) and the rating split."""
-        t = self.teacher_targets()
-        return TeacherTargets(t.teacher, t.boundaries, eval_view(self.data), self.device, t.cache_dir)
+    @cached_property
+    def supervision(self) -> BlockSupervision:
+        """What the blocks learn and how candidates are rated (params supervision.kind); needs the teacher stage's
+        output for the teacher kind."""
+        return build_supervision(self)
 
     # fingerprints: what determines each stage's result, so a checkpoint of another configuration is not resumed
     def teacher_fingerprint(self) -> str:
@@ -88,8 +79,8 @@ class Run:
     def block_fingerprint(self, block: int) -> str:
         p = self.params
         space = p.space.model_dump(exclude={"blocks"}) | {"block": p.space.blocks[block].model_dump()}
-        return digest(p.seed, p.data, file_digest(self.paths.splits), checkpoint_digest(self.paths.teacher), space,
-                      p.distill, block)
+        return digest(p.seed, p.data, file_digest(self.paths.splits), p.supervision,
+                      self.supervision.fingerprint(), space, p.distill, block)
 
 
 # validation -------------------------------------------------------------------------------------------------------
@@ -189,22 +180,14 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     return metrics
 
 
-def features_fingerprint(run: Run) -> str:
-    """What the cached teacher features depend on: the teacher's weights, the data, the exact splits (so a new seed
-    rebuilds them) and the boundaries."""
-    return digest(checkpoint_digest(run.paths.teacher), run.params.data, file_digest(run.paths.splits),
-                  run.params.teacher.boundaries)
-
-
 def stage_features(run: Run) -> None:
-    """Store the teacher's boundary features once for all blocks (when caching is on); run before distilling."""
-    run.teacher_targets().build_cache(features_fingerprint(run))
+    """Prepare the block targets once for all blocks (teacher: cache its boundary features); run before distilling."""
+    run.supervision.prepare()
 
 
 def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
     """Distill one block; blocks are independent and may run in parallel once stage_features has run."""
-    targets = run.teacher_targets()
-    result = distill_block(run.space, targets, block, run.params.distill, run.paths.supernet(block),
+    result = distill_block(run.space, run.supervision, block, run.params.distill, run.paths.supernet(block),
                            in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
                            device=run.device, on_epoch=on_epoch)
     history = pd.DataFrame(result.history)
@@ -214,7 +197,7 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
 
 
 def stage_rate(run: Run, block: int) -> pd.DataFrame:
-    targets = run.rating_targets()
+    targets = run.supervision.for_rating()
     supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block))
     supernet = supernet.to(run.device)
     table = rate_block(run.space, supernet, targets, block, calibration_size=run.params.rating.calibration_size,

@@ -1,5 +1,5 @@
-"""Rating every candidate of a block: BatchNorm re-estimated on a fixed calibration batch, then
-score = mean |Y - Y_hat| / std(Y) on the rating hold-out split.
+"""Rating every candidate of a block: BatchNorm re-estimated on a fixed calibration batch, then scored on the rating
+hold-out split by the block supervision's scorer (DNA: mean |Y - Y_hat| / std(Y)).
 
 Candidates are visited depth-first and the features of a shared prefix are computed once: a candidate's
 BatchNorm statistics depend only on its own prefix, so this equals rating each candidate on its own.
@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dna.progress import progress as progress_of
 from dna.spaces.base import Candidates, CellSupernet, SearchSpace
-from dna.targets import TargetSource
+from dna.supervision import BlockSupervision, Scorer
 
 Path_ = tuple[int, ...]
 STACK_BYTES = 64 * 2**20  # rating batches are stacked into chunks of up to this many bytes
@@ -89,24 +89,24 @@ class _AdapterLeaves:
         self.norms = _norms(adapter)
         self.stats: dict[Path_, object] = {}
 
-    def errors(self, prefix: Path_, calib_outs: list[torch.Tensor] | None, outs: list[torch.Tensor],
-               y: torch.Tensor) -> list[float]:
-        """Sum of |adapter(out) - y| for each sibling; `calib_outs` (first walk only) calibrates them."""
+    def outputs(self, prefix: Path_, calib_outs: list[torch.Tensor] | None,
+                outs: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """adapter(out) for each sibling, in turn; `calib_outs` (first walk only) calibrates them."""
         if self.kind == "identity":
-            return [float((out - y).abs().sum()) for out in outs]
+            yield from outs
+            return
         if self.kind == "conv_bn":
-            return self._conv_bn(prefix, calib_outs, outs, y)
-        errs = []
+            yield from self._conv_bn(prefix, calib_outs, outs)
+            return
         for i, out in enumerate(outs):
             if calib_outs is not None:
                 calibrate(self.adapter, calib_outs[i], self.norms)
                 self.stats[prefix + (i,)] = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in self.norms]
             else:
                 _load_stats(self.norms, self.stats[prefix + (i,)])
-            errs.append(float((self.adapter(out) - y).abs().sum()))
-        return errs
+            yield self.adapter(out)
 
-    def _conv_bn(self, prefix, calib_outs, outs, y) -> list[float]:
+    def _conv_bn(self, prefix, calib_outs, outs) -> Iterator[torch.Tensor]:
         conv, bn = self.adapter
         if calib_outs is not None:
             stats = []
@@ -116,42 +116,16 @@ class _AdapterLeaves:
                 F.batch_norm(z, mean, var, None, None, True, 1.0, bn.eps)
                 stats.append((mean, var))
             self.stats[prefix] = stats
-        errs = []
         for z, (mean, var) in zip(conv(torch.cat(outs)).chunk(len(outs)), self.stats[prefix]):
-            out = F.batch_norm(z, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
-            errs.append(float((out - y).abs().sum()))
-        return errs
-
-
-class _Scores:
-    """Running sums of |Y - Y_hat| per candidate and of Y's moments."""
-
-    def __init__(self):
-        self.abs: dict[Path_, float] = {}
-        self.count = 0
-        self.total = 0.0
-        self.squares = 0.0
-
-    def add_target(self, y: torch.Tensor) -> None:
-        y = y.double()
-        self.count += y.numel()
-        self.total += float(y.sum())
-        self.squares += float((y * y).sum())
-
-    def std(self) -> float:
-        mean = self.total / self.count
-        return max(self.squares / self.count - mean * mean, 0.0) ** 0.5
-
-    def result(self) -> dict[Path_, float]:
-        std = self.std()
-        return {p: s / self.count / std for p, s in self.abs.items()}
+            yield F.batch_norm(z, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 @torch.no_grad()
 def rate_cell(cell: CellSupernet, depth: int, calib: torch.Tensor, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-              num_ops: int, only: Iterable[Path_] | None = None, progress: bool = True,
+              num_ops: int, *, scorer: Scorer, only: Iterable[Path_] | None = None, progress: bool = True,
               stack_bytes: int = STACK_BYTES) -> dict[Path_, float]:
-    """Scores of every candidate of one cell (or of those in `only`), depth-first with prefix reuse.
+    """Scores of every candidate of one cell (or of those in `only`), depth-first with prefix reuse; `scorer` (fresh,
+    from the supervision) accumulates them.
 
     Rating batches are stacked into chunks of up to `stack_bytes` (inputs and targets), and the tree is walked once
     per chunk. The first walk calibrates every node's BatchNorm on its prefix's calibration features and rates the
@@ -165,7 +139,6 @@ def rate_cell(cell: CellSupernet, depth: int, calib: torch.Tensor, batches: Iter
     stats: dict[Path_, list] = {}
     adapter = _AdapterLeaves(cell.adapter)
     wanted = None if only is None else {tuple(p[:i]) for p in only for i in range(1, depth + 1)}
-    scores = _Scores()
 
     def ops_at(prefix: Path_) -> Iterable[int]:
         if len(prefix) < fixed:
@@ -192,42 +165,42 @@ def rate_cell(cell: CellSupernet, depth: int, calib: torch.Tensor, batches: Iter
             calib_outs.append(c_out)
             outs.append(out)
         if leaves:
-            errs = adapter.errors(prefix, calib_outs if c is not None else None, outs, y)
-            for key, err in zip(leaves, errs):
-                scores.abs[key] = scores.abs.get(key, 0.0) + err
+            for key, pred in zip(leaves, adapter.outputs(prefix, calib_outs if c is not None else None, outs)):
+                scorer.add_error(key, pred, y)
 
     first = True
     for x, y in progress_of(_stacked(batches, stack_bytes), "rating", disable=not progress):
-        scores.add_target(y)
+        scorer.add_target(y)
         walk((), calib if first else None, x, y)
         first = False
-    return scores.result()
+    return scorer.result()
 
 
 @torch.no_grad()
 def rate_candidate_naive(cell: CellSupernet, ops: Path_, calib: torch.Tensor,
-                         batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
+                         batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, scorer: Scorer) -> float:
     """Reference: one candidate rated on its own (its whole path re-calibrated, then evaluated)."""
     path = [choices[i] for choices, i in zip(cell.layers, cell.full_path(ops))]
     net = nn.Sequential(*path, cell.adapter)
     calibrate(net, calib)
-    scores = _Scores()
     for x, y in batches:
-        scores.add_target(y)
-        scores.abs[ops] = scores.abs.get(ops, 0.0) + float((net(x) - y).abs().sum())
-    return scores.result()[ops]
+        scorer.add_target(y)
+        scorer.add_error(ops, net(x), y)
+    return scorer.result()[ops]
 
 
-def rate_block(space: SearchSpace, supernet: nn.ModuleDict, targets: TargetSource, block: int, *,
+def rate_block(space: SearchSpace, supernet: nn.ModuleDict, supervision: BlockSupervision, block: int, *,
                calibration_size: int, batch_size: int, seed: int = 0) -> Candidates:
     """The block's candidates, one row per (candidate, input width), with their scores.
 
-    BatchNorm is calibrated on a seeded, class-stratified sample of the training split (the same for every cell)."""
-    calib, _ = targets.sample(block, "train", calibration_size, seed)
+    `supervision` as rating sees it (its for_rating()) gives the batches and the score. BatchNorm is calibrated on
+    a seeded, class-stratified sample of the training split (the same for every cell)."""
+    calib, _ = supervision.sample(block, "train", calibration_size, seed)
     table = space.candidate_table(block)
     scores = {}
     for cell in space.cells(block):
         num_ops = len(supernet[cell.name].layers[-1])
-        got = rate_cell(supernet[cell.name], cell.depth, calib, targets.pairs(block, "rate", batch_size), num_ops)
+        got = rate_cell(supernet[cell.name], cell.depth, calib, supervision.pairs(block, "rate", batch_size), num_ops,
+                        scorer=supervision.scorer())
         scores.update({(cell, ops): s for ops, s in got.items()})
     return table.with_scores(scores[(cell, ops)] for cell, ops in zip(table.cells, table.ops))

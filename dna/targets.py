@@ -1,8 +1,8 @@
-"""Where block targets come from. A target source yields (block input, block target) pairs for every block.
+"""Teacher features as block supervision (DNA), registered as supervision kind "teacher".
 
-`TeacherTargets` (DNA): the input of block i is the teacher's feature map at boundary i-1 (the image for
-block 0) and its target the teacher's feature map at boundary i. A self-supervised source (DNA++) would
-implement the same `TargetSource` protocol.
+The input of block i is the teacher's feature map at boundary i-1 (the image for block 0) and its target the
+teacher's feature map at boundary i; a block learns it under the MSE loss and its candidates are rated by
+mean |Y - Y_hat| / std(Y) on the rating split. `TargetSource` is the part of a supervision that distillation reads.
 """
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Hashable, Iterator, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dna.checkpoint import atomic_write_text
-from dna.data import Data
+from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest
+from dna.data import Data, eval_view
 from dna.progress import progress
+
+if TYPE_CHECKING:
+    from dna.pipeline import Run
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +57,69 @@ def teacher_shapes(model_name: str, in_chans: int, image_size: int,
     return [tuple(f.shape[1:]) for f in feats]
 
 
+class RelativeL1Score:
+    """The DNA rating score of every candidate: mean |Y - Y_hat| / std(Y), Y the targets, Y_hat its outputs."""
+
+    def __init__(self):
+        self.abs: dict[Hashable, float] = {}
+        self.count = 0
+        self.total = 0.0
+        self.squares = 0.0
+
+    def add_target(self, target: torch.Tensor) -> None:
+        y = target.double()
+        self.count += y.numel()
+        self.total += float(y.sum())
+        self.squares += float((y * y).sum())
+
+    def add_error(self, key: Hashable, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.abs[key] = self.abs.get(key, 0.0) + float((pred - target).abs().sum())
+
+    def std(self) -> float:
+        mean = self.total / self.count
+        return max(self.squares / self.count - mean * mean, 0.0) ** 0.5
+
+    def result(self) -> dict[Hashable, float]:
+        std = self.std()
+        return {key: s / self.count / std for key, s in self.abs.items()}
+
+
 class TeacherTargets:
+    """`key`: what the features depend on (digested by fingerprint(): it keys the cache)."""
+
+    loss = staticmethod(F.mse_loss)
+
     def __init__(self, teacher: nn.Module, boundaries: list[int], data: Data, device: torch.device,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, key: tuple = ()):
         self.teacher, self.boundaries, self.data, self.device = teacher.eval(), list(boundaries), data, device
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.key = key
         self._shapes: list[tuple[int, int, int]] | None = None
+
+    @classmethod
+    def from_run(cls, run: Run) -> TeacherTargets:
+        """The run's teacher (the teacher stage's checkpoint) at teacher.boundaries, cached under distill/features
+        unless distill.cache_features is off or the training images are augmented (then computed on the fly)."""
+        from dna.teacher import load_teacher
+
+        p, paths = run.params, run.paths
+        cache = paths.features if p.distill.cache_features and not p.data.augment else None
+        # the teacher's weights, the data, the exact splits (a new seed rebuilds the cache) and the boundaries
+        key = (checkpoint_digest(paths.teacher), p.data, file_digest(paths.splits), p.teacher.boundaries)
+        return cls(load_teacher(p, paths.teacher, run.device), p.teacher.boundaries, run.data, run.device, cache, key)
+
+    def fingerprint(self) -> str:
+        return digest(*self.key)
+
+    def prepare(self) -> None:
+        self.build_cache(self.fingerprint())
+
+    def scorer(self) -> RelativeL1Score:
+        return RelativeL1Score()
+
+    def for_rating(self) -> TeacherTargets:
+        return TeacherTargets(self.teacher, self.boundaries, eval_view(self.data), self.device, self.cache_dir,
+                              self.key)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -51,7 +51,8 @@ STAGE_MODULES: dict[str, str] = {s.name: s.module for s in STEPS}
 METRIC_FILES: dict[str, str] = {s.name: s.metrics for s in STEPS if s.metrics}
 
 # Sections that determine the trained network; their hash tags a registered model version.
-RESULT_SECTIONS = ("seed", "data", "teacher", "space", "distill", "rating", "search", "profile", "retrain", "export")
+RESULT_SECTIONS = ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "search", "profile",
+                   "retrain", "export")
 
 
 def pick(params: Params, keys: list[str]) -> dict[str, Any]:

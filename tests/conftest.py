@@ -27,6 +27,7 @@ def tiny_raw(outputs: Path) -> dict:
                   "ops": ["ir_k3_e3_se0.25", "ir_k5_e6_se0.25"],
                   "blocks": [{"stride": 2, "depths": [1, 2], "widths": [16]},
                              {"stride": 2, "depths": [1, 2], "widths": [24, 32]}]},
+        "supervision": {"kind": "teacher"},
         "distill": {"epochs": 2, "batch_size": 64},
         "rating": {"calibration_size": 64, "batch_size": 128},
         "search": {"budgets": {}, "front_axis": "macs"},

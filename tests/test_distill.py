@@ -12,7 +12,7 @@ class Crash(RuntimeError):
 
 def _distill(run, path, epochs, on_epoch=None, targets=None):
     cfg = run.params.distill.model_copy(update={"epochs": epochs})
-    return distill_block(run.space, targets or run.teacher_targets(), 1, cfg, path, in_chans=run.data.in_chans,
+    return distill_block(run.space, targets or run.supervision, 1, cfg, path, in_chans=run.data.in_chans,
                          seed=0, fingerprint="test", device=torch.device("cpu"), on_epoch=on_epoch)
 
 
@@ -66,7 +66,7 @@ class PoisonedTargets:
 def test_nan_loss_stops_with_block_epoch_and_step_and_keeps_last_checkpoint(prepared_run, tmp_path):
     path = tmp_path / "b.pt"
     with pytest.raises(NonFiniteLoss, match=r"block 1: loss is nan at epoch 2 step 3"):
-        _distill(prepared_run, path, 3, targets=PoisonedTargets(prepared_run.teacher_targets()))
+        _distill(prepared_run, path, 3, targets=PoisonedTargets(prepared_run.supervision))
     state = load_checkpoint(path)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

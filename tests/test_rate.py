@@ -7,10 +7,15 @@ from torch import nn
 from dna.distill import load_block
 from dna.rate import calibrate, rate_block, rate_candidate_naive, rate_cell
 from dna.spaces.base import Cell
+from dna.targets import RelativeL1Score
 
 
 def _batches(x, y, size):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def _naive(net, ops, calib, batches):
+    return rate_candidate_naive(net, ops, calib, batches, scorer=RelativeL1Score())
 
 
 def test_calibrate_sets_statistics_of_the_batch():
@@ -28,17 +33,18 @@ def test_calibrate_sets_statistics_of_the_batch():
 @pytest.mark.parametrize("block", [0, 1])
 def test_prefix_reuse_equals_naive_rating(prepared_run, block):
     run = prepared_run
-    targets = run.rating_targets()
+    targets = run.supervision.for_rating()
     supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block))
     calib, _ = targets.sample(block, "train", 64, 0)
     x, y = targets.sample(block, "rate", 1000, 0)
     for cell in run.space.cells(block):
         net = supernet[cell.name]
-        fast = rate_cell(net, cell.depth, calib, _batches(x, y, 50), len(run.space.ops), progress=False)
+        fast = rate_cell(net, cell.depth, calib, _batches(x, y, 50), len(run.space.ops),
+                         scorer=RelativeL1Score(), progress=False)
         expected = set(itertools.product(range(len(run.space.ops)), repeat=cell.depth))
         assert set(fast) == expected
         for ops in expected:
-            naive = rate_candidate_naive(net, ops, calib, _batches(x, y, 50))
+            naive = _naive(net, ops, calib, _batches(x, y, 50))
             assert fast[ops] == pytest.approx(naive, abs=1e-5)
     assert len({round(s, 6) for s in fast.values()}) > 1, "candidates should not all score the same"
 
@@ -48,20 +54,21 @@ def test_prefix_reuse_on_a_deeper_untrained_cell(prepared_run):
     run = prepared_run
     torch.manual_seed(1)
     cell = Cell(1, 3, 24)
-    shapes = run.rating_targets().shapes()
+    shapes = run.supervision.for_rating().shapes()
     net = run.space.build_cell(cell, shapes[0][0], shapes[1][0])
     calib = torch.randn(40, shapes[0][0], 4, 4)
     x, y = torch.randn(90, shapes[0][0], 4, 4), torch.randn(90, shapes[1][0], 2, 2)
     only = [(0, 1, 1), (1, 1, 0), (0, 1, 0)]
-    fast = rate_cell(net, 3, calib, _batches(x, y, 32), len(run.space.ops), only=only, progress=False)
+    fast = rate_cell(net, 3, calib, _batches(x, y, 32), len(run.space.ops), only=only,
+                     scorer=RelativeL1Score(), progress=False)
     assert set(fast) == set(only)
     for ops in only:
-        assert fast[ops] == pytest.approx(rate_candidate_naive(net, ops, calib, _batches(x, y, 32)), abs=1e-5)
+        assert fast[ops] == pytest.approx(_naive(net, ops, calib, _batches(x, y, 32)), abs=1e-5)
 
 
 def test_rating_table_has_every_candidate_with_costs(prepared_run):
     run = prepared_run
-    targets = run.rating_targets()
+    targets = run.supervision.for_rating()
     supernet = load_block(run.space, 1, targets.shapes(), run.data.in_chans, run.paths.supernet(1))
     table = rate_block(run.space, supernet, targets, 1, calibration_size=64, batch_size=128).to_frame()
     n_ops = len(run.space.ops)

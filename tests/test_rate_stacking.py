@@ -7,8 +7,8 @@ from torch import nn
 
 from dna.config import parse_params
 from dna.rate import rate_candidate_naive, rate_cell
-from dna.spaces import build_space
-from dna.spaces.base import Cell
+from dna.spaces.base import Cell, build_space
+from dna.targets import RelativeL1Score
 from tests.conftest import tiny_raw
 
 
@@ -19,6 +19,10 @@ def _space(tmp_path):
 
 def _batches(x, y, size):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def _naive(net, ops, calib, batches):
+    return rate_candidate_naive(net, ops, calib, batches, scorer=RelativeL1Score())
 
 
 @pytest.mark.parametrize("adapter", ["conv_bn", "identity", "other"])
@@ -37,10 +41,11 @@ def test_stacked_rating_equals_naive(tmp_path, adapter, stack_bytes):
         p.data.add_(torch.randn_like(p) * 0.1)
     calib = torch.randn(24, 16, 4, 4) * 2 + 0.5
     x, y = torch.randn(70, 16, 4, 4) * 2 + 0.5, torch.randn(70, target, 2, 2)
-    fast = rate_cell(net, 2, calib, _batches(x, y, 16), len(space.ops), progress=False, stack_bytes=stack_bytes)
+    fast = rate_cell(net, 2, calib, _batches(x, y, 16), len(space.ops),
+                     scorer=RelativeL1Score(), progress=False, stack_bytes=stack_bytes)
     assert set(fast) == set(itertools.product(range(len(space.ops)), repeat=2))
     for ops, score in fast.items():
-        assert score == pytest.approx(rate_candidate_naive(net, ops, calib, _batches(x, y, 16)), abs=1e-5)
+        assert score == pytest.approx(_naive(net, ops, calib, _batches(x, y, 16)), abs=1e-5)
 
 
 def test_stacked_rating_of_the_first_block_with_its_stem(tmp_path):
@@ -49,7 +54,8 @@ def test_stacked_rating_of_the_first_block_with_its_stem(tmp_path):
     net = space.build_cell(Cell(0, 2, 16), 1, 12)
     calib, x, y = torch.randn(20, 1, 16, 16), torch.randn(40, 1, 16, 16), torch.randn(40, 12, 4, 4)
     only = [(0, 1), (1, 1)]
-    fast = rate_cell(net, 2, calib, _batches(x, y, 15), len(space.ops), only=only, progress=False, stack_bytes=1)
+    fast = rate_cell(net, 2, calib, _batches(x, y, 15), len(space.ops), only=only,
+                     scorer=RelativeL1Score(), progress=False, stack_bytes=1)
     assert set(fast) == set(only)
     for ops in only:
-        assert fast[ops] == pytest.approx(rate_candidate_naive(net, ops, calib, _batches(x, y, 15)), abs=1e-5)
+        assert fast[ops] == pytest.approx(_naive(net, ops, calib, _batches(x, y, 15)), abs=1e-5)

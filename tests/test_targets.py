@@ -6,12 +6,12 @@ from dna.targets import TeacherTargets, teacher_shapes
 
 def test_boundary_shapes_match_the_meta_device_probe(prepared_run):
     p = prepared_run.params
-    targets = prepared_run.teacher_targets()
+    targets = prepared_run.supervision
     assert targets.shapes() == teacher_shapes(p.teacher.model, 1, p.data.image_size, p.teacher.boundaries)
 
 
 def test_cached_pairs_equal_pairs_computed_on_the_fly(prepared_run):
-    cached = prepared_run.rating_targets()
+    cached = prepared_run.supervision.for_rating()
     assert cached.cache_dir is not None and (cached.cache_dir / "cache.json").is_file()
     live = TeacherTargets(cached.teacher, cached.boundaries, eval_view(prepared_run.data), torch.device("cpu"))
     for block in range(prepared_run.space.num_blocks):
@@ -23,7 +23,7 @@ def test_cached_pairs_equal_pairs_computed_on_the_fly(prepared_run):
 
 
 def test_shuffled_pairs_follow_the_generator(prepared_run):
-    t = prepared_run.teacher_targets()
+    t = prepared_run.supervision
     a = next(t.pairs(1, "train", 16, shuffle=True, generator=torch.Generator().manual_seed(3)))[1]
     b = next(t.pairs(1, "train", 16, shuffle=True, generator=torch.Generator().manual_seed(3)))[1]
     c = next(t.pairs(1, "train", 16, shuffle=True, generator=torch.Generator().manual_seed(4)))[1]

@@ -2,12 +2,13 @@ import pytest
 import torch
 
 from dna.checkpoint import load_checkpoint
+from dna.supervision import build_supervision
 from dna.teacher import load_teacher, make_teacher
 from dna.train import accuracy
 
 
 def test_the_teacher_that_makes_the_targets_is_frozen_and_never_changes_its_statistics(prepared_run):
-    targets = prepared_run.teacher_targets()
+    targets = build_supervision(prepared_run)  # its own teacher: this test moves the teacher's statistics at the end
     teacher = targets.teacher  # the very object whose features are the block targets
     assert not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())

@@ -48,6 +48,7 @@ def tiny_raw(outputs: str = "outputs", tracking_uri: str | None = None) -> dict:
                   "ops": ["ir_k3_e3_se0.25", "ir_k5_e3_se0.25"],
                   "blocks": [{"stride": 2, "depths": [1], "widths": [16]},
                              {"stride": 2, "depths": [1, 2], "widths": [24]}]},
+        "supervision": {"kind": "teacher"},
         "distill": {"epochs": 2, "lr": 0.003, "lr_decay": 0.9, "weight_decay": 0.0001, "batch_size": 64,
                     "cache_features": True},
         "rating": {"calibration_size": 64, "batch_size": 256},

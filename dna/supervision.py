@@ -1,0 +1,103 @@
+"""Block supervision: what each block of the supernet learns to reproduce, and how its candidates are rated.
+
+A supervision prepares its targets once (`prepare`: the features stage), yields (block input, block target) batches
+for training and rating, defines the training loss and the rating score. params.yaml picks one by
+`supervision.kind`; the stages see only the `BlockSupervision` protocol.
+
+Adding a kind takes one module (a class implementing the protocol, with `from_run(run)`) and one entry in
+`_builtin()`; a kind registered with `@register_supervision(kind)` is used the same way.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
+
+    from dna.pipeline import Run
+
+
+class Scorer(Protocol):
+    """Accumulates the rating of many candidates over rating batches; a lower score is better."""
+
+    def add_target(self, target: torch.Tensor) -> None:
+        """Once per rating batch, before the candidates' errors on it."""
+
+    def add_error(self, key: Hashable, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """One candidate's prediction on the batch last passed to add_target."""
+
+    def result(self) -> dict[Hashable, float]: ...
+
+
+class BlockSupervision(Protocol):
+    """What the features, distill and rate stages need of a block supervision.
+
+    Built by `from_run(run)` (a classmethod), which may use anything the run holds: params, paths, data, device,
+    the search space, the block checkpoints of earlier stages.
+    """
+
+    def fingerprint(self) -> str:
+        """What the targets depend on; a block trained against other targets is not resumed."""
+
+    def prepare(self) -> None:
+        """Work done once before any block trains (e.g. a cache of targets); a no-op when already done."""
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(channels, height, width) of every block's target."""
+
+    def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
+              generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(block input, block target) batches of a split."""
+
+    def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed, seeded batch of `count` pairs drawn with every class represented (the calibration batch)."""
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of one cell's output against the block target."""
+
+    def scorer(self) -> Scorer:
+        """A fresh accumulator of the rating score."""
+
+    def for_rating(self) -> BlockSupervision:
+        """The same supervision as rating sees it: the training split (calibration) without augmentation."""
+
+
+_registered: dict[str, type] = {}
+
+
+def _builtin() -> dict[str, type]:
+    """The kinds that come with dna, one entry each (imported when first asked for: they import torch)."""
+    from dna.targets import TeacherTargets
+
+    return {"teacher": TeacherTargets}
+
+
+def register_supervision(kind: str) -> Callable[[type], type]:
+    """Class decorator: make the class the supervision of `kind` (params.yaml `supervision.kind`)."""
+    def register(cls: type) -> type:
+        if kind in supervision_kinds():
+            raise ValueError(f"supervision kind {kind!r} is already registered")
+        _registered[kind] = cls
+        return cls
+    return register
+
+
+def supervision_kinds() -> list[str]:
+    return sorted({**_builtin(), **_registered})
+
+
+def supervision_class(kind: str) -> type:
+    kinds = {**_builtin(), **_registered}
+    if kind not in kinds:
+        raise ValueError(f"supervision.kind={kind!r} is not a block supervision; allowed: {', '.join(sorted(kinds))}")
+    return kinds[kind]
+
+
+def options_model(kind: str) -> type[BaseModel] | None:
+    """The pydantic model of the kind's own keys in the supervision section (its class's `Options`), if any."""
+    return getattr(supervision_class(kind), "Options", None)
+
+
+def build_supervision(run: Run) -> BlockSupervision:
+    return supervision_class(run.params.supervision.kind).from_run(run)
