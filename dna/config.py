@@ -83,6 +83,15 @@ class TrainConfig(Strict):
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     batch_size: PositiveInt = 64
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a gradient scaler)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """fp32 is left out, so configs dump (and fingerprint) as they did before the key."""
+        out = handler(self)
+        if self.precision == "fp32":
+            out.pop("precision", None)
+        return out
 
 
 class TeacherConfig(Strict):
@@ -209,6 +218,15 @@ class DistillConfig(Strict):
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     batch_size: PositiveInt = 64
     cache_features: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a gradient scaler)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """fp32 is left out, so configs dump (and fingerprint) as they did before the key."""
+        out = handler(self)
+        if self.precision == "fp32":
+            out.pop("precision", None)
+        return out
 
 
 class SupervisionConfig(BaseModel):

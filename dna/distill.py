@@ -1,7 +1,6 @@
 """Block-wise distillation: train every cell of one block on (target input, target output) pairs, one path per step."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,12 +12,12 @@ from torch import nn
 
 from dna.checkpoint import load_checkpoint
 from dna.config import DistillConfig
-from dna.progress import progress
-from dna.spaces.base import SearchSpace
+from dna.engine import Engine
+from dna.spaces.base import Cell, SearchSpace
 from dna.targets import TargetSource
-from dna.train import check_finite, resume_training, save_training
 
-log = logging.getLogger(__name__)
+CellLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PathSampler = Callable[[torch.Generator, Cell, int], tuple[int, ...]]
 
 
 def build_block(space: SearchSpace, block: int, shapes: list[tuple[int, int, int]], in_chans: int) -> nn.ModuleDict:
@@ -33,6 +32,11 @@ def load_block(space: SearchSpace, block: int, shapes, in_chans: int, path: str 
     return supernet.eval()
 
 
+def uniform_path(generator: torch.Generator, cell: Cell, num_ops: int) -> tuple[int, ...]:
+    """One op per layer of the cell, each uniformly at random."""
+    return tuple(torch.randint(num_ops, (cell.depth,), generator=generator).tolist())
+
+
 @dataclass
 class DistillResult:
     history: list[dict] = field(default_factory=list)
@@ -41,53 +45,37 @@ class DistillResult:
 
 def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: DistillConfig, ckpt_path: str | Path, *,
                   in_chans: int, seed: int, fingerprint: str, device: torch.device,
-                  on_epoch: Callable[[dict], None] | None = None) -> DistillResult:
-    """Train one block's cells; every step each cell trains one uniformly sampled path on the same batch (MSE loss).
+                  on_epoch: Callable[[dict], None] | None = None, loss: CellLoss = F.mse_loss,
+                  sample_path: PathSampler = uniform_path) -> DistillResult:
+    """Train one block's cells; every step each cell trains one sampled path on the same batch.
 
+    `loss(output, target)` compares a cell's output with the target features (MSE by default); `sample_path` picks
+    the path a cell trains at a step (uniform by default) from a generator reseeded every epoch.
     Cells share no weights, so this equals training each cell on its own, with one pass over the data.
     Checkpoints every epoch; a checkpoint with the same fingerprint is resumed from.
     """
-    ckpt_path = Path(ckpt_path)
     torch.manual_seed(seed * 1009 + block)
     cells = space.cells(block)
     supernet = build_block(space, block, targets.shapes(), in_chans).to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(supernet, opt="adam", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
-    result = DistillResult()
-    if state := resume_training(ckpt_path, fingerprint, supernet, optimizer, scheduler):
-        result.history, result.resumed_from = list(state["history"]), int(state["epoch"])
-        log.info("block %d: resuming after epoch %d", block, result.resumed_from)
     num_ops = [len(supernet[c.name].layers[-1]) for c in cells]
-    for epoch in range(result.resumed_from, cfg.epochs):
-        supernet.train()
-        shuffle = torch.Generator().manual_seed(seed * 100_003 + block * 1_009 + epoch)
-        paths = torch.Generator().manual_seed(seed * 200_003 + block * 1_013 + epoch)
-        sums = {c.name: 0.0 for c in cells}
-        seen = 0
-        bar = progress(targets.pairs(block, "train", cfg.batch_size, shuffle=True, generator=shuffle),
-                       f"block {block} epoch {epoch + 1}/{cfg.epochs}")
-        for step, (x, y) in enumerate(bar):
-            x = x.contiguous(memory_format=torch.channels_last)
-            losses = []
-            for cell, n in zip(cells, num_ops):
-                ops = tuple(torch.randint(n, (cell.depth,), generator=paths).tolist())
-                losses.append(F.mse_loss(supernet[cell.name](x, ops), y))
-            loss = torch.stack(losses).sum()
-            check_finite(loss, f"block {block}", epoch + 1, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for cell, cell_loss in zip(cells, losses):
-                sums[cell.name] += cell_loss.item() * len(x)
-            seen += len(x)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        scheduler.step()
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               **{f"loss_{name}": total / seen for name, total in sums.items()}}
-        row["loss"] = sum(row[f"loss_{c.name}"] for c in cells) / len(cells)
-        result.history.append(row)
-        save_training(ckpt_path, fingerprint, supernet, optimizer, scheduler, epoch + 1, result.history)
-        log.info("block %d epoch %d/%d: mean cell loss %.5f", block, epoch + 1, cfg.epochs, row["loss"])
-        if on_epoch:
-            on_epoch(row)
-    return result
+    paths = torch.Generator()
+
+    def batches(epoch: int, shuffle: torch.Generator):
+        paths.manual_seed(seed * 200_003 + block * 1_013 + epoch)  # each epoch's paths independent of the last
+        return targets.pairs(block, "train", cfg.batch_size, shuffle=True, generator=shuffle)
+
+    def step(batch):
+        x, y = batch
+        losses = [loss(supernet[cell.name](x, sample_path(paths, cell, n)), y) for cell, n in zip(cells, num_ops)]
+        return torch.stack(losses).sum(), {f"loss_{cell.name}": cell_loss.item() * len(x)
+                                           for cell, cell_loss in zip(cells, losses)}
+
+    def mean_cell_loss(row: dict) -> dict:
+        return {"loss": sum(row[f"loss_{c.name}"] for c in cells) / len(cells)}
+
+    fitted = Engine(supernet, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
+                    fingerprint=fingerprint, seed=seed * 100_003 + block * 1_009, device=device, name=f"block {block}",
+                    precision=cfg.precision, end_of_epoch=mean_cell_loss, on_epoch=on_epoch).fit()
+    return DistillResult(fitted.history, fitted.resumed_from)

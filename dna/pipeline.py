@@ -189,7 +189,7 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
     """Distill one block; blocks are independent and may run in parallel once stage_features has run."""
     result = distill_block(run.space, run.supervision, block, run.params.distill, run.paths.supernet(block),
                            in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
-                           device=run.device, on_epoch=on_epoch)
+                           device=run.device, on_epoch=on_epoch, loss=run.supervision.loss)
     history = pd.DataFrame(result.history)
     write_csv(run.paths.distill_dir / f"history_{block}.csv", history)
     return {"block": block, "final_loss": float(history["loss"].iloc[-1]), "epochs": len(history),

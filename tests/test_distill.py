@@ -70,3 +70,34 @@ def test_nan_loss_stops_with_block_epoch_and_step_and_keeps_last_checkpoint(prep
     state = load_checkpoint(path)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_custom_loss_and_path_sampler_are_the_ones_used(prepared_run, tmp_path):
+    """A sampler that always picks op 0 leaves every other op as built; the given loss is what the rows report."""
+    from dna.distill import build_block
+
+    run, cells = prepared_run, prepared_run.space.cells(1)
+    sampled, losses = [], []
+
+    def first_op(generator, cell, num_ops):
+        sampled.append((cell.name, num_ops))
+        return (0,) * cell.depth
+
+    def l1(output, target):
+        losses.append(torch.nn.functional.l1_loss(output, target))
+        return losses[-1]
+    cfg = run.params.distill.model_copy(update={"epochs": 1})
+    result = distill_block(run.space, run.teacher_targets(), 1, cfg, tmp_path / "b.pt", in_chans=run.data.in_chans,
+                           seed=0, fingerprint="test", device=torch.device("cpu"), loss=l1, sample_path=first_op)
+    num_ops = len(run.params.space.ops)
+    assert sampled[:len(cells)] == [(c.name, num_ops) for c in cells] and len(losses) == len(sampled)
+    row = result.history[0]
+    assert row["loss"] == pytest.approx(sum(x.item() for x in losses) / len(losses), rel=0.05), "L1, not MSE"
+
+    trained, shapes = load_checkpoint(tmp_path / "b.pt")["model"], run.teacher_targets().shapes()
+    torch.manual_seed(0 * 1009 + 1)  # distill_block's seeding of the initial weights
+    built = build_block(run.space, 1, shapes, run.data.in_chans).state_dict()
+    untouched = [k for k in built if ".layers." in k and k.split(".layers.")[1].split(".")[1] != "0"]
+    first = [k for k in built if ".layers." in k and k.split(".layers.")[1].split(".")[1] == "0"]
+    assert untouched and all(torch.equal(trained[k], built[k]) for k in untouched)
+    assert any(not torch.equal(trained[k], built[k]) for k in first), "op 0 did train"
