@@ -7,7 +7,8 @@ from torch import nn
 
 from dna.config import parse_params
 from dna.rate import rate_candidate_naive, rate_cell
-from dna.spaces.base import Cell, build_space
+from dna.spaces import build_space
+from dna.spaces.base import Cell
 from dna.targets import RelativeL1Score
 from tests.conftest import tiny_raw
 
