@@ -72,7 +72,19 @@ class DataConfig(Strict):
         return out
 
 
-class TrainConfig(Strict):
+class Precision(Strict):
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a gradient scaler)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """fp32 is left out, so configs dump (and fingerprint) as they did before the key."""
+        out = handler(self)
+        if self.precision == "fp32":
+            out.pop("precision", None)
+        return out
+
+
+class TrainConfig(Precision):
     epochs: Annotated[int, Field(ge=0)] = 30
     optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
@@ -83,15 +95,6 @@ class TrainConfig(Strict):
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     batch_size: PositiveInt = 64
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a gradient scaler)
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler) -> dict:
-        """fp32 is left out, so configs dump (and fingerprint) as they did before the key."""
-        out = handler(self)
-        if self.precision == "fp32":
-            out.pop("precision", None)
-        return out
 
 
 class TeacherConfig(Strict):
@@ -211,22 +214,13 @@ class SpaceConfig(Strict):
         return self
 
 
-class DistillConfig(Strict):
+class DistillConfig(Precision):
     epochs: PositiveInt = 8
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 3e-3
     lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     batch_size: PositiveInt = 64
     cache_features: bool = True
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a gradient scaler)
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler) -> dict:
-        """fp32 is left out, so configs dump (and fingerprint) as they did before the key."""
-        out = handler(self)
-        if self.precision == "fp32":
-            out.pop("precision", None)
-        return out
 
 
 class SupervisionConfig(BaseModel):

@@ -33,3 +33,14 @@ def exit_code(exc: BaseException) -> int | None:
     if isinstance(exc, detected_faults()):
         return DETECTED_FAULT
     return None
+
+
+def report(exc: BaseException) -> int:
+    """Print an error of this policy in one line on stderr and return its exit code; re-raise any other."""
+    import sys
+
+    code = exit_code(exc)
+    if code is None:
+        raise exc
+    print(f"error: {exc}", file=sys.stderr)
+    return code

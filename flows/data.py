@@ -4,21 +4,17 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import artifacts
-from flows.entry import cli, load
+from flows.entry import cli, step_run
 from flows.hashes import data_hash
-from flows.prefect_api import stage_task
-from flows.steps import stage_params
-from flows.tracking import stage_run
 
 
 @flow(name="dna-data")
 def data_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.pipeline import Run, stage_data
+    from dna.pipeline import stage_data
 
-    params = load(params_file, overrides)
-    run = Run(params)
-    with stage_run(params, "data", stage_params(params, "data")) as (mlrun, _):
-        summary = stage_task(stage_data, "make-splits", params.orchestration.retries)(run)
+    with step_run("data", params_file, overrides) as step:
+        params, run, mlrun = step.params, step.run, step.mlrun
+        summary = step.task(stage_data, "make-splits")(run)
         mlrun.metrics({f"{split}_images": n for split, n in summary["sizes"].items()}
                       | {"num_classes": summary["num_classes"]})
         mlrun.tags({"dna.data_hash": data_hash(params, run.paths.splits)})

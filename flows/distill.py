@@ -25,8 +25,7 @@ from flows.entry import cli, load, with_absolute_outputs
 from flows.prefect_api import share_prefect_api
 from flows.steps import stage_params
 from flows.task_runners import make_task_runner
-from flows.teacher import log_history
-from flows.tracking import STAGE_TAG, Tracking, child_run, stage_run
+from flows.tracking import STAGE_TAG, EpochLog, Tracking, child_run, stage_run
 
 BEST_PER_BLOCK = 3
 # Blocks in one process share torch's global random state. The core seeds it per block and then draws the
@@ -78,16 +77,10 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
     tags = {STAGE_TAG: "distill", "dna.block": str(block), "dna.block_fingerprint": run.block_fingerprint(block)}
     with child_run(tracking, f"block_{block}", tags) as mlrun, block_turn(shared_process):
         mlrun.params({"block": block, "stride": cfg.stride, "cells": json.dumps(cells), "epochs": epochs})
-        logged: set[int] = set()
-
-        def on_epoch(row: dict) -> None:
-            mlrun.epoch(row)
-            logged.add(int(row["epoch"]))
-            progress.update(int(row["epoch"]), f"epoch {row['epoch']}, mean cell loss {row['loss']:.5f}")
-
-        result = stage_distill(run, block, on_epoch=on_epoch)
+        epochs_log = EpochLog(mlrun, progress, lambda row: f"epoch {row['epoch']}, mean cell loss {row['loss']:.5f}")
+        result = stage_distill(run, block, on_epoch=epochs_log)
         history = run.paths.distill_dir / f"history_{block}.csv"
-        log_history(mlrun, history, logged)
+        epochs_log.backfill(history)
         table = stage_rate(run, block)
         candidates = table.drop_duplicates(["cell", "path"])
         best = candidates.nsmallest(BEST_PER_BLOCK, "score")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dna.config import ConfigError, Params, load_params, parse_overrides
-from flows.steps import STAGE_PARAMS
+from flows.steps import STAGE_PARAMS, stage_params
 
 
 def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
@@ -54,10 +55,40 @@ def with_absolute_outputs(params: Params) -> Params:
     return params.model_copy(update={"outputs": str(Path(params.outputs).resolve())})
 
 
+@dataclass
+class StepRun:
+    """What a step's flow works with: the checked params, the run, its MLflow run and where child runs go."""
+
+    params: Params
+    run: Any  # dna.pipeline.Run
+    mlrun: Any  # flows.tracking.RunLog
+    tracking: Any  # flows.tracking.Tracking
+
+    def task(self, fn: Callable, name: str) -> Callable:
+        """A stage function as a Prefect task with orchestration.retries retries."""
+        from flows.prefect_api import stage_task
+
+        return stage_task(fn, name, self.params.orchestration.retries)
+
+
+@contextlib.contextmanager
+def step_run(step: str, params_file: str | Path, overrides: dict | None, *, check_profile: bool = True,
+             absolute_outputs: bool = False) -> Iterator[StepRun]:
+    """Load and check the config (before any work), then the step's MLflow run with the params it reads."""
+    from dna.pipeline import Run
+    from flows.tracking import stage_run
+
+    params = load(params_file, overrides, check_profile=check_profile)
+    if absolute_outputs:
+        params = with_absolute_outputs(params)
+    with stage_run(params, step, stage_params(params, step)) as (mlrun, tracking):
+        yield StepRun(params, Run(params), mlrun, tracking)
+
+
 def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | None = None) -> int:
     """Exit 0; 2 with one line on a bad config; 1 with one line on a detected fault (corrupt checkpoint, diverging
     loss, failed ONNX parity, missing input, failed blocks)."""
-    from dna.errors import exit_code
+    from dna.errors import report
     from dna.logs import setup_logging
 
     parser = argparse.ArgumentParser(description=description)
@@ -69,9 +100,5 @@ def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | Non
     try:
         run(args.params, parse_overrides(args.sets))
     except Exception as exc:
-        code = exit_code(exc)
-        if code is None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return code
+        return report(exc)
     return 0

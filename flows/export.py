@@ -9,11 +9,8 @@ import json
 from prefect import flow
 
 from flows import artifacts
-from flows.entry import cli, load
-from flows.prefect_api import stage_task
+from flows.entry import cli, step_run
 from flows.registry import log_onnx_model
-from flows.steps import stage_params
-from flows.tracking import stage_run
 
 SAMPLE_IMAGES = 8
 
@@ -22,13 +19,11 @@ SAMPLE_IMAGES = 8
 def export_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.checkpoint import atomic_write_text
     from dna.export import read_metadata
-    from dna.pipeline import Run, stage_export
+    from dna.pipeline import stage_export
 
-    params = load(params_file, overrides)
-    run = Run(params)
-    out = run.paths.export_dir
-    with stage_run(params, "export", stage_params(params, "export")) as (mlrun, _):
-        metrics = stage_task(stage_export, "export-onnx", params.orchestration.retries)(run)
+    with step_run("export", params_file, overrides) as step:
+        run, mlrun, out = step.run, step.mlrun, step.run.paths.export_dir
+        metrics = step.task(stage_export, "export-onnx")(run)
         meta = read_metadata(run.paths.onnx)
         mlrun.metrics(metrics)
         mlrun.tags({"dna.arch": meta.get("arch")})

@@ -10,10 +10,7 @@ import pandas as pd
 from prefect import flow
 
 from flows import artifacts
-from flows.entry import cli, load
-from flows.prefect_api import stage_task
-from flows.steps import stage_params
-from flows.tracking import stage_run
+from flows.entry import cli, step_run
 
 
 def slowest_layers(table: pd.DataFrame, n: int = 10) -> list[dict]:
@@ -23,12 +20,11 @@ def slowest_layers(table: pd.DataFrame, n: int = 10) -> list[dict]:
 
 @flow(name="dna-profile")
 def profile_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.pipeline import Run, stage_profile
+    from dna.pipeline import stage_profile
 
-    params = load(params_file, overrides, check_profile=False)
-    run = Run(params)
-    with stage_run(params, "profile", stage_params(params, "profile")) as (mlrun, _):
-        summary = stage_task(stage_profile, "time-pieces", params.orchestration.retries)(run)
+    with step_run("profile", params_file, overrides, check_profile=False) as step:
+        params, run, mlrun = step.params, step.run, step.mlrun
+        summary = step.task(stage_profile, "time-pieces")(run)
         mlrun.metrics({k: summary[k] for k in ("rows", "seconds", "overhead_ms", "layer_ms_median")})
         for name in ("latency.csv", "profile.json"):
             mlrun.artifact(run.paths.profile_dir / name)

@@ -151,7 +151,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     from dna.config import parse_overrides
-    from dna.errors import exit_code
+    from dna.errors import report
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: here)")
@@ -181,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         result = pipeline_flow(str(root), overrides, args.force)
     except Exception as exc:
-        code = exit_code(exc)
-        if code is None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return code
+        return report(exc)
     print(report(root, result))
     return 0
 

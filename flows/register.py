@@ -11,11 +11,9 @@ from pathlib import Path
 from prefect import flow
 
 from flows import artifacts
-from flows.entry import cli, load
+from flows.entry import cli, step_run
 from flows.hashes import data_hash, git_commit, params_hash
 from flows.registry import latest_version, log_onnx_model, promote, register_version
-from flows.steps import stage_params
-from flows.tracking import stage_run
 
 SAMPLE_IMAGES = 8
 
@@ -40,14 +38,12 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
 
     from dna.arch import Arch
     from dna.checkpoint import atomic_write_text
-    from dna.pipeline import Run
 
-    params = load(params_file, overrides)
-    run = Run(params)
-    name, metric = params.mlflow.registered_model, params.mlflow.promote_metric
-    exported = json.loads((run.paths.export_dir / "metrics.json").read_text())
-    retrained = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
-    with stage_run(params, "register", stage_params(params, "register")) as (mlrun, _):
+    with step_run("register", params_file, overrides) as step:
+        params, run, mlrun = step.params, step.run, step.mlrun
+        name, metric = params.mlflow.registered_model, params.mlflow.promote_metric
+        exported = json.loads((run.paths.export_dir / "metrics.json").read_text())
+        retrained = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
         client = MlflowClient(mlrun.uri)
         model_uri = logged_model_uri(client, run.paths.export_dir / "logged_model.json")
         if model_uri is None:  # exported under another tracking store: log it again here

@@ -7,33 +7,24 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import artifacts
-from flows.entry import cli, load
-from flows.prefect_api import stage_task
-from flows.steps import stage_params
-from flows.teacher import log_history
-from flows.tracking import stage_run
+from flows.entry import cli, step_run
+from flows.tracking import EpochLog
 
 
 @flow(name="dna-retrain")
 def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.arch import Arch
-    from dna.pipeline import Run, stage_retrain
+    from dna.pipeline import stage_retrain
 
-    params = load(params_file, overrides)
-    run = Run(params)
-    epochs = params.retrain.train.epochs
-    progress = artifacts.Progress("retrain-training", epochs, f"retraining the chosen architecture, {epochs} epochs")
-    with stage_run(params, "retrain", stage_params(params, "retrain")) as (mlrun, _):
+    with step_run("retrain", params_file, overrides) as step:
+        run, mlrun, epochs = step.run, step.mlrun, step.params.retrain.train.epochs
+        progress = artifacts.Progress("retrain-training", epochs,
+                                      f"retraining the chosen architecture, {epochs} epochs")
         mlrun.tags({"dna.arch": Arch.load(run.paths.arch).tag()})
-        logged: set[int] = set()
-
-        def on_epoch(row: dict) -> None:
-            mlrun.epoch(row)
-            logged.add(int(row["epoch"]))
-            progress.update(int(row["epoch"]), f"epoch {row['epoch']}, hold-out accuracy {row['rate_accuracy']:.4f}")
-
-        metrics = stage_task(stage_retrain, "retrain", params.orchestration.retries)(run, on_epoch=on_epoch)
-        log_history(mlrun, run.paths.retrain_dir / "history.csv", logged)
+        epochs_log = EpochLog(mlrun, progress,
+                              lambda row: f"epoch {row['epoch']}, hold-out accuracy {row['rate_accuracy']:.4f}")
+        metrics = step.task(stage_retrain, "retrain")(run, on_epoch=epochs_log)
+        epochs_log.backfill(run.paths.retrain_dir / "history.csv")
         mlrun.metrics(metrics)
         for name in ("history.csv", "curves.png", "metrics.json"):
             mlrun.artifact(run.paths.retrain_dir / name)

@@ -8,10 +8,7 @@ import pandas as pd
 from prefect import flow
 
 from flows import artifacts
-from flows.entry import cli, load
-from flows.prefect_api import stage_task
-from flows.steps import stage_params
-from flows.tracking import stage_run
+from flows.entry import cli, step_run
 
 
 def chosen_point(front: pd.DataFrame) -> pd.DataFrame:
@@ -41,13 +38,11 @@ def arch_markdown(arch, metrics: dict, axis: str) -> str:
 @flow(name="dna-search")
 def search_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.arch import Arch
-    from dna.pipeline import Run, stage_search, write_csv
+    from dna.pipeline import stage_search, write_csv
 
-    params = load(params_file, overrides)
-    run = Run(params)
-    out = run.paths.search_dir
-    with stage_run(params, "search", stage_params(params, "search")) as (mlrun, _):
-        metrics = stage_task(stage_search, "search", params.orchestration.retries)(run)
+    with step_run("search", params_file, overrides) as step:
+        params, run, mlrun, out = step.params, step.run, step.mlrun, step.run.paths.search_dir
+        metrics = step.task(stage_search, "search")(run)
         front = pd.read_csv(out / "front.csv")
         write_csv(out / "chosen.csv", chosen_point(front))
         arch = Arch.load(run.paths.arch)

@@ -203,3 +203,28 @@ def nested_runs(uri: str, parent_run_id: str) -> list:
     return sorted(client.search_runs([parent.info.experiment_id],
                                      filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"),
                   key=lambda r: r.info.start_time)
+
+
+class EpochLog:
+    """The on_epoch hook of a training stage: each epoch's row to MLflow (and to a Prefect progress artifact);
+    afterwards, `backfill` logs the epochs the hook did not see (those a resumed run had done before) from the
+    stage's history file."""
+
+    def __init__(self, mlrun: RunLog, progress=None, describe=None, prefix: str = ""):
+        self.mlrun, self.progress, self.describe, self.prefix = mlrun, progress, describe, prefix
+        self.logged: set[int] = set()
+
+    def __call__(self, row: dict) -> None:
+        self.mlrun.epoch(row, self.prefix)
+        self.logged.add(int(row["epoch"]))
+        if self.progress is not None:
+            self.progress.update(int(row["epoch"]), self.describe(row))
+
+    def backfill(self, history_csv: str | Path) -> None:
+        import pandas as pd
+
+        if not Path(history_csv).is_file():
+            return
+        for row in pd.read_csv(history_csv).to_dict("records"):
+            if int(row["epoch"]) not in self.logged:
+                self.mlrun.epoch(row, self.prefix)
