@@ -61,6 +61,7 @@ def main() -> None:
     from dna.rate import rate_candidate_naive, rate_cell
     from dna.spaces import build_space
     from dna.spaces.base import Cell
+    from dna.targets import RelativeL1Score
 
     params = load_params("params.yaml")
     space = build_space(params.space, 1, 32, 10)
@@ -85,10 +86,10 @@ def main() -> None:
     got: dict = {}
 
     def fast():
-        got["fast"] = rate_cell(net, args.depth, calib, batches, num_ops, progress=False)
+        got["fast"] = rate_cell(net, args.depth, calib, batches, num_ops, progress=False, scorer=RelativeL1Score())
 
     def naive():
-        got["naive"] = {ops: rate_candidate_naive(net, ops, calib, batches) for ops in sample}
+        got["naive"] = {ops: rate_candidate_naive(net, ops, calib, batches, scorer=RelativeL1Score()) for ops in sample}
 
     times = interleaved({"depth-first": fast, "naive": naive}, args.repeats)
     diff = max(abs(got["fast"][ops] - s) for ops, s in got["naive"].items())

@@ -48,7 +48,8 @@ def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device
 
 def load_teacher(params: Params, path: str | Path, device: torch.device) -> nn.Module:
     state = load_checkpoint(path)
-    model = create_teacher(params, state["num_classes"], state["in_chans"])
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the random state alone
+        model = create_teacher(params, state["num_classes"], state["in_chans"])
     model.load_state_dict(state["model"])
     return freeze(model.to(device))
 

@@ -74,8 +74,10 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
     cells = [f"d{d}_w{w}" for d, w in cfg.cell_choices()]
     progress = artifacts.Progress(f"distill-block-{block}", epochs,
                                   f"block {block}: {len(cells)} cells ({', '.join(cells)}), {epochs} epochs")
-    tags = {STAGE_TAG: "distill", "dna.block": str(block), "dna.block_fingerprint": run.block_fingerprint(block)}
-    with child_run(tracking, f"block_{block}", tags) as mlrun, block_turn(shared_process):
+    # the turn is taken first: the fingerprint loads the block's targets, which may draw from the random state
+    with block_turn(shared_process), child_run(tracking, f"block_{block}", {
+            STAGE_TAG: "distill", "dna.block": str(block),
+            "dna.block_fingerprint": run.block_fingerprint(block)}) as mlrun:
         mlrun.params({"block": block, "stride": cfg.stride, "cells": json.dumps(cells), "epochs": epochs})
         epochs_log = EpochLog(mlrun, progress, lambda row: f"epoch {row['epoch']}, mean cell loss {row['loss']:.5f}")
         result = stage_distill(run, block, on_epoch=epochs_log)

@@ -151,7 +151,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     from dna.config import parse_overrides
-    from dna.errors import report
+    from dna.errors import report as report_error
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: here)")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         result = pipeline_flow(str(root), overrides, args.force)
     except Exception as exc:
-        return report(exc)
+        return report_error(exc)
     print(report(root, result))
     return 0
 

@@ -87,14 +87,14 @@ def test_custom_loss_and_path_sampler_are_the_ones_used(prepared_run, tmp_path):
         losses.append(torch.nn.functional.l1_loss(output, target))
         return losses[-1]
     cfg = run.params.distill.model_copy(update={"epochs": 1})
-    result = distill_block(run.space, run.teacher_targets(), 1, cfg, tmp_path / "b.pt", in_chans=run.data.in_chans,
+    result = distill_block(run.space, run.supervision, 1, cfg, tmp_path / "b.pt", in_chans=run.data.in_chans,
                            seed=0, fingerprint="test", device=torch.device("cpu"), loss=l1, sample_path=first_op)
     num_ops = len(run.params.space.ops)
     assert sampled[:len(cells)] == [(c.name, num_ops) for c in cells] and len(losses) == len(sampled)
     row = result.history[0]
     assert row["loss"] == pytest.approx(sum(x.item() for x in losses) / len(losses), rel=0.05), "L1, not MSE"
 
-    trained, shapes = load_checkpoint(tmp_path / "b.pt")["model"], run.teacher_targets().shapes()
+    trained, shapes = load_checkpoint(tmp_path / "b.pt")["model"], run.supervision.shapes()
     torch.manual_seed(0 * 1009 + 1)  # distill_block's seeding of the initial weights
     built = build_block(run.space, 1, shapes, run.data.in_chans).state_dict()
     untouched = [k for k in built if ".layers." in k and k.split(".layers.")[1].split(".")[1] != "0"]

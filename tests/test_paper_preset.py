@@ -13,7 +13,7 @@ from dna.data import class_count
 from dna.distill import build_block
 from dna.rate import rate_candidate_naive, rate_cell
 from dna.spaces import build_space
-from dna.targets import teacher_shapes
+from dna.targets import RelativeL1Score, teacher_shapes
 from tests.conftest import ROOT
 
 PRESET = ROOT / "configs" / "imagenet.yaml"
@@ -85,10 +85,11 @@ def test_full_width_block_learns_and_its_rating_prefers_the_trained_path(preset)
     assert losses[-1] < 0.5 * losses[0], losses
     only = [trained, (0, 1, 2, 3, 5), untrained]
     calib = x[:8]
-    scores = rate_cell(cell, 5, calib, [(x, y)], len(space.ops), only=only, progress=False)
+    scores = rate_cell(cell, 5, calib, [(x, y)], len(space.ops), only=only, progress=False, scorer=RelativeL1Score())
     assert set(scores) == set(only)
     for ops in only:
-        assert scores[ops] == pytest.approx(rate_candidate_naive(cell, ops, calib, [(x, y)]), abs=1e-5)
+        naive = rate_candidate_naive(cell, ops, calib, [(x, y)], scorer=RelativeL1Score())
+        assert scores[ops] == pytest.approx(naive, abs=1e-5)
     assert scores[trained] < scores[untrained]
 
 
