@@ -391,3 +391,17 @@ def test_an_arch_built_with_other_settings_is_not_a_member(default_space):
     other = Arch(stem=member.stem, stages=member.stages, head=member.head, settings={"act": "relu"})
     problems = default_space.outside(other)
     assert len(problems) == 1 and problems[0].startswith("family efficientnet, build {'act': 'relu'")
+
+
+def test_extraction_copies_a_first_stage_written_with_repeats(default_params):
+    """A fixed first stage of two layers written as one `_r2` string: both layers are copied from block 0."""
+    from dna.distill import build_block
+
+    cfg = default_params.space.model_copy(update={"first_stage": ["ds_r2_k3_s1_c16_se0.25"]})
+    space = MBConvSpace(cfg, IN_CHANS, IMAGE_SIZE, NUM_CLASSES)
+    shapes = teacher_shapes(default_params.teacher.model, IN_CHANS, IMAGE_SIZE, list(default_params.teacher.boundaries))
+    torch.manual_seed(0)
+    supernets = [build_block(space, b, shapes, IN_CHANS).state_dict() for b in range(space.num_blocks)]
+    arch = space.arch(_random_choice(space, random.Random(1)))
+    extraction = space.extract(arch, supernets, arch.build(NUM_CLASSES, IN_CHANS))
+    assert {"blocks.0.0", "blocks.0.1"} <= set(extraction.copied)

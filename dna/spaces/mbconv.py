@@ -141,7 +141,8 @@ class MBConvSpace(SpaceBase):
             prefix = f"{cell.name}.layers."
             if block == 0:
                 pairs += [(0, f"{prefix}0.0.0.", "conv_stem."), (0, f"{prefix}0.0.1.", "bn1.")]
-                pairs += [(0, f"{prefix}0.0.2.{j}.", f"blocks.0.{j}.") for j in range(len(self.cfg.first_stage))]
+                first = sum(len(expand_repeats(s)) for s in self.cfg.first_stage)  # layers, repeats written out
+                pairs += [(0, f"{prefix}0.0.2.{j}.", f"blocks.0.{j}.") for j in range(first)]
             offset = 1 if block == 0 else 0
             pairs += [(block, f"{prefix}{i + offset}.{op}.", f"blocks.{block + 1}.{i}.") for i, op in enumerate(ops)]
         return extract_pairs(pairs, supernets, model)
