@@ -23,7 +23,6 @@ class Stage:
     headline: tuple[str, ...] = ()  # the metrics a report shows
     per_block: bool = False
     prepare: str | None = None  # "module:attribute" run once before a per-block stage's blocks
-    trains: bool = False  # takes an on_epoch hook
     makes_profile: bool = False  # validated without the latency profile, which it makes
     step: str | None = None  # the pipeline step (DVC stage, Prefect flow) it runs in, when not one of its own
 
@@ -53,11 +52,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.", "dna.pipeline:stage_teacher",
           ("seed", "data", "teacher"),
           ("teacher/teacher.pt", "teacher/train_state.pt", "teacher/history.csv"),
-          metrics="teacher/metrics.json", headline=("test_accuracy",), trains=True),
+          metrics="teacher/metrics.json", headline=("test_accuracy",)),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.pipeline:stage_distill",
           ("seed", "data", "teacher.model", "teacher.boundaries", "space", "supervision", "distill"),
-          ("distill",), per_block=True, prepare="dna.pipeline:stage_features", trains=True),
+          ("distill",), per_block=True, prepare="dna.pipeline:stage_features"),
     Stage("rate", "Rate every candidate of every cell of each block.", "dna.pipeline:stage_rate",
           ("rating",), ("ratings",), per_block=True, step="distill"),
     Stage("profile", "Time every candidate layer, the stem and the head in ONNX Runtime on this machine.",
@@ -70,18 +69,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("retrain", "Train the chosen architecture (from scratch or from the supernets; optionally with KD).",
           "dna.pipeline:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("retrain/model.pt", "retrain/train_state.pt", "retrain/history.csv", "retrain/curves.png"),
-          metrics="retrain/metrics.json", headline=("test_accuracy",), trains=True),
+          metrics="retrain/metrics.json", headline=("test_accuracy",)),
     Stage("export", "Export the retrained network to ONNX and check it against PyTorch.", "dna.pipeline:stage_export",
           ("data", "export"), ("export/model.onnx",), metrics="export/metrics.json",
           headline=("onnx_test_accuracy", "max_abs_diff")),
 )
-
-
-def stage(name: str) -> Stage:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise KeyError(f"no stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")
 
 
 def steps(table: tuple[Stage, ...] = STAGES) -> dict[str, list[Stage]]:
