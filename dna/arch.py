@@ -120,9 +120,9 @@ class Arch:
         """One-line form for tags and metadata."""
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
-    def build(self, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> nn.Module:
+    def build(self, num_classes: int, in_chans: int, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
         """The network, made by the arch's family with its build settings."""
-        return get_family(self.family).build(self, num_classes, in_chans, drop_rate)
+        return get_family(self.family).build(self, num_classes, in_chans, drop_rate, drop_path_rate)
 
 
 def count_cost(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, torch.Size]:

@@ -85,10 +85,11 @@ def build_timm_layers(block_strings: Sequence[str], in_chs: int, settings: Build
 
 @dataclass(frozen=True)
 class Family:
-    """How the networks of one family are made: `build(arch, num_classes, in_chans, drop_rate)` the whole network,
-    `build_layers(block_strings, in_chs, settings)` one stage of it."""
+    """How the networks of one family are made: `build(arch, num_classes, in_chans, drop_rate, drop_path_rate)` the
+    whole network (drop_path_rate: stochastic depth, the deepest layer's rate), `build_layers(block_strings, in_chs,
+    settings)` one stage of it."""
 
-    build: Callable[[Arch, int, int, float], nn.Module]
+    build: Callable[[Arch, int, int, float, float], nn.Module]
     build_layers: Callable[[Sequence[str], int, BuildSettings], nn.Sequential] = build_timm_layers
 
 
@@ -109,10 +110,12 @@ def get_family(name: str) -> Family:
     return ARCH_FAMILIES[name]
 
 
-def build_efficientnet(arch: Arch, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> EfficientNet:
+def build_efficientnet(arch: Arch, num_classes: int, in_chans: int, drop_rate: float = 0.0,
+                       drop_path_rate: float = 0.0) -> EfficientNet:
     return EfficientNet(
         decode_arch_def([list(s) for s in arch.stages]), num_classes=num_classes, num_features=arch.head,
-        in_chans=in_chans, stem_size=arch.stem, fix_stem=True, drop_rate=drop_rate, **arch.settings.timm_kwargs())
+        in_chans=in_chans, stem_size=arch.stem, fix_stem=True, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+        **arch.settings.timm_kwargs())
 
 
 register_family(DEFAULT_FAMILY, Family(build=build_efficientnet))

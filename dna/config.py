@@ -1,9 +1,10 @@
 """The one typed schema for params.yaml; loading validates everything before any work starts."""
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -29,9 +30,24 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # keys added after configs were first fingerprinted: left out of dumps while at their defaults, so a config that
+    # does not set them dumps (and fingerprints, and resumes its checkpoints) as before the key existed
+    added_keys: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        out = handler(self)
+        for key in self.added_keys:
+            if getattr(self, key) == type(self).model_fields[key].default:
+                out.pop(key, None)
+        return out
+
+
+RAND_AUGMENT = re.compile(r"rand(-(m|n|mmax|inc)\d+|-(mstd|p)\d+(\.\d*)?|-t\w+)*")
 
 
 class DataConfig(Strict):
+    added_keys = ("num_classes", "rand_augment")
     source: Literal["digits", "torchvision", "imagefolder"] = "digits"
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
     root: str | None = None
@@ -42,8 +58,31 @@ class DataConfig(Strict):
     rate_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     augment: bool = False
+    rand_augment: str | None = None  # timm's RandAugment of training images, e.g. rand-m9-mstd0.5
     batch_size: PositiveInt = 64
     num_workers: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("rand_augment")
+    @classmethod
+    def _rand_augment(cls, config: str | None) -> str | None:
+        if config is None:
+            return config
+        from timm.data.auto_augment import rand_augment_transform
+
+        try:
+            if not RAND_AUGMENT.fullmatch(config):
+                raise ValueError
+            rand_augment_transform(config, {})
+        except (AssertionError, ValueError, KeyError):
+            raise ValueError(f"data.rand_augment={config!r} is not a timm RandAugment string: 'rand' then sections "
+                             "-m<magnitude> -n<ops per image> -mstd<magnitude std> -mmax<max> -inc<0|1> -p<prob> "
+                             "-t<op set>, e.g. rand-m9-mstd0.5") from None
+        return config
+
+    @property
+    def augmented(self) -> bool:
+        """Whether training images are transformed at random (then no two epochs see the same inputs)."""
+        return self.augment or self.rand_augment is not None
 
     @model_validator(mode="after")
     def _source_fields(self, info: ValidationInfo) -> DataConfig:
@@ -59,42 +98,59 @@ class DataConfig(Strict):
                 raise ValueError(f"data.root is required when data.source={self.source!r}")
             if check_paths and not (self.download and self.source == "torchvision") and not Path(self.root).is_dir():
                 raise ValueError(f"data.root={self.root!r} does not exist (a directory is required)")
+        if self.rand_augment and self.source == "digits":
+            raise ValueError("data.rand_augment needs images to transform; data.source='digits' holds tensors "
+                             "(allowed with data.source: torchvision, imagefolder)")
         if self.rate_fraction + self.test_fraction >= 0.9:
             raise ValueError("data.rate_fraction + data.test_fraction must leave at least 10% for training")
         return self
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler) -> dict:
-        """Unset num_classes is left out, so configs without it dump (and fingerprint) as they did before the key."""
-        out = handler(self)
-        if self.num_classes is None:
-            out.pop("num_classes", None)
-        return out
-
 
 class Precision(Strict):
+    added_keys = ("precision",)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a gradient scaler)
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler) -> dict:
-        """fp32 is left out, so configs dump (and fingerprint) as they did before the key."""
-        out = handler(self)
-        if self.precision == "fp32":
-            out.pop("precision", None)
-        return out
+
+LrBatch = Annotated[int, Field(gt=0)] | None  # `lr` is per this many images, scaled linearly to the global batch
 
 
 class TrainConfig(Precision):
+    added_keys = ("precision", "optimizer_eps", "lr_batch", "decay_epochs", "warmup_lr", "lr_updates",
+                  "drop_path_rate", "ema_decay", "ema_warmup")
     epochs: Annotated[int, Field(ge=0)] = 30
-    optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"
+    optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"  # rmsprop: timm's rmsproptf
+    optimizer_eps: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: timm's default for the optimizer
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
+    lr_batch: LrBatch = None  # None: `lr` as given, whatever the batch
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
-    schedule: Literal["cosine", "exponential", "constant"] = "cosine"
-    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # per epoch, for schedule=exponential
+    # cosine, exponential, constant: per epoch, warmup (e+1)/(w+1); step: timm's step scheduler
+    schedule: Literal["cosine", "exponential", "constant", "step"] = "cosine"
+    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # per epoch (exponential), per decay_epochs (step)
+    decay_epochs: Annotated[float, Field(gt=0.0)] = 1.0  # step: epochs between decays, fractions allowed
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    warmup_lr: Annotated[float, Field(ge=0.0, le=10.0)] = 1e-6  # step: the lr warmup starts from
+    lr_updates: Literal["epoch", "step"] = "epoch"  # step: the lr is updated after every optimizer step
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth, deepest layer's rate
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # weight EMA (timm's ModelEmaV3), evaluated
+    ema_warmup: bool = False  # timm's EMA warmup: the decay grows towards ema_decay over the first steps
     batch_size: PositiveInt = 64
+
+    @field_validator("lr_updates")
+    @classmethod
+    def _lr_updates(cls, updates: str, info: ValidationInfo) -> str:
+        if updates == "step" and info.data.get("schedule") != "step":
+            raise ValueError(f"updates per optimizer step need schedule 'step' (timm's scheduler); schedule "
+                             f"{info.data.get('schedule')!r} updates once per epoch (allowed: epoch)")
+        return updates
+
+    @field_validator("ema_warmup")
+    @classmethod
+    def _ema_warmup(cls, warmup: bool, info: ValidationInfo) -> bool:
+        if warmup and info.data.get("ema_decay") is None:
+            raise ValueError("EMA warmup needs ema_decay set (the EMA is off)")
+        return warmup
 
 
 class TeacherConfig(Strict):
@@ -215,8 +271,10 @@ class SpaceConfig(Strict):
 
 
 class DistillConfig(Precision):
+    added_keys = ("precision", "lr_batch")
     epochs: PositiveInt = 8
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 3e-3
+    lr_batch: LrBatch = None  # None: `lr` as given, whatever the batch
     lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     batch_size: PositiveInt = 64

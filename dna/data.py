@@ -85,6 +85,8 @@ def _digits(cfg: DataConfig) -> tuple[TensorDataset, np.ndarray]:
 
 
 def _transform(cfg: DataConfig, train: bool):
+    """Training (`train`) or evaluation transforms of an image; RandAugment (timm's, data.rand_augment) only in
+    training, after the crop and flip, as timm orders them."""
     from torchvision import transforms as T
 
     steps = [T.Grayscale(1) if cfg.channels == 1 else T.Lambda(lambda im: im.convert("RGB"))]
@@ -93,6 +95,11 @@ def _transform(cfg: DataConfig, train: bool):
     else:
         steps += [T.Resize(int(round(cfg.image_size * 1.14))), T.CenterCrop(cfg.image_size)]
     mean, std = ([0.5], [0.5]) if cfg.channels == 1 else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    if train and cfg.rand_augment:
+        from timm.data.auto_augment import rand_augment_transform
+
+        hparams = {"translate_const": int(cfg.image_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
+        steps.append(rand_augment_transform(cfg.rand_augment, hparams))
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 

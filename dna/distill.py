@@ -13,6 +13,7 @@ from torch import nn
 from dna.checkpoint import load_checkpoint
 from dna.config import DistillConfig
 from dna.engine import Engine
+from dna.recipe import scaled_lr
 from dna.spaces.base import Cell, SearchSpace
 from dna.targets import TargetSource
 
@@ -57,7 +58,8 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     torch.manual_seed(seed * 1009 + block)
     cells = space.cells(block)
     supernet = build_block(space, block, targets.shapes(), in_chans).to(device, memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(supernet, opt="adam", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(supernet, opt="adam", lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch),
+                                    weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     num_ops = [len(supernet[c.name].layers[-1]) for c in cells]
     paths = torch.Generator()

@@ -6,6 +6,10 @@ before) and a `step(batch) -> (loss, totals)` function. The loop owns the rest: 
 (weights, optimizer, scheduler, grad scaler, RNG states, history), a checkpoint after every epoch, the non-finite-loss
 check, progress, one log line per epoch, mixed precision and channels_last for 4-D inputs.
 
+Per optimizer step, `after_step` hooks get the number of optimizer steps so far in the whole run (1, 2, ...; it
+continues across a resume): a scheduler updated per step, a weight EMA. Objects in `states` (anything with
+state_dict / load_state_dict, such as that EMA) are checkpointed with the rest and restored on resume.
+
 Several processes (torch.distributed initialised by the caller, the model wrapped in DistributedDataParallel):
 - only rank 0 writes the checkpoint, logs and shows progress; the other ranks wait for the write at a barrier;
 - the loss is summed over ranks before the finiteness check, so every rank stops at the same step;
@@ -21,7 +25,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -143,11 +147,14 @@ class Engine:
     precision: Precision = "fp32"
     end_of_epoch: Callable[[dict], dict] | None = None
     on_epoch: Callable[[dict], None] | None = None
+    after_step: Sequence[Callable[[int], None]] = ()
+    states: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.rank, self.world = rank_and_world()
+        self.updates = 0
 
     def fit(self) -> Fitted:
         fitted = self.resume()
@@ -178,6 +185,9 @@ class Engine:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.updates += 1
+            for hook in self.after_step:
+                hook(self.updates)
             count = batch_len(batch)
             totals["loss"] += loss.item() * count
             for key, value in batch_totals.items():
@@ -222,6 +232,9 @@ class Engine:
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        for name, obj in self.states.items():
+            obj.load_state_dict(state["states"][name])
+        self.updates = int(state.get("updates", 0))
         set_rng_states(state)
         fitted = Fitted(list(state["history"]), int(state["epoch"]))
         if self.rank == 0:
@@ -232,7 +245,9 @@ class Engine:
         if self.rank == 0:
             state = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "epoch": epoch, "history": history,
-                     "fingerprint": self.fingerprint, **rng_states()}
+                     "fingerprint": self.fingerprint, "updates": self.updates, **rng_states()}
+            if self.states:
+                state["states"] = {name: obj.state_dict() for name, obj in self.states.items()}
             if self.scaler.is_enabled():
                 state["scaler"] = self.scaler.state_dict()
             save_checkpoint(self.checkpoint, state)

@@ -254,7 +254,8 @@ def stage_search(run: Run) -> dict:
 
 def build_student(run: Run, arch: Arch) -> torch.nn.Module:
     torch.manual_seed(run.params.seed)
-    return run.space.build(arch, drop_rate=run.params.retrain.train.drop_rate)
+    train = run.params.retrain.train
+    return run.space.build(arch, drop_rate=train.drop_rate, drop_path_rate=train.drop_path_rate)
 
 
 def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):

@@ -1,7 +1,6 @@
 """Supervised training of a classifier (the teacher, and the searched network), resumable from its last epoch."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,8 +12,9 @@ from torch import nn
 
 from dna.config import TrainConfig
 from dna.data import Data
-from dna.engine import Engine
+from dna.engine import Engine, unwrap
 from dna.engine import NonFiniteLoss as NonFiniteLoss  # raised by training; detected_faults() imports it from here
+from dna.recipe import make_ema, make_scheduler, scaled_lr, updates_per_epoch
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "momentum", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsproptf"}
 
@@ -23,19 +23,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def factor(epoch: int) -> float:
-        if epoch < cfg.warmup_epochs:
-            return (epoch + 1) / (cfg.warmup_epochs + 1)
-        if cfg.schedule == "cosine":
-            span = max(1, cfg.epochs - cfg.warmup_epochs)
-            return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
-        if cfg.schedule == "exponential":
-            return cfg.lr_decay ** (epoch - cfg.warmup_epochs)
-        return 1.0
-    return factor
 
 
 @torch.no_grad()
@@ -69,11 +56,19 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
     """Train with cross-entropy (plus optional distillation from teacher logits), checkpointing every epoch.
 
     A checkpoint with the same `fingerprint` (a hash of everything that determines the run) is resumed from;
-    one with another fingerprint is ignored and overwritten.
+    one with another fingerprint is ignored and overwritten. With a weight EMA (cfg.ema_decay) the EMA weights are
+    evaluated every epoch and end up in `model`; the checkpoint holds both.
     """
     model.to(device, memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    eps = {"eps": cfg.optimizer_eps} if cfg.optimizer_eps is not None else {}
+    optimizer = create_optimizer_v2(model, opt=OPTIMIZERS[cfg.optimizer], weight_decay=cfg.weight_decay,
+                                    lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch), **eps)
+    scheduler = make_scheduler(optimizer, cfg, updates_per_epoch(len(data.train), cfg.batch_size))
+    ema = make_ema(unwrap(model), cfg)
+    after_step = [scheduler.step_update] if cfg.lr_updates == "step" else []
+    if ema is not None:
+        after_step.append(lambda updates: ema.update(unwrap(model), step=updates))
+    evaluated = ema.module if ema is not None else model
     if teacher is not None:
         teacher.to(device).eval()
     use_teacher = teacher is not None and kd_alpha > 0
@@ -94,8 +89,10 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
     rate_loader = data.loader("rate", batch_size=256)
     fitted = Engine(model, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
                     fingerprint=fingerprint, seed=seed * 100_003, device=device, name=name, precision=cfg.precision,
-                    end_of_epoch=lambda row: {"rate_accuracy": accuracy(model, rate_loader, device)},
-                    on_epoch=on_epoch).fit()
+                    end_of_epoch=lambda row: {"rate_accuracy": accuracy(evaluated, rate_loader, device)},
+                    on_epoch=on_epoch, after_step=after_step, states={"ema": ema} if ema is not None else {}).fit()
+    if ema is not None:
+        unwrap(model).load_state_dict(ema.module.state_dict())
     result = TrainResult(fitted.history, resumed_from=fitted.resumed_from)
     result.test_accuracy = accuracy(model, data.loader("test", batch_size=256), device)
     return result

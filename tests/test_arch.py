@@ -351,10 +351,11 @@ def test_settings_and_family_are_checked_on_construction_too():
         _with(SMALL, family="mobilenetv3")
 
 
-def _build_mobilenetv3(arch: Arch, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> nn.Module:
+def _build_mobilenetv3(arch: Arch, num_classes: int, in_chans: int, drop_rate: float = 0.0,
+                       drop_path_rate: float = 0.0) -> nn.Module:
     return MobileNetV3(decode_arch_def([list(s) for s in arch.stages]), num_classes=num_classes, in_chans=in_chans,
                        stem_size=arch.stem, fix_stem=True, num_features=arch.head, drop_rate=drop_rate,
-                       **arch.settings.timm_kwargs())
+                       drop_path_rate=drop_path_rate, **arch.settings.timm_kwargs())
 
 
 def test_a_family_is_one_registered_entry(families, tmp_path):

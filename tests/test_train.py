@@ -5,7 +5,7 @@ import torch
 
 from dna.checkpoint import load_checkpoint
 from dna.config import TrainConfig
-from dna.train import NonFiniteLoss, lr_lambda, train_classifier
+from dna.train import NonFiniteLoss, train_classifier
 
 
 def _model(run):
@@ -20,14 +20,6 @@ def _train(run, path, epochs, lr=0.03, on_epoch=None, model=None):
     cfg = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=1, batch_size=128)
     return train_classifier(model or _model(run), run.data, cfg, path, seed=0, fingerprint=f"t{lr}",
                             device=torch.device("cpu"), name="student", on_epoch=on_epoch)
-
-
-def test_schedule_warms_up_then_decays():
-    f = lr_lambda(TrainConfig(epochs=10, warmup_epochs=2, schedule="cosine"))
-    assert f(0) < f(1) < f(2) == pytest.approx(1.0)
-    assert f(9) < f(5) < f(2)
-    g = lr_lambda(TrainConfig(epochs=10, warmup_epochs=0, schedule="exponential", lr_decay=0.5))
-    assert g(3) == pytest.approx(0.125)
 
 
 def test_training_learns_and_resumes_bit_for_bit(prepared_run, tmp_path):

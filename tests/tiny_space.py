@@ -103,7 +103,7 @@ class TinySpace(SpaceBase):
             choice.append((cell, tuple(self.kernels.index(int(m.group(1))) for m in found)))
         return choice
 
-    def build(self, arch: Arch, drop_rate: float = 0.0) -> nn.Module:
+    def build(self, arch: Arch, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
         choice, width = self.parse(arch), self.cfg.stem
         blocks = []
         for cell, ops in choice:

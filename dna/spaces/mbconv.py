@@ -147,8 +147,8 @@ class MBConvSpace(SpaceBase):
             pairs += [(block, f"{prefix}{i + offset}.{op}.", f"blocks.{block + 1}.{i}.") for i, op in enumerate(ops)]
         return extract_pairs(pairs, supernets, model)
 
-    def build(self, arch: Arch, drop_rate: float = 0.0) -> nn.Module:
-        return arch.build(self.num_classes, self.in_chans, drop_rate=drop_rate)
+    def build(self, arch: Arch, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
+        return arch.build(self.num_classes, self.in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
 
     # modules ---------------------------------------------------------------------------------------------------
     def stem(self) -> nn.Sequential:

@@ -1,0 +1,90 @@
+"""The parts of a training recipe that timm implements: the lr scaled to the global batch, the lr schedule (per epoch
+or per optimizer step) and the weight EMA, built from a TrainConfig for the Engine."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from dna.config import TrainConfig
+from dna.engine import rank_and_world
+
+
+def global_batch(batch_size: int) -> int:
+    """Images per optimizer step over all processes: the batch of one process times the world size of
+    torch.distributed when it is initialised (1 otherwise)."""
+    return batch_size * rank_and_world()[1]
+
+
+def scaled_lr(lr: float, batch_size: int, lr_batch: int | None) -> float:
+    """`lr` given per `lr_batch` images, scaled linearly to the global batch; `lr` itself when lr_batch is None."""
+    return lr if lr_batch is None else lr * global_batch(batch_size) / lr_batch
+
+
+def updates_per_epoch(samples: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch of `samples` shared among the processes (each gets its padded share, the last
+    batch may be short)."""
+    return math.ceil(math.ceil(samples / rank_and_world()[1]) / batch_size)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """The per-epoch factor of the cosine, exponential and constant schedules."""
+    def factor(epoch: int) -> float:
+        if epoch < cfg.warmup_epochs:
+            return (epoch + 1) / (cfg.warmup_epochs + 1)
+        if cfg.schedule == "cosine":
+            span = max(1, cfg.epochs - cfg.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+        if cfg.schedule == "exponential":
+            return cfg.lr_decay ** (epoch - cfg.warmup_epochs)
+        return 1.0
+    return factor
+
+
+class TimmSchedule:
+    """A timm scheduler driven as the Engine drives a torch one: `step()` at the end of each epoch (timm's
+    `step(epoch + 1)`), `step_update(updates)` after each optimizer step; each is a no-op when the scheduler counts
+    the other unit. Its state (the epoch and timm's own) is checkpointed."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.epoch = 0
+
+    def step(self) -> None:
+        self.epoch += 1
+        self.scheduler.step(self.epoch)
+
+    def step_update(self, updates: int) -> None:
+        self.scheduler.step_update(updates)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "timm": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.scheduler.load_state_dict(state["timm"])
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """The configured schedule: torch's LambdaLR per epoch for cosine, exponential and constant, timm's step
+    scheduler (decay by lr_decay every decay_epochs, linear warmup from warmup_lr) per epoch or per step."""
+    if cfg.schedule != "step":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    per_step = cfg.lr_updates == "step"
+    scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+                                       decay_rate=cfg.lr_decay, warmup_lr=cfg.warmup_lr,
+                                       warmup_epochs=cfg.warmup_epochs, step_on_epochs=not per_step,
+                                       updates_per_epoch=steps_per_epoch if per_step else 0)
+    return TimmSchedule(scheduler)
+
+
+def make_ema(model: nn.Module, cfg: TrainConfig) -> ModelEmaV3 | None:
+    """timm's weight EMA of `model` (on its device), or None when cfg.ema_decay is unset. Update it with
+    `ema.update(model, step=updates)`."""
+    if cfg.ema_decay is None:
+        return None
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
