@@ -48,25 +48,29 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 class TimmSchedule:
     """A timm scheduler driven as the Engine drives a torch one: `step()` at the end of each epoch (timm's
     `step(epoch + 1)`), `step_update(updates)` after each optimizer step; each is a no-op when the scheduler counts
-    the other unit. Its state (the epoch and timm's own) is checkpointed."""
+    the other unit. Its state (epochs and steps so far, timm's own) is checkpointed; loading it sets the optimizer's
+    lr to where the schedule stopped."""
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
-        self.epoch = 0
+        self.epoch = self.updates = 0
 
     def step(self) -> None:
         self.epoch += 1
         self.scheduler.step(self.epoch)
 
     def step_update(self, updates: int) -> None:
+        self.updates = updates
         self.scheduler.step_update(updates)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "timm": self.scheduler.state_dict()}
+        return {"epoch": self.epoch, "updates": self.updates, "timm": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
+        self.epoch, self.updates = state["epoch"], state["updates"]
         self.scheduler.load_state_dict(state["timm"])
+        self.scheduler.step(self.epoch)
+        self.scheduler.step_update(self.updates)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):

@@ -32,7 +32,7 @@ class Crash(RuntimeError):
 
 
 def engine(path, model, epochs=4, fingerprint="a", precision="fp32", on_epoch=None, poison_step=None,
-           crash_step=None, inputs=None, seen=None):
+           crash_step=None, inputs=None, seen=None, after_step=(), states=None):
     """An Engine on the tiny problem; at `poison_step` (counted from 1 over the whole run) the loss is NaN, at
     `crash_step` the step raises Crash."""
     x, y = inputs if inputs is not None else problem()
@@ -60,7 +60,8 @@ def engine(path, model, epochs=4, fingerprint="a", precision="fp32", on_epoch=No
         return loss, {"train_accuracy": int((logits.argmax(1) == yb).sum())}
 
     return Engine(model, optimizer, scheduler, batches, step, epochs=epochs, checkpoint=path, fingerprint=fingerprint,
-                  seed=7, device=torch.device("cpu"), name="tiny", precision=precision, on_epoch=on_epoch)
+                  seed=7, device=torch.device("cpu"), name="tiny", precision=precision, on_epoch=on_epoch,
+                  after_step=after_step, states=states or {})
 
 
 def weights_equal(a: dict, b: dict) -> bool:
@@ -80,6 +81,43 @@ def test_resume_after_an_interrupted_epoch_equals_an_uninterrupted_run(tmp_path)
     assert resumed.resumed_from == 2 and [row["epoch"] for row in seen] == [3, 4]
     assert resumed.history == whole.history
     assert weights_equal(model.state_dict(), load_checkpoint(tmp_path / "whole.pt")["model"])
+
+
+class StepSum:
+    """A per-step hook with state: the sum of the step numbers it was given."""
+
+    def __init__(self):
+        self.total, self.calls = 0, []
+
+    def __call__(self, updates: int) -> None:
+        self.total += updates
+        self.calls.append(updates)
+
+    def state_dict(self) -> dict:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = state["total"]
+
+
+def test_after_step_hooks_count_optimizer_steps_across_a_resume_and_states_are_restored(tmp_path):
+    steps = 4 * STEPS_PER_EPOCH
+    whole = StepSum()
+    engine(tmp_path / "whole.pt", tiny_model(), after_step=[whole], states={"sum": whole}).fit()
+    assert whole.calls == list(range(1, steps + 1)) and whole.total == steps * (steps + 1) // 2
+
+    cut = StepSum()
+    with pytest.raises(Crash):
+        engine(tmp_path / "cut.pt", tiny_model(), crash_step=2 * STEPS_PER_EPOCH + 2, after_step=[cut],
+               states={"sum": cut}).fit()
+    state = load_checkpoint(tmp_path / "cut.pt")
+    done = 2 * STEPS_PER_EPOCH
+    assert state["updates"] == done and state["states"] == {"sum": {"total": done * (done + 1) // 2}}
+
+    resumed = StepSum()
+    engine(tmp_path / "cut.pt", tiny_model(), after_step=[resumed], states={"sum": resumed}).fit()
+    assert resumed.calls == list(range(done + 1, steps + 1)), "the count continues after the last saved epoch"
+    assert resumed.total == whole.total, "the state saved with the epoch was restored"
 
 
 def test_resume_restores_the_rng_so_dropout_masks_continue(tmp_path):

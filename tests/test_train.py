@@ -59,3 +59,59 @@ def test_kd_loss_is_zero_only_for_matching_logits():
     logits = torch.randn(8, 10)
     assert kd_loss(logits, logits.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
     assert kd_loss(logits, torch.randn(8, 10), 4.0).item() > 0.01
+
+
+def _recipe_cfg(**changes) -> TrainConfig:
+    """The paper's kind of recipe at digits scale: lr per 256 images, timm's step schedule updated every step with
+    a warmup, weight EMA."""
+    base = dict(epochs=3, lr=0.06, lr_batch=256, batch_size=128, schedule="step", decay_epochs=0.5, lr_decay=0.85,
+                warmup_epochs=1, warmup_lr=1e-3, lr_updates="step", ema_decay=0.5)
+    return TrainConfig(**{**base, **changes})
+
+
+def _train_recipe(run, path, cfg, on_epoch=None):
+    model = _model(run)
+    result = train_classifier(model, run.data, cfg, path, seed=0, fingerprint="recipe", device=torch.device("cpu"),
+                              name="student", on_epoch=on_epoch)
+    return model, result
+
+
+def test_ema_weights_are_evaluated_kept_and_resumed_exactly(prepared_run, tmp_path):
+    from dna.train import accuracy
+
+    cfg = _recipe_cfg()
+    model, whole = _train_recipe(prepared_run, tmp_path / "whole.pt", cfg)
+    state = load_checkpoint(tmp_path / "whole.pt")
+    ema = {k.removeprefix("module."): v for k, v in state["states"]["ema"].items()}
+    raw = state["model"]
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point()), "EMA differs from raw"
+    final = model.state_dict()
+    assert all(torch.equal(final[k], ema[k]) for k in final), "the trained model holds the EMA weights"
+    rate = prepared_run.data.loader("rate", batch_size=256)
+    assert whole.history[-1]["rate_accuracy"] == accuracy(model, rate, torch.device("cpu")), "EMA is evaluated"
+    assert whole.test_accuracy > 0.3
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _train_recipe(prepared_run, tmp_path / "cut.pt", cfg, on_epoch=crash)
+    resumed_model, resumed = _train_recipe(prepared_run, tmp_path / "cut.pt", cfg)
+    assert resumed.resumed_from == 2 and resumed.history == whole.history
+    again = load_checkpoint(tmp_path / "cut.pt")
+    assert all(torch.equal(again["model"][k], raw[k]) for k in raw)
+    assert all(torch.equal(again["states"]["ema"][k], state["states"]["ema"][k]) for k in state["states"]["ema"])
+    assert all(torch.equal(resumed_model.state_dict()[k], final[k]) for k in final)
+    assert resumed.test_accuracy == whole.test_accuracy
+
+
+def test_lr_scaled_to_the_batch_and_stepped_per_update(prepared_run, tmp_path):
+    cfg = _recipe_cfg(ema_decay=None, epochs=2)
+    _, result = _train_recipe(prepared_run, tmp_path / "lr.pt", cfg)
+    spe = math.ceil(len(prepared_run.data.train) / 128)
+    base = 0.06 * 128 / 256
+    for row in result.history:
+        updates = row["epoch"] * spe  # the lr after an epoch's last step is the schedule's at that step
+        assert updates >= spe  # past the 1-epoch warmup: decays by 0.85 every half epoch of steps
+        assert row["lr"] == pytest.approx(base * 0.85 ** (updates // (0.5 * spe)), rel=1e-9)
