@@ -428,3 +428,25 @@ def test_count_cost_restores_mode_and_leaves_statistics():
     model.eval()
     count_cost(model, (1, 1, 5, 5))
     assert not model.training
+
+
+def _drop_paths(model: nn.Module) -> list[float]:
+    from timm.layers import DropPath
+
+    return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+
+def test_drop_path_rate_reaches_the_layers_and_makes_training_stochastic():
+    assert not any(_drop_paths(SMALL.build(num_classes=10, in_chans=3)))
+    torch.manual_seed(0)
+    model = SMALL.build(num_classes=10, in_chans=3, drop_path_rate=0.2)
+    probs = _drop_paths(model)
+    # timm's rule: layer i of n drops with probability rate * i / n (the first, at 0, has none)
+    assert probs == pytest.approx([0.2 * i / 4 for i in range(1, 4)])
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    outputs = [model.blocks[1](model.blocks[0](model.bn1(model.conv_stem(x)))) for _ in range(6)]
+    assert any(not torch.equal(outputs[0], o) for o in outputs[1:]), "residual branches are dropped at random"
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))

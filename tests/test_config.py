@@ -146,6 +146,29 @@ MALFORMED = [
     pytest.param(_raw(**{"search.budgets": {"flops": 10}}), ["search.budgets", "flops", "params", "macs"],
                  id="unknown-budget-axis"),
     pytest.param(_raw(**{"export.opset": 9}), ["export.opset", "9", "greater than or equal to 13"], id="old-opset"),
+    pytest.param(_raw(**{"retrain.train.lr_updates": "step"}),
+                 ["retrain.train.lr_updates='step'", "schedule 'step'", "'cosine' updates once per epoch",
+                  "allowed: epoch"], id="per-step-lr-without-timm-schedule"),
+    pytest.param(_raw(**{"retrain.train.schedule": "poly"}),
+                 ["retrain.train.schedule", "'poly'", "'cosine'", "'exponential'", "'constant'", "'step'"],
+                 id="unknown-schedule"),
+    pytest.param(_raw(**{"retrain.train.ema_decay": 1.0}), ["retrain.train.ema_decay", "less than 1"],
+                 id="ema-decay-one"),
+    pytest.param(_raw(**{"teacher.train.ema_warmup": True}), ["teacher.train.ema_warmup", "needs ema_decay"],
+                 id="ema-warmup-without-ema"),
+    pytest.param(_raw(**{"retrain.train.drop_path_rate": 1.0}), ["retrain.train.drop_path_rate", "less than 1"],
+                 id="drop-path-one"),
+    pytest.param(_raw(**{"retrain.train.lr_batch": 0}), ["retrain.train.lr_batch", "greater than 0"],
+                 id="lr-batch-zero"),
+    pytest.param(_raw(**{"distill.lr_batch": -64}), ["distill.lr_batch", "greater than 0"], id="distill-lr-batch"),
+    pytest.param(_raw(**{"data.rand_augment": "rand-m9-mstd0.5"}),
+                 ["data.rand_augment", "data.source='digits' holds tensors", "torchvision, imagefolder"],
+                 id="rand-augment-on-digits"),
+    pytest.param(_raw(**{"data.source": "imagefolder", "data.root": "/x", "data.rand_augment": "rand-x9"}),
+                 ["data.rand_augment='rand-x9'", "not a timm RandAugment string", "e.g. rand-m9-mstd0.5"],
+                 id="rand-augment-unknown-section"),
+    pytest.param(_raw(**{"data.source": "imagefolder", "data.root": "/x", "data.rand_augment": "rand-mfoo"}),
+                 ["data.rand_augment='rand-mfoo'", "-m<magnitude>"], id="rand-augment-magnitude-not-a-number"),
 ]
 
 
@@ -156,6 +179,22 @@ def test_malformed_params_name_the_key(raw, expected):
     message = str(err.value)
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_recipe_keys_at_their_defaults_leave_dumps_and_fingerprints_as_before():
+    """Keys added for the retraining recipe are left out of dumps while unset, so the default run's fingerprints,
+    checkpoints and DVC parameters stay those of before; set, they are dumped and change the fingerprint."""
+    from dna.checkpoint import digest
+
+    params = load_params(DEFAULT)
+    dumped = params.model_dump(mode="json")
+    assert sorted(dumped["retrain"]["train"]) == sorted(dumped["teacher"]["train"]) == TRAIN_KEYS
+    assert sorted(dumped["data"]) == DATA_KEYS
+    assert sorted(dumped["distill"]) == ["batch_size", "cache_features", "epochs", "lr", "lr_decay", "weight_decay"]
+    changed = load_params(DEFAULT, overrides={"retrain.train.ema_decay": 0.999, "distill.lr_batch": 256})
+    assert changed.model_dump()["retrain"]["train"]["ema_decay"] == 0.999
+    assert changed.model_dump()["distill"]["lr_batch"] == 256
+    assert digest(changed.retrain) != digest(params.retrain) and digest(changed.distill) != digest(params.distill)
 
 
 def test_nonexistent_data_root_is_checked_only_with_paths(tmp_path):

@@ -295,3 +295,29 @@ def test_class_count_of_a_torchvision_root_without_its_files(tmp_path):
     cfg = DataConfig(source="torchvision", name="CIFAR10", root=str(tmp_path), download=True, num_classes=10)
     assert class_count(cfg) == 10  # nothing downloaded, nothing read: the config's count
     assert list(tmp_path.iterdir()) == []
+
+
+def _rand_augmented(dataset) -> bool:
+    from timm.data.auto_augment import RandAugment
+
+    pool = dataset.dataset if hasattr(dataset, "indices") else dataset
+    return any(isinstance(t, RandAugment) for t in pool.transform.transforms)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rand_augment_transforms_training_images_only(tmp_path, image_tree, channels):
+    from dna.data import eval_view
+
+    cfg = DataConfig(source="imagefolder", root=str(image_tree), image_size=16, channels=channels,
+                     rate_fraction=0.25, rand_augment="rand-m9-mstd0.5")
+    write_splits(cfg, 0, tmp_path / "splits.json")
+    data = load_data(cfg, tmp_path / "splits.json")
+    assert _rand_augmented(data.train)
+    assert not any(_rand_augmented(d) for d in (data.rate, data.test, eval_view(data).train))
+    reads = [data.train[0][0] for _ in range(8)]
+    assert any(not torch.equal(reads[0], r) for r in reads[1:]), "each read of a training image is transformed anew"
+    for name in ("rate", "test"):
+        first = data.split(name)[0][0]
+        assert all(torch.equal(first, data.split(name)[0][0]) for _ in range(3)), f"{name} images are not augmented"
+    plain = load_data(cfg.model_copy(update={"rand_augment": None}), tmp_path / "splits.json")
+    assert not _rand_augmented(plain.train) and torch.equal(plain.train[0][0], plain.train[0][0])

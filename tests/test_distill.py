@@ -10,8 +10,8 @@ class Crash(RuntimeError):
     pass
 
 
-def _distill(run, path, epochs, on_epoch=None, targets=None):
-    cfg = run.params.distill.model_copy(update={"epochs": epochs})
+def _distill(run, path, epochs, on_epoch=None, targets=None, **changes):
+    cfg = run.params.distill.model_copy(update={"epochs": epochs, **changes})
     return distill_block(run.space, targets or run.supervision, 1, cfg, path, in_chans=run.data.in_chans,
                          seed=0, fingerprint="test", device=torch.device("cpu"), on_epoch=on_epoch)
 
@@ -21,6 +21,14 @@ def test_loss_goes_down(prepared_run, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[1]["lr"] == pytest.approx(history[0]["lr"] * prepared_run.params.distill.lr_decay)
+
+
+def test_lr_per_reference_batch_is_scaled_to_the_global_batch(prepared_run, tmp_path):
+    cfg = prepared_run.params.distill
+    history = _distill(prepared_run, tmp_path / "b.pt", 1, lr=0.004, lr_batch=4 * cfg.batch_size).history
+    state = load_checkpoint(tmp_path / "b.pt")
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.001), "0.004 per 4 batches"
+    assert history[0]["lr"] == pytest.approx(0.001 * cfg.lr_decay)
 
 
 def test_interrupted_block_resumes_to_the_same_weights(prepared_run, tmp_path):

@@ -130,3 +130,19 @@ def test_supernet_init_extracts_the_subnet_then_re_estimates_batchnorm(finished)
         stem = model.conv_stem(images)
     assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
     assert not torch.allclose(model.bn1.running_mean, sup0[f"{cell0.name}.layers.0.0.1.running_mean"], atol=1e-3)
+
+
+def test_retraining_builds_the_network_with_the_configured_drop_path(tmp_path):
+    from timm.layers import DropPath
+
+    from dna.config import parse_params
+    from dna.pipeline import build_student
+
+    raw = tiny_raw(tmp_path / "outputs")
+    raw["retrain"]["train"]["drop_path_rate"] = 0.3
+    run = Run(parse_params(raw))
+    cells = [run.space.cells(b)[-1] for b in range(run.space.num_blocks)]
+    arch = run.space.arch([(cell, (0,) * cell.depth) for cell in cells])
+    probs = [m.drop_prob for m in build_student(run, arch).modules() if isinstance(m, DropPath)]
+    layers = sum(len(stage) for stage in arch.stages)
+    assert probs == pytest.approx([0.3 * i / layers for i in range(1, layers)])

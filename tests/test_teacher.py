@@ -41,3 +41,16 @@ def test_checkpoint_source_loads_the_same_teacher(prepared_run, tmp_path, fmt):
     assert torch.equal(teacher(x), reference(x))
     assert result.test_accuracy == accuracy(reference, prepared_run.data.loader("test", 256), torch.device("cpu"))
     assert result.history == [], "epochs=0 uses the checkpoint as it is"
+
+
+def test_a_teacher_trained_here_gets_the_configured_drop_path(tiny_params):
+    from timm.layers import DropPath
+
+    from dna.teacher import create_teacher
+
+    assert not any(isinstance(m, DropPath) for m in create_teacher(tiny_params, 10, 1).modules())
+    raw = tiny_params.model_dump()
+    raw["teacher"]["train"]["drop_path_rate"] = 0.2
+    teacher = create_teacher(type(tiny_params).model_validate(raw), 10, 1)
+    probs = [m.drop_prob for m in teacher.modules() if isinstance(m, DropPath)]
+    assert probs and 0 < max(probs) < 0.2
