@@ -43,11 +43,8 @@ class Strict(BaseModel):
         return out
 
 
-RAND_AUGMENT = re.compile(r"rand(-(m|n|mmax|inc)\d+|-(mstd|p)\d+(\.\d*)?|-t\w+)*")
-
-
 class DataConfig(Strict):
-    added_keys = ("num_classes", "rand_augment")
+    added_keys = ("num_classes",)
     source: Literal["digits", "torchvision", "imagefolder"] = "digits"
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
     root: str | None = None
@@ -58,31 +55,8 @@ class DataConfig(Strict):
     rate_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     augment: bool = False
-    rand_augment: str | None = None  # timm's RandAugment of training images, e.g. rand-m9-mstd0.5
     batch_size: PositiveInt = 64
     num_workers: Annotated[int, Field(ge=0)] = 0
-
-    @field_validator("rand_augment")
-    @classmethod
-    def _rand_augment(cls, config: str | None) -> str | None:
-        if config is None:
-            return config
-        from timm.data.auto_augment import rand_augment_transform
-
-        try:
-            if not RAND_AUGMENT.fullmatch(config):
-                raise ValueError
-            rand_augment_transform(config, {})
-        except (AssertionError, ValueError, KeyError):
-            raise ValueError(f"data.rand_augment={config!r} is not a timm RandAugment string: 'rand' then sections "
-                             "-m<magnitude> -n<ops per image> -mstd<magnitude std> -mmax<max> -inc<0|1> -p<prob> "
-                             "-t<op set>, e.g. rand-m9-mstd0.5") from None
-        return config
-
-    @property
-    def augmented(self) -> bool:
-        """Whether training images are transformed at random (then no two epochs see the same inputs)."""
-        return self.augment or self.rand_augment is not None
 
     @model_validator(mode="after")
     def _source_fields(self, info: ValidationInfo) -> DataConfig:
@@ -98,9 +72,6 @@ class DataConfig(Strict):
                 raise ValueError(f"data.root is required when data.source={self.source!r}")
             if check_paths and not (self.download and self.source == "torchvision") and not Path(self.root).is_dir():
                 raise ValueError(f"data.root={self.root!r} does not exist (a directory is required)")
-        if self.rand_augment and self.source == "digits":
-            raise ValueError("data.rand_augment needs images to transform; data.source='digits' holds tensors "
-                             "(allowed with data.source: torchvision, imagefolder)")
         if self.rate_fraction + self.test_fraction >= 0.9:
             raise ValueError("data.rate_fraction + data.test_fraction must leave at least 10% for training")
         return self
@@ -112,11 +83,12 @@ class Precision(Strict):
 
 
 LrBatch = Annotated[int, Field(gt=0)] | None  # `lr` is per this many images, scaled linearly to the global batch
+RAND_AUGMENT = re.compile(r"rand(-(m|n|mmax|inc)\d+|-(mstd|p)\d+(\.\d*)?|-t\w+)*")
 
 
 class TrainConfig(Precision):
     added_keys = ("precision", "optimizer_eps", "lr_batch", "decay_epochs", "warmup_lr", "lr_updates",
-                  "drop_path_rate", "ema_decay", "ema_warmup")
+                  "drop_path_rate", "ema_decay", "ema_warmup", "rand_augment")
     epochs: Annotated[int, Field(ge=0)] = 30
     optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"  # rmsprop: timm's rmsproptf
     optimizer_eps: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: timm's default for the optimizer
@@ -135,6 +107,7 @@ class TrainConfig(Precision):
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth, deepest layer's rate
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # weight EMA (timm's ModelEmaV3), evaluated
     ema_warmup: bool = False  # timm's EMA warmup: the decay grows towards ema_decay over the first steps
+    rand_augment: str | None = None  # timm's RandAugment of the training images, e.g. rand-m9-mstd0.5
     batch_size: PositiveInt = 64
 
     @field_validator("lr_updates")
@@ -144,6 +117,23 @@ class TrainConfig(Precision):
             raise ValueError(f"updates per optimizer step need schedule 'step' (timm's scheduler); schedule "
                              f"{info.data.get('schedule')!r} updates once per epoch (allowed: epoch)")
         return updates
+
+    @field_validator("rand_augment")
+    @classmethod
+    def _rand_augment(cls, config: str | None) -> str | None:
+        if config is None:
+            return config
+        from timm.data.auto_augment import rand_augment_transform
+
+        try:
+            if not RAND_AUGMENT.fullmatch(config):
+                raise ValueError
+            rand_augment_transform(config, {})
+        except (AssertionError, ValueError, KeyError):
+            raise ValueError("not a timm RandAugment string: 'rand' then sections -m<magnitude> -n<ops per image> "
+                             "-mstd<magnitude std> -mmax<max> -inc<0|1> -p<prob> -t<op set>, e.g. rand-m9-mstd0.5"
+                             ) from None
+        return config
 
     @field_validator("ema_warmup")
     @classmethod
@@ -368,6 +358,14 @@ class CoreParams(Strict):
     profile: ProfileConfig = ProfileConfig()
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _rand_augment_needs_images(self) -> CoreParams:
+        for key, train in (("teacher.train", self.teacher.train), ("retrain.train", self.retrain.train)):
+            if train.rand_augment is not None and self.data.source == "digits":
+                raise ValueError(f"{key}.rand_augment needs images to transform; data.source='digits' holds tensors "
+                                 "(allowed with data.source: torchvision, imagefolder)")
+        return self
 
     @model_validator(mode="after")
     def _boundaries_match_blocks(self) -> CoreParams:

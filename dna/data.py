@@ -84,9 +84,9 @@ def _digits(cfg: DataConfig) -> tuple[TensorDataset, np.ndarray]:
     return TensorDataset(x, y), digits.target
 
 
-def _transform(cfg: DataConfig, train: bool):
-    """Training (`train`) or evaluation transforms of an image; RandAugment (timm's, data.rand_augment) only in
-    training, after the crop and flip, as timm orders them."""
+def _transform(cfg: DataConfig, train: bool, rand_augment: str | None = None):
+    """Training (`train`) or evaluation transforms of an image; in training, timm's RandAugment when asked (a config
+    string such as rand-m9-mstd0.5) after the crop and flip, as timm orders them."""
     from torchvision import transforms as T
 
     steps = [T.Grayscale(1) if cfg.channels == 1 else T.Lambda(lambda im: im.convert("RGB"))]
@@ -95,21 +95,21 @@ def _transform(cfg: DataConfig, train: bool):
     else:
         steps += [T.Resize(int(round(cfg.image_size * 1.14))), T.CenterCrop(cfg.image_size)]
     mean, std = ([0.5], [0.5]) if cfg.channels == 1 else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    if train and cfg.rand_augment:
+    if train and rand_augment:
         from timm.data.auto_augment import rand_augment_transform
 
         hparams = {"translate_const": int(cfg.image_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
-        steps.append(rand_augment_transform(cfg.rand_augment, hparams))
+        steps.append(rand_augment_transform(rand_augment, hparams))
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _torchvision(cfg: DataConfig, train: bool, augment: bool):
+def _torchvision(cfg: DataConfig, train: bool, augment: bool, rand_augment: str | None = None):
     import inspect
 
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, cfg.name)
-    kwargs = {"root": cfg.root, "download": cfg.download, "transform": _transform(cfg, augment)}
+    kwargs = {"root": cfg.root, "download": cfg.download, "transform": _transform(cfg, augment, rand_augment)}
     if "train" in inspect.signature(cls.__init__).parameters:
         kwargs["train"] = train
     else:
@@ -127,11 +127,11 @@ def _torchvision(cfg: DataConfig, train: bool, augment: bool):
             f"{Path(cfg.root) / cfg.name / 'raw'}), or {where}") from None
 
 
-def _image_folder(path: Path, cfg: DataConfig, train: bool):
+def _image_folder(path: Path, cfg: DataConfig, train: bool, rand_augment: str | None = None):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(path, transform=_transform(cfg, train))
+        return ImageFolder(path, transform=_transform(cfg, train, rand_augment))
     except Exception as exc:
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"data.root={cfg.root!r}: cannot read {path} as an image folder ({cause}); expected one "
@@ -145,19 +145,20 @@ def _targets(ds) -> np.ndarray:
     return np.asarray([ds[i][1] for i in range(len(ds))])
 
 
-def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset | None, np.ndarray]:
-    """(training pool, same pool with eval transforms, separate test set or None, labels of the pool)."""
+def _sources(cfg: DataConfig, rand_augment: str | None = None) -> tuple[Dataset, Dataset, Dataset | None, np.ndarray]:
+    """(training pool, same pool with eval transforms, separate test set or None, labels of the pool); the pool's
+    images with timm's RandAugment when `rand_augment` is given (images only: the digits are tensors)."""
     if cfg.source == "digits":
         ds, labels = _digits(cfg)
         return ds, ds, None, labels
     if cfg.source == "torchvision":
-        pool = _torchvision(cfg, train=True, augment=True)
+        pool = _torchvision(cfg, train=True, augment=True, rand_augment=rand_augment)
         pool_eval, test = _torchvision(cfg, train=True, augment=False), _torchvision(cfg, train=False, augment=False)
         return pool, pool_eval, test, _targets(pool)
     root = Path(cfg.root)
     train_dir = root / "train" if (root / "train").is_dir() else root
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir() and train_dir != root), None)
-    pool = _image_folder(train_dir, cfg, True)
+    pool = _image_folder(train_dir, cfg, True, rand_augment)
     pool_eval = _image_folder(train_dir, cfg, False)
     test = _image_folder(test_dir, cfg, False) if test_dir else None
     return pool, pool_eval, test, np.asarray(pool.targets)
@@ -245,9 +246,10 @@ def write_splits(cfg: DataConfig, seed: int, path: str | Path) -> dict:
     return summary
 
 
-def load_data(cfg: DataConfig, splits_path: str | Path) -> Data:
+def load_data(cfg: DataConfig, splits_path: str | Path, rand_augment: str | None = None) -> Data:
+    """The splits of a run; `rand_augment` (timm's config string) adds RandAugment to the training split's images."""
     saved = json.loads(Path(splits_path).read_text())
-    pool, pool_eval, test, labels = _sources(cfg)
+    pool, pool_eval, test, labels = _sources(cfg, rand_augment)
     idx = saved["splits"]
     train = Subset(pool, idx["train"])
     split_labels = {"train": labels[idx["train"]], "rate": labels[idx["rate"]],

@@ -16,7 +16,7 @@ import torch
 from dna import plots
 from dna.arch import Arch, count_cost
 from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest, save_checkpoint
-from dna.config import ConfigError, Params
+from dna.config import ConfigError, Params, TrainConfig
 from dna.data import Data, check_source, class_count, eval_view, has_images, load_data, write_splits
 from dna.distill import distill_block, load_block
 from dna.export import export_onnx, onnx_accuracy
@@ -53,9 +53,19 @@ class Run:
 
     @cached_property
     def data(self) -> Data:
+        return load_data(self.params.data, self.splits())
+
+    def data_for(self, train: TrainConfig) -> Data:
+        """The data a classifier trains on: the run's, with timm's RandAugment on its training images when `train`
+        asks for it (train.rand_augment)."""
+        if train.rand_augment is None:
+            return self.data
+        return load_data(self.params.data, self.splits(), rand_augment=train.rand_augment)
+
+    def splits(self) -> Path:
         if not self.paths.splits.is_file():
             raise FileNotFoundError(f"{self.paths.splits} is missing: run the data stage first (dna data)")
-        return load_data(self.params.data, self.paths.splits)
+        return self.paths.splits
 
     @cached_property
     def space(self) -> SearchSpace:
@@ -172,7 +182,8 @@ def stage_data(run: Run) -> dict:
 def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
-    _, result = make_teacher(run.params, run.data, out, run.device, run.teacher_fingerprint(), on_epoch=on_epoch)
+    _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,
+                             run.teacher_fingerprint(), on_epoch=on_epoch)
     if result.history:
         write_csv(out / "history.csv", pd.DataFrame(result.history))
     metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history), "model": run.params.teacher.model}
@@ -284,7 +295,7 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     extraction = init_from_supernet(run, model, arch) if p.init == "supernet" else None
     teacher = load_teacher(run.params, run.paths.teacher, run.device) if p.kd_alpha > 0 else None
     start = [checkpoint_digest(run.paths.supernet(b)) for b in range(run.space.num_blocks)] if extraction else []
-    result = train_classifier(model, run.data, p.train, out / "train_state.pt", seed=run.params.seed,
+    result = train_classifier(model, run.data_for(p.train), p.train, out / "train_state.pt", seed=run.params.seed,
                               fingerprint=digest(run.params.seed, run.params.data, p, arch.to_dict(), start),
                               device=run.device, name="retrain", teacher=teacher, kd_alpha=p.kd_alpha,
                               kd_temperature=p.kd_temperature, on_epoch=on_epoch)

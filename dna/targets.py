@@ -103,7 +103,7 @@ class TeacherTargets:
         from dna.teacher import load_teacher
 
         p, paths = run.params, run.paths
-        cache = paths.features if p.distill.cache_features and not p.data.augmented else None
+        cache = paths.features if p.distill.cache_features and not p.data.augment else None
         # the teacher's weights, the data, the exact splits (a new seed rebuilds the cache) and the boundaries
         key = (checkpoint_digest(paths.teacher), p.data, file_digest(paths.splits), p.teacher.boundaries)
         return cls(load_teacher(p, paths.teacher, run.device), p.teacher.boundaries, run.data, run.device, cache, key)

@@ -161,14 +161,14 @@ MALFORMED = [
     pytest.param(_raw(**{"retrain.train.lr_batch": 0}), ["retrain.train.lr_batch", "greater than 0"],
                  id="lr-batch-zero"),
     pytest.param(_raw(**{"distill.lr_batch": -64}), ["distill.lr_batch", "greater than 0"], id="distill-lr-batch"),
-    pytest.param(_raw(**{"data.rand_augment": "rand-m9-mstd0.5"}),
-                 ["data.rand_augment", "data.source='digits' holds tensors", "torchvision, imagefolder"],
+    pytest.param(_raw(**{"retrain.train.rand_augment": "rand-m9-mstd0.5"}),
+                 ["retrain.train.rand_augment", "data.source='digits' holds tensors", "torchvision, imagefolder"],
                  id="rand-augment-on-digits"),
-    pytest.param(_raw(**{"data.source": "imagefolder", "data.root": "/x", "data.rand_augment": "rand-x9"}),
-                 ["data.rand_augment='rand-x9'", "not a timm RandAugment string", "e.g. rand-m9-mstd0.5"],
+    pytest.param(_raw(**{"retrain.train.rand_augment": "rand-x9"}),
+                 ["retrain.train.rand_augment='rand-x9'", "not a timm RandAugment string", "e.g. rand-m9-mstd0.5"],
                  id="rand-augment-unknown-section"),
-    pytest.param(_raw(**{"data.source": "imagefolder", "data.root": "/x", "data.rand_augment": "rand-mfoo"}),
-                 ["data.rand_augment='rand-mfoo'", "-m<magnitude>"], id="rand-augment-magnitude-not-a-number"),
+    pytest.param(_raw(**{"teacher.train.rand_augment": "rand-mfoo"}),
+                 ["teacher.train.rand_augment='rand-mfoo'", "-m<magnitude>"], id="rand-augment-magnitude-not-a-number"),
 ]
 
 

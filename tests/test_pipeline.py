@@ -139,10 +139,37 @@ def test_retraining_builds_the_network_with_the_configured_drop_path(tmp_path):
     from dna.pipeline import build_student
 
     raw = tiny_raw(tmp_path / "outputs")
-    raw["retrain"]["train"]["drop_path_rate"] = 0.3
+    raw["retrain"]["train"] = {**raw["retrain"]["train"], "drop_path_rate": 0.3}
     run = Run(parse_params(raw))
     cells = [run.space.cells(b)[-1] for b in range(run.space.num_blocks)]
     arch = run.space.arch([(cell, (0,) * cell.depth) for cell in cells])
     probs = [m.drop_prob for m in build_student(run, arch).modules() if isinstance(m, DropPath)]
     layers = sum(len(stage) for stage in arch.stages)
     assert probs == pytest.approx([0.3 * i / layers for i in range(1, layers)])
+
+
+def test_rand_augment_of_a_recipe_reaches_only_the_training_split_it_trains_on(tmp_path):
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from dna.config import parse_params
+    from dna.pipeline import stage_data
+
+    for label, level in enumerate((40, 200)):
+        folder = tmp_path / "images" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((20, 20, 3), level + i, dtype=np.uint8), "RGB").save(folder / f"{i}.png")
+    raw = tiny_raw(tmp_path / "outputs")
+    raw["data"] = {"source": "imagefolder", "root": str(tmp_path / "images"), "image_size": 16, "channels": 3,
+                   "rate_fraction": 0.25, "test_fraction": 0.25}
+    raw["retrain"]["train"] = {**raw["retrain"]["train"], "rand_augment": "rand-m9-mstd0.5"}  # not the teacher's
+    run = Run(parse_params(raw))
+    stage_data(run)
+
+    def rand_augmented(split) -> bool:
+        return any(isinstance(t, RandAugment) for t in split.dataset.transform.transforms)
+    assert run.data_for(run.params.teacher.train) is run.data and not rand_augmented(run.data.train)
+    data = run.data_for(run.params.retrain.train)
+    assert rand_augmented(data.train) and not rand_augmented(data.rate) and not rand_augmented(data.test)
+    assert data.train.indices == run.data.train.indices, "the same split"
