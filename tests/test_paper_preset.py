@@ -128,3 +128,29 @@ def test_unknown_class_count_is_a_config_error(cli):
     assert result.exit_code == 2
     assert "data.num_classes is not set" in result.stderr and "/data/imagenet" in result.stderr
     assert "whole space" in cli("space").stdout
+
+
+def test_retraining_recipe_is_efficientnets(preset):
+    """RMSprop-TF, 0.016 per 256 images (0.032 at the paper's 64 x 8 GPUs), x0.97 every 2.4 epochs counted in steps,
+    drop-path 0.2, weight EMA 0.9999 and RandAugment on the training images only."""
+    from timm.data.auto_augment import RandAugment
+    from timm.layers import DropPath
+
+    from dna.data import _transform
+    from dna.recipe import make_ema, make_scheduler
+
+    t = preset.retrain.train
+    assert (t.optimizer, t.optimizer_eps, t.weight_decay, t.epochs) == ("rmsprop", 1e-3, 1e-5, 350)
+    assert t.lr * t.batch_size * 8 / t.lr_batch == pytest.approx(0.032)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr)
+    schedule, spe = make_scheduler(optimizer, t, 100), 100
+    for updates in range(1, 20 * spe + 1):
+        schedule.step_update(updates)
+        if updates in (5 * spe, 7 * spe, 19 * spe):
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(t.lr * 0.97 ** (updates // 240))
+    model = timm.create_model("efficientnet_b0", pretrained=False, drop_path_rate=t.drop_path_rate)
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.2 * 15 / 16)
+    assert make_ema(model, t).decay == 0.9999
+    train, evaluation = (_transform(preset.data, training, t.rand_augment).transforms for training in (True, False))
+    assert any(isinstance(s, RandAugment) for s in train) and not any(isinstance(s, RandAugment) for s in evaluation)
+    assert preset.distill.lr * preset.distill.batch_size * 8 / preset.distill.lr_batch == pytest.approx(0.002)
