@@ -58,7 +58,7 @@ class Data:
             from dna.ddp import rank_batches
 
             plan = rank_batches(len(self.split(name)), batch_size, generator if shuffle else None)
-            return DataLoader(self.split(name), batch_sampler=plan, num_workers=num_workers)
+            return DataLoader(self.split(name), batch_sampler=plan, generator=generator, num_workers=num_workers)
         return DataLoader(self.split(name), batch_size=batch_size, shuffle=shuffle, generator=generator,
                           num_workers=num_workers, drop_last=False)
 

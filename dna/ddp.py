@@ -66,7 +66,7 @@ def rank_batches(count: int, batch_size: int, generator: torch.Generator | None 
                  rank: int | None = None, world: int | None = None) -> list[list[int]]:
     """This process's part of every batch of an epoch over `count` samples.
 
-    The order (torch.randperm(count, generator), as a shuffling DataLoader draws it; 0..count-1 without a generator)
+    The order (torch.randperm(count, generator); 0..count-1 without a generator)
     is cut into global batches of `batch_size`; each is split into `world` consecutive parts whose sizes differ by at
     most one. A last batch smaller than the number of processes is padded by repeating its samples, so that every
     process takes every step.
