@@ -144,6 +144,24 @@ def stage_command(stage: str, nproc: int, params_file: str | os.PathLike, sets: 
     return torchrun_command(nproc, "dna.cli", args)
 
 
+def run_in_processes(stage: str, nproc: int, params_file: str | os.PathLike, overrides: dict | None = None,
+                     block: int | None = None) -> None:
+    """Run `dna <stage>` in `nproc` processes under torchrun and wait for them, from a process that stays out of the
+    process group (a Prefect flow, which then logs what rank 0 wrote). Raises StageFailure when they fail."""
+    import json
+    import subprocess
+
+    from dna.errors import StageFailure
+
+    sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
+    command = stage_command(stage, nproc, params_file, sets, block)
+    log.info("%s in %d processes: %s", stage, nproc, shown(command))
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise StageFailure(f"{stage}: the {nproc} processes of `{shown(command)}` failed (exit code {code}); "
+                          "running it again resumes from the last completed epoch")
+
+
 def shown(command: Sequence[str]) -> str:
     """A command as one line a shell would run."""
     return shlex.join(command)

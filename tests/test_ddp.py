@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, tiny_raw
 
 from dna.checkpoint import CheckpointError, load_checkpoint
-from dna.ddp import rank_batches, shown, stage_command
+from dna.ddp import rank_batches, run_in_processes, shown, stage_command
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 # One process and two compute the same steps up to the order of float sums (DistributedDataParallel averages the
@@ -71,6 +71,7 @@ def _close(a: list[dict], b: list[dict]) -> bool:
                                      for k in x) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_classifier_like_one(worker_runs):
     one, two = worker_runs[1]["ranks"][0], worker_runs[2]["ranks"][0]
     assert two["world"] == 2 and one["world"] == 1
@@ -86,6 +87,7 @@ def test_two_processes_train_a_classifier_like_one(worker_runs):
         "mlp_history"], "both ranks hold the same model and the same rows"
 
 
+@pytest.mark.slow
 def test_two_processes_distill_a_block_like_one(worker_runs):
     """Each step trains one sampled path per cell: both ranks sample the same, untouched ops get no update."""
     one, two = worker_runs[1]["ranks"][0]["block_history"], worker_runs[2]["ranks"][0]["block_history"]
@@ -98,6 +100,7 @@ def test_two_processes_distill_a_block_like_one(worker_runs):
         torch.testing.assert_close(weights[1][name], weight, **SAME_RESULT)
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes_files(worker_runs):
     rank0, rank1 = worker_runs[2]["writes"]
     assert rank1 == []
@@ -122,6 +125,8 @@ def _dna(*args: str) -> list[str]:
     return [sys.executable, "-m", "dna.cli", *args]
 
 
+@pytest.mark.slow
+@pytest.mark.reliability
 def test_cli_launches_torchrun_and_a_killed_run_resumes(prepared_run, tmp_path):
     whole = _params(tmp_path, prepared_run, "whole", epochs=2)
     done = _run(_dna("teacher", "--params", str(whole), "--nproc", "2"), tmp_path)
@@ -159,3 +164,15 @@ def test_a_wrong_key_stops_before_torchrun_starts(tmp_path, prepared_run):
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "retrain.train.lr" in done.stderr
     assert "torch.distributed.run" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_caller_outside_the_group_runs_a_stage_in_processes(tmp_path, prepared_run, monkeypatch):
+    """What a flow does with orchestration.nproc > 1: torchrun as a child process, overrides passed through."""
+    params = _params(tmp_path, prepared_run, "flow", epochs=2)
+    monkeypatch.chdir(tmp_path)
+    for key, value in _env().items():
+        monkeypatch.setenv(key, value)
+    run_in_processes("teacher", 2, params, {"teacher.train.epochs": 1})
+    metrics = json.loads((tmp_path / "flow" / "teacher" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1
