@@ -20,8 +20,8 @@ from dna.ddp import rank_batches, run_in_processes, shown, stage_command
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 # One process and two compute the same steps up to the order of float sums (DistributedDataParallel averages the
-# ranks' gradients; one process sums a batch at once). After the runs below weights differed by at most 5e-8 and the
-# rows' metrics by 3e-8 relative; the tolerance leaves a margin for other CPUs' kernels.
+# ranks' gradients; one process sums a batch at once). Measured once after the runs below: the classifier's weights
+# differed by at most 5e-8 and the rows' metrics by 3e-8 relative; the tolerance leaves a margin for other CPUs.
 SAME_RESULT = {"rtol": 1e-5, "atol": 1e-6}
 
 
