@@ -4,6 +4,7 @@ registry) join through the `dna.commands` entry points."""
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import time
 from importlib.metadata import entry_points
@@ -26,6 +27,8 @@ console = Console(stderr=True)
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
 SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S retrain.train.epochs=5")
 BlockOpt = typer.Option(None, "--block", "-b", help="only this block (default: all)")
+NprocOpt = typer.Option(1, "--nproc", min=1, help="train in N processes on this machine (torchrun, one GPU each on "
+                        "CUDA); batch sizes stay global")
 
 
 def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True) -> Params:
@@ -91,21 +94,49 @@ def _show(stage: Stage, run, result) -> str:
 
 
 def _stage_command(stage: Stage):
-    """The stage's `dna <stage>` command: --params and -S, and --block for a per-block stage."""
-    def show(run, blocks):
-        for result in run_stage(stage, run, blocks):
-            console.print(_show(stage, run, result), soft_wrap=True, markup=False, highlight=False)
+    """The stage's `dna <stage>` command: --params and -S, --block for a per-block stage, --nproc for a stage that
+    trains data-parallel."""
+    def command(params: Path, set_: list[str] | None, block: Optional[int] = None, nproc: int = 1):
+        cfg = _load(params, set_, check_profile=not stage.makes_profile)
+        if nproc > 1:
+            _exec_torchrun(stage, params, set_ or [], block, nproc)
+        run = _run(cfg)
+        blocks = _blocks(run, block) if stage.per_block else None
+        from dna.ddp import is_main, process_group
 
-    def per_block(params: Path = ParamsOpt, set_: list[str] = SetOpt, block: Optional[int] = BlockOpt):
-        run = _run(_load(params, set_, check_profile=not stage.makes_profile))
-        show(run, _blocks(run, block))
+        with process_group(run.device):
+            for result in run_stage(stage, run, blocks):
+                if is_main():
+                    console.print(_show(stage, run, result), soft_wrap=True, markup=False, highlight=False)
 
-    def once(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-        show(_run(_load(params, set_, check_profile=not stage.makes_profile)), None)
-
-    command = per_block if stage.per_block else once
+    options = [("params", Path, ParamsOpt), ("set_", list[str], SetOpt)]
+    if stage.per_block:
+        options.append(("block", Optional[int], BlockOpt))
+    if stage.data_parallel:
+        options.append(("nproc", int, NprocOpt))
+    command.__signature__ = inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                                                 default=default, annotation=annotation)
+                                               for name, annotation, default in options])
     command.__doc__ = stage.help
     return command
+
+
+def _exec_torchrun(stage: Stage, params: Path, sets: list[str], block: Optional[int], nproc: int) -> None:
+    """Replace this process by torchrun running the same command in `nproc` processes (once the config is checked:
+    a wrong key stops here, before any process starts)."""
+    import logging
+    import os
+
+    from dna.ddp import launched, shown, stage_command
+
+    if launched():
+        raise ConfigError(f"--nproc {nproc}: this process is already one of {os.environ['WORLD_SIZE']} that torchrun "
+                          "started; leave --nproc out under torchrun")
+    command = stage_command(stage.name, nproc, params, sets, block)
+    logging.getLogger("dna.cli").info("%s in %d processes: %s", stage.name, nproc, shown(command))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execv(command[0], command)
 
 
 for _stage in STAGES:

@@ -52,7 +52,13 @@ class Data:
         return sorted(grouped[np.argsort(key, kind="stable")[:count]].tolist())
 
     def loader(self, name: str, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-               num_workers: int = 0) -> DataLoader:
+               num_workers: int = 0, sharded: bool = False) -> DataLoader:
+        """Batches of a split; sharded: this process's part of every global batch of `batch_size` (dna.ddp)."""
+        if sharded:
+            from dna.ddp import rank_batches
+
+            plan = rank_batches(len(self.split(name)), batch_size, generator if shuffle else None)
+            return DataLoader(self.split(name), batch_sampler=plan, generator=generator, num_workers=num_workers)
         return DataLoader(self.split(name), batch_size=batch_size, shuffle=shuffle, generator=generator,
                           num_workers=num_workers, drop_last=False)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from dna.checkpoint import load_checkpoint
 from dna.config import DistillConfig
+from dna.ddp import wrap
 from dna.engine import Engine
 from dna.recipe import scaled_lr
 from dna.spaces.base import Cell, SearchSpace
@@ -21,10 +22,18 @@ CellLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PathSampler = Callable[[torch.Generator, Cell, int], tuple[int, ...]]
 
 
-def build_block(space: SearchSpace, block: int, shapes: list[tuple[int, int, int]], in_chans: int) -> nn.ModuleDict:
+class BlockCells(nn.ModuleDict):
+    """The supernets of every cell of a block, keyed by cell name; its forward runs one path of each on the same
+    input (one call, as DistributedDataParallel needs to see the step)."""
+
+    def forward(self, x: torch.Tensor, paths: dict[str, tuple[int, ...]]) -> list[torch.Tensor]:
+        return [self[name](x, path) for name, path in paths.items()]
+
+
+def build_block(space: SearchSpace, block: int, shapes: list[tuple[int, int, int]], in_chans: int) -> BlockCells:
     """The supernets of every cell of a block, keyed by cell name."""
     in_chs = in_chans if block == 0 else shapes[block - 1][0]
-    return nn.ModuleDict({c.name: space.build_cell(c, in_chs, shapes[block][0]) for c in space.cells(block)})
+    return BlockCells({c.name: space.build_cell(c, in_chs, shapes[block][0]) for c in space.cells(block)})
 
 
 def load_block(space: SearchSpace, block: int, shapes, in_chans: int, path: str | Path) -> nn.ModuleDict:
@@ -53,7 +62,8 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     `loss(output, target)` compares a cell's output with the target features (MSE by default); `sample_path` picks
     the path a cell trains at a step (uniform by default) from a generator reseeded every epoch.
     Cells share no weights, so this equals training each cell on its own, with one pass over the data.
-    Checkpoints every epoch; a checkpoint with the same fingerprint is resumed from.
+    Checkpoints every epoch; a checkpoint with the same fingerprint is resumed from. `cfg.batch_size` is the global
+    batch; with several processes each trains on its part of it (dna.ddp).
     """
     torch.manual_seed(seed * 1009 + block)
     cells = space.cells(block)
@@ -62,22 +72,24 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
                                     weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     num_ops = [len(supernet[c.name].layers[-1]) for c in cells]
-    paths = torch.Generator()
+    paths = torch.Generator()  # seeded alike on every process: all ranks train the same paths at a step
+    net = wrap(supernet, device, find_unused_parameters=True)
 
     def batches(epoch: int, shuffle: torch.Generator):
         paths.manual_seed(seed * 200_003 + block * 1_013 + epoch)  # each epoch's paths independent of the last
-        return targets.pairs(block, "train", cfg.batch_size, shuffle=True, generator=shuffle)
+        return targets.pairs(block, "train", cfg.batch_size, shuffle=True, generator=shuffle, sharded=True)
 
     def step(batch):
         x, y = batch
-        losses = [loss(supernet[cell.name](x, sample_path(paths, cell, n)), y) for cell, n in zip(cells, num_ops)]
+        outputs = net(x, {cell.name: sample_path(paths, cell, n) for cell, n in zip(cells, num_ops)})
+        losses = [loss(output, y) for output in outputs]
         return torch.stack(losses).sum(), {f"loss_{cell.name}": cell_loss.item() * len(x)
                                            for cell, cell_loss in zip(cells, losses)}
 
     def mean_cell_loss(row: dict) -> dict:
         return {"loss": sum(row[f"loss_{c.name}"] for c in cells) / len(cells)}
 
-    fitted = Engine(supernet, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
+    fitted = Engine(net, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
                     fingerprint=fingerprint, seed=seed * 100_003 + block * 1_009, device=device, name=f"block {block}",
                     precision=cfg.precision, end_of_epoch=mean_cell_loss, on_epoch=on_epoch).fit()
     return DistillResult(fitted.history, fitted.resumed_from)

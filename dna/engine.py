@@ -10,14 +10,17 @@ Per optimizer step, `after_step` hooks get the number of optimizer steps so far 
 continues across a resume): a scheduler updated per step, a weight EMA. Objects in `states` (anything with
 state_dict / load_state_dict, such as that EMA) are checkpointed with the rest and restored on resume.
 
-Several processes (torch.distributed initialised by the caller, the model wrapped in DistributedDataParallel):
-- only rank 0 writes the checkpoint, logs and shows progress; the other ranks wait for the write at a barrier;
-- the loss is summed over ranks before the finiteness check, so every rank stops at the same step;
-- the epoch's totals and sample counts are summed over ranks, so the row describes the whole epoch;
-- every rank gets the same epoch generator; `rank_shard` cuts a shuffled order into this rank's part (the
-  DistributedSampler rule), for `batches` to use;
-- the RNG states saved are rank 0's: resumed with several processes, random draws such as dropout masks on the other
-  ranks are not those of an uninterrupted run; `end_of_epoch` runs on every rank and is the caller's to reduce.
+Several processes (launched by torchrun, joined by dna.ddp.process_group, the model wrapped by dna.ddp.wrap):
+- `batches` gives this process's part of each global batch (dna.ddp.rank_batches); every rank gets the same epoch
+  generator, so all ranks cut the same order;
+- each rank's loss is weighted by its share of the global batch, so that the gradient DistributedDataParallel
+  averages is the mean over the global batch, as one process computes it;
+- the loss is reduced over ranks before the finiteness check, so every rank stops at the same step;
+- the epoch's totals and sample counts are summed over ranks, so the row describes the whole epoch; after the epoch
+  every rank holds rank 0's buffers (BatchNorm statistics), so `end_of_epoch` sees the model rank 0 saves;
+- only rank 0 writes the checkpoint, logs, shows progress and calls `on_epoch`; the others wait at a barrier;
+- the checkpoint holds every rank's RNG states (ranks other than 0 draw from their own seeded streams, so their
+  dropout masks and augmentations are not rank 0's), and a run resumed with as many processes continues them.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dna.checkpoint import load_checkpoint, save_checkpoint
+from dna.ddp import rank_and_world, unwrap
 from dna.progress import progress
 
 log = logging.getLogger(__name__)
@@ -42,24 +46,6 @@ Step = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left in place."""
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_shard(order: torch.Tensor, rank: int | None = None, world: int | None = None) -> torch.Tensor:
-    """A rank's part of an epoch's order (this process's by default): padded by repeating its start to a multiple of
-    the world size, then every world-size-th index from the rank on (what DistributedSampler does)."""
-    if rank is None or world is None:
-        rank, world = rank_and_world()
-    if world == 1:
-        return order
-    padded = torch.cat([order, order[:(-len(order)) % world]])
-    return padded[rank::world]
 
 
 def channels_last(batch):
@@ -95,11 +81,6 @@ def autocast(device: torch.device, precision: Precision):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model itself under a DistributedDataParallel wrapper (so checkpoints load into an unwrapped model)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def rng_states() -> dict:
@@ -155,6 +136,8 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.rank, self.world = rank_and_world()
         self.updates = 0
+        if self.rank > 0:
+            torch.manual_seed(self.seed * 1_000_003 + self.rank)  # its own dropout masks and augmentations
 
     def fit(self) -> Fitted:
         fitted = self.resume()
@@ -164,8 +147,8 @@ class Engine:
             self.save(epoch + 1, fitted.history)
             if self.rank == 0:
                 log.info("%s epoch %d/%d: %s", self.name, epoch + 1, self.epochs, summary(row, ["loss", *extra]))
-            if self.on_epoch:
-                self.on_epoch(row)
+                if self.on_epoch:
+                    self.on_epoch(row)
         return fitted
 
     def train_epoch(self, epoch: int) -> tuple[dict, dict]:
@@ -180,15 +163,15 @@ class Engine:
             batch = channels_last(to_device(batch, self.device))
             with autocast(self.device, self.precision):
                 loss, batch_totals = self.step(batch)
-            self.check_finite(loss, epoch + 1, index)
+            count = batch_len(batch)
+            share = self.check_finite(loss, count, epoch + 1, index)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss if share == 1 else loss * share).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.updates += 1
             for hook in self.after_step:
                 hook(self.updates)
-            count = batch_len(batch)
             totals["loss"] += loss.item() * count
             for key, value in batch_totals.items():
                 totals[key] = totals.get(key, 0) + value
@@ -196,20 +179,25 @@ class Engine:
             bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
         self.scheduler.step()
         totals, seen = self.sum_over_ranks(totals, seen)
+        self.share_buffers()
         row = {"epoch": epoch + 1, **{key: total / seen for key, total in totals.items()}}
         extra = self.end_of_epoch(row) if self.end_of_epoch else {}
         row.update(extra)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         return row, extra
 
-    def check_finite(self, loss: torch.Tensor, epoch: int, index: int) -> None:
-        value = loss.detach().float()
+    def check_finite(self, loss: torch.Tensor, count: int, epoch: int, index: int) -> float:
+        """Raise NonFiniteLoss unless the step's loss is finite on every rank; return the factor of this rank's loss
+        (its share of the global batch times the number of ranks, which DistributedDataParallel divides by)."""
+        value, share = loss.detach().float(), 1.0
         if self.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
+            sums = torch.stack([value * count, value.new_tensor(float(count))])
+            dist.all_reduce(sums)
+            value, share = sums[0] / sums[1], count * self.world / sums[1].item()
         if not torch.isfinite(value):
             raise NonFiniteLoss(f"{self.name}: loss is {value.item()} at epoch {epoch} step {index}; "
                                 "the last good checkpoint was kept (lower the learning rate?)")
+        return share
 
     def sum_over_ranks(self, totals: dict[str, float], seen: int) -> tuple[dict[str, float], int]:
         if self.world == 1:
@@ -217,6 +205,12 @@ class Engine:
         values = torch.tensor([seen, *totals.values()], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         return dict(zip(totals, values[1:].tolist())), int(values[0])
+
+    def share_buffers(self) -> None:
+        """Give every rank rank 0's buffers (each rank's BatchNorm statistics are of its own part of the batches)."""
+        if self.world > 1:
+            for buffer in unwrap(self.model).buffers():
+                dist.broadcast(buffer, 0)
 
     def resume(self) -> Fitted:
         """Load the last completed epoch's state if the checkpoint is of this same run."""
@@ -235,19 +229,29 @@ class Engine:
         for name, obj in self.states.items():
             obj.load_state_dict(state["states"][name])
         self.updates = int(state.get("updates", 0))
-        set_rng_states(state)
+        ranks = state.get("rank_rng")
+        if ranks is not None and len(ranks) == self.world:
+            set_rng_states(ranks[self.rank])
+        elif self.rank == 0:
+            set_rng_states(state)
         fitted = Fitted(list(state["history"]), int(state["epoch"]))
         if self.rank == 0:
             log.info("%s: resuming after epoch %d from %s", self.name, fitted.resumed_from, self.checkpoint)
         return fitted
 
     def save(self, epoch: int, history: list[dict]) -> None:
+        ranks = None
+        if self.world > 1:
+            ranks = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(rng_states(), ranks, dst=0)
         if self.rank == 0:
             state = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "epoch": epoch, "history": history,
                      "fingerprint": self.fingerprint, "updates": self.updates, **rng_states()}
             if self.states:
                 state["states"] = {name: obj.state_dict() for name, obj in self.states.items()}
+            if ranks is not None:
+                state["rank_rng"] = ranks
             if self.scaler.is_enabled():
                 state["scaler"] = self.scaler.state_dict()
             save_checkpoint(self.checkpoint, state)

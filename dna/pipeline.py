@@ -18,6 +18,7 @@ from dna.arch import Arch, count_cost
 from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params, TrainConfig
 from dna.data import Data, check_source, class_count, eval_view, has_images, load_data, write_splits
+from dna.ddp import is_main, main_first
 from dna.distill import distill_block, load_block
 from dna.export import export_onnx, onnx_accuracy
 from dna.paths import Paths
@@ -184,16 +185,20 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,
                              run.teacher_fingerprint(), on_epoch=on_epoch)
-    if result.history:
-        write_csv(out / "history.csv", pd.DataFrame(result.history))
     metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history), "model": run.params.teacher.model}
-    write_json(out / "metrics.json", metrics)
+    if is_main():
+        if result.history:
+            write_csv(out / "history.csv", pd.DataFrame(result.history))
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
 def stage_features(run: Run) -> None:
-    """Prepare the block targets once for all blocks (teacher: cache its boundary features); run before distilling."""
-    run.supervision.prepare()
+    """Prepare the block targets once for all blocks (teacher: cache its boundary features); run before distilling.
+    Of several processes, rank 0 prepares them while the others wait."""
+    with main_first() as preparing:
+        if preparing:
+            run.supervision.prepare()
 
 
 def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
@@ -202,7 +207,8 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
                            in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
                            device=run.device, on_epoch=on_epoch, loss=run.supervision.loss)
     history = pd.DataFrame(result.history)
-    write_csv(run.paths.distill_dir / f"history_{block}.csv", history)
+    if is_main():
+        write_csv(run.paths.distill_dir / f"history_{block}.csv", history)
     return {"block": block, "final_loss": float(history["loss"].iloc[-1]), "epochs": len(history),
             "resumed_from": result.resumed_from}
 
@@ -299,13 +305,14 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
                               fingerprint=digest(run.params.seed, run.params.data, p, arch.to_dict(), start),
                               device=run.device, name="retrain", teacher=teacher, kd_alpha=p.kd_alpha,
                               kd_temperature=p.kd_temperature, on_epoch=on_epoch)
-    save_checkpoint(run.paths.model, {"model": model.state_dict(), "arch": arch.to_yaml()})
-    write_csv(out / "history.csv", pd.DataFrame(result.history))
-    plots.curves(pd.DataFrame(result.history), out / "curves.png")
     params, macs, _ = count_cost(model.cpu(), (1, run.data.in_chans, run.data.image_size, run.data.image_size))
     metrics = {"test_accuracy": result.test_accuracy, "params": params, "macs": macs, "epochs": len(result.history),
                "init": p.init, **(extraction.summary() if extraction else {})}
-    write_json(out / "metrics.json", metrics)
+    if is_main():
+        save_checkpoint(run.paths.model, {"model": model.state_dict(), "arch": arch.to_yaml()})
+        write_csv(out / "history.csv", pd.DataFrame(result.history))
+        plots.curves(pd.DataFrame(result.history), out / "curves.png")
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 

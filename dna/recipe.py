@@ -11,24 +11,18 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from dna.config import TrainConfig
-from dna.engine import rank_and_world
-
-
-def global_batch(batch_size: int) -> int:
-    """Images per optimizer step over all processes: the batch of one process times the world size of
-    torch.distributed when it is initialised (1 otherwise)."""
-    return batch_size * rank_and_world()[1]
 
 
 def scaled_lr(lr: float, batch_size: int, lr_batch: int | None) -> float:
-    """`lr` given per `lr_batch` images, scaled linearly to the global batch; `lr` itself when lr_batch is None."""
-    return lr if lr_batch is None else lr * global_batch(batch_size) / lr_batch
+    """`lr` given per `lr_batch` images, scaled linearly to the global batch `batch_size` (the images of one
+    optimizer step over all processes, dna.ddp); `lr` itself when lr_batch is None."""
+    return lr if lr_batch is None else lr * batch_size / lr_batch
 
 
 def updates_per_epoch(samples: int, batch_size: int) -> int:
-    """Optimizer steps in an epoch of `samples` shared among the processes (each gets its padded share, the last
-    batch may be short)."""
-    return math.ceil(math.ceil(samples / rank_and_world()[1]) / batch_size)
+    """Optimizer steps in an epoch of `samples` at the global batch `batch_size`, however many processes share it
+    (the last batch may be short)."""
+    return math.ceil(samples / batch_size)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

@@ -25,6 +25,7 @@ class Stage:
     prepare: str | None = None  # "module:attribute" run once before a per-block stage's blocks
     makes_profile: bool = False  # validated without the latency profile, which it makes
     step: str | None = None  # the pipeline step (DVC stage, Prefect flow) it runs in, when not one of its own
+    data_parallel: bool = False  # trains in several processes when asked (`--nproc N`: torchrun, dna/ddp.py)
 
     def files(self) -> tuple[str, ...]:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
@@ -52,11 +53,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.", "dna.pipeline:stage_teacher",
           ("seed", "data", "teacher"),
           ("teacher/teacher.pt", "teacher/train_state.pt", "teacher/history.csv"),
-          metrics="teacher/metrics.json", headline=("test_accuracy",)),
+          metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.pipeline:stage_distill",
           ("seed", "data", "teacher.model", "teacher.boundaries", "space", "supervision", "distill"),
-          ("distill",), per_block=True, prepare="dna.pipeline:stage_features"),
+          ("distill",), per_block=True, prepare="dna.pipeline:stage_features", data_parallel=True),
     Stage("rate", "Rate every candidate of every cell of each block.", "dna.pipeline:stage_rate",
           ("rating",), ("ratings",), per_block=True, step="distill"),
     Stage("profile", "Time every candidate layer, the stem and the head in ONNX Runtime on this machine.",
@@ -69,7 +70,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("retrain", "Train the chosen architecture (from scratch or from the supernets; optionally with KD).",
           "dna.pipeline:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("retrain/model.pt", "retrain/train_state.pt", "retrain/history.csv", "retrain/curves.png"),
-          metrics="retrain/metrics.json", headline=("test_accuracy",)),
+          metrics="retrain/metrics.json", headline=("test_accuracy",), data_parallel=True),
     Stage("export", "Export the retrained network to ONNX and check it against PyTorch.", "dna.pipeline:stage_export",
           ("data", "export"), ("export/model.onnx",), metrics="export/metrics.json",
           headline=("onnx_test_accuracy", "max_abs_diff")),

@@ -47,8 +47,10 @@ class BlockSupervision(Protocol):
         """(channels, height, width) of every block's target."""
 
     def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
-              generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(block input, block target) batches of a split."""
+              generator: torch.Generator | None = None,
+              sharded: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(block input, block target) batches of a split; sharded: this process's part of every global batch
+        (dna.ddp.rank_batches), for data-parallel training."""
 
     def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed, seeded batch of `count` pairs drawn with every class represented (the calibration batch)."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest
 from dna.data import Data, eval_view
+from dna.ddp import rank_batches
 from dna.progress import progress
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 class TargetSource(Protocol):
     def shapes(self) -> list[tuple[int, int, int]]: ...
     def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
-              generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+              generator: torch.Generator | None = None,
+              sharded: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -164,16 +166,21 @@ class TeacherTargets:
 
     # pairs -----------------------------------------------------------------------------------------------------
     def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
-              generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+              generator: torch.Generator | None = None,
+              sharded: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         inputs, targets = self._cached(split, block), self._cached(split, block + 1)
         if inputs is not None and targets is not None:
             n = len(inputs)
-            order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
-            for start in range(0, n, batch_size):
-                idx = np.sort(order[start:start + batch_size])
+            if sharded:
+                batches = rank_batches(n, batch_size, generator if shuffle else None)
+            else:
+                order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+                batches = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+            for batch in batches:
+                idx = np.sort(batch)
                 yield (torch.from_numpy(inputs[idx]).to(self.device), torch.from_numpy(targets[idx]).to(self.device))
             return
-        for x, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator):
+        for x, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator, sharded=sharded):
             x = x.to(self.device)
             levels = [x, *self.features(x)]
             yield levels[block], levels[block + 1]

@@ -11,6 +11,7 @@ from torch import nn
 from dna.checkpoint import load_checkpoint, save_checkpoint
 from dna.config import Params
 from dna.data import Data
+from dna.ddp import is_main
 from dna.train import TrainResult, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device
                                   fingerprint=fingerprint, device=device, name="teacher", on_epoch=on_epoch)
     else:
         result.test_accuracy = accuracy(model.to(device), data.loader("test", 256), device)
-    save_checkpoint(out_dir / "teacher.pt", {"model": model.state_dict(), "name": cfg.model,
-                                             "num_classes": data.num_classes, "in_chans": data.in_chans})
+    if is_main():
+        save_checkpoint(out_dir / "teacher.pt", {"model": model.state_dict(), "name": cfg.model,
+                                                 "num_classes": data.num_classes, "in_chans": data.in_chans})
     return freeze(model), result
 
 

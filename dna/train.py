@@ -12,6 +12,7 @@ from torch import nn
 
 from dna.config import TrainConfig
 from dna.data import Data
+from dna.ddp import local_device, wrap
 from dna.engine import Engine, unwrap
 from dna.engine import NonFiniteLoss as NonFiniteLoss  # raised by training; detected_faults() imports it from here
 from dna.recipe import make_ema, make_scheduler, scaled_lr, updates_per_epoch
@@ -20,9 +21,10 @@ OPTIMIZERS = {"sgd": "sgd", "momentum": "momentum", "adam": "adam", "adamw": "ad
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of `device` in params.yaml; of several processes on one machine, each gets its own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return local_device(torch.device(name))
 
 
 @torch.no_grad()
@@ -55,6 +57,8 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
                      on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train with cross-entropy (plus optional distillation from teacher logits), checkpointing every epoch.
 
+    `cfg.batch_size` is the global batch; with several processes each trains on its part of it (dna.ddp).
+
     A checkpoint with the same `fingerprint` (a hash of everything that determines the run) is resumed from;
     one with another fingerprint is ignored and overwritten. With a weight EMA (cfg.ema_decay) the EMA weights are
     evaluated every epoch and end up in `model`; the checkpoint holds both.
@@ -72,13 +76,14 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
     if teacher is not None:
         teacher.to(device).eval()
     use_teacher = teacher is not None and kd_alpha > 0
+    net = wrap(model, device)
 
     def batches(epoch: int, generator: torch.Generator):
-        return data.loader("train", cfg.batch_size, shuffle=True, generator=generator)
+        return data.loader("train", cfg.batch_size, shuffle=True, generator=generator, sharded=True)
 
     def step(batch):
         x, y = batch
-        logits = model(x)
+        logits = net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         if use_teacher:
             with torch.no_grad():
@@ -87,7 +92,7 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
         return loss, {"train_accuracy": int((logits.argmax(1) == y).sum())}
 
     rate_loader = data.loader("rate", batch_size=256)
-    fitted = Engine(model, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
+    fitted = Engine(net, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
                     fingerprint=fingerprint, seed=seed * 100_003, device=device, name=name, precision=cfg.precision,
                     end_of_epoch=lambda row: {"rate_accuracy": accuracy(evaluated, rate_loader, device)},
                     on_epoch=on_epoch, after_step=after_step, states={"ema": ema} if ema is not None else {}).fit()

@@ -30,3 +30,4 @@ class OrchestrationConfig(Section):
     max_workers: Annotated[int, Field(gt=0)] = 2
     dask_address: str | None = None  # None: a local Dask cluster with max_workers workers
     retries: Annotated[int, Field(ge=0, le=10)] = 1
+    nproc: Annotated[int, Field(gt=0)] = 1  # > 1: the teacher and retrain steps train in N processes (torchrun)

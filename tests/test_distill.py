@@ -65,9 +65,9 @@ class PoisonedTargets:
     def shapes(self):
         return self.inner.shapes()
 
-    def pairs(self, block, split, batch_size, shuffle=False, generator=None):
+    def pairs(self, block, split, batch_size, shuffle=False, generator=None, sharded=False):
         self.calls += 1
-        for i, (x, y) in enumerate(self.inner.pairs(block, split, batch_size, shuffle, generator)):
+        for i, (x, y) in enumerate(self.inner.pairs(block, split, batch_size, shuffle, generator, sharded)):
             yield x, (y * float("nan") if self.calls >= 2 and i == 3 else y)
 
 

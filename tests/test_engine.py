@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dna.checkpoint import load_checkpoint, save_checkpoint
-from dna.engine import Engine, NonFiniteLoss, channels_last, rank_shard
+from dna.ddp import rank_shard
+from dna.engine import Engine, NonFiniteLoss, channels_last
 
 SAMPLES, BATCH = 96, 16
 STEPS_PER_EPOCH = SAMPLES // BATCH

@@ -141,7 +141,7 @@ def test_retraining_recipe_is_efficientnets(preset):
 
     t = preset.retrain.train
     assert (t.optimizer, t.optimizer_eps, t.weight_decay, t.epochs) == ("rmsprop", 1e-3, 1e-5, 350)
-    assert t.lr * t.batch_size * 8 / t.lr_batch == pytest.approx(0.032)
+    assert t.batch_size == 512 and t.lr * t.batch_size / t.lr_batch == pytest.approx(0.032)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr)
     schedule, spe = make_scheduler(optimizer, t, 100), 100
     for updates in range(1, 20 * spe + 1):
@@ -153,4 +153,4 @@ def test_retraining_recipe_is_efficientnets(preset):
     assert make_ema(model, t).decay == 0.9999
     train, evaluation = (_transform(preset.data, training, t.rand_augment).transforms for training in (True, False))
     assert any(isinstance(s, RandAugment) for s in train) and not any(isinstance(s, RandAugment) for s in evaluation)
-    assert preset.distill.lr * preset.distill.batch_size * 8 / preset.distill.lr_batch == pytest.approx(0.002)
+    assert preset.distill.lr * preset.distill.batch_size / preset.distill.lr_batch == pytest.approx(0.002)

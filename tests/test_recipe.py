@@ -8,7 +8,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from dna.config import TrainConfig
-from dna.recipe import TimmSchedule, global_batch, lr_lambda, make_ema, make_scheduler, scaled_lr, updates_per_epoch
+from dna.recipe import TimmSchedule, lr_lambda, make_ema, make_scheduler, scaled_lr, updates_per_epoch
 
 
 def _optimizer(lr: float = 0.016) -> torch.optim.Optimizer:
@@ -24,8 +24,7 @@ def test_legacy_schedules_warm_up_then_decay_per_epoch():
     assert isinstance(make_scheduler(_optimizer(), TrainConfig(), 10), torch.optim.lr_scheduler.LambdaLR)
 
 
-def test_lr_is_scaled_linearly_to_the_global_batch_of_one_process():
-    assert global_batch(64) == 64
+def test_lr_is_scaled_linearly_to_the_global_batch():
     assert scaled_lr(0.016, 64, 256) == pytest.approx(0.004)
     assert scaled_lr(0.016, 512, 256) == pytest.approx(0.032)
     assert scaled_lr(0.016, 64, None) == 0.016, "no reference batch: the lr as given"
@@ -35,20 +34,20 @@ def test_lr_is_scaled_linearly_to_the_global_batch_of_one_process():
 def _world_figures(rank, world, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save({"global": global_batch(64), "lr": scaled_lr(0.016, 64, 256),
-                    "updates": updates_per_epoch(1000, 64)}, out / f"rank{rank}.pt")
+        torch.save({"lr": scaled_lr(0.016, 128, 256), "updates": updates_per_epoch(1000, 128)}, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_global_batch_reads_the_world_size_of_torch_distributed(tmp_path):
+def test_batch_size_is_the_global_batch_whatever_the_processes(tmp_path):
+    """batch_size is the images of one optimizer step over all processes (dna.ddp splits it): two processes scale
+    the lr and count the steps of an epoch as one process does."""
     mp.spawn(_world_figures, args=(2, tmp_path / "init", tmp_path), nprocs=2, join=True)
     for rank in range(2):
         figures = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert figures["global"] == 128
         assert figures["lr"] == pytest.approx(0.016 * 128 / 256)
-        assert figures["updates"] == math.ceil(500 / 64), "each process steps through its half of the epoch"
+        assert figures["updates"] == 8
 
 
 def efficientnet_lr(step: int, base: float, steps_per_epoch: int, *, warmup_epochs: int, warmup_lr: float,

@@ -68,8 +68,8 @@ class Projections:
             levels.append(F.adaptive_avg_pool2d(torch.tanh(conv(levels[-1])), shape[1:]))
         return levels
 
-    def pairs(self, block, split, batch_size, shuffle=False, generator=None):
-        for x, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator):
+    def pairs(self, block, split, batch_size, shuffle=False, generator=None, sharded=False):
+        for x, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator, sharded=sharded):
             levels = self._levels(x)
             yield levels[block], levels[block + 1]
 
