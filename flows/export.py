@@ -39,7 +39,7 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: export_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: export_flow(path, sets), __doc__, argv, step="export")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: register_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: register_flow(path, sets), __doc__, argv, step="register")
 
 
 if __name__ == "__main__":
