@@ -6,6 +6,7 @@ Idle means: no request for `--idle` seconds and no live process among its users 
 started it register their pid under `--users`), so a long epoch that sends nothing keeps it up.
 
     python -m flows.api_server --port 8123 --idle 900 --users .prefect/dna-api-users   # what prefect_api starts
+    python -m flows.api_server --stop      # stop the shared server of this Prefect home now
 """
 from __future__ import annotations
 
@@ -72,10 +73,18 @@ def serve(port: int, idle_s: float, users: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--idle", type=float, required=True, help="seconds without requests or users before exit")
-    parser.add_argument("--users", type=Path, required=True, help="folder of the pids of the processes using it")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--idle", type=float, default=900.0, help="seconds without requests or users before exit")
+    parser.add_argument("--users", type=Path, help="folder of the pids of the processes using it")
+    parser.add_argument("--stop", action="store_true", help="stop the shared server of this Prefect home")
     args = parser.parse_args(argv)
+    if args.stop:
+        from flows.prefect_api import stop_shared_server
+
+        print("stopped the shared Prefect server" if stop_shared_server() else "no shared Prefect server runs")
+        return 0
+    if args.port is None or args.users is None:
+        parser.error("--port and --users are required to serve")
     serve(args.port, args.idle, args.users)
     return 0
 
