@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def up_to_date(root: Path) -> bool:
-    """Whether `dvc status` finds every stage up to date: a second's check before starting any server or run."""
+    """Whether `dvc status` finds every stage up to date: a second's check before starting any server or run (none
+    without a dvc.lock: nothing has run)."""
+    if not (root / "dvc.lock").is_file():
+        return False
     try:
         done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
                               text=True, timeout=600, check=False)
