@@ -155,20 +155,19 @@ def lone_data(repo: Path, env: dict, repeats: int) -> None:
 
 
 def retrain_change(repo: Path, env: dict) -> None:
-    """Change retrain.train.lr in params.yaml (the work stays the same size) and `dvc repro`; then put it back."""
+    """Change retrain.train.lr in params.yaml to a value not used before (a checkpoint of a value used before would
+    be resumed, not retrained; the work is the same size whatever the value) and `dvc repro`."""
+    import random
+
     import yaml
 
     params = repo / "params.yaml"
-    text = params.read_text()
-    lr = yaml.safe_load(text)["retrain"]["train"]["lr"]
-    raw = yaml.safe_load(text)
-    raw["retrain"]["train"]["lr"] = round(lr * 0.8, 8)
+    raw = yaml.safe_load(params.read_text())
+    lr = raw["retrain"]["train"]["lr"]
+    raw["retrain"]["train"]["lr"] = round(lr * random.uniform(0.7, 0.95), 7)
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    try:
-        took, work = timed_repro("retraining change", [sys.executable, "-m", "dvc", "repro"], repo, env,
-                                 ["retrain", "export", "register"])
-    finally:
-        params.write_text(text)
+    took, work = timed_repro("retraining change", [sys.executable, "-m", "dvc", "repro"], repo, env,
+                             ["retrain", "export", "register"])
     fixed = took - work
     verdict = "meets" if fixed < RETRAIN_FIXED_TARGET_S else "MISSES"
     print(f"`dvc repro` after changing retrain.train.lr ({lr} -> {raw['retrain']['train']['lr']}): retrain, export, "
