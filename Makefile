@@ -31,4 +31,5 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
+	-[ -x $(PY) ] && $(PY) -m flows.api_server --stop
 	rm -rf outputs mlflow.db mlruns .prefect .cache dvc.lock

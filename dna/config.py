@@ -28,6 +28,12 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message names the key, the value and what is allowed."""
 
 
+def deep_checks(info: ValidationInfo) -> bool:
+    """Whether to run the checks that import the model libraries (timm, the spaces, the supervisions): a stage that
+    reads none of the keys they check validates without them (context {"deep": False})."""
+    return (info.context or {}).get("deep", True)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     # keys added after configs were first fingerprinted: left out of dumps while at their defaults, so a config that
@@ -152,7 +158,9 @@ class TeacherConfig(Strict):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, name: str) -> str:
+    def _known_model(cls, name: str, info: ValidationInfo) -> str:
+        if not deep_checks(info):
+            return name
         import timm
 
         if not timm.is_model(name):
@@ -215,7 +223,9 @@ class SpaceConfig(Strict):
 
     @field_validator("kind")
     @classmethod
-    def _kind(cls, kind: str) -> str:
+    def _kind(cls, kind: str, info: ValidationInfo) -> str:
+        if not deep_checks(info):
+            return kind
         from dna.spaces import space_class
 
         space_class(kind)
@@ -232,11 +242,13 @@ class SpaceConfig(Strict):
 
     @field_validator("first_stage")
     @classmethod
-    def _first_stage(cls, strings: list[str]) -> list[str]:
-        from timm.models._efficientnet_builder import _decode_block_str
-
+    def _first_stage(cls, strings: list[str], info: ValidationInfo) -> list[str]:
         if not strings:
             raise ValueError("space.first_stage must list at least one timm block string, e.g. ds_r1_k3_s1_c16_se0.25")
+        if not deep_checks(info):
+            return strings
+        from timm.models._efficientnet_builder import _decode_block_str
+
         for s in strings:
             try:
                 _decode_block_str(s)
@@ -253,7 +265,9 @@ class SpaceConfig(Strict):
         return blocks
 
     @model_validator(mode="after")
-    def _buildable(self) -> SpaceConfig:
+    def _buildable(self, info: ValidationInfo) -> SpaceConfig:
+        if not deep_checks(info):
+            return self
         from dna.spaces import space_class
 
         space_class(self.kind).check_config(self)
@@ -279,7 +293,9 @@ class SupervisionConfig(BaseModel):
     kind: str = "teacher"
 
     @model_validator(mode="after")
-    def _known_kind(self) -> SupervisionConfig:
+    def _known_kind(self, info: ValidationInfo) -> SupervisionConfig:
+        if not deep_checks(info):
+            return self
         from dna.supervision import options_model
 
         model, given = options_model(self.kind), dict(self.model_extra or {})
@@ -426,10 +442,11 @@ def _describe(error: dict) -> str:
     return f"{key}={error.get('input')!r}: {msg}"
 
 
-def parse_params(raw: dict, check_paths: bool = True) -> Params:
-    """Validate a raw mapping; check_paths=False skips checks of data and checkpoint paths (to inspect a preset)."""
+def parse_params(raw: dict, check_paths: bool = True, deep: bool = True) -> Params:
+    """Validate a raw mapping; check_paths=False skips checks of data and checkpoint paths (to inspect a preset);
+    deep=False skips the checks that import the model libraries (see deep_checks)."""
     try:
-        return Params.model_validate(raw, context={"check_paths": check_paths})
+        return Params.model_validate(raw, context={"check_paths": check_paths, "deep": deep})
     except ValidationError as exc:
         raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
 
@@ -445,7 +462,8 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, check_paths: bool = True) -> Params:
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, check_paths: bool = True,
+                deep: bool = True) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} does not exist")
@@ -473,4 +491,4 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
             node[leaf] = value
         else:
             raise ConfigError(f"override {dotted}: {'.'.join(parents)} has no key {leaf!r}")
-    return parse_params(raw, check_paths)
+    return parse_params(raw, check_paths, deep)

@@ -1,6 +1,7 @@
 """The stages of a run, each a function of the params that reads the files of earlier stages and writes its own.
 
-The CLI and the Prefect flows call these; nothing here knows about either.
+The CLI and the Prefect flows call these; nothing here knows about either. Each stage imports what it needs when it
+runs (a stage is often a process of its own: the data stage, for one, needs neither timm nor ONNX).
 """
 from __future__ import annotations
 
@@ -8,28 +9,21 @@ import json
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import pandas as pd
-import torch
-
-from dna import plots
-from dna.arch import Arch, count_cost
 from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params, TrainConfig
-from dna.data import Data, check_source, class_count, eval_view, has_images, load_data, write_splits
 from dna.ddp import is_main, main_first
-from dna.distill import distill_block, load_block
-from dna.export import export_onnx, onnx_accuracy
 from dna.paths import Paths
-from dna.rate import rate_block
-from dna.search import BudgetError, best_under, front_table, min_cost, pareto_front
-from dna.spaces import build_space
-from dna.spaces.base import Candidates, SearchSpace
-from dna.supervision import BlockSupervision, build_supervision
-from dna.targets import teacher_shapes
-from dna.teacher import load_teacher, make_teacher
-from dna.train import resolve_device, train_classifier
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from dna.arch import Arch
+    from dna.data import Data
+    from dna.spaces.base import Candidates, SearchSpace
+    from dna.supervision import BlockSupervision
 
 log = logging.getLogger(__name__)
 EpochHook = Callable[[dict], None] | None
@@ -50,15 +44,24 @@ class Run:
     def __init__(self, params: Params):
         self.params = params
         self.paths = Paths(params.out_dir)
-        self.device = resolve_device(params.device)
+
+    @cached_property
+    def device(self) -> torch.device:
+        from dna.train import resolve_device
+
+        return resolve_device(self.params.device)
 
     @cached_property
     def data(self) -> Data:
+        from dna.data import load_data
+
         return load_data(self.params.data, self.splits())
 
     def data_for(self, train: TrainConfig) -> Data:
         """The data a classifier trains on: the run's, with timm's RandAugment on its training images when `train`
         asks for it (train.rand_augment)."""
+        from dna.data import load_data
+
         if train.rand_augment is None:
             return self.data
         return load_data(self.params.data, self.splits(), rand_augment=train.rand_augment)
@@ -70,17 +73,23 @@ class Run:
 
     @cached_property
     def space(self) -> SearchSpace:
+        from dna.spaces import build_space
+
         d = self.params.data
         return build_space(self.params.space, d.channels, d.image_size, self.num_classes)
 
     @cached_property
     def num_classes(self) -> int:
+        from dna.data import class_count
+
         return class_count(self.params.data, self.paths.splits)
 
     @cached_property
     def supervision(self) -> BlockSupervision:
         """What the blocks learn and how candidates are rated (params supervision.kind); needs the teacher stage's
         output for the teacher kind."""
+        from dna.supervision import build_supervision
+
         return build_supervision(self)
 
     # fingerprints: what determines each stage's result, so a checkpoint of another configuration is not resumed
@@ -95,16 +104,28 @@ class Run:
 
 
 # validation -------------------------------------------------------------------------------------------------------
-def validate(params: Params, check_profile: bool = True) -> None:
-    """Checks that need the teacher's shapes or the space's costs; raises ConfigError before any work.
+def validate(params: Params, check_profile: bool = True, data: bool = True, models: bool = True) -> None:
+    """Checks of the data, and checks that need the teacher's shapes or the space's costs; raises ConfigError before
+    any work.
 
-    check_profile=False skips the latency profile (for `dna profile`, which makes it).
+    check_profile=False skips the latency profile (for `dna profile`, which makes it); data=False skips the data
+    checks and models=False the teacher's and the space's (for a stage that reads none of their keys: those import
+    timm).
     """
     d, t = params.data, params.teacher
-    if d.source == "imagefolder" and not has_images(d.root):
-        raise ConfigError(f"data.root={d.root!r} contains no images ({', '.join(('.jpg', '.png', '...'))})")
-    check_source(d)
+    if data:
+        from dna.data import check_source, has_images
+
+        if d.source == "imagefolder" and not has_images(d.root):
+            raise ConfigError(f"data.root={d.root!r} contains no images ({', '.join(('.jpg', '.png', '...'))})")
+        check_source(d)
+    if not models:
+        return
+    from dna.search import min_cost
+    from dna.targets import teacher_shapes
+
     run = Run(params)
+    run.device  # noqa: B018 - a device that is not there (cuda without a GPU) stops here, before any work
     try:
         shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries)
     except ValueError as exc:
@@ -175,12 +196,18 @@ def stage_profile(run: Run) -> dict:
 
 # stages -----------------------------------------------------------------------------------------------------------
 def stage_data(run: Run) -> dict:
+    from dna.data import write_splits
+
     summary = write_splits(run.params.data, run.params.seed, run.paths.splits)
     log.info("data: %s", summary["sizes"])
     return summary
 
 
 def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
+    import pandas as pd
+
+    from dna.teacher import make_teacher
+
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
     _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,
@@ -203,6 +230,10 @@ def stage_features(run: Run) -> None:
 
 def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
     """Distill one block; blocks are independent and may run in parallel once stage_features has run."""
+    import pandas as pd
+
+    from dna.distill import distill_block
+
     result = distill_block(run.space, run.supervision, block, run.params.distill, run.paths.supernet(block),
                            in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
                            device=run.device, on_epoch=on_epoch, loss=run.supervision.loss)
@@ -214,6 +245,9 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
 
 
 def stage_rate(run: Run, block: int) -> pd.DataFrame:
+    from dna.distill import load_block
+    from dna.rate import rate_block
+
     targets = run.supervision.for_rating()
     supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block))
     supernet = supernet.to(run.device)
@@ -244,6 +278,12 @@ def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...
 
 
 def stage_search(run: Run) -> dict:
+    import pandas as pd
+
+    from dna import plots
+    from dna.search import BudgetError, best_under, front_table, pareto_front
+    from dna.spaces.base import Candidates
+
     p, out = run.params.search, run.paths.search_dir
     ratings = [pd.read_csv(run.paths.rating(b), dtype={"path": str}) for b in range(run.space.num_blocks)]
     stages = stage_tables(run.space, [Candidates.from_frame(r) for r in ratings], latency=latency_model(run))
@@ -270,6 +310,8 @@ def stage_search(run: Run) -> dict:
 
 
 def build_student(run: Run, arch: Arch) -> torch.nn.Module:
+    import torch
+
     torch.manual_seed(run.params.seed)
     train = run.params.retrain.train
     return run.space.build(arch, drop_rate=train.drop_rate, drop_path_rate=train.drop_path_rate)
@@ -280,6 +322,7 @@ def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
     not copied), then re-estimate every BatchNorm of the network on a class-stratified calibration batch of training
     images: the supernets' statistics are those of a mixture of paths fed the teacher's features."""
     from dna.checkpoint import load_checkpoint
+    from dna.data import eval_view
     from dna.rate import calibrate
 
     supernets = [load_checkpoint(run.paths.supernet(b))["model"] for b in range(run.space.num_blocks)]
@@ -294,6 +337,13 @@ def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
 
 
 def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
+    import pandas as pd
+
+    from dna import plots
+    from dna.arch import Arch, count_cost
+    from dna.teacher import load_teacher
+    from dna.train import train_classifier
+
     p, out = run.params.retrain, run.paths.retrain_dir
     out.mkdir(parents=True, exist_ok=True)
     arch = Arch.load(run.paths.arch)
@@ -319,7 +369,9 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
 def stage_export(run: Run) -> dict:
     """Export the retrained student to ONNX (with the class names of the data), check parity, and measure its test
     accuracy in ONNX Runtime batch by batch."""
+    from dna.arch import Arch
     from dna.checkpoint import load_checkpoint
+    from dna.export import export_onnx, onnx_accuracy
 
     state = load_checkpoint(run.paths.model)
     arch = Arch.from_yaml(state["arch"])

@@ -25,7 +25,7 @@ def data_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: data_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: data_flow(path, sets), __doc__, argv, step="data")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from prefect.futures import wait
 from dna.config import Params
 from dna.errors import StageFailure
 from flows import artifacts
-from flows.entry import cli, load, with_absolute_outputs
+from flows.entry import Checks, cli, load, with_absolute_outputs
 from flows.prefect_api import share_prefect_api
 from flows.steps import stage_params
 from flows.task_runners import make_task_runner
@@ -111,7 +111,7 @@ def _threads_per_task(params: Params) -> int:
 
 @flow(name="dna-distill")
 def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    params = with_absolute_outputs(load(params_file, overrides))
+    params = with_absolute_outputs(load(params_file, overrides, checks=Checks.of("distill")))
     orch = params.orchestration
     threads = _threads_per_task(params)
     blocks = range(len(params.space.blocks))
@@ -158,7 +158,7 @@ def run_distill(params_file: str = "params.yaml", overrides: dict | None = None,
     """Run the distill flow on the task runner the config names (a Dask LocalCluster, a process pool, ...)."""
     from dna.config import load_params
 
-    orch = load_params(params_file, overrides).orchestration
+    orch = load_params(params_file, overrides, deep=False).orchestration
     if orch.task_runner in ("processes", "dask", "ray"):
         share_prefect_api()  # workers in other processes report to this process's Prefect server
     runner = make_task_runner(orch, dask_processes=dask_processes)
@@ -166,7 +166,7 @@ def run_distill(params_file: str = "params.yaml", overrides: dict | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(run_distill, __doc__, argv)
+    return cli(run_distill, __doc__, argv, step="distill")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """A step's entry point: the config loaded and checked before any work, and the command line
-`python -m flows.<module> [--params FILE] [--set KEY=VALUE ...]` with dna's one exit-code policy (dna/errors.py)."""
+`python -m flows.<module> [--params FILE] [--set KEY=VALUE ...]` with dna's one exit-code policy (dna/errors.py).
+
+The command line checks the config while the Prefect API it reports to starts (when it has to: flows/prefect_api.py),
+then runs the step's flow, which takes that checked config over instead of checking it again.
+"""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,18 +17,59 @@ from typing import Any
 import yaml
 
 from dna.config import ConfigError, Params, load_params, parse_overrides
-from flows.steps import STAGE_PARAMS, stage_params
+from flows.steps import MAKES_PROFILE, STAGE_PARAMS, stage_params
+
+# The sections whose checks build the teacher or the space (and so import timm, torchvision and torch.fx): a step
+# that reads none of them checks the schema of the whole file, and its own keys, without them.
+MODEL_SECTIONS = ("teacher", "space", "supervision", "search")
 
 
-def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
-         check_profile: bool = True) -> Params:
-    """Load and deep-validate the config (raises ConfigError, one line naming the key, before any work);
-    check_profile=False for the stage that makes the latency profile."""
+@dataclass(frozen=True)
+class Checks:
+    """What a step checks before its work, beyond the schema of the whole file."""
+
+    data: bool = True  # the data source (data.root holds images, a torchvision dataset opens)
+    models: bool = True  # the schema's timm checks; the teacher's shapes against the space; budgets against costs
+    profile: bool = True  # the latency profile, when a key asks for latency
+
+    @classmethod
+    def of(cls, step: str) -> Checks:
+        sections = {key.split(".")[0] for key in STAGE_PARAMS[step]}
+        return cls(data="data" in sections, models=bool(sections & set(MODEL_SECTIONS)),
+                   profile=step not in MAKES_PROFILE)
+
+
+_checked: dict[tuple, Params] = {}  # a config the command line checked, for its flow to take over (once)
+
+
+def _key(params_file: str | Path, overrides: dict | None, checks: Checks) -> tuple:
+    path = Path(params_file).resolve()
+    stamp = path.stat().st_mtime_ns if path.is_file() else None
+    return str(path), stamp, json.dumps(overrides or {}, sort_keys=True, default=str), checks
+
+
+def load(params_file: str | Path = "params.yaml", overrides: dict | None = None, check_profile: bool = True,
+         checks: Checks | None = None) -> Params:
+    """Load and validate the config (raises ConfigError, one line naming the key, before any work): every check
+    by default; check_profile=False for the stage that makes the latency profile; a step's own Checks.of(step)."""
     from dna.pipeline import validate
 
-    params = load_params(params_file, overrides)
-    validate(params, check_profile=check_profile)
+    checks = checks or Checks(profile=check_profile)
+    key = _key(params_file, overrides, checks)
+    if key in _checked:
+        return _checked.pop(key)
+    params = load_params(params_file, overrides, deep=checks.models)
+    validate(params, check_profile=checks.profile, data=checks.data, models=checks.models)
     return params
+
+
+def check_first(step: str | None, params_file: str | Path, overrides: dict | None) -> None:
+    """Check the step's config now (every check when step is None); the step's flow then takes this config over
+    instead of checking it again."""
+    checks = Checks.of(step) if step is not None else Checks()
+    params = load(params_file, overrides, checks=checks)
+    _checked.clear()
+    _checked[_key(params_file, overrides, checks)] = params
 
 
 def missing_dvc_params(raw: dict) -> list[str]:
@@ -72,24 +118,28 @@ class StepRun:
 
 
 @contextlib.contextmanager
-def step_run(step: str, params_file: str | Path, overrides: dict | None, *, check_profile: bool = True,
+def step_run(step: str, params_file: str | Path, overrides: dict | None, *,
              absolute_outputs: bool = False) -> Iterator[StepRun]:
     """Load and check the config (before any work), then the step's MLflow run with the params it reads."""
     from dna.pipeline import Run
     from flows.tracking import stage_run
 
-    params = load(params_file, overrides, check_profile=check_profile)
+    params = load(params_file, overrides, checks=Checks.of(step))
     if absolute_outputs:
         params = with_absolute_outputs(params)
     with stage_run(params, step, stage_params(params, step)) as (mlrun, tracking):
         yield StepRun(params, Run(params), mlrun, tracking)
 
 
-def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | None = None) -> int:
+def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | None = None,
+        step: str | None = None) -> int:
     """Exit 0; 2 with one line on a bad config; 1 with one line on a detected fault (corrupt checkpoint, diverging
-    loss, failed ONNX parity, missing input, failed blocks)."""
+    loss, failed ONNX parity, missing input, failed blocks).
+
+    With `step`, its config is checked while the Prefect API starts, before the flow runs."""
     from dna.errors import report
     from dna.logs import setup_logging
+    from flows.prefect_api import start_api
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", "-p", default="params.yaml", help="params file (default: params.yaml)")
@@ -98,7 +148,16 @@ def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | Non
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        run(args.params, parse_overrides(args.sets))
+        overrides = parse_overrides(args.sets)
+        if step is not None:
+            load_params(args.params, overrides, deep=False)  # a wrong key: fail before starting a server
+        api = start_api()
+        if step is not None:
+            check_first(step, args.params, overrides)
+        with api.reporting():
+            run(args.params, overrides)
     except Exception as exc:
         return report(exc)
+    finally:
+        _checked.clear()
     return 0

@@ -30,7 +30,7 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None)
         mlrun.artifact(out / "metrics.json")
         info = log_onnx_model(run.paths.onnx, run.data.images("test", SAMPLE_IMAGES).numpy())
         record = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": mlrun.run_id,
-                  "tracking_uri": mlrun.uri}
+                  "tracking_uri": mlrun.uri, "arch": meta.get("arch")}
         atomic_write_text(out / "logged_model.json", json.dumps(record, indent=2) + "\n")
     artifacts.markdown("export-summary", artifacts.metrics_markdown(
         "ONNX export", metrics, f"logged as `{info.model_uri}` (MLflow run `{mlrun.run_id}`)"),
@@ -39,7 +39,7 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: export_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: export_flow(path, sets), __doc__, argv, step="export")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def slowest_layers(table: pd.DataFrame, n: int = 10) -> list[dict]:
 def profile_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.pipeline import stage_profile
 
-    with step_run("profile", params_file, overrides, check_profile=False) as step:
+    with step_run("profile", params_file, overrides) as step:
         params, run, mlrun = step.params, step.run, step.mlrun
         summary = step.task(stage_profile, "time-pieces")(run)
         mlrun.metrics({k: summary[k] for k in ("rows", "seconds", "overhead_ms", "layer_ms_median")})
@@ -36,7 +36,7 @@ def profile_flow(params_file: str = "params.yaml", overrides: dict | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: profile_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: profile_flow(path, sets), __doc__, argv, step="profile")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from prefect import flow, get_run_logger
 
 from dna.logs import setup_logging
 from flows import artifacts
-from flows.entry import check_dvc_params, load
-from flows.prefect_api import prefect_api_url
+from flows.entry import check_dvc_params, check_first, load
+from flows.prefect_api import prefect_api_url, start_api
 from flows.steps import METRIC_FILES, RESULT_SECTIONS, STEPS, flatten
-from flows.tracking import PARENT_ENV, stage_run, tracking_uri
+from flows.tracking import PARENT_ENV, ensure_experiment, stage_run, tracking_uri
 
 RAN = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
@@ -131,7 +131,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
         env[PARENT_ENV] = mlrun.run_id
         env["TQDM_DISABLE"] = "1"  # progress bars would flood the log; progress is in Prefect artifacts
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        api = prefect_api_url()  # the stage flows report to the server this flow reports to
+        api = prefect_api_url()  # the stage flows report to the server this flow reports to (no server each)
         if api:
             env["PREFECT_API_URL"] = api
         logger.info("running %s in %s", " ".join(["dvc", *cmd[3:]]), root)
@@ -150,7 +150,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dna.config import parse_overrides
+    from dna.config import load_params, parse_overrides
     from dna.errors import report as report_error
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,7 +179,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("dvc status: every stage is up to date; nothing to run (no Prefect flow run, no MLflow run)")
                 print(text)
                 return 0
-        result = pipeline_flow(str(root), overrides, args.force)
+        with working_directory(root):
+            check_dvc_params("params.yaml")
+            load_params("params.yaml", overrides, deep=False)  # a wrong key: fail before starting a server
+        api = start_api()
+        with working_directory(root):  # while the Prefect server starts: the whole config, the MLflow store
+            check_first(None, "params.yaml", overrides)
+            params = load_params("params.yaml", overrides, deep=False)
+            ensure_experiment(tracking_uri(params, root), params.mlflow.experiment, root)
+        with api.reporting():
+            result = pipeline_flow(str(root), overrides, args.force)
     except Exception as exc:
         return report_error(exc)
     print(report(root, result))
@@ -187,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def up_to_date(root: Path) -> bool:
-    """Whether `dvc status` finds every stage up to date: a second's check before starting any server or run."""
+    """Whether `dvc status` finds every stage up to date: a second's check before starting any server or run (none
+    without a dvc.lock: nothing has run)."""
+    if not (root / "dvc.lock").is_file():
+        return False
     try:
         done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
                               text=True, timeout=600, check=False)

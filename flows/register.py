@@ -18,6 +18,16 @@ from flows.registry import latest_version, log_onnx_model, promote, register_ver
 SAMPLE_IMAGES = 8
 
 
+def arch_tag(run, record_file: Path) -> str:
+    """The exported network's architecture tag: as the export stage recorded it, else read from the search's file
+    (which imports timm, to check it)."""
+    if record_file.is_file() and json.loads(record_file.read_text()).get("arch"):
+        return json.loads(record_file.read_text())["arch"]
+    from dna.arch import Arch
+
+    return Arch.load(run.paths.arch).tag()
+
+
 def logged_model_uri(client, record_file: Path) -> str | None:
     """The export stage's logged model, if it is in this tracking store."""
     from mlflow.exceptions import MlflowException
@@ -36,7 +46,6 @@ def logged_model_uri(client, record_file: Path) -> str | None:
 def register_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from dna.arch import Arch
     from dna.checkpoint import atomic_write_text
 
     with step_run("register", params_file, overrides) as step:
@@ -48,7 +57,7 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
         model_uri = logged_model_uri(client, run.paths.export_dir / "logged_model.json")
         if model_uri is None:  # exported under another tracking store: log it again here
             model_uri = log_onnx_model(run.paths.onnx, run.data.images("test", SAMPLE_IMAGES).numpy()).model_uri
-        tags = {"arch": Arch.load(run.paths.arch).tag(), "git_commit": git_commit(),
+        tags = {"arch": arch_tag(run, run.paths.export_dir / "logged_model.json"), "git_commit": git_commit(),
                 "data_hash": data_hash(params, run.paths.splits), "params_hash": params_hash(params),
                 "test_accuracy": retrained["test_accuracy"], "onnx_test_accuracy": exported["onnx_test_accuracy"],
                 "max_abs_diff": exported["max_abs_diff"], "atol": exported["atol"], "opset": exported["opset"],
@@ -71,7 +80,7 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: register_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: register_flow(path, sets), __doc__, argv, step="register")
 
 
 if __name__ == "__main__":

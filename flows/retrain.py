@@ -44,7 +44,7 @@ def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: retrain_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: retrain_flow(path, sets), __doc__, argv, step="retrain")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def search_flow(params_file: str = "params.yaml", overrides: dict | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: search_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: search_flow(path, sets), __doc__, argv, step="search")
 
 
 if __name__ == "__main__":

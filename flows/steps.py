@@ -49,6 +49,9 @@ STAGES = [s.name for s in STEPS]
 STAGE_PARAMS: dict[str, list[str]] = {s.name: list(s.params) for s in STEPS}
 STAGE_MODULES: dict[str, str] = {s.name: s.module for s in STEPS}
 METRIC_FILES: dict[str, str] = {s.name: s.metrics for s in STEPS if s.metrics}
+# Steps that make the latency profile (checked without it).
+MAKES_PROFILE = frozenset(step for step, stages in stage_steps(STAGE_TABLE).items()
+                          if any(s.makes_profile for s in stages))
 
 # Sections that determine the trained network; their hash tags a registered model version.
 RESULT_SECTIONS = ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "search", "profile",

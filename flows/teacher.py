@@ -40,7 +40,7 @@ def teacher_flow(params_file: str = "params.yaml", overrides: dict | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: teacher_flow(path, sets), __doc__, argv)
+    return cli(lambda path, sets: teacher_flow(path, sets), __doc__, argv, step="teacher")
 
 
 if __name__ == "__main__":

@@ -203,17 +203,28 @@ def test_a_bad_config_stops_the_pipeline_before_any_work(prefect_api, tmp_path, 
     assert_nothing_written(tmp_path, raw)
 
 
-def test_a_bad_config_stops_every_stage_before_any_work(prefect_api, tmp_path, capsys):
-    """Each stage's own entry point (what `dvc repro` runs): exit 2, one line naming the key, nothing written."""
+@pytest.mark.parametrize("change, key, stages", [
+    pytest.param({"retrain.train.epochs": "ten"}, "retrain.train.epochs", None, id="schema-every-stage"),
+    pytest.param({"search.budgets": {"macs": 1000}}, "search.budgets.macs",
+                 ["teacher", "distill", "profile", "search", "retrain"], id="costs-the-stages-that-read-the-space"),
+])
+def test_a_bad_config_stops_every_stage_that_checks_it_before_any_work(prefect_api, tmp_path, capsys, change, key,
+                                                                       stages):
+    """Each stage's own entry point (what `dvc repro` runs): exit 2, one line naming the key, nothing written.
+    The schema of the whole file is checked by every stage; the checks that build the teacher or the space (and
+    so import timm) by the stages that read the teacher, the space, the supervision or the search."""
     import importlib
 
+    from flows.entry import Checks
     from flows.steps import STAGE_MODULES, STAGES
 
-    raw = bad_project(tmp_path, {"search.budgets": {"macs": 1000}})
+    raw = bad_project(tmp_path, change)
+    if stages is not None:
+        assert [s for s in STAGES if Checks.of(s).models] == stages
     with working_directory(tmp_path):
-        for stage in STAGES:
+        for stage in stages or STAGES:
             module = importlib.import_module(f"flows.{STAGE_MODULES[stage]}")
             assert module.main(["--params", "params.yaml"]) == 2, stage
             lines = error_lines(capsys)
-            assert len(lines) == 1 and "search.budgets.macs" in lines[0] and "smallest" in lines[0], (stage, lines)
+            assert len(lines) == 1 and key in lines[0], (stage, lines)
     assert_nothing_written(tmp_path, raw)

@@ -1,0 +1,74 @@
+"""A step's entry point checks what the step reads, and imports only what it needs: the data stage, run as DVC runs
+it, never imports timm or torchvision (seconds of a stage with nearly no work); a stage that reads the space does."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from pipeline_support import ROOT, tiny_raw, working_directory, write_params
+
+from flows.entry import Checks, _checked, check_first, load
+from flows.steps import STAGES
+
+MODEL_LIBRARIES = ("timm", "torchvision")
+
+
+def imported(importtime_log: str) -> set[str]:
+    """The top-level packages a `python -X importtime` run imported."""
+    names = set()
+    for line in importtime_log.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def run_stage(module: str, project, api: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", f"flows.{module}"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_each_step_checks_the_model_libraries_only_when_it_reads_the_teacher_or_the_space():
+    checks = {step: Checks.of(step) for step in STAGES}
+    assert [s for s in STAGES if checks[s].models] == ["teacher", "distill", "profile", "search", "retrain"]
+    assert [s for s in STAGES if not checks[s].data] == ["register"]
+    assert [s for s in STAGES if not checks[s].profile] == ["profile"]
+
+
+def test_the_data_stage_runs_without_timm_or_torchvision_and_the_teacher_stage_checks_with_them(prefect_api,
+                                                                                                 tmp_path):
+    write_params(tmp_path / "params.yaml", tiny_raw())
+    data = run_stage("data", tmp_path, prefect_api)
+    assert data.returncode == 0, data.stderr[-3000:]
+    assert (tmp_path / "outputs" / "data" / "splits.json").is_file()
+    assert not imported(data.stderr) & set(MODEL_LIBRARIES), sorted(imported(data.stderr) & set(MODEL_LIBRARIES))
+    assert {"torch", "prefect", "mlflow"} <= imported(data.stderr)  # what the stage does need
+
+    write_params(tmp_path / "params.yaml", tiny_raw() | {"search": {"budgets": {"macs": 1000}, "front_axis": "macs"}})
+    teacher = run_stage("teacher", tmp_path, prefect_api)  # a budget below the smallest network: checked, exit 2
+    assert teacher.returncode == 2 and "search.budgets.macs" in teacher.stderr
+    assert "timm" in imported(teacher.stderr)
+    assert not (tmp_path / "outputs" / "teacher").exists()
+
+
+def test_a_config_checked_first_is_taken_over_once_by_the_flow(tmp_path):
+    write_params(tmp_path / "params.yaml", tiny_raw())
+    with working_directory(tmp_path):
+        check_first("data", "params.yaml", {"seed": 3})
+        first = load("params.yaml", {"seed": 3}, checks=Checks.of("data"))
+        again = load("params.yaml", {"seed": 3}, checks=Checks.of("data"))
+    assert first.seed == again.seed == 3
+    assert first is not again and not _checked  # taken over once; later loads check again
+
+
+@pytest.mark.parametrize("step", ["data", "register"])
+def test_a_light_step_still_rejects_a_wrong_key_anywhere_in_the_file(tmp_path, step):
+    from dna.config import ConfigError
+
+    raw = tiny_raw()
+    raw["space"]["blocks"][0]["widths"] = ["wide"]
+    write_params(tmp_path / "params.yaml", raw)
+    with working_directory(tmp_path), pytest.raises(ConfigError, match="space.blocks.0.widths"):
+        load("params.yaml", checks=Checks.of(step))
