@@ -10,7 +10,9 @@ from flows.settings import OrchestrationConfig
 def make_task_runner(orch: OrchestrationConfig, dask_processes: bool | None = None):
     """The Prefect task runner named by orchestration.task_runner.
 
-    dask: a LocalCluster of max_workers single-threaded workers, or the cluster at orchestration.dask_address.
+    dask: a LocalCluster of max_workers single-threaded workers, or the cluster at orchestration.dask_address;
+    each task holds orchestration.dask_resources of its worker (e.g. {GPU: 1}: one block per GPU worker; the local
+    cluster's workers then offer them too).
     dask_processes=False runs the local cluster's workers as threads of this process (the env variable
     DNA_DASK_PROCESSES=0 does the same); by default they are processes.
     """
@@ -29,16 +31,18 @@ def make_task_runner(orch: OrchestrationConfig, dask_processes: bool | None = No
             import dask
 
             dask.config.refresh()
-            from prefect_dask import DaskTaskRunner
+            from flows.dask_cluster import ResourceDaskTaskRunner
         except ImportError:
             raise ConfigError("orchestration.task_runner='dask' needs prefect-dask: pip install prefect-dask") from None
+        resources = dict(orch.dask_resources)
         if orch.dask_address:
-            return DaskTaskRunner(address=orch.dask_address)
+            return ResourceDaskTaskRunner(address=orch.dask_address, task_resources=resources)
         if dask_processes is None:
             dask_processes = os.environ.get("DNA_DASK_PROCESSES", "1") not in ("0", "false", "no")
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": orch.max_workers, "threads_per_worker": 1,
-                                              "processes": dask_processes, "dashboard_address": None})
+        local = {"n_workers": orch.max_workers, "threads_per_worker": 1, "processes": dask_processes,
+                 "dashboard_address": None}
+        return ResourceDaskTaskRunner(cluster_class="distributed.LocalCluster", task_resources=resources,
+                                      cluster_kwargs=local | ({"resources": resources} if resources else {}))
     if kind == "ray":
         try:
             from prefect_ray import RayTaskRunner

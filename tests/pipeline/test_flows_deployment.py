@@ -1,6 +1,10 @@
-"""The nightly deployment as the README runs it, through the real entry points: `prefect server start` on loopback,
-`prefect work-pool create`, `prefect --no-prompt deploy --all` with the project's prefect.yaml, `prefect worker start`
-and `prefect deployment run dna-pipeline/nightly`, on a git + DVC copy of the project with the tiny params.
+"""Prefect deployments as the README runs them. The nightly deployment, through the real entry points: `prefect
+server start` on loopback, `prefect work-pool create`, `prefect --no-prompt deploy --all` with the project's
+prefect.yaml, `prefect worker start` and `prefect deployment run dna-pipeline/nightly`, on a git + DVC copy of the
+project with the tiny params.
+
+On a team's server whose database is PostgreSQL (a database of its own, with pg_trgm; skipped, saying why,
+without PostgreSQL), the data stage's flow is deployed to a process work pool and run by a worker.
 
 Only a real worker imports the entrypoint the way a deployment does (with flows/ first on sys.path);
 the in-process test server of the other tests does not."""
@@ -10,59 +14,20 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pipeline_support import git_dvc_project
+from server_support import background, free_port, get_json, postgres_database, postgres_url, query, tail
 
-pytestmark = pytest.mark.slow  # about five minutes: a Prefect server, a worker, and the whole tiny pipeline
+pytestmark = pytest.mark.slow  # a Prefect server and a worker each; the nightly one runs the whole tiny pipeline
 
 RUN_TIMEOUT_S = 600
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGINT to the process group (Prefect's worker ignores SIGTERM for a while), then SIGKILL."""
-    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
-
-
-@contextlib.contextmanager
-def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            stop(proc)
 
 
 def prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 180) -> str:
@@ -140,3 +105,32 @@ def test_the_nightly_deployment_runs_the_pipeline_on_a_process_worker(tmp_path, 
     assert registration["version"] == 1 and registration["champion"] == 1
     assert (project / "dvc.lock").is_file() and (project / "mlflow.db").is_file()
     assert sorted(p.name for p in Path(env["HOME"]).iterdir()) == [], "written to the home folder"
+
+
+def test_a_server_on_postgresql_runs_a_deployed_stage_flow_on_a_process_worker(tmp_path, project, shell_env):
+    """About a minute here: `prefect server start` with PREFECT_SERVER_DATABASE_CONNECTION_URL on a new
+    PostgreSQL database, a process work pool, `prefect deploy` of the data stage's flow, a worker that runs it."""
+    (project / "prefect.yaml").unlink()  # its nightly deployment's parameters would be given to this flow too
+    with postgres_database("prefect", extensions=("pg_trgm",)) as database:
+        env = shell_env | {"PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres_url(database, "asyncpg")}
+        api = env["PREFECT_API_URL"]
+        port = api.split(":")[-1].split("/")[0]
+        server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+        with background(["prefect", "server", "start", "--host", "127.0.0.1", "--port", port], project, env,
+                        server_log) as server:
+            wait_healthy(api, server, server_log, timeout=240)
+            prefect(env, project, "work-pool", "create", "dna-process", "--type", "process")
+            deployed = prefect(env, project, "--no-prompt", "deploy", "flows/data.py:data_flow", "--name", "team",
+                               "--pool", "dna-process")
+            assert "dna-data/team" in deployed, deployed
+            with background(["prefect", "worker", "start", "--pool", "dna-process"], project, env,
+                            worker_log) as worker:
+                started = prefect(env, project, "deployment", "run", "dna-data/team")
+                flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
+                state = wait_finished(api, flow_run_id, worker, worker_log)
+            assert state["type"] == "COMPLETED", f"{state.get('name')}: {state.get('message')}\n{tail(worker_log)}"
+            assert query(database, f"SELECT state_type FROM flow_run WHERE id = '{flow_run_id}'") == [("COMPLETED",)]
+            assert ("team",) in query(database, "SELECT name FROM deployment")
+            assert query(database, "SELECT type FROM work_pool WHERE name = 'dna-process'") == [("process",)]
+    splits = json.loads((project / "outputs" / "data" / "splits.json").read_text())
+    assert set(splits["splits"]) == {"train", "rate", "test"}

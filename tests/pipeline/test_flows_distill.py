@@ -113,3 +113,34 @@ def test_blocks_run_on_a_dask_local_cluster_of_two_worker_processes(distilled, t
         theirs = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
         assert list(mine["path"]) == list(theirs["path"])
         pd.testing.assert_series_equal(mine["score"], theirs["score"], rtol=1e-3)
+
+
+@pytest.mark.slow  # a Dask scheduler and two workers start, then both blocks train: about two minutes here
+def test_blocks_run_on_a_dask_cluster_by_address_one_block_per_gpu_worker(distilled, tiny_project, tmp_path_factory,
+                                                                          tmp_path, monkeypatch):
+    """A scheduler and two workers started with the `dask` command line, each pinned to its own (pretend) GPU by
+    CUDA_VISIBLE_DEVICES and offering GPU=1; the distill flow connects by orchestration.dask_address and each block
+    holds one GPU: the two blocks run on the two workers, and the ratings agree with the thread-pool run."""
+    import os
+
+    from server_support import dask_cluster
+
+    from flows.distill import run_distill
+
+    threads_root = distilled[0]
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-dask-address"))
+    monkeypatch.setenv("PREFECT_API_URL", os.environ.get("PREFECT_API_URL", ""))  # restored after the test
+    with dask_cluster(tmp_path / "dask") as (address, workers), working_directory(root):
+        result = run_distill("params.yaml", {"orchestration.task_runner": "dask",
+                                             "orchestration.dask_address": address,
+                                             "orchestration.dask_resources": {"GPU": 1}})
+    assert result["task_runner"] == "dask"
+    gpu_of = {w["pid"]: w["gpu"] for w in workers.values()}
+    ran_on = [gpu_of.get(b["process"]) for b in result["blocks"]]
+    assert sorted(ran_on) == ["0", "1"], (ran_on, workers)  # each worker (and its GPU) trained one block
+    for block, theirs in zip(result["blocks"], distilled[1]["blocks"]):
+        assert block["trained_epochs"] == 2 and block["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-3)
+        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        other = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        assert list(mine["path"]) == list(other["path"])
+        pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-3)

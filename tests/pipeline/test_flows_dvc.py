@@ -1,6 +1,7 @@
 """The DVC pipeline end to end on the tiny configuration, driven by the pipeline flow: a full `dvc repro`, a second
 one that runs nothing, then `dvc exp run -S` on a retraining parameter that reruns only retrain and what follows.
-Every stage is its own Python process reporting to the session's Prefect test server."""
+Every stage is its own Python process reporting to the session's Prefect test server. A DVC remote (a local folder)
+takes a run's data and checkpoints with `dvc push` and gives them back with `dvc pull`."""
 from __future__ import annotations
 
 import json
@@ -132,3 +133,35 @@ def test_the_entry_point_on_an_unchanged_project_starts_nothing_and_reports_the_
     assert "every stage is up to date; nothing to run" in out
     assert "outputs/export/model.onnx" in out and "registry: dna-student version 2" in out
     assert len(client.search_runs([experiment], max_results=1000)) == before
+
+
+def test_a_dvc_remote_restores_data_and_checkpoints_byte_for_byte(prefect_api, tmp_path, monkeypatch):
+    """The data and teacher stages in a fresh git + DVC repository, `dvc remote add -d` a local folder, `dvc push`;
+    then the cache and the cached outputs are wiped and `dvc pull` brings them back identical, the teacher's
+    training state (a `persist: true` output, what resuming needs) included."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    repo = git_dvc_project(tmp_path / "repo")
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the stages report to the session's test server
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    dvc(repo, "repro", "teacher")
+    outputs = repo / "outputs"
+    cached = ["data/splits.json", "teacher/teacher.pt", "teacher/train_state.pt"]
+    before = {p: hashlib.sha256((outputs / p).read_bytes()).hexdigest() for p in cached}
+
+    remote = tmp_path / "remote"
+    dvc(repo, "remote", "add", "-d", "team", str(remote))
+    pushed = dvc(repo, "push")
+    assert "3 files pushed" in pushed, pushed
+    for path in cached:
+        (outputs / path).unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    assert "deleted" in dvc(repo, "status", "--with-deps", "teacher")
+
+    pulled = dvc(repo, "pull", "--with-deps", "teacher")  # the stages that ran (the others have no outputs yet)
+    assert "3 files fetched" in pulled and "3 files added" in pulled, pulled
+    assert {p: hashlib.sha256((outputs / p).read_bytes()).hexdigest() for p in cached} == before
+    assert "up to date" in dvc(repo, "status", "--with-deps", "teacher")
+    assert "in sync" in dvc(repo, "status", "--cloud", "--with-deps", "teacher")

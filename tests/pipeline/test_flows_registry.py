@@ -1,4 +1,6 @@
-"""The model registry on a SQLite MLflow store: promotion rules, the promote CLI, and loading the champion.
+"""The model registry: promotion rules, the promote CLI, loading the champion and racing promotions, each on a
+SQLite MLflow store and on a team's tracking server (a real `mlflow server` whose backend store is a PostgreSQL
+database of its own, with artifacts proxied to a folder; skipped, saying why, where PostgreSQL is not reachable).
 
 The rules are exercised on small hand-built linear ONNX models; a real exported student is promoted to champion and
 served in test_serve.py."""
@@ -11,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pipeline_support import run_python, tiny_raw, write_params
+from server_support import BIN, background, free_port, postgres_database, postgres_url, query, wait_answering
 
 from flows.registry import CHALLENGER, CHAMPION, PROMOTION_TAG, log_onnx_model, promote, promote_cli, register_version
 
@@ -34,15 +37,38 @@ def linear_onnx(path, weights: np.ndarray, bias: np.ndarray):
     return path
 
 
-@pytest.fixture
-def registry(tmp_path):
-    """A fresh SQLite tracking store and registry, and a function that registers a version with given tags."""
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port, its backend store a new PostgreSQL database, artifacts served from
+    a folder (--artifacts-destination). Yields the tracking URI, the database name and the artifact folder."""
+    import os
+
+    with postgres_database("mlflow") as database:
+        root = tmp_path_factory.mktemp("mlflow-server")
+        port, log = free_port(), root / "server.log"
+        env = dict(os.environ) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: 2 cores here
+        with background([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                         "--backend-store-uri", postgres_url(database, "psycopg2"),
+                         "--artifacts-destination", str(root / "artifacts")], root, env, log) as server:
+            wait_answering(f"http://127.0.0.1:{port}/health", server, log)
+            yield f"http://127.0.0.1:{port}", database, root / "artifacts"
+
+
+@pytest.fixture(params=["sqlite", "postgresql-server"])
+def registry(request, tmp_path):
+    """A fresh tracking store and registry (a SQLite file, or the PostgreSQL-backed server with this test's model
+    removed), and a function that registers a version with given tags."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from flows.tracking import ensure_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        uri = request.getfixturevalue("mlflow_server")[0]
+        if MlflowClient(uri).search_registered_models(f"name = '{NAME}'"):
+            MlflowClient(uri).delete_registered_model(NAME)
     mlflow.set_tracking_uri(uri)
     experiment = ensure_experiment(uri, "dna", tmp_path)
     client = MlflowClient(uri)
@@ -189,3 +215,28 @@ def test_promoting_twice_is_harmless_and_a_withdrawn_champion_hands_over_to_the_
     assert withdraw(client, NAME, 2, "test_accuracy") == 3 and champion(client) == 3  # roll back the 0.90 model
     assert not promote(client, NAME, add(0.75, seed=4), "test_accuracy").promoted  # 0.90 no longer counts
     assert champion(client) == 3
+
+
+def test_the_team_server_keeps_the_registry_in_postgresql_and_the_models_in_its_artifact_folder(mlflow_server):
+    """What the server-parametrised tests above rely on: versions and aliases are rows of the server's PostgreSQL
+    database, and a logged model's files land under --artifacts-destination."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import ensure_experiment
+
+    uri, database, artifacts = mlflow_server
+    client = MlflowClient(uri)
+    name = "dna-student-storage-check"
+    mlflow.set_tracking_uri(uri)
+    experiment = ensure_experiment(uri, "dna-storage-check")
+    sample = np.zeros((2, 1, 4, 4), np.float32)
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_onnx_model(linear_onnx(artifacts.parent / "m.onnx", np.eye(10, 16), np.zeros(10)), sample)
+    version = register_version(client, name, info.model_uri, {"test_accuracy": 0.5, "max_abs_diff": 0.0,
+                                                              "atol": 1e-4, "arch": "linear"})
+    assert promote(client, name, version, "test_accuracy").promoted
+    assert query(database, f"SELECT version FROM model_versions WHERE name = '{name}'") == [(version,)]
+    assert sorted(query(database, f"SELECT alias, version FROM registered_model_aliases WHERE name = '{name}'")) == [
+        (CHALLENGER, version), (CHAMPION, version)]
+    assert [p.name for p in artifacts.rglob("model.onnx")], f"no model.onnx under {artifacts}"
