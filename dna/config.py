@@ -294,6 +294,43 @@ class ExportConfig(Strict):
     atol: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-4
 
 
+class SposConfig(Strict):
+    """The single-path one-shot baseline: one supernet of whole networks, one uniformly sampled path per step.
+
+    epochs: None gives it the training compute of the block supernets: distill.epochs x (cells of all blocks) /
+    (blocks) epochs at distill.batch_size, so it trains as many (block path, batch) pairs as distillation does."""
+
+    epochs: Annotated[int, Field(gt=0)] | None = None
+    optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+
+class RankConfig(Strict):
+    """The ranking-quality stage (`dna rank`): K networks sampled over rating and cost, plus the searched one and
+    random networks under the search budgets, each trained from scratch with one short recipe."""
+
+    networks: Annotated[int, Field(ge=3)] = 12  # K, stratified over cost bands and, within a band, over rating
+    cost_axis: CostAxis = "macs"  # the cost that bands are made on
+    cost_bands: PositiveInt = 3
+    top_k: PositiveInt = 3  # precision of the top-k by rating among the top-k by accuracy
+    pool: Annotated[int, Field(ge=100)] = 4096  # random networks drawn from the space to stratify from
+    random_networks: Annotated[int, Field(ge=0)] = 10  # random search at equal budget (search.budgets)
+    seeds: Annotated[int, Field(ge=1, le=5)] = 1  # trainings per network; accuracy is their mean
+    train: TrainConfig = TrainConfig(epochs=4, lr=0.005, warmup_epochs=0, drop_rate=0.0)
+    spos: SposConfig = SposConfig()
+
+    @model_validator(mode="after")
+    def _sizes(self) -> RankConfig:
+        if self.cost_bands * 2 > self.networks:
+            raise ValueError(f"rank.cost_bands={self.cost_bands}: each band needs at least 2 of the rank.networks="
+                             f"{self.networks} networks (at most {self.networks // 2} bands)")
+        if self.top_k >= self.networks:
+            raise ValueError(f"rank.top_k={self.top_k} must be below rank.networks={self.networks}")
+        return self
+
+
 class CoreParams(Strict):
     """The sections of the method; other layers add theirs (extension_sections)."""
 
@@ -310,6 +347,7 @@ class CoreParams(Strict):
     profile: ProfileConfig = ProfileConfig()
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
+    rank: RankConfig = RankConfig()
 
     @model_validator(mode="after")
     def _boundaries_match_blocks(self) -> CoreParams:
