@@ -102,6 +102,9 @@ class TeacherConfig(Strict):
     model: str = "efficientnet_b0"
     checkpoint: str | None = None
     boundaries: list[Annotated[int, Field(ge=1)]] = [2, 3, 4, 6]
+    # timm's output_stride: 8 or 16 dilate the stages past that stride instead of striding them, so the late
+    # boundaries keep larger feature maps at the same input size (the space's blocks there then take stride 1)
+    output_stride: Literal[8, 16, 32] = 32
     train: TrainConfig = TrainConfig()
 
     @field_validator("model")
@@ -125,6 +128,15 @@ class TeacherConfig(Strict):
         if list(self.boundaries) != sorted(set(self.boundaries)):
             raise ValueError(f"teacher.boundaries={self.boundaries} must be strictly increasing")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """The default output stride (32, no dilation) is left out, so configs dump (and fingerprint) as they did
+        before the key."""
+        out = handler(self)
+        if self.output_stride == 32:
+            out.pop("output_stride", None)
+        return out
 
 
 Width = Annotated[int, Field(ge=8, le=4096, multiple_of=8)]

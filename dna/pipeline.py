@@ -95,7 +95,7 @@ def validate(params: Params, check_profile: bool = True) -> None:
     check_source(d)
     run = Run(params)
     try:
-        shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries)
+        shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries, t.output_stride)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     sizes = run.space.block_resolutions()

@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def create_teacher(params: Params, num_classes: int, in_chans: int, pretrained: bool = False) -> nn.Module:
-    return timm.create_model(params.teacher.model, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                             drop_rate=params.teacher.train.drop_rate)
+    cfg = params.teacher
+    dilation = {"output_stride": cfg.output_stride} if cfg.output_stride != 32 else {}
+    return timm.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                             drop_rate=cfg.train.drop_rate, **dilation)
 
 
 def _state_dict_of(path: str | Path) -> dict:
