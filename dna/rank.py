@@ -83,7 +83,9 @@ def plan_networks(run) -> pd.DataFrame:
         fits = pd.concat([fits, under_budget(table.frame(table.draw(p.pool, rng)), budgets)]).drop_duplicates("rows")
     if len(fits) < p.random_networks:
         raise ConfigError(f"rank.random_networks={p.random_networks}: only {len(fits)} of "
-                          f"{p.pool * (EXTRA_POOLS + 1)} random networks meet {budgets}")
+                          f"{p.pool * (EXTRA_POOLS + 1)} random networks meet {budgets} (without search.budgets, "
+                          "the searched network's own cost is the budget: set search.budgets, or fewer "
+                          "rank.random_networks)")
     randoms = fits.iloc[np.sort(rng.choice(len(fits), p.random_networks, replace=False))]
     parts = [frame.assign(**{r: r == role for r in ROLES})
              for role, frame in (("sampled", sampled), ("searched", searched), ("random", randoms))]

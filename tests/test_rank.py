@@ -19,6 +19,10 @@ def run(tmp_path_factory):
     from conftest import tiny_raw
 
     raw = tiny_raw(tmp_path_factory.mktemp("rank") / "outputs")
+    raw["data"] |= {"rate_fraction": 0.2, "test_fraction": 0.6}  # a small training split: the stage trains 7 networks
+    raw["teacher"]["train"] = raw["teacher"]["train"] | {"epochs": 1}
+    raw["distill"]["epochs"] = 1
+    raw["search"]["budgets"] = {"macs": 260_000}  # about the median network of the tiny space
     raw["rank"] = {"networks": 4, "cost_bands": 2, "top_k": 2, "random_networks": 2, "pool": 200,
                    "train": {"epochs": 1, "batch_size": 256, "warmup_epochs": 0}, "spos": {"epochs": 1}}
     run = Run(parse_params(raw))
