@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dna.config import ConfigError, Params, load_params, parse_overrides
-from dna.stages import STAGES, Stage
+from dna.stages import STAGES, Stage, default_stages
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
@@ -146,14 +146,14 @@ for _stage in STAGES:
 def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     run = _run(_load(params, set_, check_profile=False))  # the profile is made on the way, before the search
     times: dict[str, float] = {}
-    for stage in STAGES:
+    for stage in default_stages():
         start = time.perf_counter()
         run_stage(stage, run)
         times[stage.name] = time.perf_counter() - start
     _report(run, times)
 
 
-run_all.__doc__ = "All stages in order: " + ", ".join(s.name for s in STAGES) + "."
+run_all.__doc__ = "All stages in order: " + ", ".join(s.name for s in default_stages()) + "."
 app.command("run")(guarded(run_all))
 
 
@@ -163,7 +163,7 @@ def _report(run, times: dict) -> None:
     out = Console(soft_wrap=True)
     out.print("[bold]dna run: where everything went[/]")
     metrics = {}
-    for stage in STAGES:
+    for stage in default_stages():
         files = "  ".join(str(run.paths.root / f) for f in stage.files())
         out.print(f"  {stage.name:<8} {times.get(stage.name, 0):6.1f} s  {files}",
                   markup=False, highlight=False)

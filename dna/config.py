@@ -154,6 +154,9 @@ class TeacherConfig(Strict):
     model: str = "efficientnet_b0"
     checkpoint: str | None = None
     boundaries: list[Annotated[int, Field(ge=1)]] = [2, 3, 4, 6]
+    # timm's output_stride: 8 or 16 dilate the stages past that stride instead of striding them, so the late
+    # boundaries keep larger feature maps at the same input size (the space's blocks there then take stride 1)
+    output_stride: Literal[8, 16, 32] = 32
     train: TrainConfig = TrainConfig()
 
     @field_validator("model")
@@ -179,6 +182,15 @@ class TeacherConfig(Strict):
         if list(self.boundaries) != sorted(set(self.boundaries)):
             raise ValueError(f"teacher.boundaries={self.boundaries} must be strictly increasing")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """The default output stride (32, no dilation) is left out, so configs dump (and fingerprint) as they did
+        before the key."""
+        out = handler(self)
+        if self.output_stride == 32:
+            out.pop("output_stride", None)
+        return out
 
 
 Width = Annotated[int, Field(ge=8, le=4096, multiple_of=8)]
@@ -358,6 +370,43 @@ class ExportConfig(Strict):
     atol: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-4
 
 
+class SposConfig(Strict):
+    """The single-path one-shot baseline: one supernet of whole networks, one uniformly sampled path per step.
+
+    epochs: None gives it the training compute of the block supernets: distill.epochs x (cells of all blocks) /
+    (blocks) epochs at distill.batch_size, so it trains as many (block path, batch) pairs as distillation does."""
+
+    epochs: Annotated[int, Field(gt=0)] | None = None
+    optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+
+class RankConfig(Strict):
+    """The ranking-quality stage (`dna rank`): K networks sampled over rating and cost, plus the searched one and
+    random networks under the search budgets, each trained from scratch with one short recipe."""
+
+    networks: Annotated[int, Field(ge=3)] = 12  # K, stratified over cost bands and, within a band, over rating
+    cost_axis: CostAxis = "macs"  # the cost that bands are made on
+    cost_bands: PositiveInt = 3
+    top_k: PositiveInt = 3  # precision of the top-k by rating among the top-k by accuracy
+    pool: Annotated[int, Field(ge=100)] = 4096  # random networks drawn from the space to stratify from
+    random_networks: Annotated[int, Field(ge=0)] = 10  # random search at equal budget (search.budgets)
+    seeds: Annotated[int, Field(ge=1, le=5)] = 1  # trainings per network; accuracy is their mean
+    train: TrainConfig = TrainConfig(epochs=4, lr=0.005, warmup_epochs=0, drop_rate=0.0)
+    spos: SposConfig = SposConfig()
+
+    @model_validator(mode="after")
+    def _sizes(self) -> RankConfig:
+        if self.cost_bands * 2 > self.networks:
+            raise ValueError(f"rank.cost_bands={self.cost_bands}: each band needs at least 2 of the rank.networks="
+                             f"{self.networks} networks (at most {self.networks // 2} bands)")
+        if self.top_k >= self.networks:
+            raise ValueError(f"rank.top_k={self.top_k} must be below rank.networks={self.networks}")
+        return self
+
+
 class CoreParams(Strict):
     """The sections of the method; other layers add theirs (extension_sections)."""
 
@@ -374,6 +423,7 @@ class CoreParams(Strict):
     profile: ProfileConfig = ProfileConfig()
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
+    rank: RankConfig = RankConfig()
 
     @model_validator(mode="after")
     def _rand_augment_needs_images(self) -> CoreParams:

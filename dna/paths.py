@@ -39,3 +39,5 @@ class Paths:
     def profile_dir(self) -> Path: return self.root / "profile"
     @property
     def latency(self) -> Path: return self.profile_dir / "latency.csv"
+    @property
+    def rank_dir(self) -> Path: return self.root / "rank"

@@ -127,7 +127,7 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
     run = Run(params)
     run.device  # noqa: B018 - a device that is not there (cuda without a GPU) stops here, before any work
     try:
-        shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries)
+        shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries, t.output_stride)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     sizes = run.space.block_resolutions()

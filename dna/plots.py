@@ -1,4 +1,5 @@
-"""Pictures people would rather see than read: the Pareto front, rating spread per block, training curves."""
+"""Pictures people would rather see than read: the Pareto front, rating spread per block, training curves, and
+rating against accuracy of the networks the ranking stage trained."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,4 +50,29 @@ def curves(history: pd.DataFrame, path: Path) -> Path:
     right.plot(history["epoch"], history["rate_accuracy"], color="tab:green", label="hold-out accuracy")
     right.set_ylabel("accuracy")
     fig.legend(loc="upper right")
+    return _save(fig, path)
+
+
+def ranking(networks: pd.DataFrame, metrics: dict, path: Path) -> Path:
+    """Rating against test accuracy (sampled networks by cost band, the searched one, random ones under the budget),
+    and beside it the single-path one-shot rating (inherited-weight accuracy) against the same test accuracy."""
+    trained = networks[networks["test_accuracy"].notna()]
+    spos = "spos_accuracy" in trained and trained["spos_accuracy"].notna().any()
+    fig, axes = plt.subplots(1, 2 if spos else 1, figsize=(11 if spos else 6, 4), squeeze=False)
+    panels = [("rating", "rating (sum of block scores, lower is better)", "kendall_tau")]
+    if spos:
+        panels.append(("spos_accuracy", "one-shot supernet: inherited-weight hold-out accuracy", "spos_kendall_tau"))
+    for ax, (column, label, tau) in zip(axes[0], panels):
+        sampled = trained[trained["sampled"].astype(bool)]
+        for band, group in sampled.groupby("band"):
+            ax.scatter(group[column], group["test_accuracy"], s=22, label=f"sampled, cost band {band}")
+        rand = trained[trained["random"].astype(bool)]
+        ax.scatter(rand[column], rand["test_accuracy"], marker="x", color="grey", label="random under budget")
+        searched = trained[trained["searched"].astype(bool)]
+        ax.scatter(searched[column], searched["test_accuracy"], marker="*", s=160, color="crimson", label="searched")
+        value = metrics.get(tau)
+        ax.set_title(f"Kendall tau {value:.3f}" if value is not None else "Kendall tau undefined")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy, trained from scratch")
+    axes[0][0].legend(fontsize=7)
     return _save(fig, path)

@@ -26,6 +26,7 @@ class Stage:
     makes_profile: bool = False  # validated without the latency profile, which it makes
     step: str | None = None  # the pipeline step (DVC stage, Prefect flow) it runs in, when not one of its own
     data_parallel: bool = False  # trains in several processes when asked (`--nproc N`: torchrun, dna/ddp.py)
+    default: bool = True  # part of `dna run` and of the default pipeline (dvc.yaml); False: run only when asked
 
     def files(self) -> tuple[str, ...]:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
@@ -74,12 +75,26 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", "Export the retrained network to ONNX and check it against PyTorch.", "dna.pipeline:stage_export",
           ("data", "export"), ("export/model.onnx",), metrics="export/metrics.json",
           headline=("onnx_test_accuracy", "max_abs_diff")),
+    Stage("rank", "Measure how well the rating ranks networks: train a stratified sample, the searched network and "
+          "random networks under the budgets from scratch; rate them with a single-path one-shot supernet too.",
+          "dna.rank:stage_rank", ("seed", "data", "space", "distill", "rating", "search", "rank"),
+          ("rank/networks", "rank/spos", "rank/plan.csv", "rank/bands.json", "rank/networks.csv", "rank/rank.png"),
+          metrics="rank/metrics.json",
+          headline=("kendall_tau", "kendall_tau_in_band", "spos_kendall_tau", "searched_accuracy",
+                    "random_median_accuracy"), default=False),
 )
 
 
-def steps(table: tuple[Stage, ...] = STAGES) -> dict[str, list[Stage]]:
-    """The stages grouped into pipeline steps (each a DVC stage and a Prefect flow), in run order."""
+def default_stages(table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
+    """The stages of `dna run` and of the default pipeline, in run order."""
+    return tuple(s for s in table if s.default)
+
+
+def steps(table: tuple[Stage, ...] = STAGES, default: bool = True) -> dict[str, list[Stage]]:
+    """The stages grouped into pipeline steps (each a DVC stage and a Prefect flow), in run order: those of the
+    default pipeline, or (default=False) those run only when asked."""
     out: dict[str, list[Stage]] = {}
     for s in table:
-        out.setdefault(s.pipeline_step, []).append(s)
+        if s.default == default:
+            out.setdefault(s.pipeline_step, []).append(s)
     return out

@@ -44,13 +44,14 @@ def boundary_features(teacher: nn.Module, x: torch.Tensor, boundaries: list[int]
     return teacher.forward_intermediates(x, **kwargs)
 
 
-def teacher_shapes(model_name: str, in_chans: int, image_size: int,
-                   boundaries: list[int]) -> list[tuple[int, int, int]]:
+def teacher_shapes(model_name: str, in_chans: int, image_size: int, boundaries: list[int],
+                   output_stride: int = 32) -> list[tuple[int, int, int]]:
     """(channels, height, width) at each boundary, computed on the meta device (no weights, no compute)."""
     import timm
 
+    dilation = {"output_stride": output_stride} if output_stride != 32 else {}
     with torch.device("meta"):
-        model = timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=10).eval()
+        model = timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=10, **dilation).eval()
         count = len(model.blocks) + 1 if hasattr(model, "blocks") else None
         if count is not None and max(boundaries) >= count:
             raise ValueError(f"teacher.boundaries={boundaries}: {model_name} has boundaries 1..{count - 1} "

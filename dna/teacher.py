@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def create_teacher(params: Params, num_classes: int, in_chans: int, pretrained: bool = False) -> nn.Module:
-    train = params.teacher.train
-    drop_path = {"drop_path_rate": train.drop_path_rate} if train.drop_path_rate > 0 else {}
-    return timm.create_model(params.teacher.model, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                             drop_rate=train.drop_rate, **drop_path)
+    cfg = params.teacher
+    options = {"drop_path_rate": cfg.train.drop_path_rate} if cfg.train.drop_path_rate > 0 else {}
+    if cfg.output_stride != 32:
+        options["output_stride"] = cfg.output_stride
+    return timm.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                             drop_rate=cfg.train.drop_rate, **options)
 
 
 def _state_dict_of(path: str | Path) -> dict:

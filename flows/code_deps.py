@@ -3,7 +3,7 @@ project modules (imports inside functions too), with the packages' __init__.py, 
 loads through the `dna.sections` entry points. A change to a file then reruns every stage it can affect and no other.
 
     python -m flows.code_deps           # what each stage of dvc.yaml misses or lists in vain (exit 1 if anything)
-    python -m flows.code_deps --write   # rewrite the code deps of every stage in dvc.yaml
+    python -m flows.code_deps --write   # rewrite the code deps of every stage in dvc.yaml and rank/dvc.yaml
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dna", "flows")
 ENTRY = re.compile(r"python -m (flows(?:\.\w+)+)")
+DVC_FILES = ("dvc.yaml", "rank/dvc.yaml")  # the default pipeline, and the rank stage kept out of it
 
 
 def module_file(name: str) -> Path | None:
@@ -113,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps")
     args = parser.parse_args(argv)
-    path = ROOT / "dvc.yaml"
-    stages = yaml.safe_load(path.read_text())["stages"]
     if args.write:
-        path.write_text(rewrite(path.read_text(), stages))
+        for path in (ROOT / f for f in DVC_FILES):
+            path.write_text(rewrite(path.read_text(), yaml.safe_load(path.read_text())["stages"]))
         return 0
     wrong = 0
+    stages = {name: stage for f in DVC_FILES
+              for name, stage in yaml.safe_load((ROOT / f).read_text())["stages"].items()}
     for name, stage in stages.items():
         needed = code_deps(stage["cmd"])
         if needed is not None and set(needed) != set(listed_code(stage)):

@@ -24,16 +24,17 @@ class Step:
     headline: tuple[str, ...]
 
 
-def steps_of(table: tuple[Stage, ...] = STAGE_TABLE) -> list[Step]:
-    """The steps of a stage table: its stages grouped by step, then registration."""
+def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> list[Step]:
+    """The steps of a stage table: its stages grouped by step, then registration; or (default=False) the steps run
+    only when asked, each with a dvc.yaml of its own (<step>/dvc.yaml), so that `dvc repro` leaves them out."""
     out = []
-    for name, stages in stage_steps(table).items():
+    for name, stages in stage_steps(table, default).items():
         params = tuple(dict.fromkeys(k for s in stages for k in s.params))
         outputs = tuple(o for s in stages for o in s.outputs) + FLOW_OUTPUTS.get(name, ())
         metrics = [s.metrics for s in stages if s.metrics]
         out.append(Step(name, MODULES.get(name, name), params, outputs, metrics[0] if metrics else None,
                         tuple(h for s in stages for h in s.headline)))
-    return [*out, REGISTER]
+    return [*out, REGISTER] if default else out
 
 
 # Outputs a step's flow writes beyond its stage functions (for DVC plots and the register step).
@@ -45,6 +46,7 @@ MODULES = {"profile": "latency_profile"}
 REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.promote_metric"), (),
                 "register/registration.json", ("version", "champion", "reason"))
 STEPS: list[Step] = steps_of()
+OPTIONAL_STEPS: list[Step] = steps_of(default=False)  # e.g. rank: dvc repro rank/dvc.yaml
 STAGES = [s.name for s in STEPS]
 STAGE_PARAMS: dict[str, list[str]] = {s.name: list(s.params) for s in STEPS}
 STAGE_MODULES: dict[str, str] = {s.name: s.module for s in STEPS}
@@ -81,4 +83,5 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def stage_params(params: Params, step: str) -> dict[str, str]:
-    return flatten(pick(params, STAGE_PARAMS[step]))
+    keys = STAGE_PARAMS.get(step) or next(list(s.params) for s in OPTIONAL_STEPS if s.name == step)
+    return flatten(pick(params, keys))

@@ -50,6 +50,7 @@ def _tiny_raw(**changes) -> dict:
     raw = _raw(**changes)
     raw["space"]["ops"] = list(TINY_OPS)
     raw["space"]["blocks"] = [{"stride": 2, "depths": [1], "widths": [w]} for w in (24, 32, 48, 96)]
+    raw["teacher"]["output_stride"] = 32  # every stage strided, as the blocks are
     return raw
 
 
@@ -60,6 +61,19 @@ def test_default_params_load():
     assert params.data.source == "digits"
     assert len(params.space.blocks) == len(params.teacher.boundaries) == 4
     assert params.space.ops == DEFAULT_RAW["space"]["ops"]
+
+
+def test_default_teacher_is_dilated_to_match_the_blocks_at_stride_one():
+    params = load_params(DEFAULT)
+    assert params.teacher.output_stride == 8 and [b.stride for b in params.space.blocks] == [2, 2, 1, 1]
+    validate(params, check_profile=False)  # the teacher's boundaries and the blocks' outputs agree
+    undilated = load_params(DEFAULT, {"teacher.output_stride": 32})
+    with pytest.raises(ConfigError, match=r"teacher\.boundaries\[2\]=4: the teacher's features there are 2x2 but "
+                                          r"block 2 of the space outputs 4x4"):
+        validate(undilated, check_profile=False)
+    with pytest.raises(ConfigError, match=r"teacher\.output_stride=4: Input should be 8, 16 or 32"):
+        load_params(DEFAULT, {"teacher.output_stride": 4})
+    assert "output_stride" not in undilated.teacher.model_dump()  # 32 dumps (and fingerprints) as before the key
 
 
 def test_imagenet_preset_loads_without_path_checks():

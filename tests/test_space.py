@@ -38,6 +38,11 @@ def default_stages(default_space):
     return [s.to_frame() for s in stage_tables(default_space, scored=False)]
 
 
+def _teacher_shapes(params):
+    t = params.teacher
+    return teacher_shapes(t.model, IN_CHANS, IMAGE_SIZE, list(t.boundaries), t.output_stride)
+
+
 def _random_choice(space, rng):
     choice = []
     for block in range(space.num_blocks):
@@ -153,7 +158,7 @@ def test_stem_and_head_tables(default_stages, default_params):
         w = row["in_width"]
         conv_bn = w * 256 + 2 * 256  # 1x1 conv without bias, batch norm weight and bias
         assert row["params"] == conv_bn + 257 * 10
-        assert row["macs"] == w * 256 * 1 * 1 + 256 * 10  # 32 px input is 1x1 after a stride of 32
+        assert row["macs"] == w * 256 * 4 * 4 + 256 * 10  # 32 px input is 4x4 after the stem and the blocks
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, None], ids=["random-0", "random-1", "random-2", "largest"])
@@ -202,7 +207,7 @@ def member(default_space):
 def test_member_strings(member):
     assert member.stages[0] == ("ds_r1_k3_s1_c16_se0.25",)
     assert member.stages[2] == ("ir_r1_k7_s2_e3_c32_se0.25", "ir_r1_k3_s1_e6_c32_se0.25")
-    assert member.stages[3] == ("ir_r1_k5_s2_e6_c48_se0.25",)
+    assert member.stages[3] == ("ir_r1_k5_s1_e6_c48_se0.25",)
     assert (member.stem, member.head) == (16, 256)
 
 
@@ -220,13 +225,13 @@ def test_outside_wrong_stride_in_later_layer(default_space, member):
 
 
 def test_outside_wrong_width(default_space, member):
-    problems = default_space.outside(_with_stage(member, 3, ["ir_r1_k5_s2_e6_c40_se0.25"]))
+    problems = default_space.outside(_with_stage(member, 3, ["ir_r1_k5_s1_e6_c40_se0.25"]))
     assert len(problems) == 1
     assert problems[0].startswith("block 2:") and "width 40" in problems[0] and "[48, 64]" in problems[0]
 
 
 def test_outside_too_deep(default_space, member):
-    problems = default_space.outside(_with_stage(member, 3, ["ir_r1_k5_s2_e6_c48_se0.25"]
+    problems = default_space.outside(_with_stage(member, 3, ["ir_r1_k5_s1_e6_c48_se0.25"]
                                                  + ["ir_r1_k5_s1_e6_c48_se0.25"] * 2))
     assert len(problems) == 1 and problems[0].startswith("block 2:") and "depth 3" in problems[0]
 
@@ -251,7 +256,7 @@ def test_member_written_with_repeats_is_a_member(default_space):
     canonical = default_space.arch(choice)
     written = canonical.to_dict()
     written["arch"][1] = ["ir_r2_k3_s2_e6_c24_se0.25"]
-    written["arch"][3] = ["ir_r2_k7_s2_e6_c64_se0.25"]
+    written["arch"][3] = ["ir_r2_k7_s1_e6_c64_se0.25"]
     arch = Arch.from_dict(written)
     assert arch == canonical
     assert default_space.outside(arch) == []
@@ -281,7 +286,7 @@ def test_membership_answers_layer_by_layer(default_space, member):
 
 
 def test_layers_of_a_stage_that_is_no_cell_are_still_checked(default_space, member):
-    layers = ["ir_r1_k5_s2_e6_c48_se0.25", "ir_r1_k9_s1_e6_c48_se0.25", "ir_r1_k3_s1_e3_c48_se0.25"]
+    layers = ["ir_r1_k5_s1_e6_c48_se0.25", "ir_r1_k9_s1_e6_c48_se0.25", "ir_r1_k3_s1_e3_c48_se0.25"]
     answer = default_space.membership(_with_stage(member, 3, layers))
     block2 = [(inside, why) for inside, why in answer if why.startswith("block 2")]
     assert [inside for inside, _ in block2] == [False, True, False, True]
@@ -294,9 +299,10 @@ def test_layers_of_a_stage_that_is_no_cell_are_still_checked(default_space, memb
 # cell supernets ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("block, depth, width", [(0, 2, 24), (2, 2, 64), (3, 1, 96)])
 def test_cell_supernet_path_matches_teacher_target(default_space, default_params, default_stages, block, depth, width):
-    shapes = teacher_shapes(default_params.teacher.model, IN_CHANS, IMAGE_SIZE, list(default_params.teacher.boundaries))
+    shapes = _teacher_shapes(default_params)
     target_chs, target_h, target_w = shapes[block]
-    assert target_h == target_w == IMAGE_SIZE // 2 ** (block + 2)  # stem and every block halve the side
+    sizes = default_space.block_resolutions()
+    assert target_h == target_w == sizes[block + 1]  # the teacher's boundary and the block's output agree
     in_chs = 32 if block == 2 else 48  # a width of the block before
     cell = Cell(block, depth, width)
     torch.manual_seed(0)
@@ -309,7 +315,7 @@ def test_cell_supernet_path_matches_teacher_target(default_space, default_params
     if block == 0:
         x = torch.randn(2, IN_CHANS, IMAGE_SIZE, IMAGE_SIZE)
     else:
-        x = torch.randn(2, in_chs, IMAGE_SIZE // 2 ** (block + 1), IMAGE_SIZE // 2 ** (block + 1))
+        x = torch.randn(2, in_chs, sizes[block], sizes[block])
     paths = [(0,) * depth, (5,) * depth]
     with torch.no_grad():
         outs = [supernet(x, p) for p in paths]
@@ -347,7 +353,7 @@ def test_extraction_copies_every_layer_with_a_counterpart_and_names_the_others(d
     first saw the teacher's width in its supernet, so it has no counterpart; every other layer is copied whole."""
     from dna.distill import build_block
 
-    shapes = teacher_shapes(default_params.teacher.model, IN_CHANS, IMAGE_SIZE, list(default_params.teacher.boundaries))
+    shapes = _teacher_shapes(default_params)
     torch.manual_seed(0)
     supernets = [build_block(default_space, b, shapes, IN_CHANS).state_dict() for b in range(default_space.num_blocks)]
     choice = _random_choice(default_space, random.Random(3))
@@ -399,9 +405,66 @@ def test_extraction_copies_a_first_stage_written_with_repeats(default_params):
 
     cfg = default_params.space.model_copy(update={"first_stage": ["ds_r2_k3_s1_c16_se0.25"]})
     space = MBConvSpace(cfg, IN_CHANS, IMAGE_SIZE, NUM_CLASSES)
-    shapes = teacher_shapes(default_params.teacher.model, IN_CHANS, IMAGE_SIZE, list(default_params.teacher.boundaries))
+    shapes = _teacher_shapes(default_params)
     torch.manual_seed(0)
     supernets = [build_block(space, b, shapes, IN_CHANS).state_dict() for b in range(space.num_blocks)]
     arch = space.arch(_random_choice(space, random.Random(1)))
     extraction = space.extract(arch, supernets, arch.build(NUM_CLASSES, IN_CHANS))
     assert {"blocks.0.0", "blocks.0.1"} <= set(extraction.copied)
+
+
+# every choice changes the function ---------------------------------------------------------------------------------
+def _kernels(space) -> list[int]:
+    return sorted({_decode_block_str(layer_string(op, 1, 16))[0]["dw_kernel_size"] for op in space.ops})
+
+
+def _layer_maps(space) -> list[tuple[int, int, int]]:
+    """(block, side of the map its depthwise convs read, stride) for the first and the later layers of each block."""
+    sizes = space.block_resolutions()
+    out = []
+    for block, cfg in enumerate(space.cfg.blocks):
+        out.append((block, sizes[block], cfg.stride))
+        if max(d for d, _ in cfg.cell_choices()) > 1:
+            out.append((block, sizes[block + 1], 1))
+    return out
+
+
+def _same_function(kernel: int, larger: int, side: int, stride: int) -> bool:
+    """Whether a same-padded depthwise conv of `kernel` computes what one of `larger` computes when the larger one's
+    weights outside the central kernel x kernel window are zero, on a side x side map: then the larger kernel's
+    outer weights never touch the map, and the two choices are one function."""
+    torch.manual_seed(0)
+    big = nn.Conv2d(4, 4, larger, stride, larger // 2, groups=4, bias=False)
+    small = nn.Conv2d(4, 4, kernel, stride, kernel // 2, groups=4, bias=False)
+    cut = (larger - kernel) // 2
+    with torch.no_grad():
+        small.weight.copy_(big.weight[:, :, cut:cut + kernel, cut:cut + kernel])
+        x = torch.randn(2, 4, side, side)
+        return torch.allclose(big(x), small(x), atol=1e-6)
+
+
+def test_in_the_default_space_every_kernel_choice_of_every_layer_computes_a_different_function(default_space):
+    """A same-padded k x k depthwise conv sees the whole of an s x s map from every pixel once k >= 2s - 1: past
+    that, a larger kernel's outer weights never touch the map and kernels 3, 5 and 7 are one function. With the
+    teacher dilated past stride 8 (output_stride 8) and blocks 2 and 3 at stride 1, no searched layer runs on a
+    map below 4x4, where 3, 5 and 7 still differ."""
+    kernels = _kernels(default_space)
+    assert kernels == [3, 5, 7]
+    maps = _layer_maps(default_space)
+    assert min(side for _, side, _ in maps) == 4
+    for block, side, stride in maps:
+        for kernel, larger in zip(kernels, kernels[1:]):
+            assert kernel < 2 * side - 1, (block, side, kernel)
+            assert not _same_function(kernel, larger, side, stride), (block, side, kernel, larger)
+
+
+def test_on_the_old_default_strides_the_last_blocks_kernels_were_one_function(default_params):
+    """The check above can fail: with every block at stride 2 (32 px: 2x2 and 1x1 maps in the last two blocks),
+    kernels 3, 5 and 7 compute the same function there."""
+    cfg = default_params.space.model_copy(update={"blocks": [b.model_copy(update={"stride": 2})
+                                                             for b in default_params.space.blocks]})
+    old = MBConvSpace(cfg, IN_CHANS, IMAGE_SIZE, NUM_CLASSES)
+    assert old.block_resolutions() == [16, 8, 4, 2, 1]
+    later = [(block, side, stride) for block, side, stride in _layer_maps(old) if block >= 2 and stride == 1]
+    assert [side for _, side, _ in later] == [2, 1]
+    assert all(_same_function(3, 7, side, 1) and _same_function(5, 7, side, 1) for _, side, _ in later)

@@ -54,3 +54,19 @@ def test_a_teacher_trained_here_gets_the_configured_drop_path(tiny_params):
     teacher = create_teacher(type(tiny_params).model_validate(raw), 10, 1)
     probs = [m.drop_prob for m in teacher.modules() if isinstance(m, DropPath)]
     assert probs and 0 < max(probs) < 0.2
+
+
+@pytest.mark.parametrize("output_stride, sides", [(32, [8, 4, 2, 1]), (8, [8, 4, 4, 4])])
+def test_the_teacher_is_built_with_its_output_stride_as_its_shapes_are_checked(tiny_params, output_stride, sides):
+    """teacher.output_stride 8 dilates the stages past stride 8: the late boundaries keep 4x4 maps at 32 px, and the
+    built teacher has the shapes that the config's check (teacher_shapes) computes on the meta device."""
+    from dna.targets import boundary_features, teacher_shapes
+    from dna.teacher import create_teacher
+
+    teacher_cfg = tiny_params.teacher.model_copy(update={"output_stride": output_stride})
+    params = tiny_params.model_copy(update={"teacher": teacher_cfg})
+    boundaries = [2, 3, 4, 6]
+    with torch.no_grad():
+        feats = boundary_features(create_teacher(params, 10, 1).eval(), torch.zeros(1, 1, 32, 32), boundaries)
+    assert [f.shape[-1] for f in feats] == sides
+    assert [tuple(f.shape[1:]) for f in feats] == teacher_shapes("tinynet_e", 1, 32, boundaries, output_stride)

@@ -1,0 +1,133 @@
+"""Rank stage (not part of the default pipeline: `dvc repro rank/dvc.yaml` or `python -m flows.rank`): plan the
+networks, train each from scratch as one task and the single-path one-shot supernet as another, all concurrently on
+the task runner named by orchestration.task_runner, then report how well the ratings rank them.
+
+A network whose result file matches is not retrained; one interrupted resumes from its last epoch. A network that
+fails is named; the others' results are kept and reported.
+Writes outputs/rank/ (plan.csv, networks/<id>/, spos/, networks.csv, rank.png, metrics.json).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+
+from dna.config import Params
+from flows import artifacts
+from flows.entry import cli, load, with_absolute_outputs
+from flows.prefect_api import share_prefect_api
+from flows.steps import stage_params
+from flows.task_runners import make_task_runner
+from flows.tracking import STAGE_TAG, EpochLog, Tracking, child_run, stage_run
+
+# Tasks in one process share torch's global random state, which seeds each network's initial weights: with the
+# thread runner they take turns (see flows/distill.py).
+_TURN = threading.Lock()
+
+
+def _turn(shared_process: bool):
+    return _TURN if shared_process else contextlib.nullcontext()
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@task(name="rank-network", task_run_name="network-{network}", cache_policy=NO_CACHE)
+def network_task(params: Params, network: str, tracking: Tracking, threads: int | None = None,
+                 shared_process: bool = False) -> dict:
+    """Train one planned network from scratch with the rank recipe; a nested MLflow run holds its curve."""
+    from dna.pipeline import Run
+    from dna.rank import arch_of, read_plan, train_network
+
+    _threads(threads)
+    run = Run(params)
+    arch = arch_of(read_plan(run), network)
+    with _turn(shared_process), child_run(tracking, network, {STAGE_TAG: "rank", "dna.arch": arch.tag()}) as mlrun:
+        result = train_network(run, network, arch, on_epoch=EpochLog(mlrun))
+        mlrun.metrics({k: v for k, v in result.items() if k != "test_accuracies"})
+    return result
+
+
+@task(name="rank-spos", cache_policy=NO_CACHE)
+def spos_task(params: Params, tracking: Tracking, threads: int | None = None, shared_process: bool = False) -> dict:
+    """Train the one-shot supernet and rate every planned network with inherited weights."""
+    from dna.pipeline import Run
+    from dna.rank import read_plan, spos_ratings
+
+    _threads(threads)
+    run = Run(params)
+    with _turn(shared_process), child_run(tracking, "spos", {STAGE_TAG: "rank"}) as mlrun:
+        result = spos_ratings(run, read_plan(run), on_epoch=EpochLog(mlrun))
+        mlrun.metrics(result)
+        mlrun.artifact(run.paths.rank_dir / "spos" / "ratings.csv")
+    return result
+
+
+@flow(name="dna-rank")
+def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    from dna.pipeline import Run
+    from dna.rank import RankFailure, plan_networks, summarize
+
+    params = with_absolute_outputs(load(params_file, overrides))
+    orch = params.orchestration
+    run = Run(params)
+    with stage_run(params, "rank", stage_params(params, "rank")) as (mlrun, tracking):
+        mlrun.tags({"dna.task_runner": orch.task_runner})
+        plan = plan_networks(run)
+        mlrun.artifact(run.paths.rank_dir / "plan.csv")
+        shared = orch.task_runner == "threads"
+        threads = None if shared else max(1, (os.cpu_count() or 1) // max(orch.max_workers, 1))
+        spos = spos_task.with_options(retries=orch.retries).submit(params, tracking, threads, shared)
+        network = network_task.with_options(retries=orch.retries, retry_delay_seconds=1)
+        futures = {n: network.submit(params, n, tracking, threads, shared) for n in plan["id"]}
+        wait([spos, *futures.values()])
+        results, failed = {}, {}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as exc:  # noqa: BLE001 - a network's failure is named with the others below
+                failed[name] = f"{type(exc).__name__}: {exc}"
+        try:
+            spos_result = spos.result()
+        except Exception as exc:  # noqa: BLE001
+            spos_result, failed["spos"] = None, f"{type(exc).__name__}: {exc}"
+        metrics = summarize(run, plan, results, failed, spos_result)
+        mlrun.metrics(metrics)
+        mlrun.metrics(metrics.get("spos") or {}, prefix="spos.")
+        for name in ("networks.csv", "rank.png", "metrics.json", "bands.json"):
+            mlrun.artifact(run.paths.rank_dir / name)
+        if failed:
+            mlrun.tags({"dna.failed_networks": ",".join(failed)})
+            raise RankFailure(failed, len(results))
+    artifacts.markdown("rank-summary", artifacts.metrics_markdown("Does the rating rank networks?", metrics),
+                       "Kendall tau and Spearman of rating against test accuracy, the one-shot baseline's tau, "
+                       "the searched network against random ones under the budget")
+    return metrics
+
+
+def run_rank(params_file: str = "params.yaml", overrides: dict | None = None,
+             dask_processes: bool | None = None) -> dict:
+    """Run the rank flow on the task runner the config names."""
+    from dna.config import load_params
+
+    orch = load_params(params_file, overrides).orchestration
+    if orch.task_runner in ("processes", "dask", "ray"):
+        share_prefect_api()
+    runner = make_task_runner(orch, dask_processes=dask_processes)
+    return rank_flow.with_options(task_runner=runner)(params_file, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(run_rank, __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
