@@ -10,6 +10,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -31,6 +32,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+LOADING_KEYS = ("num_workers", "cache_mb")  # how the data are loaded, not which: no result depends on them
+
+
 class DataConfig(Strict):
     source: Literal["digits", "torchvision", "imagefolder"] = "digits"
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
@@ -42,8 +46,17 @@ class DataConfig(Strict):
     rate_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     augment: bool = False
-    batch_size: PositiveInt = 64
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    num_workers: Annotated[int, Field(ge=0)] = 0  # loader processes; 0 loads in the training process
+    cache_mb: Annotated[int, Field(ge=0)] = 1024  # memory for decoded images: a dataset that fits is decoded once
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, raw):
+        if isinstance(raw, dict) and "batch_size" in raw:
+            raise ValueError("data.batch_size is no longer a key (it was never read): remove it; batch sizes are "
+                             "set per stage: teacher.train.batch_size, distill.batch_size, rating.batch_size, "
+                             "retrain.train.batch_size")
+        return raw
 
     @model_validator(mode="after")
     def _source_fields(self, info: ValidationInfo) -> DataConfig:
@@ -64,11 +77,15 @@ class DataConfig(Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _dump(self, handler) -> dict:
-        """Unset num_classes is left out, so configs without it dump (and fingerprint) as they did before the key."""
+    def _dump(self, handler, info: SerializationInfo) -> dict:
+        """Unset num_classes is left out, so configs without it dump (and fingerprint) as they did before the key.
+        A fingerprint (context {"fingerprint": True}) leaves out how the data are loaded, which changes no result."""
         out = handler(self)
         if self.num_classes is None:
             out.pop("num_classes", None)
+        if (info.context or {}).get("fingerprint"):
+            for key in LOADING_KEYS:
+                out.pop(key, None)
         return out
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dna.checkpoint import atomic_write_text
 from dna.config import ConfigError, DataConfig
+from dna.loading import Batches, Decoded, Loading
 
 SPLITS = ("train", "rate", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -28,6 +29,8 @@ class Data:
     image_size: int
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # per split, aligned with its positions
     class_names: list[str] = field(default_factory=list)  # by label; "0", "1", ... when the data names none
+    loading: Loading = field(default_factory=Loading)  # workers, pinned memory, decoded-image cache
+    augmented: bool = False  # the train split draws random augmentations
 
     def split(self, name: str) -> Dataset:
         return getattr(self, name)
@@ -51,10 +54,12 @@ class Data:
         key[within == 0] = -1.0  # one of each class first
         return sorted(grouped[np.argsort(key, kind="stable")[:count]].tolist())
 
-    def loader(self, name: str, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-               num_workers: int = 0) -> DataLoader:
-        return DataLoader(self.split(name), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=num_workers, drop_last=False)
+    def loader(self, name: str, batch_size: int, shuffle: bool = False,
+               generator: torch.Generator | None = None) -> Batches:
+        """(images, labels) batches of a split; shuffled by `generator` (the same order, and the same augmentations,
+        whatever data.num_workers and whether the split is decoded in memory)."""
+        return Batches(self.split(name), batch_size, shuffle, generator, self.augmented and name == "train",
+                       self.loading)
 
     def images(self, name: str, count: int | None = None, positions: list[int] | None = None) -> torch.Tensor:
         """The first `count` images of a split, or those at `positions`, as one tensor (a fixed batch)."""
@@ -238,18 +243,29 @@ def write_splits(cfg: DataConfig, seed: int, path: str | Path) -> dict:
     return summary
 
 
-def load_data(cfg: DataConfig, splits_path: str | Path) -> Data:
+def random_transforms(cfg: DataConfig) -> bool:
+    """Whether the training images are transformed at random (else they are the same every epoch)."""
+    return cfg.augment and cfg.source != "digits"
+
+
+def load_data(cfg: DataConfig, splits_path: str | Path, pin_memory: bool = False) -> Data:
+    """The splits of a run; `pin_memory` when batches go to a GPU."""
     saved = json.loads(Path(splits_path).read_text())
     pool, pool_eval, test, labels = _sources(cfg)
+    split_labels = {"train": labels[saved["splits"]["train"]], "rate": labels[saved["splits"]["rate"]],
+                    "test": _targets(test) if test is not None else labels[saved["splits"]["test"]]}
+    augmented = random_transforms(cfg)
+    if cfg.source != "digits" and cfg.cache_mb:
+        pool_eval, test = Decoded(pool_eval), Decoded(test) if test is not None else None
+    if not augmented:
+        pool = pool_eval  # the same images every epoch: one dataset (one decoded copy) for every split
     idx = saved["splits"]
-    train = Subset(pool, idx["train"])
-    split_labels = {"train": labels[idx["train"]], "rate": labels[idx["rate"]],
-                    "test": _targets(test) if test is not None else labels[idx["test"]]}
     names = saved.get("class_names") or [str(i) for i in range(saved["num_classes"])]  # older files name none
-    return Data(train=train, rate=Subset(pool_eval, idx["rate"]),
+    return Data(train=Subset(pool, idx["train"]), rate=Subset(pool_eval, idx["rate"]),
                 test=test if test is not None else Subset(pool_eval, idx["test"]),
                 num_classes=saved["num_classes"], in_chans=cfg.channels, image_size=cfg.image_size,
-                labels=split_labels, class_names=list(names))
+                labels=split_labels, class_names=list(names),
+                loading=Loading(cfg.num_workers, pin_memory, cfg.cache_mb * 2**20), augmented=augmented)
 
 
 def eval_view(data: Data) -> Data:
@@ -258,4 +274,4 @@ def eval_view(data: Data) -> Data:
     if isinstance(train, Subset) and isinstance(data.rate, Subset) and train.dataset is not data.rate.dataset:
         train = Subset(data.rate.dataset, train.indices)
     return Data(train, data.rate, data.test, data.num_classes, data.in_chans, data.image_size, data.labels,
-                data.class_names)
+                data.class_names, data.loading, augmented=False)

@@ -55,7 +55,7 @@ class Run:
     def data(self) -> Data:
         if not self.paths.splits.is_file():
             raise FileNotFoundError(f"{self.paths.splits} is missing: run the data stage first (dna data)")
-        return load_data(self.params.data, self.paths.splits)
+        return load_data(self.params.data, self.paths.splits, pin_memory=self.device.type == "cuda")
 
     @cached_property
     def space(self) -> SearchSpace:

@@ -1,0 +1,120 @@
+"""Batches of a split: from worker processes or from decoded images in memory, always in the generator's order."""
+import multiprocessing
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks.mnist_files import write_mnist
+from dna.config import DataConfig
+from dna.data import load_data, write_splits
+from dna.loading import Decoded, seeded, usable_workers
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    """MNIST's raw IDX files of 400 training and 100 test images, as torchvision reads them."""
+    return write_mnist(tmp_path_factory.mktemp("mnist"), train=400, test=100)
+
+
+def mnist(root, tmp_path, **kw):
+    cfg = DataConfig(**{"source": "torchvision", "name": "MNIST", "root": str(root), "image_size": 24, "channels": 1,
+                        **kw})
+    write_splits(cfg, 0, tmp_path / "splits.json")
+    return load_data(cfg, tmp_path / "splits.json")
+
+
+def epoch(data, split="train", seed=5, batch_size=32, shuffle=True):
+    return list(data.loader(split, batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed)))
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_batches_follow_the_generator_as_a_dataloader_does_whatever_the_workers(mnist_root, tmp_path):
+    plain = mnist(mnist_root, tmp_path, cache_mb=0)
+    reference = list(DataLoader(plain.train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    workers = mnist(mnist_root, tmp_path, cache_mb=0, num_workers=2)
+    assert same(epoch(plain), reference) and same(epoch(workers), reference)
+    assert not same(epoch(workers, seed=6), reference)
+    assert epoch(plain)[0][1].dtype == torch.long and len(plain.loader("train", 32)) == len(reference)
+
+
+def test_decoded_cache_gives_the_batches_of_the_decoding_path(mnist_root, tmp_path):
+    plain, cached = mnist(mnist_root, tmp_path, cache_mb=0), mnist(mnist_root, tmp_path, cache_mb=64)
+    for split, shuffle in (("train", True), ("rate", False), ("test", False)):
+        assert same(epoch(cached, split, shuffle=shuffle), epoch(plain, split, shuffle=shuffle)), split
+    pool, test = cached.train.dataset, cached.test
+    assert isinstance(pool, Decoded) and pool.images is not None and test.images is not None
+    assert pool is cached.rate.dataset, "one decoded copy serves the train and rate splits"
+    assert torch.equal(cached.images("train", 10), plain.images("train", 10))
+
+
+def test_a_dataset_over_the_budget_is_decoded_every_pass(mnist_root, tmp_path):
+    small = mnist(mnist_root, tmp_path, cache_mb=1, image_size=32)  # 400 images of 32x32 float32: 1.6 MiB
+    plain = mnist(mnist_root, tmp_path, cache_mb=0, image_size=32)
+    assert same(epoch(small), epoch(plain))
+    assert small.train.dataset.images is None and small.train.dataset.refused
+    assert small.test.images is None, "decoded when first passed over"
+    assert same(epoch(small, "test", shuffle=False), epoch(plain, "test", shuffle=False))
+    assert small.test.images is not None, "the 100 test images (0.4 MiB) fit"
+
+
+def test_augmented_batches_depend_on_the_generator_only(mnist_root, tmp_path):
+    """Random crops and flips are drawn per image from the pass's seed: the same in the training process and in
+    workers, the same again for the same generator, and leaving the global random state alone."""
+    one = mnist(mnist_root, tmp_path, augment=True)
+    two = mnist(mnist_root, tmp_path, augment=True, num_workers=2)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = epoch(one)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert same(first, epoch(two)) and same(first, epoch(one))
+    assert not same(first, epoch(one, seed=6))
+    plain = epoch(mnist(mnist_root, tmp_path))
+    assert all(torch.equal(ya, yb) and not torch.equal(xa, xb) for (xa, ya), (xb, yb) in zip(first, plain)), \
+        "the same order, other (augmented) images"
+    assert one.train.dataset is not one.rate.dataset and not isinstance(one.train.dataset, Decoded)
+
+
+def test_training_passes_reuse_their_worker_processes(mnist_root, tmp_path):
+    data = mnist(mnist_root, tmp_path, cache_mb=0, num_workers=2)
+
+    def worker_pids():
+        (kept,) = [w for (_, persistent), w in data.loading._workers.items() if persistent]
+        return [p.pid for p in kept.loader._iterator._workers]
+
+    epoch(data)
+    first = worker_pids()
+    epoch(data, seed=6)
+    assert worker_pids() == first and len(first) == 2
+
+
+def test_a_pass_started_inside_another_of_the_same_split_gets_its_own_loader(mnist_root, tmp_path):
+    data = mnist(mnist_root, tmp_path, cache_mb=0, num_workers=1)
+    outer = data.loader("rate", 16)
+    pairs = [(x, next(iter(outer))[0]) for x, _ in outer]
+    assert len(pairs) == len(outer) and all(torch.equal(inner, pairs[0][0]) for _, inner in pairs)
+
+
+def _report_workers(queue):
+    queue.put(usable_workers(4))
+
+
+def test_a_daemonic_process_loads_in_process():
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_report_workers, args=(queue,), daemon=True)
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) == 0 and usable_workers(4) == 4
+
+
+def test_seeded_draws_repeat_and_restore_the_global_state():
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    with seeded(42):
+        a = torch.rand(3)
+    with seeded(42):
+        b = torch.rand(3)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
