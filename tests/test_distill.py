@@ -10,8 +10,8 @@ class Crash(RuntimeError):
     pass
 
 
-def _distill(run, path, epochs, on_epoch=None, targets=None):
-    cfg = run.params.distill.model_copy(update={"epochs": epochs})
+def _distill(run, path, epochs, on_epoch=None, targets=None, precision="fp32"):
+    cfg = run.params.distill.model_copy(update={"epochs": epochs, "precision": precision})
     return distill_block(run.space, targets or run.supervision, 1, cfg, path, in_chans=run.data.in_chans,
                          seed=0, fingerprint="test", device=torch.device("cpu"), on_epoch=on_epoch)
 
@@ -21,6 +21,13 @@ def test_loss_goes_down(prepared_run, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[1]["lr"] == pytest.approx(history[0]["lr"] * prepared_run.params.distill.lr_decay)
+
+
+def test_bf16_autocast_trains_a_block_on_the_cpu(prepared_run, tmp_path):
+    history = _distill(prepared_run, tmp_path / "bf16.pt", 2, precision="bf16").history
+    fp32 = _distill(prepared_run, tmp_path / "fp32.pt", 2).history
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["loss"] != fp32[-1]["loss"] == pytest.approx(history[-1]["loss"], rel=0.2)
 
 
 def test_interrupted_block_resumes_to_the_same_weights(prepared_run, tmp_path):
