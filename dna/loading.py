@@ -63,7 +63,9 @@ class Decoded(Dataset):
         start = time.perf_counter()
         images = labels = None
         filled = 0
-        for x, y in DataLoader(self.base, batch_size=DECODE_BATCH, num_workers=usable_workers(num_workers)):
+        # its own generator: decoding, whenever it happens, leaves the global random state (saved in checkpoints) alone
+        for x, y in DataLoader(self.base, batch_size=DECODE_BATCH, num_workers=usable_workers(num_workers),
+                               generator=torch.Generator()):
             if images is None:
                 images = torch.empty((len(self), *x.shape[1:]), dtype=x.dtype)
                 labels = torch.empty(len(self), dtype=torch.long)

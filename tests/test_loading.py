@@ -118,3 +118,32 @@ def test_seeded_draws_repeat_and_restore_the_global_state():
     with seeded(42):
         b = torch.rand(3)
     assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_training_resumes_exactly_with_workers_and_a_cache_decoded_on_first_use(mnist_root, tmp_path):
+    """The resumed run decodes its cache in its first epoch, the uninterrupted run in epoch 1: neither draws from the
+    random state the checkpoint restores (dropout's), so both end with the same weights."""
+    from dna.arch import Arch
+    from dna.config import TrainConfig
+    from dna.train import train_classifier
+
+    cfg = TrainConfig(epochs=3, lr=0.02, warmup_epochs=0, batch_size=64)
+
+    def train(path, on_epoch=None):
+        torch.manual_seed(0)
+        arch = Arch(stem=8, stages=(("ds_r1_k3_s1_c8_se0.25",), ("ir_r1_k3_s2_e3_c16_se0.25",)), head=32)
+        data = mnist(mnist_root, tmp_path, num_workers=1)
+        model = arch.build(data.num_classes, 1, drop_rate=0.2)
+        return train_classifier(model, data, cfg, path, seed=0, fingerprint="f", device=torch.device("cpu"),
+                                on_epoch=on_epoch), model
+
+    whole, model = train(tmp_path / "whole.pt")
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut.pt", crash)
+    resumed, resumed_model = train(tmp_path / "cut.pt")
+    assert resumed.resumed_from == 2 and resumed.history == whole.history
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed_model.state_dict().values()))
