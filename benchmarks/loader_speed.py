@@ -61,7 +61,7 @@ def loader_only(data, make, steps: int, seed: int = 0) -> None:
         pass
 
 
-def teacher_training(data, make, steps: int, scratch: Path) -> None:
+def teacher_training(data, make, steps: int, scratch: Path, precision: str = "fp32") -> None:
     """`steps` training steps of the teacher (as dna.train.train_classifier makes them) through the Engine."""
     import timm
     import torch.nn.functional as F
@@ -83,7 +83,8 @@ def teacher_training(data, make, steps: int, scratch: Path) -> None:
     ckpt = scratch / "train_state.pt"
     ckpt.unlink(missing_ok=True)
     Engine(model, optimizer, scheduler, lambda epoch, g: itertools.islice(make(data, g), steps), step, epochs=1,
-           checkpoint=ckpt, fingerprint="benchmark", seed=0, device=torch.device("cpu"), name="teacher").fit()
+           checkpoint=ckpt, fingerprint="benchmark", seed=0, device=torch.device("cpu"), name="teacher",
+           precision=precision).fit()
 
 
 def same_batches(cases: dict, steps: int = 3) -> bool:
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="data.num_workers of the workers and cache cases")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--bf16", action="store_true", help="also time the cache case under bf16 autocast")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     print(f"start: {load_average()}; torch threads {threads}, data.num_workers {args.workers}")
@@ -128,18 +130,21 @@ def main() -> None:
         times = interleaved({name: (lambda d=d, m=m: loader_only(d, m, args.loader_steps))
                              for name, (d, m) in cases.items()}, args.repeats)
         for name, t in times.items():
-            print(f"  {name:8s} {n_loader / t.median():8.0f} images/s  ({t.show()})")
+            print(f"  {name:10s} {n_loader / t.median():8.0f} images/s  ({t.show()})")
         for name in ("workers", "cache"):
             print(f"  {name} against before: {ratio(times['before'], times[name])}")
 
         print(f"\n2. teacher training (tinynet_e, Engine): {args.steps} steps of {BATCH} per run, "
               f"{args.repeats} interleaved runs")
-        times = interleaved({name: (lambda d=d, m=m: teacher_training(d, m, args.steps, scratch))
-                             for name, (d, m) in cases.items()}, args.repeats)
+        training = {name: (lambda d=d, m=m: teacher_training(d, m, args.steps, scratch))
+                    for name, (d, m) in cases.items()}
+        if args.bf16:
+            training["cache+bf16"] = lambda: teacher_training(cached, new_loader, args.steps, scratch, "bf16")
+        times = interleaved(training, args.repeats)
         rates = {name: n_train / t.median() for name, t in times.items()}
         for name, t in times.items():
-            print(f"  {name:8s} {rates[name]:8.0f} images/s  ({t.show()})")
-        for name in ("workers", "cache"):
+            print(f"  {name:10s} {rates[name]:8.0f} images/s  ({t.show()})")
+        for name in [n for n in times if n != "before"]:
             print(f"  {name} against before: {ratio(times['before'], times[name])}")
         epoch = len(cached.train)
         first = epoch / (decode_s + epoch / rates["cache"])
