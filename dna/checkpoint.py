@@ -123,8 +123,10 @@ def file_digest(path: str | Path) -> str:
 
 
 def digest(*parts) -> str:
-    """The first 16 hex digits of the sha256 of JSON-able parts (pydantic models as their JSON dump)."""
-    text = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
+    """The first 16 hex digits of the sha256 of JSON-able parts (pydantic models as their JSON dump, as a fingerprint
+    sees them: without settings that change no result, such as data.num_workers)."""
+    text = json.dumps([p.model_dump(mode="json", context={"fingerprint": True}) if hasattr(p, "model_dump") else p
+                       for p in parts], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -39,18 +40,27 @@ class Strict(BaseModel):
     # keys added after configs were first fingerprinted: left out of dumps while at their defaults, so a config that
     # does not set them dumps (and fingerprints, and resumes its checkpoints) as before the key existed
     added_keys: ClassVar[tuple[str, ...]] = ()
+    # keys that change no result (how, not what): left out of fingerprints (dumps with context {"fingerprint": True})
+    unfingerprinted_keys: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _dump(self, handler) -> dict:
+    def _dump(self, handler, info: SerializationInfo) -> dict:
         out = handler(self)
         for key in self.added_keys:
             if getattr(self, key) == type(self).model_fields[key].default:
                 out.pop(key, None)
+        if (info.context or {}).get("fingerprint"):
+            for key in self.unfingerprinted_keys:
+                out.pop(key, None)
         return out
+
+
+LOADING_KEYS = ("num_workers", "cache_mb")  # how the data are loaded, not which: no result depends on them
 
 
 class DataConfig(Strict):
     added_keys = ("num_classes",)
+    unfingerprinted_keys = LOADING_KEYS
     source: Literal["digits", "torchvision", "imagefolder"] = "digits"
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
     root: str | None = None
@@ -61,8 +71,17 @@ class DataConfig(Strict):
     rate_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     augment: bool = False
-    batch_size: PositiveInt = 64
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    num_workers: Annotated[int, Field(ge=0)] = 0  # loader processes; 0 loads in the training process
+    cache_mb: Annotated[int, Field(ge=0)] = 1024  # memory for decoded images: a dataset that fits is decoded once
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, raw):
+        if isinstance(raw, dict) and "batch_size" in raw:
+            raise ValueError("data.batch_size is no longer a key (it was never read): remove it; batch sizes are "
+                             "set per stage: teacher.train.batch_size, distill.batch_size, rating.batch_size, "
+                             "retrain.train.batch_size")
+        return raw
 
     @model_validator(mode="after")
     def _source_fields(self, info: ValidationInfo) -> DataConfig:
@@ -150,6 +169,7 @@ class TrainConfig(Precision):
 
 
 class TeacherConfig(Strict):
+    added_keys = ("output_stride",)
     source: Literal["train", "timm", "checkpoint"] = "train"
     model: str = "efficientnet_b0"
     checkpoint: str | None = None
@@ -182,15 +202,6 @@ class TeacherConfig(Strict):
         if list(self.boundaries) != sorted(set(self.boundaries)):
             raise ValueError(f"teacher.boundaries={self.boundaries} must be strictly increasing")
         return self
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler) -> dict:
-        """The default output stride (32, no dilation) is left out, so configs dump (and fingerprint) as they did
-        before the key."""
-        out = handler(self)
-        if self.output_stride == 32:
-            out.pop("output_stride", None)
-        return out
 
 
 Width = Annotated[int, Field(ge=8, le=4096, multiple_of=8)]

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dna.checkpoint import atomic_write_text
 from dna.config import ConfigError, DataConfig
+from dna.loading import Batches, Decoded, Loading
 
 SPLITS = ("train", "rate", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -28,6 +29,8 @@ class Data:
     image_size: int
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # per split, aligned with its positions
     class_names: list[str] = field(default_factory=list)  # by label; "0", "1", ... when the data names none
+    loading: Loading = field(default_factory=Loading)  # workers, pinned memory, decoded-image cache
+    augmented: bool = False  # the train split draws random augmentations
 
     def split(self, name: str) -> Dataset:
         return getattr(self, name)
@@ -51,16 +54,13 @@ class Data:
         key[within == 0] = -1.0  # one of each class first
         return sorted(grouped[np.argsort(key, kind="stable")[:count]].tolist())
 
-    def loader(self, name: str, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-               num_workers: int = 0, sharded: bool = False) -> DataLoader:
-        """Batches of a split; sharded: this process's part of every global batch of `batch_size` (dna.ddp)."""
-        if sharded:
-            from dna.ddp import rank_batches
-
-            plan = rank_batches(len(self.split(name)), batch_size, generator if shuffle else None)
-            return DataLoader(self.split(name), batch_sampler=plan, generator=generator, num_workers=num_workers)
-        return DataLoader(self.split(name), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=num_workers, drop_last=False)
+    def loader(self, name: str, batch_size: int, shuffle: bool = False,
+               generator: torch.Generator | None = None, sharded: bool = False) -> Batches:
+        """(images, labels) batches of a split; shuffled by `generator` (the same order, and the same augmentations,
+        whatever data.num_workers and whether the split is decoded in memory); sharded: this process's part of every
+        global batch of `batch_size` (dna.ddp)."""
+        return Batches(self.split(name), batch_size, shuffle, generator, self.augmented and name == "train",
+                       self.loading, sharded=sharded)
 
     def images(self, name: str, count: int | None = None, positions: list[int] | None = None) -> torch.Tensor:
         """The first `count` images of a split, or those at `positions`, as one tensor (a fixed batch)."""
@@ -252,19 +252,31 @@ def write_splits(cfg: DataConfig, seed: int, path: str | Path) -> dict:
     return summary
 
 
-def load_data(cfg: DataConfig, splits_path: str | Path, rand_augment: str | None = None) -> Data:
-    """The splits of a run; `rand_augment` (timm's config string) adds RandAugment to the training split's images."""
+def random_transforms(cfg: DataConfig, rand_augment: str | None = None) -> bool:
+    """Whether the training images are transformed at random (else they are the same every epoch)."""
+    return cfg.source != "digits" and (cfg.augment or bool(rand_augment))
+
+
+def load_data(cfg: DataConfig, splits_path: str | Path, rand_augment: str | None = None,
+              pin_memory: bool = False) -> Data:
+    """The splits of a run; `rand_augment` (timm's config string) adds RandAugment to the training split's images;
+    `pin_memory` when batches go to a GPU."""
     saved = json.loads(Path(splits_path).read_text())
     pool, pool_eval, test, labels = _sources(cfg, rand_augment)
+    split_labels = {"train": labels[saved["splits"]["train"]], "rate": labels[saved["splits"]["rate"]],
+                    "test": _targets(test) if test is not None else labels[saved["splits"]["test"]]}
+    augmented = random_transforms(cfg, rand_augment)
+    if cfg.source != "digits" and cfg.cache_mb:
+        pool_eval, test = Decoded(pool_eval), Decoded(test) if test is not None else None
+    if not augmented:
+        pool = pool_eval  # the same images every epoch: one dataset (one decoded copy) for every split
     idx = saved["splits"]
-    train = Subset(pool, idx["train"])
-    split_labels = {"train": labels[idx["train"]], "rate": labels[idx["rate"]],
-                    "test": _targets(test) if test is not None else labels[idx["test"]]}
     names = saved.get("class_names") or [str(i) for i in range(saved["num_classes"])]  # older files name none
-    return Data(train=train, rate=Subset(pool_eval, idx["rate"]),
+    return Data(train=Subset(pool, idx["train"]), rate=Subset(pool_eval, idx["rate"]),
                 test=test if test is not None else Subset(pool_eval, idx["test"]),
                 num_classes=saved["num_classes"], in_chans=cfg.channels, image_size=cfg.image_size,
-                labels=split_labels, class_names=list(names))
+                labels=split_labels, class_names=list(names),
+                loading=Loading(cfg.num_workers, pin_memory, cfg.cache_mb * 2**20), augmented=augmented)
 
 
 def eval_view(data: Data) -> Data:
@@ -273,4 +285,4 @@ def eval_view(data: Data) -> Data:
     if isinstance(train, Subset) and isinstance(data.rate, Subset) and train.dataset is not data.rate.dataset:
         train = Subset(data.rate.dataset, train.indices)
     return Data(train, data.rate, data.test, data.num_classes, data.in_chans, data.image_size, data.labels,
-                data.class_names)
+                data.class_names, data.loading, augmented=False)

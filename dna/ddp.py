@@ -64,21 +64,25 @@ def rank_shard(order: torch.Tensor, rank: int | None = None, world: int | None =
 
 def rank_batches(count: int, batch_size: int, generator: torch.Generator | None = None,
                  rank: int | None = None, world: int | None = None) -> list[list[int]]:
-    """This process's part of every batch of an epoch over `count` samples.
+    """This process's part of every batch of an epoch over `count` samples, in the order
+    torch.randperm(count, generator) (0..count-1 without a generator): see rank_parts."""
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    return [part.tolist() for part in rank_parts(order, batch_size, rank, world)]
 
-    The order (torch.randperm(count, generator); 0..count-1 without a generator)
-    is cut into global batches of `batch_size`; each is split into `world` consecutive parts whose sizes differ by at
-    most one. A last batch smaller than the number of processes is padded by repeating its samples, so that every
-    process takes every step.
+
+def rank_parts(order: torch.Tensor, batch_size: int, rank: int | None = None,
+               world: int | None = None) -> list[torch.Tensor]:
+    """This process's part of every batch of an epoch's `order`: the order is cut into global batches of
+    `batch_size`; each is split into `world` consecutive parts whose sizes differ by at most one. A last batch smaller
+    than the number of processes is padded by repeating its samples, so that every process takes every step.
     """
     if rank is None or world is None:
         rank, world = rank_and_world()
-    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     parts = []
     for batch in order.split(batch_size):
         if len(batch) < world:
             batch = batch.repeat(-(-world // len(batch)))[:world]
-        parts.append(batch.tensor_split(world)[rank].tolist())
+        parts.append(batch.tensor_split(world)[rank])
     return parts
 
 

@@ -60,8 +60,9 @@ def channels_last(batch):
 
 
 def to_device(batch, device: torch.device):
+    """The batch on `device`; copies from pinned memory overlap with the work already queued there."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):
@@ -91,10 +92,19 @@ def rng_states() -> dict:
 
 
 def set_rng_states(state: dict) -> None:
+    """Restore the states rng_states() saved. A CUDA state saved with another number of GPUs (or none here) is not
+    restored: the run continues, but its random draws on the GPU differ from an uninterrupted run's."""
     if "rng" in state:
         torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+    if "cuda_rng" not in state:
+        return
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(state["cuda_rng"]) == here:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    else:
+        log.warning("the checkpoint holds the random state of %d GPUs and this process sees %d: GPU random draws "
+                    "(dropout, augmentation on the GPU) are not those of an uninterrupted run",
+                    len(state["cuda_rng"]), here)
 
 
 @dataclass

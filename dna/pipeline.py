@@ -55,7 +55,7 @@ class Run:
     def data(self) -> Data:
         from dna.data import load_data
 
-        return load_data(self.params.data, self.splits())
+        return load_data(self.params.data, self.splits(), pin_memory=self.device.type == "cuda")
 
     def data_for(self, train: TrainConfig) -> Data:
         """The data a classifier trains on: the run's, with timm's RandAugment on its training images when `train`
@@ -64,7 +64,8 @@ class Run:
 
         if train.rand_augment is None:
             return self.data
-        return load_data(self.params.data, self.splits(), rand_augment=train.rand_augment)
+        return load_data(self.params.data, self.splits(), rand_augment=train.rand_augment,
+                         pin_memory=self.device.type == "cuda")
 
     def splits(self) -> Path:
         if not self.paths.splits.is_file():

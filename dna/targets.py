@@ -3,6 +3,10 @@
 The input of block i is the teacher's feature map at boundary i-1 (the image for block 0) and its target the
 teacher's feature map at boundary i; a block learns it under the MSE loss and its candidates are rated by
 mean |Y - Y_hat| / std(Y) on the rating split. `TargetSource` is the part of a supervision that distillation reads.
+
+The teacher runs only as far as the last boundary a pass needs. With distill.cache_features it runs once per image
+for all blocks: the images are stored in float32 (block 0's input is the image exactly as the loader gives it) and
+the features in float16, half the disk and reads, about 3 significant digits, far finer than the errors rated.
 """
 from __future__ import annotations
 
@@ -36,11 +40,18 @@ class TargetSource(Protocol):
     def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+FEATURE_DTYPE = np.float16  # of cached features (the images are cached in float32)
+
+
 def boundary_features(teacher: nn.Module, x: torch.Tensor, boundaries: list[int]) -> list[torch.Tensor]:
-    """The teacher's feature maps at the given stage boundaries, from timm's forward_intermediates."""
+    """The teacher's feature maps at the given stage boundaries, from timm's forward_intermediates, which stops after
+    the last of them."""
     kwargs = {"indices": list(boundaries), "intermediates_only": True}
-    if "extra_blocks" in inspect.signature(teacher.forward_intermediates).parameters:
+    accepted = inspect.signature(teacher.forward_intermediates).parameters
+    if "extra_blocks" in accepted:
         kwargs["extra_blocks"] = True  # index every stage, not only those listed in feature_info
+    if "stop_early" in accepted:
+        kwargs["stop_early"] = True
     return teacher.forward_intermediates(x, **kwargs)
 
 
@@ -112,7 +123,8 @@ class TeacherTargets:
         return cls(load_teacher(p, paths.teacher, run.device), p.teacher.boundaries, run.data, run.device, cache, key)
 
     def fingerprint(self) -> str:
-        return digest(*self.key)
+        """What the targets depend on: the key, and their precision (float16 when cached)."""
+        return digest(*self.key, np.dtype(FEATURE_DTYPE).name if self.cache_dir else "float32")
 
     def prepare(self) -> None:
         self.build_cache(self.fingerprint())
@@ -125,8 +137,15 @@ class TeacherTargets:
                               self.key)
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return boundary_features(self.teacher, x.to(self.device), self.boundaries)
+    def features(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """The features at every boundary, or at the first `upto` (the teacher then stops at the last of them)."""
+        return boundary_features(self.teacher, x.to(self.device, non_blocking=True), self.boundaries[:upto])
+
+    def levels(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of a block for images x: the teacher runs only up to the block's boundary."""
+        x = x.to(self.device, non_blocking=True)
+        levels = [x, *self.features(x, upto=block + 1)]
+        return levels[block], levels[block + 1]
 
     def shapes(self) -> list[tuple[int, int, int]]:
         if self._shapes is None:
@@ -147,18 +166,20 @@ class TeacherTargets:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         shapes = [tuple(self.data.images("train", 1).shape[1:])] + self.shapes()
+        dtypes = [np.float32] + [FEATURE_DTYPE] * len(self.boundaries)
         for split in splits:
             n = len(self.data.split(split))
-            arrays = [np.lib.format.open_memmap(self._file(split, lvl), mode="w+", dtype=np.float32, shape=(n, *s))
-                      for lvl, s in enumerate(shapes)]
+            arrays = [np.lib.format.open_memmap(self._file(split, lvl), mode="w+", dtype=dtype, shape=(n, *s))
+                      for lvl, (s, dtype) in enumerate(zip(shapes, dtypes))]
             start = 0
             for x, _ in progress(self.data.loader(split, batch_size), f"teacher features ({split})"):
-                for lvl, f in enumerate([x.to(self.device), *self.features(x)]):
-                    arrays[lvl][start:start + len(x)] = f.cpu().numpy()
+                for lvl, f in enumerate([x, *self.features(x)]):
+                    arrays[lvl][start:start + len(x)] = stored(f, dtypes[lvl], split, lvl)
                 start += len(x)
             for a in arrays:
                 a.flush()
-        atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "shapes": [list(s) for s in shapes]}))
+        atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "shapes": [list(s) for s in shapes],
+                                              "dtypes": [np.dtype(d).name for d in dtypes]}))
 
     def _cached(self, split: str, level: int) -> np.ndarray | None:
         if self.cache_dir is None or not self._file(split, level).is_file():
@@ -179,12 +200,10 @@ class TeacherTargets:
                 batches = [order[start:start + batch_size] for start in range(0, n, batch_size)]
             for batch in batches:
                 idx = np.sort(batch)
-                yield (torch.from_numpy(inputs[idx]).to(self.device), torch.from_numpy(targets[idx]).to(self.device))
+                yield self._read(inputs, idx), self._read(targets, idx)
             return
         for x, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator, sharded=sharded):
-            x = x.to(self.device)
-            levels = [x, *self.features(x)]
-            yield levels[block], levels[block + 1]
+            yield self.levels(x, block)
 
     def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed batch (the calibration batch): `count` pairs of a split drawn with every class represented
@@ -193,11 +212,23 @@ class TeacherTargets:
         inputs, targets = self._cached(split, block), self._cached(split, block + 1)
         if inputs is not None and targets is not None:
             idx = np.asarray(positions)
-            return torch.from_numpy(inputs[idx]).to(self.device), torch.from_numpy(targets[idx]).to(self.device)
+            return self._read(inputs, idx), self._read(targets, idx)
         xs, ys = [], []
         for start in range(0, len(positions), 256):
-            x = self.data.images(split, positions=positions[start:start + 256]).to(self.device)
-            levels = [x, *self.features(x)]
-            xs.append(levels[block])
-            ys.append(levels[block + 1])
+            x, y = self.levels(self.data.images(split, positions=positions[start:start + 256]), block)
+            xs.append(x)
+            ys.append(y)
         return torch.cat(xs), torch.cat(ys)
+
+    def _read(self, array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """Rows of a cached array on the device, in float32 (float16 features travel at half size)."""
+        return torch.from_numpy(array[idx]).to(self.device, non_blocking=True).float()
+
+
+def stored(features: torch.Tensor, dtype, split: str, level: int) -> np.ndarray:
+    """Features as the cache stores them; raises when float16 cannot hold them (beyond +-65504)."""
+    out = features.cpu().numpy().astype(dtype, copy=False)
+    if dtype == np.float16 and not np.isfinite(out).all():
+        raise ValueError(f"teacher features of the {split} split at boundary {level} exceed float16's range "
+                         f"(largest magnitude {features.abs().max().item():.4g}): they cannot be cached in float16")
+    return out

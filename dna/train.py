@@ -32,7 +32,7 @@ def accuracy(model: nn.Module, loader, device: torch.device) -> float:
     model.eval()
     correct = total = 0
     for x, y in loader:
-        pred = model(x.to(device)).argmax(dim=1).cpu()
+        pred = model(x.to(device, non_blocking=True)).argmax(dim=1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
     return correct / max(total, 1)

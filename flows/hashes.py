@@ -12,7 +12,7 @@ from flows.steps import RESULT_SECTIONS
 
 def params_hash(params: Params) -> str:
     """A hash of the sections that determine the trained network (not where or how it ran)."""
-    raw = params.model_dump(mode="json")
+    raw = params.model_dump(mode="json", context={"fingerprint": True})
     text = json.dumps({k: raw[k] for k in RESULT_SECTIONS}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -21,7 +21,8 @@ def data_hash(params: Params, splits_file: str | Path) -> str:
     """The data config and the exact split indices (the split file) together."""
     from dna.checkpoint import file_digest
 
-    text = json.dumps(params.data.model_dump(mode="json"), sort_keys=True) + file_digest(splits_file)
+    data = params.data.model_dump(mode="json", context={"fingerprint": True})
+    text = json.dumps(data, sort_keys=True) + file_digest(splits_file)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -87,6 +87,19 @@ def test_imagenet_preset_loads_without_path_checks():
             load_params(IMAGENET)
 
 
+def test_fingerprints_leave_out_how_the_data_are_loaded():
+    """Workers and the decoded-image cache change no result: a run with other settings of them resumes; the dump that
+    is logged still shows them."""
+    from dna.checkpoint import digest
+
+    base = load_params(DEFAULT)
+    loaded_otherwise = load_params(DEFAULT, overrides={"data.num_workers": 4, "data.cache_mb": 0})
+    other_data = load_params(DEFAULT, overrides={"data.image_size": 48})
+    assert digest(base.data) == digest(loaded_otherwise.data) != digest(other_data.data)
+    assert digest(base) == digest(loaded_otherwise)
+    assert loaded_otherwise.model_dump()["data"]["num_workers"] == 4
+
+
 def test_overrides_set_nested_keys(tmp_path):
     params = load_params(DEFAULT, overrides={"retrain.train.epochs": 3, "data.image_size": 48, "seed": 7})
     assert (params.retrain.train.epochs, params.data.image_size, params.seed) == (3, 48, 7)
@@ -98,7 +111,7 @@ def test_overrides_set_nested_keys(tmp_path):
 # malformed params: one row per mistake ---------------------------------------------------------------------------
 ROOT_KEYS = ["data", "device", "distill", "export", "mlflow", "orchestration", "outputs", "rating", "retrain",
              "search", "seed", "space", "teacher"]
-DATA_KEYS = ["augment", "batch_size", "channels", "download", "image_size", "name", "num_workers", "rate_fraction",
+DATA_KEYS = ["augment", "cache_mb", "channels", "download", "image_size", "name", "num_workers", "rate_fraction",
              "root", "source", "test_fraction"]
 TRAIN_KEYS = ["batch_size", "drop_rate", "epochs", "label_smoothing", "lr", "lr_decay", "optimizer", "schedule",
               "warmup_epochs", "weight_decay"]
@@ -106,6 +119,11 @@ TRAIN_KEYS = ["batch_size", "drop_rate", "epochs", "label_smoothing", "lr", "lr_
 MALFORMED = [
     pytest.param(_raw(colour="blue"), ["colour", "unknown key", *ROOT_KEYS], id="unknown-top-level-key"),
     pytest.param(_raw(**{"data.colour": "blue"}), ["data.colour", "unknown key", *DATA_KEYS], id="unknown-data-key"),
+    pytest.param(_raw(**{"data.batch_size": 64}), ["data.batch_size is no longer a key", "teacher.train.batch_size",
+                                                   "distill.batch_size", "rating.batch_size",
+                                                   "retrain.train.batch_size"], id="removed-data-batch-size"),
+    pytest.param(_raw(**{"data.cache_mb": -1}), ["data.cache_mb", "-1", "greater than or equal to 0"],
+                 id="negative-cache"),
     pytest.param(_raw(**{"teacher.train.epoch": 3}), ["teacher.train.epoch", *TRAIN_KEYS], id="unknown-nested-key"),
     pytest.param(_raw(**{"space.blocks.0.depth": [1]}), ["space.blocks.0.depth", "cells", "depths", "stride", "widths"],
                  id="unknown-key-in-list-item"),

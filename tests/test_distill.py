@@ -31,6 +31,13 @@ def test_lr_per_reference_batch_is_scaled_to_the_global_batch(prepared_run, tmp_
     assert history[0]["lr"] == pytest.approx(0.001 * cfg.lr_decay)
 
 
+def test_bf16_autocast_trains_a_block_on_the_cpu(prepared_run, tmp_path):
+    history = _distill(prepared_run, tmp_path / "bf16.pt", 2, precision="bf16").history
+    fp32 = _distill(prepared_run, tmp_path / "fp32.pt", 2).history
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["loss"] != fp32[-1]["loss"] == pytest.approx(history[-1]["loss"], rel=0.2)
+
+
 def test_interrupted_block_resumes_to_the_same_weights(prepared_run, tmp_path):
     _distill(prepared_run, tmp_path / "whole.pt", 3)
 

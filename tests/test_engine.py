@@ -136,6 +136,24 @@ def test_resume_restores_the_rng_so_dropout_masks_continue(tmp_path):
     assert not weights_equal(without_rng.state_dict(), expected)
 
 
+def test_a_cuda_random_state_is_saved_only_with_cuda_and_skipped_where_there_is_none(tmp_path, caplog):
+    """A checkpoint written on a GPU holds the CUDA random state of each GPU (torch.cuda.get_rng_state_all); one
+    written here holds none, and resuming such a GPU checkpoint here continues the run (CPU draws exact) with a
+    warning that the GPU's draws could not be restored."""
+    engine(tmp_path / "whole.pt", tiny_model(), epochs=2).fit()
+    engine(tmp_path / "cut.pt", tiny_model(), epochs=1).fit()
+    state = load_checkpoint(tmp_path / "cut.pt")
+    assert ("cuda_rng" in state) == (torch.cuda.is_available() and torch.cuda.is_initialized())
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    state["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)] * (gpus + 1)  # as if written with one GPU more
+    save_checkpoint(tmp_path / "gpu.pt", state)
+    model = tiny_model()
+    with caplog.at_level("WARNING", logger="dna.engine"):
+        resumed = engine(tmp_path / "gpu.pt", model, epochs=2).fit()
+    assert resumed.resumed_from == 1 and f"random state of {gpus + 1} GPUs" in caplog.text
+    assert weights_equal(model.state_dict(), load_checkpoint(tmp_path / "whole.pt")["model"])
+
+
 def test_checkpoint_of_another_fingerprint_is_ignored_and_overwritten(tmp_path):
     path = tmp_path / "c.pt"
     engine(path, tiny_model(), epochs=2, fingerprint="a").fit()

@@ -17,9 +17,50 @@ def test_cached_pairs_equal_pairs_computed_on_the_fly(prepared_run):
     for block in range(prepared_run.space.num_blocks):
         for split in ("train", "rate"):
             (xa, ya), (xb, yb) = next(cached.pairs(block, split, 32)), next(live.pairs(block, split, 32))
-            assert torch.allclose(xa, xb, atol=1e-5) and torch.allclose(ya, yb, atol=1e-5)
+            assert torch.equal(ya, ya.half().float()), "features are cached in float16"
+            # float16 keeps 11 significant bits: a relative error of at most 2**-11, plus float32 noise
+            assert torch.allclose(xa, xb, rtol=2**-10, atol=1e-5) and torch.allclose(ya, yb, rtol=2**-10, atol=1e-5)
+            assert not torch.equal(ya, yb), "the live features are float32"
     x, _ = next(cached.pairs(0, "train", 8))
-    assert torch.equal(x, prepared_run.data.images("train", 8)), "block 0 takes the image itself"
+    assert torch.equal(x, prepared_run.data.images("train", 8)), "block 0 takes the image itself, in float32"
+
+
+def test_ratings_from_the_float16_cache_match_those_from_live_features(prepared_run):
+    from scipy.stats import spearmanr
+
+    from dna.distill import load_block
+    from dna.rate import rate_block
+
+    run = prepared_run
+    cached = run.supervision.for_rating()
+    live = TeacherTargets(cached.teacher, cached.boundaries, eval_view(run.data), torch.device("cpu"))
+    tables = []
+    for targets in (cached, live):
+        supernet = load_block(run.space, 1, targets.shapes(), run.data.in_chans, run.paths.supernet(1))
+        tables.append(rate_block(run.space, supernet, targets, 1, calibration_size=64, batch_size=128).to_frame())
+    a, b = tables[0]["score"].to_numpy(), tables[1]["score"].to_numpy()
+    assert len(a) == len(b) > 4 and abs(a / b - 1).max() < 1e-3
+    assert spearmanr(a, b).statistic > 0.99
+
+
+def test_the_teacher_stops_at_the_last_boundary_a_block_needs(prepared_run):
+    targets = prepared_run.supervision
+    ran = []
+    hooks = [blk.register_forward_hook(lambda *_, i=i: ran.append(i))
+             for i, blk in enumerate(targets.teacher.blocks, start=1)]
+    try:
+        x = prepared_run.data.images("rate", 4)
+        inputs, target = targets.levels(x, 0)
+        assert max(ran) == targets.boundaries[0]
+        ran.clear()
+        full = targets.teacher.forward_intermediates(x, indices=targets.boundaries, intermediates_only=True,
+                                                     extra_blocks=True)
+        assert max(ran) == len(targets.teacher.blocks), "without stopping early every stage runs"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(inputs, x) and torch.equal(target, full[0])
+    assert torch.equal(targets.levels(x, 1)[1], full[1])
 
 
 def test_shuffled_pairs_follow_the_generator(prepared_run):

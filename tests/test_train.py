@@ -16,8 +16,8 @@ def _model(run):
     return arch.build(run.data.num_classes, run.data.in_chans, drop_rate=0.1)
 
 
-def _train(run, path, epochs, lr=0.03, on_epoch=None, model=None):
-    cfg = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=1, batch_size=128)
+def _train(run, path, epochs, lr=0.03, on_epoch=None, model=None, precision="fp32"):
+    cfg = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=1, batch_size=128, precision=precision)
     return train_classifier(model or _model(run), run.data, cfg, path, seed=0, fingerprint=f"t{lr}",
                             device=torch.device("cpu"), name="student", on_epoch=on_epoch)
 
@@ -115,3 +115,15 @@ def test_lr_scaled_to_the_batch_and_stepped_per_update(prepared_run, tmp_path):
         updates = row["epoch"] * spe  # the lr after an epoch's last step is the schedule's at that step
         assert updates >= spe  # past the 1-epoch warmup: decays by 0.85 every half epoch of steps
         assert row["lr"] == pytest.approx(base * 0.85 ** (updates // (0.5 * spe)), rel=1e-9)
+
+
+def test_bf16_autocast_trains_a_classifier_on_the_cpu(prepared_run, tmp_path):
+    """The teacher and the retrained network train through train_classifier: under bf16 its convolutions run in
+    bfloat16 while the weights stay float32."""
+    model, dtypes = _model(prepared_run), set()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+    result = _train(prepared_run, tmp_path / "bf16.pt", 2, model=model, precision="bf16")
+    assert torch.bfloat16 in dtypes
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.history[-1]["loss"] < result.history[0]["loss"] and result.test_accuracy > 0.3
