@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, tiny_raw
 
 from dna.checkpoint import CheckpointError, load_checkpoint
 from dna.ddp import rank_batches, run_in_processes, shown, stage_command
+from tests.conftest import ROOT, tiny_raw
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 # One process and two compute the same steps up to the order of float sums (DistributedDataParallel averages the
