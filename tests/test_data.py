@@ -301,6 +301,7 @@ def _rand_augmented(dataset) -> bool:
     from timm.data.auto_augment import RandAugment
 
     pool = dataset.dataset if hasattr(dataset, "indices") else dataset
+    pool = getattr(pool, "base", pool)  # the images under the decoded-image cache
     return any(isinstance(t, RandAugment) for t in pool.transform.transforms)
 
 
