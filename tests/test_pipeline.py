@@ -150,10 +150,10 @@ def test_retraining_builds_the_network_with_the_configured_drop_path(tmp_path):
 
 def test_rand_augment_of_a_recipe_reaches_only_the_training_split_it_trains_on(tmp_path):
     from PIL import Image
-    from timm.data.auto_augment import RandAugment
 
     from dna.config import parse_params
     from dna.pipeline import stage_data
+    from tests.test_data import _rand_augmented as rand_augmented
 
     for label, level in enumerate((40, 200)):
         folder = tmp_path / "images" / f"class{label}"
@@ -166,9 +166,6 @@ def test_rand_augment_of_a_recipe_reaches_only_the_training_split_it_trains_on(t
     raw["retrain"]["train"] = {**raw["retrain"]["train"], "rand_augment": "rand-m9-mstd0.5"}  # not the teacher's
     run = Run(parse_params(raw))
     stage_data(run)
-
-    def rand_augmented(split) -> bool:
-        return any(isinstance(t, RandAugment) for t in split.dataset.transform.transforms)
     assert run.data_for(run.params.teacher.train) is run.data and not rand_augmented(run.data.train)
     data = run.data_for(run.params.retrain.train)
     assert rand_augmented(data.train) and not rand_augmented(data.rate) and not rand_augmented(data.test)
