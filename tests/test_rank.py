@@ -16,7 +16,7 @@ from dna.rank import RankFailure, arch_of, plan_networks, stage_rank, train_netw
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import tiny_raw
+    from tests.conftest import tiny_raw
 
     raw = tiny_raw(tmp_path_factory.mktemp("rank") / "outputs")
     raw["data"] |= {"rate_fraction": 0.2, "test_fraction": 0.6}  # a small training split: the stage trains 7 networks

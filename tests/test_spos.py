@@ -14,7 +14,7 @@ from dna.spos import SposSupernet, inherited_accuracy, train_spos, training_epoc
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import tiny_raw
+    from tests.conftest import tiny_raw
 
     raw = tiny_raw(tmp_path_factory.mktemp("spos") / "outputs")
     raw["rank"] = {"networks": 4, "cost_bands": 2, "top_k": 2, "spos": {"epochs": 1}}
