@@ -26,6 +26,7 @@ for _key, _value in {
     "DVC_NO_ANALYTICS": "1",
     "GIT_PYTHON_REFRESH": "quiet",
     "TQDM_DISABLE": "1",
+    "DNA_WARM_IDLE_S": "20",  # warm hosts (flows/warm_host.py) of finished tests' projects do not linger
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -1,0 +1,193 @@
+"""The command side of the warm host (flows/warm_host.py): `python -m flows.<module>` handed to a fork of a process
+that has imported torch, timm, Prefect, MLflow and the flows already, before this process imports any of them.
+
+Standard library only: it runs while the `flows` package is imported, before anything else.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE = ("dna", "flows")
+# Modules run without the host: the host itself, servers and light tools.
+NOT_SERVED = frozenset({"flows.warm", "flows.warm_host", "flows.api_server", "flows.code_deps"})
+# Variables that differ between otherwise equal commands and that nothing reads at import time (the pipeline's
+# MLflow run is read when a step starts its own: flows/tracking.py).
+VOLATILE = frozenset({"_", "PWD", "OLDPWD", "SHLVL", "TERM", "COLUMNS", "LINES", "PS1", "SSH_TTY", "DVC_STAGE",
+                      "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DNA_MLFLOW_PARENT_RUN_ID"})
+START_TIMEOUT_S = 180.0
+HEADER = 8  # bytes of the request's length
+
+
+def enabled() -> bool:
+    return os.environ.get("DNA_WARM", "1").lower() not in ("0", "false", "no", "off") and hasattr(os, "fork")
+
+
+def idle_s() -> float:
+    return float(os.environ.get("DNA_WARM_IDLE_S", 600))
+
+
+def requested_module() -> str | None:
+    """The module of `python -m <module>` while its package is being imported, else None."""
+    if sys.argv[:1] != ["-m"]:
+        return None
+    argv = list(getattr(sys, "orig_argv", []))
+    for i, arg in enumerate(argv[1:-1], 1):
+        if arg == "-m":
+            return argv[i + 1]
+        if arg.startswith("-m") and len(arg) > 2:
+            return arg[2:]
+    return None
+
+
+def script_args() -> list[str]:
+    """The arguments after `-m <module>` of this process's command line."""
+    argv = list(sys.orig_argv)
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "-m":
+            return argv[i + 2:]
+        if arg.startswith("-m") and len(arg) > 2:
+            return argv[i + 1:]
+    return []
+
+
+def code_stamp(root: Path = ROOT) -> list:
+    stamp = []
+    for package in CODE:
+        for folder, dirs, files in os.walk(root / package):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    info = os.stat(os.path.join(folder, name))
+                    stamp.append((os.path.relpath(os.path.join(folder, name), root), info.st_size, info.st_mtime_ns))
+    return stamp
+
+
+def key(env: dict[str, str] | None = None, cwd: str | None = None) -> str:
+    """What a host must share with a command to serve it (see the module's docstring)."""
+    import sysconfig
+
+    env = os.environ if env is None else env
+    packages = Path(sysconfig.get_paths()["purelib"])
+    parts = {"root": str(ROOT), "cwd": cwd or os.getcwd(), "python": sys.executable, "path": sys.path[1:],
+             "packages": packages.stat().st_mtime_ns if packages.is_dir() else None, "code": code_stamp(ROOT),
+             "env": sorted((k, v) for k, v in env.items() if k not in VOLATILE)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def socket_path(host_key: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"dna-warm-{host_key}.sock"
+
+
+def records(env: dict[str, str] | None = None) -> Path:
+    """The folder where the hosts of this Prefect home record themselves (for --stop)."""
+    env = os.environ if env is None else env
+    return Path(env.get("PREFECT_HOME", ROOT / ".prefect")).expanduser() / "dna-warm-hosts"
+
+
+
+def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    data = len(data).to_bytes(HEADER, "big") + data
+    if fds:
+        socket.send_fds(sock, [data[:1]], fds)
+        data = data[1:]
+    sock.sendall(data)
+
+
+def _connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _start_host(host_key: str, path: Path) -> socket.socket | None:
+    """Start the host of this key (one starter at a time) and wait until it accepts; None if it did not start."""
+    import fcntl
+
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sock = _connect(path)
+        if sock is not None:
+            return sock
+        home = records()
+        home.mkdir(parents=True, exist_ok=True)
+        log = home / f"{host_key}.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from flows.warm_host import main; sys.exit(main(sys.argv[1:]))",
+                 "--serve", str(path), "--idle", str(idle_s())],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        limit = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < limit:
+            sock = _connect(path)
+            if sock is not None:
+                return sock
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        print(f"warm host did not start (see {log}); running without it", file=sys.stderr)
+        return None
+
+
+def delegate(module: str, args: list[str]) -> int | None:
+    """Run `python -m module args` in a fork of the warm host; its exit status, or None when no host can serve it
+    (the caller then runs the module itself)."""
+    host_key = key()
+    path = socket_path(host_key)
+    sock = _connect(path) or _start_host(host_key, path)
+    if sock is None:
+        return None
+    with sock:
+        _send(sock, {"module": module, "argv": args, "cwd": os.getcwd(), "env": dict(os.environ)},
+              [sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno()])
+        reader = sock.makefile("r")
+        started = reader.readline()
+        if not started:
+            return None  # the host went away before forking (e.g. it was stopping): run here
+        pid = json.loads(started)["pid"]
+
+        def forward(signum, _frame):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, forward)
+        while True:
+            try:
+                line = reader.readline()
+                break
+            except InterruptedError:
+                continue
+        if not line:
+            print(f"warm host lost step process {pid}", file=sys.stderr)
+            return 1
+        return int(json.loads(line)["status"])
+
+
+def delegate_from_package_import() -> None:
+    """Called by flows/__init__.py: when this process is `python -m flows.<module>`, hand it to the warm host and
+    exit with the step's status."""
+    module = requested_module()
+    if module is None or not module.startswith("flows.") or module in NOT_SERVED or not enabled():
+        return
+    status = delegate(module, script_args())
+    if status is not None:
+        sys.stdout.flush()
+        raise SystemExit(status)
+
+
