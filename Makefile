@@ -32,4 +32,5 @@ test: setup
 
 clean:
 	-[ -x $(PY) ] && $(PY) -m flows.api_server --stop
+	-[ -x $(PY) ] && $(PY) -m flows.warm_host --stop
 	rm -rf outputs mlflow.db mlruns .prefect .cache dvc.lock

@@ -1,7 +1,8 @@
 """The whole pipeline as `make run` runs it: the pipeline flow (`python -m flows.pipeline`, i.e. `dvc repro` under
 one MLflow parent run, every stage a Prefect flow in its own process), cold, then again with nothing changed; then
 plain `dvc repro` as a person runs it after the pipeline: one stage with nearly no work (`dvc repro --force
---single-item data`), and a changed retraining parameter (retrain, export and register rerun).
+--single-item data`), and a changed retraining parameter (retrain, export and register rerun). Steps run in forks
+of the warm host (flows/warm_host.py), or with --no-warm each in a process of its own.
 
     python -m benchmarks.pipeline_repro                      # params.yaml in a fresh git + DVC repository
     python -m benchmarks.pipeline_repro --params configs/x.yaml --keep
@@ -184,12 +185,15 @@ def main() -> None:
     ap.add_argument("--noop-repeats", type=int, default=3)
     ap.add_argument("--data-repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the temporary repository")
+    ap.add_argument("--no-warm", action="store_true", help="every step imports for itself (DNA_WARM=0), as before "
+                    "the warm host (flows/warm_host.py)")
     args = ap.parse_args()
     print(load_average())
     home = Path(args.repo).resolve().parent if args.repo else Path(tempfile.mkdtemp(prefix="bench-repro-"))
     try:
         repo = Path(args.repo).resolve() if args.repo else make_repo(Path(args.params).resolve(), home)
-        env = environment(home)
+        env = environment(home) | ({"DNA_WARM": "0"} if args.no_warm else {})
+        print(f"steps: {'each in a process of its own' if args.no_warm else 'forks of the warm host'}")
         pipeline = [sys.executable, "-m", "flows.pipeline", "--project-dir", str(repo)]
         if "cold" not in args.skip:
             print(f"cold `python -m flows.pipeline` (dvc repro through the Prefect flows) in {repo}:")
@@ -229,12 +233,14 @@ def main() -> None:
 
 
 def stop_servers(home: Path) -> None:
-    """Stop a shared Prefect server the runs left in the temporary Prefect home (the project's, when it has one)."""
+    """Stop the shared Prefect server and the warm hosts the runs left in the temporary Prefect home."""
     try:
         from flows.prefect_api import stop_shared_server
+        from flows.warm_host import stop_hosts
     except ImportError:
         return
     stop_shared_server(home / "prefect")
+    stop_hosts({"PREFECT_HOME": str(home / "prefect")})
 
 
 if __name__ == "__main__":
