@@ -109,12 +109,31 @@ class StepRun:
     run: Any  # dna.pipeline.Run
     mlrun: Any  # flows.tracking.RunLog
     tracking: Any  # flows.tracking.Tracking
+    params_file: str | Path = "params.yaml"  # what the step was started with, for the stage's own command line
+    overrides: dict | None = None
+    in_task: bool = False  # the step's work already runs in a Prefect task (a distill block): no tasks of its own
 
     def task(self, fn: Callable, name: str) -> Callable:
-        """A stage function as a Prefect task with orchestration.retries retries."""
+        """A stage function as a Prefect task with orchestration.retries retries (itself, within a task)."""
         from flows.prefect_api import stage_task
 
-        return stage_task(fn, name, self.params.orchestration.retries)
+        return fn if self.in_task else stage_task(fn, name, self.params.orchestration.retries)
+
+    def train(self, stage: str, fn: Callable, task_name: str, written: Path | Callable[[], dict],
+              on_epoch: Callable[[dict], None], block: int | None = None) -> dict:
+        """Run a training stage and return its result: `fn(run[, block], on_epoch=on_epoch)` in this process, or,
+        with orchestration.nproc > 1, `dna <stage> [--block B]` in that many processes under torchrun
+        (dna.ddp.run_in_processes), this process staying out of their process group; the result is then what rank 0
+        wrote: `written`, its metrics file (JSON), or a function that reads its files. on_epoch sees no epoch of
+        the processes: backfill the epochs from the history file they wrote."""
+        nproc = self.params.orchestration.nproc
+        if nproc > 1:
+            from dna.ddp import run_in_processes
+
+            self.task(run_in_processes, task_name)(stage, nproc, self.params_file, self.overrides, block=block)
+            return written() if callable(written) else json.loads(Path(written).read_text())
+        args = (self.run,) if block is None else (self.run, block)
+        return self.task(fn, task_name)(*args, on_epoch=on_epoch)
 
 
 @contextlib.contextmanager
@@ -128,7 +147,7 @@ def step_run(step: str, params_file: str | Path, overrides: dict | None, *,
     if absolute_outputs:
         params = with_absolute_outputs(params)
     with stage_run(params, step, stage_params(params, step)) as (mlrun, tracking):
-        yield StepRun(params, Run(params), mlrun, tracking)
+        yield StepRun(params, Run(params), mlrun, tracking, params_file, overrides)
 
 
 def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | None = None,

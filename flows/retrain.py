@@ -13,10 +13,7 @@ from flows.tracking import EpochLog
 
 @flow(name="dna-retrain")
 def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    import json
-
     from dna.arch import Arch
-    from dna.ddp import run_in_processes
     from dna.pipeline import stage_retrain
 
     with step_run("retrain", params_file, overrides) as step:
@@ -26,12 +23,7 @@ def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None
         mlrun.tags({"dna.arch": Arch.load(run.paths.arch).tag()})
         epochs_log = EpochLog(mlrun, progress,
                               lambda row: f"epoch {row['epoch']}, hold-out accuracy {row['rate_accuracy']:.4f}")
-        nproc = step.params.orchestration.nproc
-        if nproc > 1:  # the ranks run in processes of their own; this process logs to MLflow what rank 0 wrote
-            step.task(run_in_processes, "retrain")("retrain", nproc, params_file, overrides)
-            metrics = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
-        else:
-            metrics = step.task(stage_retrain, "retrain")(run, on_epoch=epochs_log)
+        metrics = step.train("retrain", stage_retrain, "retrain", run.paths.retrain_dir / "metrics.json", epochs_log)
         epochs_log.backfill(run.paths.retrain_dir / "history.csv")
         mlrun.metrics(metrics)
         for name in ("history.csv", "curves.png", "metrics.json"):
