@@ -269,6 +269,15 @@ class Engine:
             dist.barrier()
 
 
+def completed_epochs(checkpoint: str | Path, fingerprint: str) -> int:
+    """The epochs a run of `fingerprint` resumes after from `checkpoint`: 0 when there is none or it is of another
+    run (what Engine.fit would find, for a caller whose training runs in other processes)."""
+    if not Path(checkpoint).is_file():
+        return 0
+    state = load_checkpoint(checkpoint)
+    return int(state["epoch"]) if state.get("fingerprint") == fingerprint else 0
+
+
 def summary(row: dict, keys: list[str]) -> str:
     """The row's numbers under `keys`, for the epoch's log line: "loss 0.4213, rate_accuracy 0.8812"."""
     return ", ".join(f"{key} {row[key]:.5g}" for key in dict.fromkeys(keys) if isinstance(row[key], (int, float)))

@@ -20,6 +20,7 @@ class Paths:
     @property
     def features(self) -> Path: return self.distill_dir / "features"
     def supernet(self, block: int) -> Path: return self.distill_dir / f"block_{block}.pt"
+    def distill_history(self, block: int) -> Path: return self.distill_dir / f"history_{block}.csv"
     @property
     def ratings_dir(self) -> Path: return self.root / "ratings"
     def rating(self, block: int) -> Path: return self.ratings_dir / f"block_{block}.csv"

@@ -240,9 +240,28 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
                            device=run.device, on_epoch=on_epoch, loss=run.supervision.loss)
     history = pd.DataFrame(result.history)
     if is_main():
-        write_csv(run.paths.distill_dir / f"history_{block}.csv", history)
+        write_csv(run.paths.distill_history(block), history)
+    return _distilled(block, history, result.resumed_from)
+
+
+def distill_resumes_after(run: Run, block: int) -> int:
+    """The epoch stage_distill resumes the block after (0: it starts afresh)."""
+    from dna.engine import completed_epochs
+
+    return completed_epochs(run.paths.supernet(block), run.block_fingerprint(block))
+
+
+def distilled(run: Run, block: int, resumed_from: int) -> dict:
+    """stage_distill's result read from the history it wrote, for a caller that ran it in other processes
+    (resumed_from: distill_resumes_after, asked before they ran)."""
+    import pandas as pd
+
+    return _distilled(block, pd.read_csv(run.paths.distill_history(block)), resumed_from)
+
+
+def _distilled(block: int, history: pd.DataFrame, resumed_from: int) -> dict:
     return {"block": block, "final_loss": float(history["loss"].iloc[-1]), "epochs": len(history),
-            "resumed_from": result.resumed_from}
+            "resumed_from": resumed_from}
 
 
 def stage_rate(run: Run, block: int) -> pd.DataFrame:

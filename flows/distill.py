@@ -1,7 +1,8 @@
 """Distill stage: build the teacher-feature cache once, then train and rate every block, blocks in parallel.
 
 Each block is one task (train its cells on the teacher's features, then rate every candidate of every cell),
-submitted concurrently on the task runner named by orchestration.task_runner. A block whose checkpoint
+submitted concurrently on the task runner named by orchestration.task_runner; with orchestration.nproc > 1 a block
+trains in that many processes under torchrun, and its task rates it. A block whose checkpoint
 (outputs/distill/block_i.pt) carries the same fingerprint (config, teacher weights, data) is not retrained:
 the task resumes it at its last epoch, so only its rating runs again.
 Writes outputs/distill/ (checkpoints, histories, feature cache, curves/) and outputs/ratings/block_i.csv.
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -21,7 +23,7 @@ from prefect.futures import wait
 from dna.config import Params
 from dna.errors import StageFailure
 from flows import artifacts
-from flows.entry import Checks, cli, load, with_absolute_outputs
+from flows.entry import Checks, StepRun, cli, load, with_absolute_outputs
 from flows.prefect_api import share_prefect_api
 from flows.steps import stage_params
 from flows.task_runners import make_task_runner
@@ -58,11 +60,13 @@ def features_task(params: Params) -> None:
 
 @task(name="distill-block", task_run_name="block-{block}", cache_policy=NO_CACHE)
 def block_task(params: Params, block: int, tracking: Tracking, threads: int | None = None,
-               shared_process: bool = False) -> dict:
+               shared_process: bool = False, params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     """Distill one block, then rate its candidates; logs a nested MLflow run and a Prefect progress artifact.
 
+    With orchestration.nproc > 1 the block trains in that many processes under torchrun (`dna distill --block B`
+    with params_file and overrides, the flow's own) and is rated here.
     shared_process: other blocks run in this process too (thread runner): take turns (see block_turn)."""
-    from dna.pipeline import Run, stage_distill, stage_rate
+    from dna.pipeline import Run, distill_resumes_after, distilled, stage_distill, stage_rate
 
     if threads:
         import torch
@@ -80,8 +84,11 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
             "dna.block_fingerprint": run.block_fingerprint(block)}) as mlrun:
         mlrun.params({"block": block, "stride": cfg.stride, "cells": json.dumps(cells), "epochs": epochs})
         epochs_log = EpochLog(mlrun, progress, lambda row: f"epoch {row['epoch']}, mean cell loss {row['loss']:.5f}")
-        result = stage_distill(run, block, on_epoch=epochs_log)
-        history = run.paths.distill_dir / f"history_{block}.csv"
+        step = StepRun(params, run, mlrun, tracking, params_file, overrides, in_task=True)
+        resumed_from = distill_resumes_after(run, block) if params.orchestration.nproc > 1 else 0
+        result = step.train("distill", stage_distill, f"distill-block-{block}",
+                            lambda: distilled(run, block, resumed_from), epochs_log, block=block)
+        history = run.paths.distill_history(block)
         epochs_log.backfill(history)
         table = stage_rate(run, block)
         candidates = table.drop_duplicates(["cell", "path"])
@@ -120,7 +127,9 @@ def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None
         features_task.with_options(retries=orch.retries)(params)
         block = block_task.with_options(retries=orch.retries, retry_delay_seconds=1)
         shared = orch.task_runner == "threads"  # blocks share this process (and its torch thread pool)
-        futures = [block.submit(params, b, tracking, None if shared else threads, shared) for b in blocks]
+        # the blocks' own command lines (orchestration.nproc > 1) read the same file and write to the same outputs
+        own = str(Path(params_file).resolve()), {**(overrides or {}), "outputs": params.outputs}
+        futures = [block.submit(params, b, tracking, None if shared else threads, shared, *own) for b in blocks]
         wait(futures)
         results, failed = [], {}
         for b, future in zip(blocks, futures):

@@ -207,8 +207,8 @@ def nested_runs(uri: str, parent_run_id: str) -> list:
 
 class EpochLog:
     """The on_epoch hook of a training stage: each epoch's row to MLflow (and to a Prefect progress artifact);
-    afterwards, `backfill` logs the epochs the hook did not see (those a resumed run had done before) from the
-    stage's history file."""
+    afterwards, `backfill` logs the epochs the hook did not see (those a resumed run had done before, or all of them
+    when the stage ran in other processes) from the stage's history file, and shows the last one's progress."""
 
     def __init__(self, mlrun: RunLog, progress=None, describe=None, prefix: str = ""):
         self.mlrun, self.progress, self.describe, self.prefix = mlrun, progress, describe, prefix
@@ -225,6 +225,8 @@ class EpochLog:
 
         if not Path(history_csv).is_file():
             return
-        for row in pd.read_csv(history_csv).to_dict("records"):
-            if int(row["epoch"]) not in self.logged:
-                self.mlrun.epoch(row, self.prefix)
+        missed = [row for row in pd.read_csv(history_csv).to_dict("records") if int(row["epoch"]) not in self.logged]
+        for row in missed:
+            self.mlrun.epoch(row, self.prefix)
+        if missed and self.progress is not None:
+            self.progress.update(int(missed[-1]["epoch"]), self.describe(missed[-1]))

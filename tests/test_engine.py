@@ -9,7 +9,7 @@ from torch import nn
 
 from dna.checkpoint import load_checkpoint, save_checkpoint
 from dna.ddp import rank_shard
-from dna.engine import Engine, NonFiniteLoss, channels_last
+from dna.engine import Engine, NonFiniteLoss, channels_last, completed_epochs
 
 SAMPLES, BATCH = 96, 16
 STEPS_PER_EPOCH = SAMPLES // BATCH
@@ -163,6 +163,14 @@ def test_checkpoint_of_another_fingerprint_is_ignored_and_overwritten(tmp_path):
     assert load_checkpoint(path)["fingerprint"] == "b"
     again = engine(path, tiny_model(), epochs=2, fingerprint="b").fit()
     assert again.resumed_from == 2 and again.history == other.history
+
+
+def test_completed_epochs_are_those_fit_resumes_after(tmp_path):
+    path = tmp_path / "c.pt"
+    assert completed_epochs(path, "a") == 0
+    engine(path, tiny_model(), epochs=2, fingerprint="a").fit()
+    assert completed_epochs(path, "b") == 0, "a checkpoint of another run"
+    assert completed_epochs(path, "a") == 2 == engine(path, tiny_model(), epochs=3, fingerprint="a").fit().resumed_from
 
 
 def test_nan_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
