@@ -33,4 +33,4 @@ class OrchestrationConfig(Section):
     # `dask worker ... --resources GPU=1`: a worker then runs one block per GPU it declares
     dask_resources: dict[str, Annotated[float, Field(gt=0)]] = {}
     retries: Annotated[int, Field(ge=0, le=10)] = 1
-    nproc: Annotated[int, Field(gt=0)] = 1  # > 1: the teacher and retrain steps train in N processes (torchrun)
+    nproc: Annotated[int, Field(gt=0)] = 1  # > 1: the teacher, each distill block and retrain train in N processes
