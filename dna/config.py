@@ -168,21 +168,45 @@ class TrainConfig(Precision):
         return warmup
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def arch_stage_count(path: str | Path) -> int:
+    """The number of stages an architecture file lists, read as YAML only (no model library); raises ValueError
+    with a one-line reason when the file is not a mapping with an `arch` list of stages."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(_one_line(exc)) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("arch"), list):
+        raise ValueError("expected a mapping with stem, head and arch (a list of stages of timm block strings)")
+    return len(raw["arch"])
+
+
 class TeacherConfig(Strict):
-    added_keys = ("output_stride",)
-    source: Literal["train", "timm", "checkpoint"] = "train"
-    model: str = "efficientnet_b0"
+    added_keys = ("output_stride", "arch")
+    # train: `model` trained here; timm: `model` with timm's pretrained weights; checkpoint: `model` with the weights
+    # of `checkpoint`; arch: the network of the architecture file `arch` (as the search stage writes arch.yaml),
+    # built as the retrain stage builds it, with the weights of `checkpoint` (as the retrain stage writes model.pt)
+    source: Literal["train", "timm", "checkpoint", "arch"] = "train"
+    model: str = "efficientnet_b0"  # a timm model name; not read when source is arch
     checkpoint: str | None = None
+    arch: str | None = None
+    # forward_intermediates indices (0 = stem, i = after stage i), one per searched block. Source arch, when not
+    # given: the end of every stage after the first, 2..(its stages), which for a network found by a search are
+    # the ends of its searched blocks (the first stage is the space's fixed one)
     boundaries: list[Annotated[int, Field(ge=1)]] = [2, 3, 4, 6]
     # timm's output_stride: 8 or 16 dilate the stages past that stride instead of striding them, so the late
-    # boundaries keep larger feature maps at the same input size (the space's blocks there then take stride 1)
+    # boundaries keep larger feature maps at the same input size (the space's blocks there then take stride 1);
+    # a timm model's setting: source arch takes the strides its file states (32 here)
     output_stride: Literal[8, 16, 32] = 32
     train: TrainConfig = TrainConfig()
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str, info: ValidationInfo) -> str:
-        if not deep_checks(info):
+        if not deep_checks(info) or info.data.get("source") == "arch":
             return name
         import timm
 
@@ -194,14 +218,36 @@ class TeacherConfig(Strict):
     @model_validator(mode="after")
     def _checkpoint(self, info: ValidationInfo) -> TeacherConfig:
         check_paths = (info.context or {}).get("check_paths", True)
-        if self.source == "checkpoint" and not self.checkpoint:
-            raise ValueError("teacher.checkpoint is required when teacher.source='checkpoint'")
-        if self.source == "checkpoint" and check_paths and not Path(self.checkpoint).is_file():
+        if self.source in ("checkpoint", "arch") and not self.checkpoint:
+            raise ValueError(f"teacher.checkpoint is required when teacher.source={self.source!r}")
+        if self.source in ("checkpoint", "arch") and check_paths and not Path(self.checkpoint).is_file():
             raise ValueError(f"teacher.checkpoint={self.checkpoint!r} must be an existing file when "
-                             "teacher.source='checkpoint'")
+                             f"teacher.source={self.source!r}")
+        if self.source == "arch":
+            self._check_arch(check_paths, deep_checks(info))
         if list(self.boundaries) != sorted(set(self.boundaries)):
             raise ValueError(f"teacher.boundaries={self.boundaries} must be strictly increasing")
         return self
+
+    def _check_arch(self, check_paths: bool, deep: bool) -> None:
+        if not self.arch:
+            raise ValueError("teacher.arch is required when teacher.source='arch' (an architecture file, as the "
+                             "search stage writes search/arch.yaml)")
+        if self.output_stride != 32:
+            raise ValueError(f"teacher.output_stride={self.output_stride} dilates a timm model's stages; a teacher of "
+                             "source 'arch' has the strides its file states: leave output_stride out (32)")
+        if not Path(self.arch).is_file():
+            if check_paths:
+                raise ValueError(f"teacher.arch={self.arch!r} must be an existing file when teacher.source='arch'")
+            return
+        try:
+            arch_stage_count(self.arch)
+            if deep:
+                from dna.arch import Arch
+
+                Arch.load(self.arch)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"teacher.arch={self.arch!r} is not an architecture file: {_one_line(exc)}") from None
 
 
 Width = Annotated[int, Field(ge=8, le=4096, multiple_of=8)]
@@ -444,12 +490,31 @@ class CoreParams(Strict):
                                  "(allowed with data.source: torchvision, imagefolder)")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _arch_teacher_boundaries(cls, raw, info: ValidationInfo):
+        """teacher.boundaries of a teacher of source arch, when not given: 2..(the stages of its file); a file that
+        is absent (paths not checked) or unreadable (its own check says why) is taken as one of this space."""
+        teacher = raw.get("teacher") if isinstance(raw, dict) else None
+        if not isinstance(teacher, dict) or teacher.get("source") != "arch" or "boundaries" in teacher:
+            return raw
+        try:
+            stages = arch_stage_count(teacher["arch"])
+        except (KeyError, TypeError, ValueError):
+            blocks = (raw.get("space") or {}).get("blocks") if isinstance(raw.get("space"), dict) else None
+            stages = len(blocks) + 1 if isinstance(blocks, list) else None
+        if stages is None:
+            return raw
+        return {**raw, "teacher": {**teacher, "boundaries": list(range(2, stages + 1))}}
+
     @model_validator(mode="after")
     def _boundaries_match_blocks(self) -> CoreParams:
         if len(self.teacher.boundaries) != len(self.space.blocks):
             raise ValueError(
                 f"teacher.boundaries has {len(self.teacher.boundaries)} entries but space.blocks has "
-                f"{len(self.space.blocks)}: one teacher boundary per searched block is required")
+                f"{len(self.space.blocks)}: one teacher boundary per searched block is required"
+                + (" (source 'arch' defaults to the end of every stage of teacher.arch after its first)"
+                   if self.teacher.source == "arch" else ""))
         return self
 
     @property

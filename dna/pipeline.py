@@ -95,7 +95,9 @@ class Run:
 
     # fingerprints: what determines each stage's result, so a checkpoint of another configuration is not resumed
     def teacher_fingerprint(self) -> str:
-        return digest(self.params.seed, self.params.data, self.params.teacher)
+        t = self.params.teacher
+        files = [file_digest(f) for f in (t.checkpoint, t.arch) if f] if t.source in ("checkpoint", "arch") else []
+        return digest(self.params.seed, self.params.data, t, *files)
 
     def block_fingerprint(self, block: int) -> str:
         p = self.params
@@ -123,14 +125,19 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
     if not models:
         return
     from dna.search import min_cost
-    from dna.targets import teacher_shapes
+    from dna.targets import arch_teacher_shapes, teacher_shapes
 
     run = Run(params)
     run.device  # noqa: B018 - a device that is not there (cuda without a GPU) stops here, before any work
     try:
-        shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries, t.output_stride)
+        if t.source == "arch":
+            shapes = arch_teacher_shapes(t.arch, d.channels, d.image_size, t.boundaries)
+        else:
+            shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries, t.output_stride)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if t.source == "arch":
+        check_arch_teacher(params, run.num_classes)
     sizes = run.space.block_resolutions()
     for i, (shape, boundary) in enumerate(zip(shapes, t.boundaries)):
         if shape[1] != sizes[i + 1]:
@@ -149,6 +156,19 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
                 shown = f"{smallest:.0f}" if float(smallest).is_integer() else f"{smallest:.6g}"
                 raise ConfigError(f"search.budgets.{axis}={budget:g} is below the smallest network in the space "
                                   f"({axis}={shown})")
+
+
+def check_arch_teacher(params: Params, num_classes: int) -> None:
+    """teacher.checkpoint loads strictly into the network of teacher.arch (built on the meta device: no weights are
+    made); raises ConfigError naming the key otherwise."""
+    import torch
+
+    from dna.arch import Arch
+    from dna.teacher import teacher_weights
+
+    with torch.device("meta"):
+        model = Arch.load(params.teacher.arch).build(num_classes, params.data.channels)
+    teacher_weights(params.teacher, model)
 
 
 # latency ----------------------------------------------------------------------------------------------------------
@@ -207,13 +227,14 @@ def stage_data(run: Run) -> dict:
 def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
-    from dna.teacher import make_teacher
+    from dna.teacher import make_teacher, teacher_name
 
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
     _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,
                              run.teacher_fingerprint(), on_epoch=on_epoch)
-    metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history), "model": run.params.teacher.model}
+    metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history),
+               "model": teacher_name(run.params.teacher)}
     if is_main():
         if result.history:
             write_csv(out / "history.csv", pd.DataFrame(result.history))

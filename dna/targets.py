@@ -62,12 +62,26 @@ def teacher_shapes(model_name: str, in_chans: int, image_size: int, boundaries: 
 
     dilation = {"output_stride": output_stride} if output_stride != 32 else {}
     with torch.device("meta"):
-        model = timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=10, **dilation).eval()
-        count = len(model.blocks) + 1 if hasattr(model, "blocks") else None
-        if count is not None and max(boundaries) >= count:
-            raise ValueError(f"teacher.boundaries={boundaries}: {model_name} has boundaries 1..{count - 1} "
-                             f"(0 is the stem)")
-        feats = boundary_features(model, torch.empty(1, in_chans, image_size, image_size), boundaries)
+        model = timm.create_model(model_name, pretrained=False, in_chans=in_chans, num_classes=10, **dilation)
+        return _meta_shapes(model.eval(), model_name, in_chans, image_size, boundaries)
+
+
+def arch_teacher_shapes(arch_file: str | Path, in_chans: int, image_size: int,
+                        boundaries: list[int]) -> list[tuple[int, int, int]]:
+    """teacher_shapes of the network of an architecture file (teacher.source arch)."""
+    from dna.arch import Arch
+
+    with torch.device("meta"):
+        model = Arch.load(arch_file).build(10, in_chans)
+        return _meta_shapes(model.eval(), f"the network of {arch_file}", in_chans, image_size, boundaries)
+
+
+def _meta_shapes(model: nn.Module, name: str, in_chans: int, image_size: int,
+                 boundaries: list[int]) -> list[tuple[int, int, int]]:
+    count = len(model.blocks) + 1 if hasattr(model, "blocks") else None
+    if count is not None and max(boundaries) >= count:
+        raise ValueError(f"teacher.boundaries={boundaries}: {name} has boundaries 1..{count - 1} (0 is the stem)")
+    feats = boundary_features(model, torch.empty(1, in_chans, image_size, image_size), boundaries)
     return [tuple(f.shape[1:]) for f in feats]
 
 

@@ -245,6 +245,69 @@ def test_nonexistent_teacher_checkpoint(tmp_path):
     assert parse_params(raw).teacher.checkpoint.endswith("teacher.pt")
 
 
+def _arch_teacher_raw(tmp_path, arch_text: str | None = None, **changes) -> dict:
+    """The default params with a teacher of source arch: a written architecture file of five stages (the fixed first
+    stage and one per searched block) and a weights file (not read by these checks)."""
+    arch, weights = tmp_path / "arch.yaml", tmp_path / "model.pt"
+    stages = [["ds_r1_k3_s1_c16_se0.25"], ["ir_r1_k3_s2_e3_c24_se0.25"], ["ir_r1_k3_s2_e3_c32_se0.25"],
+              ["ir_r2_k5_s1_e3_c48_se0.25"], ["ir_r1_k3_s1_e6_c96_se0.25"]]
+    arch.write_text(arch_text if arch_text is not None else yaml.safe_dump({"stem": 16, "head": 256, "arch": stages}))
+    weights.write_bytes(b"weights")
+    teacher = {"teacher.source": "arch", "teacher.arch": str(arch), "teacher.checkpoint": str(weights),
+               "teacher.output_stride": None, "teacher.boundaries": None}
+    merged = teacher | changes
+    return _raw(**{k: v for k, v in merged.items() if v is not None or k.split(".")[1] in DEFAULT_RAW["teacher"]})
+
+
+def test_arch_teacher_boundaries_default_to_the_ends_of_its_stages_after_the_first(tmp_path):
+    params = parse_params(_arch_teacher_raw(tmp_path))
+    assert params.teacher.boundaries == [2, 3, 4, 5]
+    given = parse_params(_arch_teacher_raw(tmp_path, **{"teacher.boundaries": [1, 2, 3, 5]}))
+    assert given.teacher.boundaries == [1, 2, 3, 5]
+    absent = _arch_teacher_raw(tmp_path, **{"teacher.arch": str(tmp_path / "elsewhere.yaml")})
+    assert parse_params(absent, check_paths=False).teacher.boundaries == [2, 3, 4, 5], "taken as one of this space"
+    with pytest.raises(ConfigError, match=r"teacher\.boundaries has 3 entries but space\.blocks has 4.*teacher\.arch"):
+        parse_params(_arch_teacher_raw(tmp_path, "stem: 16\nhead: 256\narch: [[ds_r1_k3_s1_c16], [ir_r1_k3_s2_e3_c24],"
+                                                 " [ir_r1_k3_s2_e3_c32], [ir_r1_k3_s2_e3_c48]]\n"))
+
+
+def test_arch_teacher_needs_no_timm_model_name(tmp_path):
+    params = parse_params(_arch_teacher_raw(tmp_path, **{"teacher.model": "not_a_timm_model"}))
+    assert params.teacher.source == "arch"
+    with pytest.raises(ConfigError, match=r"teacher\.model='not_a_timm_model' is not a timm model"):
+        parse_params(_raw(**{"teacher.model": "not_a_timm_model"}))
+
+
+def test_a_teacher_without_an_arch_dumps_as_before_the_key():
+    assert "arch" not in load_params(DEFAULT).teacher.model_dump()
+
+
+@pytest.mark.parametrize("arch_text, changes, expected", [
+    pytest.param(None, {"teacher.arch": None}, r"^teacher\.arch is required when teacher\.source='arch'", id="no-arch"),
+    pytest.param(None, {"teacher.checkpoint": None}, r"^teacher\.checkpoint is required when teacher\.source='arch'",
+                 id="no-checkpoint"),
+    pytest.param(None, {"teacher.arch": "absent.yaml"}, r"^teacher\.arch='absent\.yaml' must be an existing file",
+                 id="absent-arch"),
+    pytest.param(None, {"teacher.checkpoint": "absent.pt"},
+                 r"^teacher\.checkpoint='absent\.pt' must be an existing file", id="absent-checkpoint"),
+    pytest.param("stem: [16\n", {}, r"^teacher\.arch=.*arch\.yaml' is not an architecture file: while parsing",
+                 id="not-yaml"),
+    pytest.param("- [ds_r1_k3_s1_c16]\n", {}, r"^teacher\.arch=.* is not an architecture file: expected a mapping",
+                 id="not-a-mapping"),
+    pytest.param("stem: 16\narch: [[ds_r1_k3_s1_c16], [a], [b], [c], [d]]\n", {},
+                 r"^teacher\.arch=.* is not an architecture file: arch file lacks key\(s\) \['head'\]", id="no-head"),
+    pytest.param("stem: 16\nhead: 64\narch: [[ds_r1_k3_s1_c16], [ir_k9_bogus], [c], [d], [e]]\n", {},
+                 r"^teacher\.arch=.* is not an architecture file: arch: invalid timm block string 'ir_k9_bogus'",
+                 id="bad-block-string"),
+    pytest.param(None, {"teacher.output_stride": 8}, r"^teacher\.output_stride=8 dilates a timm model's stages",
+                 id="dilated"),
+])
+def test_malformed_arch_teacher_is_one_line_naming_the_key(tmp_path, arch_text, changes, expected):
+    with pytest.raises(ConfigError, match=expected) as err:
+        parse_params(_arch_teacher_raw(tmp_path, arch_text, **changes))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("text, expected", [
     pytest.param("space: [unclosed\n", "not valid YAML", id="invalid-yaml"),
     pytest.param("- seed\n- 0\n", "top level must be a mapping", id="top-level-list"),

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -70,3 +72,141 @@ def test_the_teacher_is_built_with_its_output_stride_as_its_shapes_are_checked(t
         feats = boundary_features(create_teacher(params, 10, 1).eval(), torch.zeros(1, 1, 32, 32), boundaries)
     assert [f.shape[-1] for f in feats] == sides
     assert [tuple(f.shape[1:]) for f in feats] == teacher_shapes("tinynet_e", 1, 32, boundaries, output_stride)
+
+
+# teacher.source arch: a network this project searched and retrained ---------------------------------------------
+@pytest.fixture
+def arch_teacher(tmp_path, one_torch_thread):
+    """A network of the tiny space, chosen as the search stage chooses one and given weights as the retrain stage
+    saves them (random, BatchNorm statistics too); and the tiny params with it as the teacher (source arch)."""
+    from dna.arch import Arch
+    from dna.checkpoint import save_checkpoint
+    from dna.config import parse_params
+    from dna.pipeline import Run, choice_of, stage_data, stage_tables
+    from tests.conftest import tiny_raw
+
+    run = Run(parse_params(tiny_raw(tmp_path / "outputs")))
+    stage_data(run)
+    stages = stage_tables(run.space, scored=False)
+    arch = choice_of(run.space, stages, (0, *(len(s) - 1 for s in stages[1:-1]), 0))  # the deepest, widest cells
+    arch.save(tmp_path / "arch.yaml")
+    torch.manual_seed(1)
+    model = run.space.build(arch)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buffer.copy_(torch.rand_like(buffer) + 0.5)
+    save_checkpoint(tmp_path / "model.pt", {"model": model.state_dict(), "arch": arch.to_yaml()})
+    raw = tiny_raw(tmp_path / "teacher_run")
+    raw["teacher"] = {"source": "arch", "arch": str(tmp_path / "arch.yaml"), "checkpoint": str(tmp_path / "model.pt"),
+                      "train": {**raw["teacher"]["train"], "epochs": 0}}
+    assert Arch.load(tmp_path / "arch.yaml") == arch
+    return run, arch, model.state_dict(), raw
+
+
+def _arch_params(raw: dict, **teacher):
+    from dna.config import parse_params
+
+    return parse_params({**raw, "teacher": {**raw["teacher"], **teacher}})
+
+
+def test_arch_teacher_has_the_saved_weights_bit_for_bit(arch_teacher, tmp_path):
+    run, arch, saved, raw = arch_teacher
+    params = _arch_params(raw)
+    teacher, result = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    assert result.history == [] and not teacher.training
+    state = teacher.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    reloaded = load_teacher(params, tmp_path / "teacher.pt", torch.device("cpu"))  # as distillation loads it
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), saved.values()))
+    assert load_checkpoint(tmp_path / "teacher.pt")["arch"] == arch.to_yaml()
+
+
+def test_arch_teacher_is_split_at_its_own_blocks_whose_shapes_the_space_takes(arch_teacher, tmp_path):
+    """The natural case: the same params' space searched again with the retrained network as teacher. Its default
+    boundaries are the ends of its searched blocks, the config's check passes, and the block targets have the
+    blocks' resolutions and the chosen network's block widths."""
+    from dna.pipeline import validate
+    from dna.targets import TeacherTargets, arch_teacher_shapes
+
+    run, arch, _, raw = arch_teacher
+    params = _arch_params(raw)
+    assert params.teacher.boundaries == [2, 3] == list(range(2, len(arch.stages) + 1))
+    validate(params, check_profile=False)
+    teacher, _ = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    shapes = TeacherTargets(teacher, params.teacher.boundaries, run.data, torch.device("cpu")).shapes()
+    sizes = run.space.block_resolutions()[1:]
+    widths = [int(stage[-1].split("_c")[1].split("_")[0]) for stage in arch.stages[1:]]
+    assert shapes == [(w, s, s) for w, s in zip(widths, sizes)]
+    assert shapes == arch_teacher_shapes(params.teacher.arch, 1, params.data.image_size, params.teacher.boundaries)
+
+
+def test_arch_teacher_weights_that_do_not_fit_are_a_config_error_before_any_work(arch_teacher, tmp_path):
+    from dna.arch import Arch
+    from dna.checkpoint import save_checkpoint
+    from dna.config import ConfigError
+    from dna.pipeline import validate
+
+    run, arch, saved, raw = arch_teacher
+    last = tuple(re.sub(r"_k\d", "_k7", layer) for layer in arch.stages[-1])  # the space's kernels are 3 and 5
+    other = Arch(stem=arch.stem, head=arch.head, stages=(*arch.stages[:-1], last))
+    plain = {k: v for k, v in saved.items() if not k.startswith("classifier")}
+    torch.save(plain, tmp_path / "plain.pt")
+    with pytest.raises(ConfigError, match=r"^teacher\.checkpoint=.*plain\.pt.*do not fit the network of teacher\.arch="
+                                          r".*missing classifier\.weight, classifier\.bias \(2\)$"):
+        validate(_arch_params(raw, checkpoint=str(tmp_path / "plain.pt")), check_profile=False)
+    other.save(tmp_path / "other.yaml")
+    with pytest.raises(ConfigError, match=r"^teacher\.checkpoint=.*model\.pt' holds the weights of another "
+                                          r"architecture than teacher\.arch=.*other\.yaml"):
+        validate(_arch_params(raw, arch=str(tmp_path / "other.yaml")), check_profile=False)
+    (tmp_path / "garbage.pt").write_bytes(b"not weights at all")
+    with pytest.raises(ConfigError, match=r"^teacher\.checkpoint=.*garbage\.pt' cannot be read as weights"):
+        validate(_arch_params(raw, checkpoint=str(tmp_path / "garbage.pt")), check_profile=False)
+    save_checkpoint(tmp_path / "other_weights.pt", {"model": saved, "arch": other.to_yaml()})
+    kernels = r"shapes: blocks\.2\.0\.conv_dw\.weight is \(\d+, 1, 5, 5\), not \(\d+, 1, 7, 7\)"
+    with pytest.raises(ConfigError, match=r"^teacher\.checkpoint=.*other_weights\.pt': its weights do not fit .*"
+                                          + kernels):
+        validate(_arch_params(raw, checkpoint=str(tmp_path / "other_weights.pt"), arch=str(tmp_path / "other.yaml")),
+                 check_profile=False)
+
+
+def test_arch_teacher_fingerprint_follows_its_files(arch_teacher, tmp_path):
+    from dna.arch import Arch
+    from dna.checkpoint import save_checkpoint
+    from dna.pipeline import Run
+
+    _, arch, saved, raw = arch_teacher
+    params = _arch_params(raw)
+    before = Run(params).teacher_fingerprint()
+    assert Run(_arch_params(raw)).teacher_fingerprint() == before
+    moved = {k: v + 1 if v.is_floating_point() else v for k, v in saved.items()}
+    save_checkpoint(params.teacher.checkpoint, {"model": moved, "arch": arch.to_yaml()})
+    after_weights = Run(params).teacher_fingerprint()
+    assert after_weights != before
+    relu = Arch(stem=arch.stem, head=arch.head, stages=arch.stages, settings={"act": "relu"})
+    relu.save(params.teacher.arch)  # the same weights fit: only the file tells the networks apart
+    assert Run(params).teacher_fingerprint() not in (before, after_weights)
+
+
+def test_arch_teacher_is_trained_further_when_asked(arch_teacher, tmp_path):
+    run, _, saved, raw = arch_teacher
+    params = _arch_params(raw, train={**raw["teacher"]["train"], "epochs": 1})
+    teacher, result = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    assert len(result.history) == 1
+    assert not torch.equal(teacher.state_dict()["classifier.weight"], saved["classifier.weight"])
+
+
+def test_arch_teacher_drives_the_teacher_stage_and_distillation_of_a_block(arch_teacher):
+    from dna.checkpoint import checkpoint_digest
+    from dna.pipeline import Run, stage_data, stage_distill, stage_features, stage_teacher
+
+    _, arch, _, raw = arch_teacher
+    run = Run(_arch_params(raw))
+    stage_data(run)
+    metrics = stage_teacher(run)
+    assert metrics["model"] == f"arch:{run.params.teacher.arch}" and metrics["epochs"] == 0
+    stage_features(run)
+    assert run.supervision.key[0] == checkpoint_digest(run.paths.teacher)
+    result = stage_distill(run, 1)
+    assert result["epochs"] == run.params.distill.epochs and result["final_loss"] > 0
