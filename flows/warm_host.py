@@ -47,18 +47,20 @@ WARM_MODULES = ("torch", "timm", "onnx", "prefect", "mlflow", "sklearn", "matplo
                 "flows.search", "flows.retrain", "flows.export", "flows.register", "flows.rank", "flows.pipeline")
 
 
-def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
-    first, fds, _flags, _addr = socket.recv_fds(conn, 1, 8)
-    buffer = bytearray(first)
-    while len(buffer) < HEADER:
-        buffer += conn.recv(HEADER - len(buffer))
-    size = int.from_bytes(buffer[:HEADER], "big")
-    body = bytearray(buffer[HEADER:])
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
+def _read(conn: socket.socket, data: bytearray, size: int) -> bytearray:
+    """data, completed to `size` bytes from the connection."""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
         if not chunk:
             raise ConnectionError("the command closed its connection mid-request")
-        body += chunk
+        data += chunk
+    return data
+
+
+def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    first, fds, _flags, _addr = socket.recv_fds(conn, 1, 8)
+    header = _read(conn, bytearray(first), HEADER)
+    body = _read(conn, bytearray(), int.from_bytes(header, "big"))
     return json.loads(body), fds
 
 
@@ -94,11 +96,8 @@ class Job:
         return 0
 
 
-def _status(wait_status: int) -> int:
-    return os.waitstatus_to_exitcode(wait_status) if wait_status >= 0 else 1
-
-
-def _exit_code(code: int) -> int:
+def _exit_code(wait_status: int) -> int:
+    code = os.waitstatus_to_exitcode(wait_status)
     return code if code >= 0 else 128 - code  # killed by a signal: as a shell reports it
 
 
@@ -154,7 +153,7 @@ def serve(path: Path, idle: float) -> Job | None:
                 done, wait_status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     conn = children.pop(pid)
-                    code = _exit_code(_status(wait_status))
+                    code = _exit_code(wait_status)
                     with contextlib.suppress(OSError):
                         conn.sendall(json.dumps({"status": code}).encode() + b"\n")
                     with contextlib.suppress(KeyError, ValueError):
