@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install --quiet -e ".[pipeline,test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet -e ".[pipeline,ray,test]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import dna.cli, timm, onnxruntime, prefect, mlflow, dvc"
 	touch $@
 

@@ -1,5 +1,5 @@
 """Block tasks on a Dask cluster that hold worker resources while they run: with one worker per GPU, each started
-with `--resources GPU=1` and its own CUDA_VISIBLE_DEVICES, and `orchestration.dask_resources: {GPU: 1}`, every
+with `--resources GPU=1` and its own CUDA_VISIBLE_DEVICES, and `orchestration.task_resources: {GPU: 1}`, every
 block runs alone on its worker's GPU. Before any block is submitted, the cluster's workers are checked: a request
 that no connected worker can meet stops the flow instead of leaving its tasks waiting for ever."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ def missing_resources(workers: Mapping[str, dict], needed: Mapping[str, float]) 
     if any(all(have.get(k, 0) >= v for k, v in needed.items()) for have in offered.values()):
         return None
     listing = "; ".join(f"{addr}: {have or 'none'}" for addr, have in sorted(offered.items()))
-    return (f"orchestration.dask_resources={dict(needed)} but no worker of the cluster offers them (workers and their "
+    return (f"orchestration.task_resources={dict(needed)} but no worker of the cluster offers them (workers and their "
             f"resources: {listing}); start workers with `dask worker ADDRESS --resources GPU=1`, or change the key")
 
 

@@ -107,7 +107,7 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
                   f"{best['score'].iloc[0]:.4f}")
     columns = ["cell", "ops", "params", "macs", "score"]
     return {**result, "trained_epochs": trained, "candidates": len(candidates), "mlflow_run_id": mlrun.run_id,
-            "process": os.getpid(),
+            "process": os.getpid(), "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "best": [{"block": block, **{c: row[c] for c in columns}} for row in best.to_dict("records")]}
 
 

@@ -28,9 +28,9 @@ class OrchestrationConfig(Section):
 
     task_runner: Literal["threads", "processes", "dask", "ray"] = "threads"
     max_workers: Annotated[int, Field(gt=0)] = 2
-    dask_address: str | None = None  # None: a local Dask cluster with max_workers workers
-    # Dask worker resources each block task holds while it runs, e.g. {GPU: 1} with workers started
-    # `dask worker ... --resources GPU=1`: a worker then runs one block per GPU it declares
-    dask_resources: dict[str, Annotated[float, Field(gt=0)]] = {}
+    cluster_address: str | None = None  # dask or ray: a running cluster; None: a local one of max_workers workers
+    # dask or ray: what each block task holds while it runs, e.g. {GPU: 1} with Dask workers started
+    # `dask worker ... --resources GPU=1` (a worker then runs one block per GPU it declares) or Ray nodes with GPUs
+    task_resources: dict[str, Annotated[float, Field(gt=0)]] = {}
     retries: Annotated[int, Field(ge=0, le=10)] = 1
     nproc: Annotated[int, Field(gt=0)] = 1  # > 1: the teacher, each distill block and retrain train in N processes

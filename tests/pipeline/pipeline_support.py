@@ -59,7 +59,7 @@ def tiny_raw(outputs: str = "outputs", tracking_uri: str | None = None) -> dict:
         "export": {"opset": 18, "atol": 0.0001},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "dna", "registered_model": "dna-student",
                    "promote_metric": "test_accuracy"},
-        "orchestration": {"task_runner": "threads", "max_workers": 2, "dask_address": None, "retries": 1},
+        "orchestration": {"task_runner": "threads", "max_workers": 2, "cluster_address": None, "retries": 1},
     }
 
 

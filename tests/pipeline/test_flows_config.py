@@ -7,7 +7,7 @@ import pytest
 import yaml
 from pipeline_support import ROOT, tiny_raw
 
-from dna.config import ConfigError, parse_params
+from dna.config import parse_params
 from flows.entry import missing_dvc_params
 from flows.env import configure_environment, environment_defaults
 from flows.pipeline import dvc_command, stages_run
@@ -70,7 +70,7 @@ def test_checkpoints_that_resume_needs_persist_across_reruns():
     assert persisted == {"${outputs}/teacher/train_state.pt", "${outputs}/distill", "${outputs}/retrain/train_state.pt"}
 
 
-def test_task_runners_by_config_and_a_clear_error_for_ray_when_it_is_missing():
+def test_task_runners_by_config():
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
@@ -78,13 +78,8 @@ def test_task_runners_by_config_and_a_clear_error_for_ray_when_it_is_missing():
     assert isinstance(make_task_runner(OrchestrationConfig(task_runner="processes")), ProcessPoolTaskRunner)
     local = make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=3))
     assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 3
-    remote = make_task_runner(OrchestrationConfig(task_runner="dask", dask_address="tcp://127.0.0.1:8786"))
+    remote = make_task_runner(OrchestrationConfig(task_runner="dask", cluster_address="tcp://127.0.0.1:8786"))
     assert remote.address == "tcp://127.0.0.1:8786"
-    try:
-        import prefect_ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="needs prefect-ray"):
-            make_task_runner(OrchestrationConfig(task_runner="ray"))
 
 
 def test_dvc_command_repro_or_experiment_with_set_params():

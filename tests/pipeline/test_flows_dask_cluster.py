@@ -1,4 +1,4 @@
-"""Tasks on a Dask cluster given by address hold the worker resources orchestration.dask_resources names, and a
+"""Tasks on a Dask cluster given by address hold the worker resources orchestration.task_resources names, and a
 request no worker can meet stops the flow before any task is submitted. The cluster is real: `dask scheduler` and
 `dask worker` processes on loopback (the distill flow's fan-out over such a cluster is in test_flows_distill.py)."""
 from __future__ import annotations
@@ -34,8 +34,8 @@ def run_probes(address: str, resources: dict) -> list[dict]:
     from prefect import flow, task
 
     probe = task(hold_for_a_second, name="hold-for-a-second")
-    runner = make_task_runner(OrchestrationConfig(task_runner="dask", dask_address=address,
-                                                  dask_resources=resources))
+    runner = make_task_runner(OrchestrationConfig(task_runner="dask", cluster_address=address,
+                                                  task_resources=resources))
 
     @flow(task_runner=runner)
     def probes() -> list[dict]:
@@ -57,7 +57,7 @@ def test_each_task_holds_the_gpu_of_its_worker(prefect_api, one_gpu_two_threads)
 
 def test_a_resource_no_worker_offers_stops_the_flow_before_any_task(prefect_api, one_gpu_two_threads):
     address, workers = one_gpu_two_threads
-    with pytest.raises(ConfigError, match=r"orchestration.dask_resources=\{'GPU': 2.0\}.*GPU=1"):
+    with pytest.raises(ConfigError, match=r"orchestration.task_resources=\{'GPU': 2.0\}.*GPU=1"):
         run_probes(address, {"GPU": 2})
 
 
@@ -71,8 +71,8 @@ def test_missing_resources_names_what_each_worker_offers():
 
 
 def test_a_local_cluster_offers_the_resources_its_tasks_hold():
-    runner = make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=2, dask_resources={"GPU": 1}))
+    runner = make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=2, task_resources={"GPU": 1}))
     assert runner.cluster_kwargs["resources"] == {"GPU": 1} and runner.task_resources == {"GPU": 1}
     assert runner.duplicate().task_resources == {"GPU": 1}
-    with pytest.raises(Exception, match="dask_resources"):
-        OrchestrationConfig(task_runner="dask", dask_resources={"GPU": 0})
+    with pytest.raises(Exception, match="task_resources"):
+        OrchestrationConfig(task_runner="dask", task_resources={"GPU": 0})

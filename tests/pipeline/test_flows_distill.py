@@ -119,7 +119,7 @@ def test_blocks_run_on_a_dask_local_cluster_of_two_worker_processes(distilled, t
 def test_blocks_run_on_a_dask_cluster_by_address_one_block_per_gpu_worker(distilled, tiny_project, tmp_path_factory,
                                                                           tmp_path, monkeypatch):
     """A scheduler and two workers started with the `dask` command line, each pinned to its own (pretend) GPU by
-    CUDA_VISIBLE_DEVICES and offering GPU=1; the distill flow connects by orchestration.dask_address and each block
+    CUDA_VISIBLE_DEVICES and offering GPU=1; the distill flow connects by orchestration.cluster_address and each block
     holds one GPU: the two blocks run on the two workers, and the ratings agree with the thread-pool run."""
     import os
 
@@ -132,8 +132,8 @@ def test_blocks_run_on_a_dask_cluster_by_address_one_block_per_gpu_worker(distil
     monkeypatch.setenv("PREFECT_API_URL", os.environ.get("PREFECT_API_URL", ""))  # restored after the test
     with dask_cluster(tmp_path / "dask") as (address, workers), working_directory(root):
         result = run_distill("params.yaml", {"orchestration.task_runner": "dask",
-                                             "orchestration.dask_address": address,
-                                             "orchestration.dask_resources": {"GPU": 1}})
+                                             "orchestration.cluster_address": address,
+                                             "orchestration.task_resources": {"GPU": 1}})
     assert result["task_runner"] == "dask"
     gpu_of = {w["pid"]: w["gpu"] for w in workers.values()}
     ran_on = [gpu_of.get(b["process"]) for b in result["blocks"]]
@@ -145,6 +145,34 @@ def test_blocks_run_on_a_dask_cluster_by_address_one_block_per_gpu_worker(distil
         assert list(mine["path"]) == list(other["path"])
         pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-3)
 
+
+
+@pytest.mark.slow  # a Ray head node starts, then both blocks train: about a minute and a half here
+def test_blocks_run_on_a_ray_cluster_by_address_one_gpu_each(distilled, tiny_project, tmp_path_factory, tmp_path):
+    """A Ray head node started with `ray start`, offering two (pretend) GPUs; the distill flow joins it by
+    orchestration.cluster_address and each block holds one GPU: Ray runs the blocks in worker processes of its own,
+    each with CUDA_VISIBLE_DEVICES set to a different GPU, and the ratings agree with the thread-pool run."""
+    import os
+
+    from server_support import ray_cluster
+
+    from flows.distill import run_distill
+
+    threads_root = distilled[0]
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-ray-address"))
+    with ray_cluster(tmp_path / "ray", gpus=2) as address, working_directory(root):
+        result = run_distill("params.yaml", {"orchestration.task_runner": "ray",
+                                             "orchestration.cluster_address": address,
+                                             "orchestration.task_resources": {"GPU": 1}})
+    assert result["task_runner"] == "ray"
+    assert sorted(b["devices"] for b in result["blocks"]) == ["0", "1"], result["blocks"]
+    assert os.getpid() not in {b["process"] for b in result["blocks"]}
+    for block, theirs in zip(result["blocks"], distilled[1]["blocks"]):
+        assert block["trained_epochs"] == 2 and block["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-3)
+        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        other = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        assert list(mine["path"]) == list(other["path"])
+        pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-3)
 
 
 @pytest.mark.slow  # each block starts torchrun with two processes: about a minute here
