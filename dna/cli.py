@@ -144,24 +144,36 @@ for _stage in STAGES:
 
 
 def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    run = _run(_load(params, set_, check_profile=False))  # the profile is made on the way, before the search
-    times: dict[str, float] = {}
-    for stage in default_stages():
-        start = time.perf_counter()
-        run_stage(stage, run)
-        times[stage.name] = time.perf_counter() - start
-    _report(run, times)
+    from dna.pipeline import validate
+    from dna.rounds import all_rounds, round_params, write_summary
+
+    cfg = _load(params, set_, check_profile=False)  # the profile is made on the way, before the search
+    rounds = all_rounds(cfg)  # every round's params are valid before any work
+    for index in range(1, len(rounds) + 1):
+        if index > 1:  # now with the network the round before found and retrained
+            rounds[index - 1] = round_params(cfg, index)
+            validate(rounds[index - 1], check_profile=False)
+        run = _run(rounds[index - 1])
+        times: dict[str, float] = {}
+        for stage in default_stages():
+            start = time.perf_counter()
+            run_stage(stage, run)
+            times[stage.name] = time.perf_counter() - start
+        _report(run, times, f"round {index} of {len(rounds)}" if len(rounds) > 1 else "")
+    if len(rounds) > 1:
+        _report_rounds(write_summary(cfg), Path(cfg.outputs))
 
 
-run_all.__doc__ = "All stages in order: " + ", ".join(s.name for s in default_stages()) + "."
+run_all.__doc__ = ("All stages in order: " + ", ".join(s.name for s in default_stages()) + "; with rounds.count > 1 "
+                   "(DNA+), all of them once per round, each round's teacher the network the round before found.")
 app.command("run")(guarded(run_all))
 
 
-def _report(run, times: dict) -> None:
+def _report(run, times: dict, heading: str = "") -> None:
     import json
 
     out = Console(soft_wrap=True)
-    out.print("[bold]dna run: where everything went[/]")
+    out.print(f"[bold]dna run{': ' + heading if heading else ''}: where everything went[/]")
     metrics = {}
     for stage in default_stages():
         files = "  ".join(str(run.paths.root / f) for f in stage.files())
@@ -176,6 +188,18 @@ def _report(run, times: dict) -> None:
         f"{export['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher), "
         f"{retrain['params']:,} parameters, {retrain['macs']:,} multiply-adds; "
         f"ONNX parity max |diff| {export['max_abs_diff']:.2e}")
+
+
+def _report_rounds(rows: list[dict], outputs: Path) -> None:
+    table = Table(title=f"rounds ({outputs / 'rounds.json'})")
+    for column in ("round", "teacher", "teacher accuracy", "searched network accuracy", "ONNX accuracy",
+                   "parameters", "multiply-adds"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["round"]), escape(str(row["teacher"])), f"{row['teacher_test_accuracy']:.4f}",
+                      f"{row['test_accuracy']:.4f}", f"{row['onnx_test_accuracy']:.4f}", f"{row['params']:,}",
+                      f"{row['macs']:,}")
+    Console(soft_wrap=True).print(table)
 
 
 def _add_plugin_commands() -> None:

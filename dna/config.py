@@ -464,8 +464,18 @@ class RankConfig(Strict):
         return self
 
 
+class RoundsConfig(Strict):
+    """DNA+ (progressive teachers): `count` rounds of the whole search. Every round after the first takes the network
+    the round before it found and retrained (its search/arch.yaml and retrain/model.pt) as its teacher, of source
+    arch, and writes under <outputs>/round_<r> (dna/rounds.py)."""
+
+    count: Annotated[int, Field(ge=1, le=10)] = 1
+
+
 class CoreParams(Strict):
     """The sections of the method; other layers add theirs (extension_sections)."""
+
+    added_keys = ("rounds",)
 
     seed: int = 0
     outputs: str = "outputs"
@@ -481,6 +491,7 @@ class CoreParams(Strict):
     retrain: RetrainConfig = RetrainConfig()
     export: ExportConfig = ExportConfig()
     rank: RankConfig = RankConfig()
+    rounds: RoundsConfig = RoundsConfig()
 
     @model_validator(mode="after")
     def _rand_augment_needs_images(self) -> CoreParams:

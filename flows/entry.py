@@ -59,6 +59,9 @@ def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
     if key in _checked:
         return _checked.pop(key)
     params = load_params(params_file, overrides, deep=checks.models)
+    if params.rounds.count > 1:
+        raise ConfigError(f"rounds.count={params.rounds.count}: the DVC pipeline and its flows run one round; run "
+                          "several (DNA+) with `dna run`, or set rounds.count: 1")
     validate(params, check_profile=checks.profile, data=checks.data, models=checks.models)
     return params
 
