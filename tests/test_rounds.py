@@ -105,3 +105,14 @@ def test_a_run_stopped_inside_round_two_resumes_there(two_round_run, monkeypatch
     assert len([r for r in resumed if r[0] == "retrain"]) == 2
     after = json.loads((root / "outputs" / "rounds.json").read_text())
     assert after == before  # the same network found, retrained to the same weights
+
+
+def test_the_dna_plus_preset_is_params_yaml_searched_in_two_rounds():
+    from dna.config import load_params
+    from tests.conftest import ROOT
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    plus = yaml.safe_load((ROOT / "configs" / "dna_plus.yaml").read_text())
+    assert plus.pop("rounds") == {"count": 2} and plus.pop("outputs") != base.pop("outputs")
+    assert plus == base  # the same data, teacher, space and recipes: only the rounds differ
+    assert len(all_rounds(load_params(ROOT / "configs" / "dna_plus.yaml", check_paths=False))) == 2
