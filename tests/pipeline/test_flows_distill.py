@@ -175,6 +175,40 @@ def test_blocks_run_on_a_ray_cluster_by_address_one_gpu_each(distilled, tiny_pro
         pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-3)
 
 
+@pytest.mark.slow  # a Ray head node starts, then each block trains under torchrun in two processes: about 3 minutes
+def test_with_nproc_2_on_ray_each_block_holds_two_gpus_for_its_two_processes(distilled, tiny_project,
+                                                                              tmp_path_factory, tmp_path, monkeypatch):
+    """orchestration.nproc: 2 with task_resources {GPU: 2} on a Ray head node of four (pretend) GPUs: each block task
+    gets two GPUs of its own from Ray and runs its two torchrun processes there; the results are those of the
+    thread-pool run within the tolerance of data-parallel training (see the nproc test below)."""
+    import os
+
+    from server_support import ray_cluster
+
+    from dna.checkpoint import load_checkpoint
+    from flows.distill import run_distill
+
+    one_root = distilled[0]
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-ray-nproc"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with ray_cluster(tmp_path / "ray", gpus=4) as address, working_directory(root):
+        result = run_distill("params.yaml", {"orchestration.task_runner": "ray", "orchestration.nproc": 2,
+                                             "orchestration.cluster_address": address,
+                                             "orchestration.task_resources": {"GPU": 2}})
+    devices = sorted(b["devices"] for b in result["blocks"])
+    assert len(devices) == 2 and all(len(d.split(",")) == 2 for d in devices), devices
+    assert set(devices[0].split(",")).isdisjoint(devices[1].split(",")), devices  # two GPUs of its own each
+    assert os.getpid() not in {b["process"] for b in result["blocks"]}
+    for block, theirs in zip(result["blocks"], distilled[1]["blocks"]):
+        b = block["block"]
+        assert block["trained_epochs"] == 2 and block["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-3)
+        assert len(load_checkpoint(root / "outputs" / "distill" / f"block_{b}.pt")["rank_rng"]) == 2
+        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{b}.csv")
+        other = pd.read_csv(one_root / "outputs" / "ratings" / f"block_{b}.csv")
+        assert list(mine["path"]) == list(other["path"])
+        pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-2)
+
+
 @pytest.mark.slow  # each block starts torchrun with two processes: about a minute here
 def test_with_nproc_2_each_block_trains_in_two_processes_and_is_rated_here(distilled, tiny_project,
                                                                             tmp_path_factory, monkeypatch):
