@@ -25,6 +25,18 @@ def artifacts_by_key(keys: list[str]) -> dict:
     return latest
 
 
+def assert_blocks_agree(root, result: dict, distilled, score_rtol: float = 1e-3) -> None:
+    """Each block of `result` (run in `root`) trained its two epochs to the thread-pool run's loss and rated the same
+    candidates alike."""
+    threads_root, threads = distilled[0], distilled[1]
+    for block, theirs in zip(result["blocks"], threads["blocks"]):
+        assert block["trained_epochs"] == 2 and block["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-3)
+        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        other = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
+        assert list(mine["path"]) == list(other["path"]) and len(mine) > 0
+        pd.testing.assert_series_equal(mine["score"], other["score"], rtol=score_rtol)
+
+
 @pytest.fixture(scope="module")
 def distilled(prefect_api, tiny_project, tmp_path_factory):
     """The distill flow run twice in a copy of the prepared project, on the thread pool (the default runner)."""
@@ -99,7 +111,6 @@ def test_blocks_run_on_a_dask_local_cluster_of_two_worker_processes(distilled, t
 
     from flows.distill import run_distill
 
-    threads_root = distilled[0]
     root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-dask"))
     monkeypatch.setenv("PREFECT_API_URL", os.environ.get("PREFECT_API_URL", ""))  # restored after the test
     with working_directory(root):
@@ -107,12 +118,7 @@ def test_blocks_run_on_a_dask_local_cluster_of_two_worker_processes(distilled, t
     assert result["task_runner"] == "dask"
     processes = {b["process"] for b in result["blocks"]}
     assert os.getpid() not in processes
-    for block in result["blocks"]:
-        assert block["trained_epochs"] == 2
-        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
-        theirs = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
-        assert list(mine["path"]) == list(theirs["path"])
-        pd.testing.assert_series_equal(mine["score"], theirs["score"], rtol=1e-3)
+    assert_blocks_agree(root, result, distilled)
 
 
 @pytest.mark.slow  # a Dask scheduler and two workers start, then both blocks train: about two minutes here
@@ -127,7 +133,6 @@ def test_blocks_run_on_a_dask_cluster_by_address_one_block_per_gpu_worker(distil
 
     from flows.distill import run_distill
 
-    threads_root = distilled[0]
     root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-dask-address"))
     monkeypatch.setenv("PREFECT_API_URL", os.environ.get("PREFECT_API_URL", ""))  # restored after the test
     with dask_cluster(tmp_path / "dask") as (address, workers), working_directory(root):
@@ -138,12 +143,7 @@ def test_blocks_run_on_a_dask_cluster_by_address_one_block_per_gpu_worker(distil
     gpu_of = {w["pid"]: w["gpu"] for w in workers.values()}
     ran_on = [gpu_of.get(b["process"]) for b in result["blocks"]]
     assert sorted(ran_on) == ["0", "1"], (ran_on, workers)  # each worker (and its GPU) trained one block
-    for block, theirs in zip(result["blocks"], distilled[1]["blocks"]):
-        assert block["trained_epochs"] == 2 and block["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-3)
-        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
-        other = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
-        assert list(mine["path"]) == list(other["path"])
-        pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-3)
+    assert_blocks_agree(root, result, distilled)
 
 
 
@@ -158,7 +158,6 @@ def test_blocks_run_on_a_ray_cluster_by_address_one_gpu_each(distilled, tiny_pro
 
     from flows.distill import run_distill
 
-    threads_root = distilled[0]
     root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-ray-address"))
     with ray_cluster(tmp_path / "ray", gpus=2) as address, working_directory(root):
         result = run_distill("params.yaml", {"orchestration.task_runner": "ray",
@@ -167,12 +166,7 @@ def test_blocks_run_on_a_ray_cluster_by_address_one_gpu_each(distilled, tiny_pro
     assert result["task_runner"] == "ray"
     assert sorted(b["devices"] for b in result["blocks"]) == ["0", "1"], result["blocks"]
     assert os.getpid() not in {b["process"] for b in result["blocks"]}
-    for block, theirs in zip(result["blocks"], distilled[1]["blocks"]):
-        assert block["trained_epochs"] == 2 and block["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-3)
-        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block['block']}.csv")
-        other = pd.read_csv(threads_root / "outputs" / "ratings" / f"block_{block['block']}.csv")
-        assert list(mine["path"]) == list(other["path"])
-        pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-3)
+    assert_blocks_agree(root, result, distilled)
 
 
 @pytest.mark.slow  # a Ray head node starts, then each block trains under torchrun in two processes: about 3 minutes
@@ -188,7 +182,6 @@ def test_with_nproc_2_on_ray_each_block_holds_two_gpus_for_its_two_processes(dis
     from dna.checkpoint import load_checkpoint
     from flows.distill import run_distill
 
-    one_root = distilled[0]
     root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-ray-nproc"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with ray_cluster(tmp_path / "ray", gpus=4) as address, working_directory(root):
@@ -199,14 +192,9 @@ def test_with_nproc_2_on_ray_each_block_holds_two_gpus_for_its_two_processes(dis
     assert len(devices) == 2 and all(len(d.split(",")) == 2 for d in devices), devices
     assert set(devices[0].split(",")).isdisjoint(devices[1].split(",")), devices  # two GPUs of its own each
     assert os.getpid() not in {b["process"] for b in result["blocks"]}
-    for block, theirs in zip(result["blocks"], distilled[1]["blocks"]):
-        b = block["block"]
-        assert block["trained_epochs"] == 2 and block["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-3)
-        assert len(load_checkpoint(root / "outputs" / "distill" / f"block_{b}.pt")["rank_rng"]) == 2
-        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{b}.csv")
-        other = pd.read_csv(one_root / "outputs" / "ratings" / f"block_{b}.csv")
-        assert list(mine["path"]) == list(other["path"])
-        pd.testing.assert_series_equal(mine["score"], other["score"], rtol=1e-2)
+    for block in result["blocks"]:
+        assert len(load_checkpoint(root / "outputs" / "distill" / f"block_{block['block']}.pt")["rank_rng"]) == 2
+    assert_blocks_agree(root, result, distilled, score_rtol=1e-2)
 
 
 @pytest.mark.slow  # each block starts torchrun with two processes: about a minute here
