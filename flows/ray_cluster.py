@@ -81,6 +81,8 @@ class ResourceRayTaskRunner(RayTaskRunner):
 
 
 def make_ray_task_runner(address: str | None, max_workers: int, task_resources: Mapping[str, float]):
+    """Without an address, a new local instance ("local": not a cluster that `ray start` left on this machine,
+    which ray.init would otherwise join)."""
     local = {} if address else {"num_cpus": max_workers, "include_dashboard": False}
-    return ResourceRayTaskRunner(address=address, init_kwargs=local | {"log_to_driver": True},
+    return ResourceRayTaskRunner(address=address or "local", init_kwargs=local | {"log_to_driver": True},
                                  task_resources=task_resources)

@@ -165,38 +165,47 @@ def dask_cluster(logs: Path, gpus: int = 2, threads: int = 1) -> Iterator[tuple[
 
 
 @contextlib.contextmanager
+def ray_auth(folder: Path) -> Iterator[dict[str, str]]:
+    """Ray's token authentication with a token of its own in `folder`, for this process (and the processes it
+    starts) until the end of the block; yields the environment it sets. Ray reads these settings at import, so they
+    are read again on entering and on leaving."""
+    import secrets
+
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {name: os.environ.get(name) for name in auth}
+    os.environ.update(auth)
+    reset_auth_token_state()
+    try:
+        yield auth
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        reset_auth_token_state()
+
+
+@contextlib.contextmanager
 def ray_cluster(logs: Path, gpus: int = 2, cpus: int = 2) -> Iterator[str]:
     """A Ray head node started with `ray start --head --block`, as the README starts one, offering `gpus` (pretend)
     GPUs: Ray gives each task that holds one its own CUDA_VISIBLE_DEVICES. Ray's token authentication is on, with a
     token of this cluster's own, which this process also uses while the cluster runs. Yields its address."""
-    import secrets
-
     port = free_port()
-    logs.mkdir(parents=True, exist_ok=True)
-    token = logs / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    env = dict(os.environ) | auth
     here = str(Path(__file__).parent)  # the tests' own task functions must import on the workers
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), here, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    log = logs / "ray_head.log"
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(cpus),
            "--num-gpus", str(gpus), "--object-store-memory", str(200 * 2**20), "--include-dashboard", "false",
            "--disable-usage-stats"]
-    saved = {name: os.environ.get(name) for name in auth}
-    with background(cmd, ROOT, env, log) as head:
-        deadline = time.monotonic() + 180
-        while "Ray runtime started" not in tail(log, 100_000):
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the Ray head node did not start:\n{tail(log)}")
-            time.sleep(0.5)
-        from ray._private.authentication_test_utils import reset_auth_token_state
-
-        os.environ.update(auth)
-        reset_auth_token_state()  # Ray read its settings at import: read them again (as a client started now would)
-        try:
+    log = logs / "ray_head.log"
+    with ray_auth(logs) as auth:
+        env = dict(os.environ) | auth
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), here, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        with background(cmd, ROOT, env, log) as head:
+            deadline = time.monotonic() + 180
+            while "Ray runtime started" not in tail(log, 100_000):
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the Ray head node did not start:\n{tail(log)}")
+                time.sleep(0.5)
             yield f"127.0.0.1:{port}"
-        finally:
-            for name, value in saved.items():
-                os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-            reset_auth_token_state()

@@ -147,6 +147,27 @@ def test_blocks_run_on_a_dask_cluster_by_address_one_block_per_gpu_worker(distil
 
 
 
+@pytest.mark.slow  # a local Ray instance starts, then both blocks train: about a minute here
+def test_blocks_run_on_a_local_ray_instance_the_flow_starts_and_stops(distilled, tiny_project, tmp_path_factory,
+                                                                      tmp_path):
+    """No orchestration.cluster_address: the flow starts a local Ray instance of max_workers CPUs, each block runs
+    in a Ray worker process (reporting to this Prefect API through Ray's runtime environment), and the instance
+    is shut down when the flow ends; the ratings agree with the thread-pool run."""
+    import os
+
+    import ray
+    from server_support import ray_auth
+
+    from flows.distill import run_distill
+
+    root = clone_project(tiny_project, tmp_path_factory.mktemp("distill-ray-local"))
+    with ray_auth(tmp_path / "ray"), working_directory(root):
+        result = run_distill("params.yaml", {"orchestration.task_runner": "ray"})
+    assert result["task_runner"] == "ray" and not ray.is_initialized()
+    assert os.getpid() not in {b["process"] for b in result["blocks"]}
+    assert_blocks_agree(root, result, distilled)
+
+
 @pytest.mark.slow  # a Ray head node starts, then both blocks train: about a minute and a half here
 def test_blocks_run_on_a_ray_cluster_by_address_one_gpu_each(distilled, tiny_project, tmp_path_factory, tmp_path):
     """A Ray head node started with `ray start`, offering two (pretend) GPUs; the distill flow joins it by

@@ -82,7 +82,7 @@ def test_missing_resources_names_what_each_node_offers():
 def test_a_local_instance_has_max_workers_cpus_and_the_runner_keeps_its_resources():
     runner = make_task_runner(OrchestrationConfig(task_runner="ray", max_workers=3, task_resources={"GPU": 1}))
     assert isinstance(runner, ResourceRayTaskRunner) and runner.init_kwargs["num_cpus"] == 3
-    assert runner.address is None and runner.task_resources == {"GPU": 1}
+    assert runner.address == "local" and runner.task_resources == {"GPU": 1}  # never a cluster left running here
     twin = runner.duplicate()
     assert twin.task_resources == {"GPU": 1} and twin.init_kwargs == runner.init_kwargs
     remote = make_task_runner(OrchestrationConfig(task_runner="ray", cluster_address="10.0.0.1:6379"))
