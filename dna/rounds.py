@@ -51,13 +51,12 @@ def round_summary(params: Params, round_: int) -> dict:
         path = paths.root / stage / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    teacher, retrain, export = metrics("teacher"), metrics("retrain"), metrics("export")
-    arch = paths.arch.read_text() if paths.arch.is_file() else None
     from dna.arch import Arch
 
+    teacher, retrain, export = metrics("teacher"), metrics("retrain"), metrics("export")
     return {"round": round_, "outputs": str(paths.root),
             "teacher": teacher.get("model"), "teacher_test_accuracy": teacher.get("test_accuracy"),
-            "arch": Arch.load(paths.arch).tag() if arch else None,
+            "arch": Arch.load(paths.arch).tag() if paths.arch.is_file() else None,
             "test_accuracy": retrain.get("test_accuracy"), "onnx_test_accuracy": export.get("onnx_test_accuracy"),
             "params": retrain.get("params"), "macs": retrain.get("macs")}
 
