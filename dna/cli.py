@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dna.config import ConfigError, Params, load_params, parse_overrides
-from dna.stages import STAGES, Stage, default_stages
+from dna.stages import STAGES, Stage, default_stages, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
@@ -73,15 +72,6 @@ def _blocks(run, block: Optional[int]) -> list[int]:
     if not 0 <= block < run.space.num_blocks:
         raise ConfigError(f"--block {block}: the space has blocks 0..{run.space.num_blocks - 1}")
     return [block]
-
-
-def run_stage(stage: Stage, run, blocks: list[int] | None = None) -> list:
-    """Run one stage of the table on a run: once, or per block (after its preparation); returns its results."""
-    if not stage.per_block:
-        return [stage.load()(run)]
-    if prepare := stage.load_prepare():
-        prepare(run)
-    return [stage.load()(run, b) for b in (range(run.space.num_blocks) if blocks is None else blocks)]
 
 
 def _show(stage: Stage, run, result) -> str:
@@ -144,23 +134,14 @@ for _stage in STAGES:
 
 
 def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    from dna.pipeline import validate
-    from dna.rounds import all_rounds, round_params, write_summary
+    from dna.rounds import all_rounds, run_round, write_summary
 
     cfg = _load(params, set_, check_profile=False)  # the profile is made on the way, before the search
-    rounds = all_rounds(cfg)  # every round's params are valid before any work
-    for index in range(1, len(rounds) + 1):
-        if index > 1:  # now with the network the round before found and retrained
-            rounds[index - 1] = round_params(cfg, index)
-            validate(rounds[index - 1], check_profile=False)
-        run = _run(rounds[index - 1])
-        times: dict[str, float] = {}
-        for stage in default_stages():
-            start = time.perf_counter()
-            run_stage(stage, run)
-            times[stage.name] = time.perf_counter() - start
-        _report(run, times, f"round {index} of {len(rounds)}" if len(rounds) > 1 else "")
-    if len(rounds) > 1:
+    count = len(all_rounds(cfg))  # every round's params are valid before any work
+    for index in range(1, count + 1):
+        run, times = run_round(cfg, index)
+        _report(run, times, f"round {index} of {count}" if count > 1 else "")
+    if count > 1:
         _report_rounds(write_summary(cfg), Path(cfg.outputs))
 
 

@@ -1,14 +1,19 @@
 """DNA+: progressive teachers. `rounds.count` rounds of the whole search, each a complete run of the default stages.
 
-Round 1 is the params as written, under `outputs`. Round r >= 2 is the same params but for its outputs, which go to
-<outputs>/round_<r>, and its teacher: the network round r-1 found and retrained, taken as it is (teacher.source arch,
-with that round's search/arch.yaml and retrain/model.pt, no further training), split at the ends of its searched
-stages. Each round's stages fingerprint their inputs, so a run stopped in round r starts again inside round r: the
-rounds before it find their results in place, and the round it was in resumes its stages from their checkpoints.
+Round 1 is the params as written, under `outputs` (the default stages). Round r >= 2 is the same params but for its
+outputs, which go to <outputs>/rounds/round_<r>, and its teacher: the network round r-1 found and retrained, taken
+as it is (teacher.source arch, with that round's search/arch.yaml and retrain/model.pt, no further training), split
+at the ends of its searched stages. Each round's stages fingerprint their inputs, so a run stopped in round r starts
+again inside round r: the rounds before it find their results in place, and the round it was in resumes its stages
+from their checkpoints.
+
+`dna run` runs every round; the rounds stage (`dna rounds`, rounds/dvc.yaml, flows/rounds.py) runs rounds 2 and on
+after the default stages ran round 1. <outputs>/rounds.json sums the rounds up.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from dna.config import Params, parse_params
@@ -18,7 +23,7 @@ SUMMARY = "rounds.json"
 
 
 def round_dir(params: Params, round_: int) -> Path:
-    return Path(params.outputs) if round_ == 1 else Path(params.outputs) / f"round_{round_}"
+    return Path(params.outputs) if round_ == 1 else Path(params.outputs) / "rounds" / f"round_{round_}"
 
 
 def round_params(params: Params, round_: int, check_paths: bool = True) -> Params:
@@ -43,6 +48,33 @@ def all_rounds(params: Params) -> list[Params]:
     return [round_params(params, r, check_paths=r == 1) for r in range(1, params.rounds.count + 1)]
 
 
+def run_round(params: Params, round_: int):
+    """Every default stage of round `round_` in order; a later round is checked first, now that the round before it
+    wrote its network (round 1 is the params as given, checked by the caller). Returns the round's Run and the
+    seconds each stage took."""
+    from dna.pipeline import Run, validate
+    from dna.stages import default_stages, run_stage
+
+    config = round_params(params, round_)
+    if round_ > 1:
+        validate(config, check_profile=False)  # its profile stage makes its profile
+    run, times = Run(config), {}
+    for stage in default_stages():
+        start = time.perf_counter()
+        run_stage(stage, run)
+        times[stage.name] = time.perf_counter() - start
+    return run, times
+
+
+def stage_rounds(run) -> dict:
+    """The rounds stage: rounds 2 to rounds.count, once round 1 (the default stages on the params as written) ran.
+    Returns the summary of every round (what rounds.json holds)."""
+    all_rounds(run.params)
+    for round_ in range(2, run.params.rounds.count + 1):
+        run_round(run.params, round_)
+    return summary(write_summary(run.params))
+
+
 def round_summary(params: Params, round_: int) -> dict:
     """One round's teacher, the network it found, and that network's accuracy and cost (from its metrics files)."""
     paths = Paths(round_dir(params, round_))
@@ -61,10 +93,28 @@ def round_summary(params: Params, round_: int) -> dict:
             "params": retrain.get("params"), "macs": retrain.get("macs")}
 
 
+def summary(rows: list[dict]) -> dict:
+    """The rounds as a metrics file has them: the round whose network scored best on the test split, and every
+    round's row under round_<r>."""
+    scored = [row for row in rows if row["test_accuracy"] is not None]
+    best = max(scored, key=lambda row: row["test_accuracy"], default=None)
+    return {"rounds": len(rows), "best_round": best and best["round"],
+            "best_test_accuracy": best and best["test_accuracy"]} | {f"round_{row['round']}": row for row in rows}
+
+
 def write_summary(params: Params) -> list[dict]:
-    """<outputs>/rounds.json: every round's summary, round over round."""
+    """<outputs>/rounds.json: every round's summary, round over round (`summary`); returns the rows."""
     from dna.checkpoint import atomic_write_text
 
     rows = [round_summary(params, r) for r in range(1, params.rounds.count + 1)]
-    atomic_write_text(Path(params.outputs) / SUMMARY, json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(Path(params.outputs) / SUMMARY, json.dumps(summary(rows), indent=2) + "\n")
     return rows
+
+
+def summary_rows(outputs: str | Path) -> list[dict]:
+    """The rows of <outputs>/rounds.json, round 1 first; none when it is not there."""
+    path = Path(outputs) / SUMMARY
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return [data[key] for key in sorted((k for k in data if k.startswith("round_")), key=lambda k: int(k[6:]))]

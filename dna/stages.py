@@ -82,7 +82,21 @@ STAGES: tuple[Stage, ...] = (
           metrics="rank/metrics.json",
           headline=("kendall_tau", "kendall_tau_in_band", "spos_kendall_tau", "searched_accuracy",
                     "random_median_accuracy"), default=False),
+    Stage("rounds", "DNA+: rounds 2 to rounds.count after round 1 (the default stages), each every default stage "
+          "with the network the round before found and retrained as its teacher.", "dna.rounds:stage_rounds",
+          ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "profile", "search", "retrain",
+           "export", "rounds"), ("rounds",), metrics="rounds.json", headline=("best_round", "best_test_accuracy"),
+          default=False),
 )
+
+
+def run_stage(stage: Stage, run, blocks: list[int] | None = None) -> list:
+    """Run one stage of the table on a run: once, or per block (after its preparation); returns its results."""
+    if not stage.per_block:
+        return [stage.load()(run)]
+    if prepare := stage.load_prepare():
+        prepare(run)
+    return [stage.load()(run, b) for b in (range(run.space.num_blocks) if blocks is None else blocks)]
 
 
 def default_stages(table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:

@@ -3,7 +3,7 @@ project modules (imports inside functions too), with the packages' __init__.py, 
 loads through the `dna.sections` entry points. A change to a file then reruns every stage it can affect and no other.
 
     python -m flows.code_deps           # what each stage of dvc.yaml misses or lists in vain (exit 1 if anything)
-    python -m flows.code_deps --write   # rewrite the code deps of every stage in dvc.yaml and rank/dvc.yaml
+    python -m flows.code_deps --write   # rewrite the code deps of every stage in dvc.yaml, rank/ and rounds/dvc.yaml
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dna", "flows")
 ENTRY = re.compile(r"python -m (flows(?:\.\w+)+)")
-DVC_FILES = ("dvc.yaml", "rank/dvc.yaml")  # the default pipeline, and the rank stage kept out of it
+DVC_FILES = ("dvc.yaml", "rank/dvc.yaml", "rounds/dvc.yaml")  # the default pipeline; stages kept out of it
 
 
 def module_file(name: str) -> Path | None:

@@ -58,10 +58,8 @@ def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
     key = _key(params_file, overrides, checks)
     if key in _checked:
         return _checked.pop(key)
-    params = load_params(params_file, overrides, deep=checks.models)
-    if params.rounds.count > 1:
-        raise ConfigError(f"rounds.count={params.rounds.count}: the DVC pipeline and its flows run one round; run "
-                          "several (DNA+) with `dna run`, or set rounds.count: 1")
+    params = load_params(params_file, overrides, deep=checks.models)  # with rounds.count > 1: round 1 (the rounds
+    # step, flows/rounds.py, runs the later ones)
     validate(params, check_profile=checks.profile, data=checks.data, models=checks.models)
     return params
 

@@ -7,6 +7,8 @@ environment variable DNA_MLFLOW_PARENT_RUN_ID). The register stage of dvc.yaml r
     python -m flows.pipeline                          # dvc repro
     python -m flows.pipeline -S retrain.train.epochs=30   # dvc exp run -S retrain.train.epochs=30
     python -m flows.pipeline --serve --cron "0 3 * * *"   # a deployment served from this process
+
+With rounds.count > 1 (DNA+) it reproduces rounds/dvc.yaml: the default stages (round 1), then the later rounds.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from flows.tracking import PARENT_ENV, ensure_experiment, stage_run, tracking_ur
 
 RAN = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+ROUNDS_DVC = "rounds/dvc.yaml"  # with rounds.count > 1 (DNA+): the default stages, then the later rounds
 
 
 @contextlib.contextmanager
@@ -55,20 +58,21 @@ def _has_key(raw: dict, dotted: str) -> bool:
 
 
 def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False,
-                raw_params: dict | None = None) -> list[str]:
-    """`dvc repro`, or `dvc exp run -S key=value ...` when there are overrides (an experiment DVC records).
+                raw_params: dict | None = None, targets: list[str] | None = None) -> list[str]:
+    """`dvc repro`, or `dvc exp run -S key=value ...` when there are overrides (an experiment DVC records); of the
+    given targets (e.g. rounds/dvc.yaml) rather than dvc.yaml.
 
     A key that params.yaml does not have yet is passed as `+key=value` (DVC's syntax for adding a key)."""
     cmd = [sys.executable, "-m", "dvc"]
     if overrides:
-        cmd += ["exp", "run"]
+        cmd += ["exp", "run", *(targets or [])]
         for key, value in overrides.items():
             text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
             text = text.removesuffix("\n...").strip()
             plus = "" if raw_params is None or _has_key(raw_params, key) else "+"
             cmd += ["-S", f"{plus}{key}={text}"]
     else:
-        cmd += ["repro"]
+        cmd += ["repro", *(targets or [])]
     if force:
         cmd.append("--force")
     return cmd
@@ -124,7 +128,8 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
     with working_directory(root):  # fail on a bad config before anything runs
         check_dvc_params("params.yaml")
         params = load("params.yaml", overrides)
-    cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()))
+    cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
+                      [ROUNDS_DVC] if params.rounds.count > 1 else None)
     raw = params.model_dump(mode="json")
     with stage_run(params, "pipeline", flatten({k: raw[k] for k in RESULT_SECTIONS}), root=root) as (mlrun, _):
         env = dict(os.environ)
@@ -212,6 +217,7 @@ def report(root: Path, result: dict) -> str:
     """Where every output went, and the headline figures, for the end of a run."""
     from dna.config import Params
     from dna.paths import Paths
+    from dna.rounds import summary_rows
     from flows.settings import TrackingConfig
 
     # only the few keys a report needs, without the whole schema's checks (they import timm: seconds); the
@@ -232,6 +238,10 @@ def report(root: Path, result: dict) -> str:
         lines.append(f"teacher test accuracy {m['teacher']['test_accuracy']:.4f}; exported network in ONNX Runtime "
                      f"{m['export']['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher); "
                      f"ONNX parity max |diff| {m['export']['max_abs_diff']:.2e}")
+    for row in summary_rows(p.root):
+        lines.append(f"round {row['round']}: teacher {row['teacher']} ({row['teacher_test_accuracy']:.4f}), network "
+                     f"found {row['test_accuracy']:.4f} (ONNX {row['onnx_test_accuracy']:.4f}), "
+                     f"{row['params']:,} parameters, {row['macs']:,} multiply-adds")
     if "register" in m:
         r = m["register"]
         lines.append(f"registry: {params.mlflow.registered_model} version {r.get('version')}, champion is version "

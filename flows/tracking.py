@@ -143,7 +143,7 @@ def child_run(tracking: Tracking, name: str, tags: dict[str, str] | None = None)
     run.finish()
 
 
-def _parent_run_id(uri: str) -> str | None:
+def parent_run_id(uri: str) -> str | None:
     """The pipeline's run from the environment, if it exists in this tracking store."""
     parent = os.environ.get(PARENT_ENV)
     if not parent:
@@ -182,7 +182,7 @@ def stage_run(params: Params, stage: str, logged_params: dict[str, str] | None =
     uri = tracking_uri(params, root)
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(uri, params.mlflow.experiment, root)
-    parent = _parent_run_id(uri)
+    parent = parent_run_id(uri)
     tags = {STAGE_TAG: stage, "dna.params_hash": params_hash(params), **_prefect_tags()}
     commit = git_commit(root)
     if commit:

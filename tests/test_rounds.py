@@ -1,5 +1,6 @@
 """DNA+ rounds: each round after the first has the network the round before found and retrained as its teacher, bit
-for bit; every round's params are checked before any work; a run stopped inside a round resumes inside it."""
+for bit; every round's params are checked before any work; a run stopped inside a round resumes inside it, by `dna run`
+or by the rounds stage (`dna rounds`), which runs the rounds after the first."""
 import json
 import shutil
 
@@ -13,7 +14,7 @@ from dna.cli import app
 from dna.config import ConfigError, parse_params
 from dna.engine import Engine
 from dna.paths import Paths
-from dna.rounds import all_rounds, round_dir, round_params
+from dna.rounds import all_rounds, round_dir, round_params, summary_rows
 from tests.conftest import tiny_raw
 
 
@@ -28,7 +29,7 @@ def test_round_two_is_the_same_search_with_round_one_network_as_teacher(tmp_path
     first, second = all_rounds(params)  # round 2 is checked before round 1 has written its network
     assert first.outputs == params.outputs and first.teacher == params.teacher
     assert first.rounds.count == 1 and second.rounds.count == 1
-    assert second.outputs == str(tmp_path / "outputs" / "round_2") == str(round_dir(params, 2))
+    assert second.outputs == str(tmp_path / "outputs" / "rounds" / "round_2") == str(round_dir(params, 2))
     previous = Paths(tmp_path / "outputs")
     assert (second.teacher.source, second.teacher.arch, second.teacher.checkpoint) == (
         "arch", str(previous.arch), str(previous.model))
@@ -66,15 +67,17 @@ def two_round_run(tmp_path_factory):
 @pytest.mark.slow  # two whole tiny runs: about a minute here
 def test_round_two_teacher_is_round_one_retrained_network_bit_for_bit(two_round_run):
     root, output = two_round_run
-    one, two = Paths(root / "outputs"), Paths(root / "outputs" / "round_2")
+    one, two = Paths(root / "outputs"), Paths(root / "outputs" / "rounds" / "round_2")
     retrained, teacher = load_checkpoint(one.model), load_checkpoint(two.teacher)
     assert teacher["arch"] == retrained["arch"]
     assert retrained["model"].keys() == teacher["model"].keys()
     assert all(torch.equal(retrained["model"][k], teacher["model"][k]) for k in retrained["model"])
     for paths in (one, two):
         assert paths.onnx.is_file() and paths.arch.is_file()
-    rows = json.loads((root / "outputs" / "rounds.json").read_text())
+    rows, saved = summary_rows(root / "outputs"), json.loads((root / "outputs" / "rounds.json").read_text())
     assert [r["round"] for r in rows] == [1, 2]
+    best = max(rows, key=lambda r: r["test_accuracy"])
+    assert (saved["best_round"], saved["best_test_accuracy"]) == (best["round"], best["test_accuracy"])
     retrain_one = json.loads((one.retrain_dir / "metrics.json").read_text())
     assert rows[1]["teacher_test_accuracy"] == pytest.approx(retrain_one["test_accuracy"], abs=1e-6)
     assert rows[1]["teacher"] == f"arch:{one.arch}" and rows[0]["teacher"] == "tinynet_e"
@@ -83,9 +86,9 @@ def test_round_two_teacher_is_round_one_retrained_network_bit_for_bit(two_round_
 
 
 @pytest.mark.slow
-def test_a_run_stopped_inside_round_two_resumes_there(two_round_run, monkeypatch):
+def test_the_rounds_stage_resumes_a_run_stopped_inside_round_two(two_round_run, monkeypatch):
     root, _ = two_round_run
-    two = Paths(root / "outputs" / "round_2")
+    two = Paths(root / "outputs" / "rounds" / "round_2")
     before = json.loads((root / "outputs" / "rounds.json").read_text())
     for folder in (two.search_dir, two.retrain_dir, two.export_dir):  # stopped after round 2's distillation
         shutil.rmtree(folder)
@@ -98,11 +101,11 @@ def test_a_run_stopped_inside_round_two_resumes_there(two_round_run, monkeypatch
         return fitted
 
     monkeypatch.setattr(Engine, "resume", spy)
-    result = CliRunner().invoke(app, ["run", "--params", str(root / "params.yaml")])
+    result = CliRunner().invoke(app, ["rounds", "--params", str(root / "params.yaml")])
     assert result.exit_code == 0, result.output
     trained = [(name, start) for name, start, epochs in resumed if start < epochs]
     assert trained == [("retrain", 0)], resumed  # only round 2's retraining ran: every other stage was in place
-    assert len([r for r in resumed if r[0] == "retrain"]) == 2
+    assert [r[0] for r in resumed].count("retrain") == 1, "round 1 is left to the default stages"
     after = json.loads((root / "outputs" / "rounds.json").read_text())
     assert after == before  # the same network found, retrained to the same weights
 

@@ -110,6 +110,7 @@ def git_dvc_project(repo: Path, files: tuple[str, ...] = ("dvc.yaml", ".gitignor
     """A git + DVC repository at `repo` with the project's `files`, flows/, dna/ and the tiny params.yaml, committed."""
     repo.mkdir(parents=True, exist_ok=True)
     for name in files:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     for name in ("flows", "dna"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))

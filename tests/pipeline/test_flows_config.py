@@ -135,14 +135,3 @@ def test_nothing_listens_beyond_loopback_by_default(prefect_api):
     assert worker != os.getpid() and worker in {c.pid for c in listening}  # a Dask worker process, listening
     assert os.getpid() in {c.pid for c in listening}  # the Dask scheduler, in this process
     assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
-
-
-def test_the_flows_refuse_several_rounds_before_any_work(tmp_path):
-    from dna.config import ConfigError
-    from flows.entry import load
-
-    raw = tiny_raw(str(tmp_path / "outputs")) | {"rounds": {"count": 2}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match=r"rounds.count=2: the DVC pipeline and its flows run one round.*dna run"):
-        load(tmp_path / "params.yaml")
-    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,104 @@
+"""Rounds step (DNA+): rounds 2 to rounds.count, once the default pipeline ran round 1 (dna/rounds.py).
+
+Each later round writes its params to <outputs>/rounds/round_<r>/params.yaml and runs every step of the default
+pipeline, registration included, as a flow on that file: under an MLflow run of its own ("round <r>", tag dna.round)
+with a nested run per step, itself under this step's run. Every round's exported network is so a candidate of the
+registry, and promotion keeps the best. A round stopped half-way resumes inside its stages from their checkpoints.
+Writes <outputs>/rounds.json (every round's teacher, network, accuracy and cost, and the best round).
+
+    python -m flows.rounds [--params FILE] [-S KEY=VALUE ...]
+    dvc repro rounds/dvc.yaml      # the default stages first where they are not up to date, then the later rounds
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from prefect import flow
+
+from flows import artifacts, distill, export, latency_profile, register, retrain, search, teacher
+from flows import data as data_step
+from flows.entry import cli, load
+from flows.steps import STEPS
+from flows.tracking import PARENT_ENV, STAGE_TAG, Tracking, child_run, ensure_experiment, parent_run_id, tracking_uri
+
+FLOWS = {"data": data_step.data_flow, "teacher": teacher.teacher_flow, "distill": distill.distill_flow,
+         "profile": latency_profile.profile_flow, "search": search.search_flow, "retrain": retrain.retrain_flow,
+         "export": export.export_flow, "register": register.register_flow}
+
+
+@contextlib.contextmanager
+def nested_under(run_id: str) -> Iterator[None]:
+    """Stage runs started meanwhile (in this process or those it starts) nest under run_id."""
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous
+
+
+def write_round_params(params, round_: int) -> Path:
+    """Round `round_`'s params as a params file in its outputs: what its steps run on, and a record of the round."""
+    from dna.checkpoint import atomic_write_text
+    from dna.rounds import round_dir, round_params
+
+    path = round_dir(params, round_) / "params.yaml"
+    atomic_write_text(path, yaml.safe_dump(round_params(params, round_).model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def rounds_markdown(rows: list[dict], best: int | None) -> str:
+    lines = ["### DNA+ rounds", "", "| round | teacher | teacher accuracy | network | accuracy | ONNX accuracy | "
+             "parameters | multiply-adds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['round']}{' (best)' if row['round'] == best else ''} | {row['teacher']} | "
+                     f"{row['teacher_test_accuracy']} | `{row['arch']}` | {row['test_accuracy']} | "
+                     f"{row['onnx_test_accuracy']} | {row['params']} | {row['macs']} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="dna-rounds")
+def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    from dna.pipeline import validate
+    from dna.rounds import all_rounds, round_params, summary, write_summary
+
+    params = load(params_file, overrides)
+    all_rounds(params)  # every later round is valid before any work
+    missing = [step.name for step in STEPS if step.name not in FLOWS]
+    if missing:
+        raise RuntimeError(f"flows/rounds.py has no flow for the pipeline steps {', '.join(missing)}")
+    uri = tracking_uri(params)
+    experiment = ensure_experiment(uri, params.mlflow.experiment)
+    with child_run(Tracking(uri, experiment, parent_run_id(uri)), "rounds", {STAGE_TAG: "rounds"}) as mlrun:
+        for round_ in range(2, params.rounds.count + 1):
+            validate(round_params(params, round_), check_profile=False)  # round r-1's network is there now
+            path = write_round_params(params, round_)
+            with child_run(Tracking(uri, experiment, mlrun.run_id), f"round {round_}",
+                           {STAGE_TAG: "round", "dna.round": str(round_)}) as round_run, nested_under(round_run.run_id):
+                round_run.artifact(path)
+                for step in STEPS:
+                    FLOWS[step.name](str(path), None)
+        rows = write_summary(params)
+        result = summary(rows)
+        for row in rows:
+            mlrun.metrics({k: row[k] for k in ("teacher_test_accuracy", "test_accuracy", "onnx_test_accuracy",
+                                               "params", "macs") if row[k] is not None}, step=row["round"])
+        mlrun.metrics({"best_round": result["best_round"] or 0})
+        mlrun.artifact(Path(params.outputs) / "rounds.json")
+    artifacts.markdown("dna-plus-rounds", rounds_markdown(rows, result["best_round"]), "DNA+ round over round")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(lambda path, sets: rounds_flow(path, sets), __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
