@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from timm.models._efficientnet_builder import _decode_block_str, decode_arch_def
+from timm.models._efficientnet_builder import _decode_block_str, _scale_stage_depth, decode_arch_def, round_channels
 from torch import nn
 
 from dna.arch_families import DEFAULT_FAMILY, BuildSettings, build_timm_layers, get_family
@@ -119,6 +119,24 @@ class Arch:
     def tag(self) -> str:
         """One-line form for tags and metadata."""
         return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def scaled(self, width: float = 1.0, depth: float = 1.0) -> Arch:
+        """The same network made wider and deeper as timm scales EfficientNets: every width (stem, layers, head)
+        times `width`, rounded to a multiple of 8 (timm's round_channels); every stage's depth times `depth`,
+        rounded up, the added layers copies of the stage's layers from the last back (timm's _scale_stage_depth)."""
+        if width == 1.0 and depth == 1.0:
+            return self
+
+        def wider(layer: str) -> str:
+            return "_".join(f"c{round_channels(int(t[1:]), width)}" if _token_key(t) == "c" else t
+                            for t in layer.split("_"))
+
+        def deeper(stage: tuple[str, ...]) -> list[str]:
+            counts = _scale_stage_depth(list(range(len(stage))), [1] * len(stage), depth, "ceil")
+            return [re.sub(r"_r1(?=_|$)", f"_r{counts.count(i)}", wider(layer)) for i, layer in enumerate(stage)]
+
+        return Arch(stem=round_channels(self.stem, width), stages=tuple(deeper(s) for s in self.stages),
+                    head=round_channels(self.head, width), family=self.family, settings=self.settings)
 
     def build(self, num_classes: int, in_chans: int, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
         """The network, made by the arch's family with its build settings."""

@@ -184,8 +184,11 @@ def arch_stage_count(path: str | Path) -> int:
     return len(raw["arch"])
 
 
+Multiplier = Annotated[float, Field(ge=1.0, le=8.0)]
+
+
 class TeacherConfig(Strict):
-    added_keys = ("output_stride", "arch")
+    added_keys = ("output_stride", "arch", "width_multiplier", "depth_multiplier")
     # train: `model` trained here; timm: `model` with timm's pretrained weights; checkpoint: `model` with the weights
     # of `checkpoint`; arch: the network of the architecture file `arch` (as the search stage writes arch.yaml),
     # built as the retrain stage builds it, with the weights of `checkpoint` (as the retrain stage writes model.pt)
@@ -201,7 +204,15 @@ class TeacherConfig(Strict):
     # boundaries keep larger feature maps at the same input size (the space's blocks there then take stride 1);
     # a timm model's setting: source arch takes the strides its file states (32 here)
     output_stride: Literal[8, 16, 32] = 32
+    # source arch: the network of `arch` scaled up as timm scales EfficientNets (Arch.scaled), then trained here
+    # from scratch (no checkpoint: the weights of the unscaled network do not fit it); DNA+ scales a round's teacher
+    width_multiplier: Multiplier = 1.0
+    depth_multiplier: Multiplier = 1.0
     train: TrainConfig = TrainConfig()
+
+    @property
+    def scaled(self) -> bool:
+        return (self.width_multiplier, self.depth_multiplier) != (1.0, 1.0)
 
     @field_validator("model")
     @classmethod
@@ -218,9 +229,12 @@ class TeacherConfig(Strict):
     @model_validator(mode="after")
     def _checkpoint(self, info: ValidationInfo) -> TeacherConfig:
         check_paths = (info.context or {}).get("check_paths", True)
-        if self.source in ("checkpoint", "arch") and not self.checkpoint:
+        if self.scaled:
+            self._check_scaled()
+        elif self.source in ("checkpoint", "arch") and not self.checkpoint:
             raise ValueError(f"teacher.checkpoint is required when teacher.source={self.source!r}")
-        if self.source in ("checkpoint", "arch") and check_paths and not Path(self.checkpoint).is_file():
+        if self.checkpoint and self.source in ("checkpoint", "arch") and check_paths and \
+                not Path(self.checkpoint).is_file():
             raise ValueError(f"teacher.checkpoint={self.checkpoint!r} must be an existing file when "
                              f"teacher.source={self.source!r}")
         if self.source == "arch":
@@ -228,6 +242,17 @@ class TeacherConfig(Strict):
         if list(self.boundaries) != sorted(set(self.boundaries)):
             raise ValueError(f"teacher.boundaries={self.boundaries} must be strictly increasing")
         return self
+
+    def _check_scaled(self) -> None:
+        scale = f"teacher.width_multiplier={self.width_multiplier}, depth_multiplier={self.depth_multiplier}"
+        if self.source != "arch":
+            raise ValueError(f"{scale} scale a network of teacher.source 'arch', not of source {self.source!r}")
+        if self.checkpoint:
+            raise ValueError(f"{scale} with teacher.checkpoint={self.checkpoint!r}: the weights of the unscaled "
+                             "network do not fit the scaled one; leave checkpoint out (it is trained here)")
+        if self.train.epochs < 1:
+            raise ValueError(f"{scale}: the scaled network is trained here from scratch; teacher.train.epochs must be "
+                             f"at least 1, not {self.train.epochs}")
 
     def _check_arch(self, check_paths: bool, deep: bool) -> None:
         if not self.arch:
@@ -467,9 +492,13 @@ class RankConfig(Strict):
 class RoundsConfig(Strict):
     """DNA+ (progressive teachers): `count` rounds of the whole search. Every round after the first takes the network
     the round before it found and retrained (its search/arch.yaml and retrain/model.pt) as its teacher, of source
-    arch, and writes under <outputs>/round_<r> (dna/rounds.py)."""
+    arch, and writes under <outputs>/rounds/round_<r> (dna/rounds.py). With a width or depth multiplier above 1, that
+    network is scaled up by them and trained from scratch as the teacher (teacher.train) instead of taken as it is."""
 
+    added_keys = ("width_multiplier", "depth_multiplier")
     count: Annotated[int, Field(ge=1, le=10)] = 1
+    width_multiplier: Multiplier = 1.0
+    depth_multiplier: Multiplier = 1.0
 
 
 class CoreParams(Strict):

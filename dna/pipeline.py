@@ -136,7 +136,7 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
             shapes = teacher_shapes(t.model, d.channels, d.image_size, t.boundaries, t.output_stride)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if t.source == "arch":
+    if t.source == "arch" and t.checkpoint:  # a scaled teacher has none: it is trained here
         check_arch_teacher(params, run.num_classes)
     sizes = run.space.block_resolutions()
     for i, (shape, boundary) in enumerate(zip(shapes, t.boundaries)):

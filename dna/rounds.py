@@ -3,9 +3,10 @@
 Round 1 is the params as written, under `outputs` (the default stages). Round r >= 2 is the same params but for its
 outputs, which go to <outputs>/rounds/round_<r>, and its teacher: the network round r-1 found and retrained, taken
 as it is (teacher.source arch, with that round's search/arch.yaml and retrain/model.pt, no further training), split
-at the ends of its searched stages. Each round's stages fingerprint their inputs, so a run stopped in round r starts
-again inside round r: the rounds before it find their results in place, and the round it was in resumes its stages
-from their checkpoints.
+at the ends of its searched stages; or, with rounds.width_multiplier or depth_multiplier above 1, that network scaled
+up by them (Arch.scaled) and trained from scratch with round 1's teacher recipe. Each round's stages fingerprint
+their inputs, so a run stopped in round r starts again inside round r: the rounds before it find their results in
+place, and the round it was in resumes its stages from their checkpoints.
 
 `dna run` runs every round; the rounds stage (`dna rounds`, rounds/dvc.yaml, flows/rounds.py) runs rounds 2 and on
 after the default stages ran round 1. <outputs>/rounds.json sums the rounds up.
@@ -37,8 +38,13 @@ def round_params(params: Params, round_: int, check_paths: bool = True) -> Param
         return parse_params(raw, check_paths)
     previous = Paths(round_dir(params, round_ - 1))
     teacher = {k: v for k, v in raw["teacher"].items() if k not in ("model", "boundaries", "output_stride")}
-    teacher["train"] = teacher["train"] | {"epochs": 0}  # trained on this data already: taken as it is, not tuned
-    raw["teacher"] = teacher | {"source": "arch", "arch": str(previous.arch), "checkpoint": str(previous.model)}
+    teacher |= {"source": "arch", "arch": str(previous.arch)}
+    scale = {"width_multiplier": params.rounds.width_multiplier, "depth_multiplier": params.rounds.depth_multiplier}
+    if scale != {"width_multiplier": 1.0, "depth_multiplier": 1.0}:  # scaled up, then trained as round 1's teacher
+        teacher |= scale | {"checkpoint": None}
+    else:  # trained on this data already: taken as it is, not tuned
+        teacher |= {"checkpoint": str(previous.model), "train": teacher["train"] | {"epochs": 0}}
+    raw["teacher"] = teacher
     raw["outputs"] = str(round_dir(params, round_))
     return parse_params(raw, check_paths)
 

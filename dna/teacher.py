@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 def create_teacher(params: Params, num_classes: int, in_chans: int, pretrained: bool = False) -> nn.Module:
     cfg = params.teacher
     if cfg.source == "arch":  # as the retrain stage builds a searched network (SearchSpace.build: Arch.build)
-        return Arch.load(cfg.arch).build(num_classes, in_chans, drop_rate=cfg.train.drop_rate,
-                                         drop_path_rate=cfg.train.drop_path_rate)
+        return teacher_arch(cfg).build(num_classes, in_chans, drop_rate=cfg.train.drop_rate,
+                                       drop_path_rate=cfg.train.drop_path_rate)
     options = {"drop_path_rate": cfg.train.drop_path_rate} if cfg.train.drop_path_rate > 0 else {}
     if cfg.output_stride != 32:
         options["output_stride"] = cfg.output_stride
@@ -87,7 +87,7 @@ def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device
     cfg = params.teacher
     torch.manual_seed(params.seed)
     model = create_teacher(params, data.num_classes, data.in_chans, pretrained=cfg.source == "timm")
-    if cfg.source in ("checkpoint", "arch"):
+    if cfg.source in ("checkpoint", "arch") and cfg.checkpoint:
         model.load_state_dict(teacher_weights(cfg, model))
     result = TrainResult()
     if cfg.source == "train" or cfg.train.epochs > 0:
@@ -96,7 +96,7 @@ def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device
     else:
         result.test_accuracy = accuracy(model.to(device), data.loader("test", 256), device)
     if is_main():
-        arch = {"arch": Arch.load(cfg.arch).to_yaml()} if cfg.source == "arch" else {}
+        arch = {"arch": teacher_arch(cfg).to_yaml()} if cfg.source == "arch" else {}
         save_checkpoint(out_dir / "teacher.pt", {"model": model.state_dict(), "name": teacher_name(cfg),
                                                  "num_classes": data.num_classes, "in_chans": data.in_chans, **arch})
     return freeze(model), result
@@ -114,9 +114,18 @@ def load_teacher(params: Params, path: str | Path, device: torch.device) -> nn.M
     return freeze(model.to(device))
 
 
+def teacher_arch(cfg: TeacherConfig) -> Arch:
+    """The network of a teacher of source arch: its file's, scaled by the multipliers."""
+    return Arch.load(cfg.arch).scaled(cfg.width_multiplier, cfg.depth_multiplier)
+
+
 def teacher_name(cfg: TeacherConfig) -> str:
-    """What the teacher is, for metrics and its checkpoint: the timm model, or the architecture file."""
-    return f"arch:{cfg.arch}" if cfg.source == "arch" else cfg.model
+    """What the teacher is, for metrics and its checkpoint: the timm model, or the architecture file (and its
+    scaling)."""
+    if cfg.source != "arch":
+        return cfg.model
+    scale = f" x{cfg.width_multiplier:g} wide x{cfg.depth_multiplier:g} deep" if cfg.scaled else ""
+    return f"arch:{cfg.arch}{scale}"
 
 
 def freeze(model: nn.Module) -> nn.Module:

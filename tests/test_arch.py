@@ -197,6 +197,19 @@ def test_b0_with_repeats_is_written_back_expanded_and_builds_timms_b0(tmp_path):
     assert strides == [layer.conv_dw.stride[0] for stage in theirs.blocks[1:] for layer in stage]
 
 
+@pytest.mark.parametrize("width, depth, model", [(1.1, 1.2, "efficientnet_b2"), (1.2, 1.4, "efficientnet_b3")])
+def test_b0_scaled_is_timms_scaled_efficientnet(width, depth, model):
+    """Arch.scaled scales as timm scales EfficientNet-B0 into B2 and B3: the same layers, name by name."""
+    arch = Arch(stem=32, stages=B0_ARCH_DEF, head=1280)
+    scaled = arch.scaled(width, depth)
+    theirs = timm.create_model(model, num_classes=1000)
+    ours = scaled.build(num_classes=1000, in_chans=3)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    strides = [layer.conv_dw.stride[0] for stage in ours.blocks[1:] for layer in stage]
+    assert strides == [layer.conv_dw.stride[0] for stage in theirs.blocks[1:] for layer in stage]
+    assert arch.scaled(1.0, 1.0) is arch and Arch.from_yaml(scaled.to_yaml()) == scaled
+
+
 def test_build_sets_classes_channels_and_dropout():
     model = SMALL.build(num_classes=7, in_chans=3, drop_rate=0.25)
     assert model.conv_stem.in_channels == 3 and model.conv_stem.out_channels == 16

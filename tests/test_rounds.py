@@ -43,6 +43,18 @@ def test_round_two_is_the_same_search_with_round_one_network_as_teacher(tmp_path
         round_params(params, 2)  # with paths checked, round 2 needs round 1's network
 
 
+def test_with_a_multiplier_round_two_trains_round_one_network_scaled_up(tmp_path):
+    raw = two_rounds(tmp_path)
+    raw["rounds"] |= {"width_multiplier": 1.5, "depth_multiplier": 2.0}
+    params = parse_params(raw)
+    _, second = all_rounds(params)
+    teacher = second.teacher
+    assert (teacher.source, teacher.arch, teacher.checkpoint) == ("arch", str(Paths(tmp_path / "outputs").arch), None)
+    assert (teacher.width_multiplier, teacher.depth_multiplier) == (1.5, 2.0)
+    assert teacher.train == params.teacher.train and teacher.train.epochs > 0  # round 1's recipe, from scratch
+    assert "width_multiplier" not in parse_params(two_rounds(tmp_path)).model_dump()["rounds"]
+
+
 def test_rounds_count_is_checked_and_one_round_dumps_as_before(tmp_path):
     raw = two_rounds(tmp_path)
     raw["rounds"] = {"count": 0}

@@ -171,6 +171,48 @@ def test_arch_teacher_weights_that_do_not_fit_are_a_config_error_before_any_work
                  check_profile=False)
 
 
+def test_a_scaled_arch_teacher_is_the_wider_deeper_network_trained_here(arch_teacher, tmp_path):
+    """width/depth multipliers: the network of teacher.arch scaled as timm scales EfficientNets, trained from
+    scratch (the unscaled weights do not fit it), split at the same boundaries with wider targets; its checkpoint
+    carries the scaled architecture, so distillation loads it back."""
+    from dna.pipeline import validate
+    from dna.targets import TeacherTargets
+
+    run, arch, _, raw = arch_teacher
+    train = {**raw["teacher"]["train"], "epochs": 1}
+    params = _arch_params(raw, checkpoint=None, width_multiplier=1.5, depth_multiplier=2.0, train=train)
+    validate(params, check_profile=False)
+    scaled = arch.scaled(1.5, 2.0)
+    assert [len(s) for s in scaled.stages] == [2 * len(s) for s in arch.stages]
+    teacher, result = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    assert len(result.history) == 1 and result.test_accuracy is not None
+    saved = load_checkpoint(tmp_path / "teacher.pt")
+    assert saved["arch"] == scaled.to_yaml() and saved["name"].endswith("x1.5 wide x2 deep")
+    reloaded = load_teacher(params, tmp_path / "teacher.pt", torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), teacher.state_dict().values()))
+    shapes = TeacherTargets(teacher, params.teacher.boundaries, run.data, torch.device("cpu")).shapes()
+    widths = [int(stage[-1].split("_c")[1].split("_")[0]) for stage in scaled.stages[1:]]
+    sizes = run.space.block_resolutions()[1:]
+    assert shapes == [(w, s, s) for w, s in zip(widths, sizes)]
+    assert widths != [int(stage[-1].split("_c")[1].split("_")[0]) for stage in arch.stages[1:]]
+
+
+@pytest.mark.parametrize("teacher, message", [
+    ({"width_multiplier": 1.5}, r"with teacher.checkpoint=.*the weights of the unscaled network do not fit"),
+    ({"width_multiplier": 1.5, "checkpoint": None},
+     r"the scaled network is trained here from scratch; teacher.train.epochs must be at least 1, not 0"),
+    ({"depth_multiplier": 0.5}, r"teacher.depth_multiplier=0.5: .*greater than or equal to 1"),
+    ({"source": "train", "model": "tinynet_e", "width_multiplier": 2.0},
+     r"scale a network of teacher.source 'arch', not of source 'train'"),
+])
+def test_multipliers_are_checked_before_any_work(arch_teacher, teacher, message):
+    from dna.config import ConfigError
+
+    _, _, _, raw = arch_teacher
+    with pytest.raises(ConfigError, match=message):
+        _arch_params(raw, **teacher)
+
+
 def test_arch_teacher_fingerprint_follows_its_files(arch_teacher, tmp_path):
     from dna.arch import Arch
     from dna.checkpoint import save_checkpoint
