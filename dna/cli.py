@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dna.config import ConfigError, Params, load_params, parse_overrides
-from dna.stages import STAGES, Stage, default_stages, run_stage
+from dna.stages import STAGES, Stage, accuracy_line, default_stages, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
@@ -163,12 +163,8 @@ def _report(run, times: dict, heading: str = "") -> None:
         if stage.metrics:
             metrics[stage.name] = json.loads((run.paths.root / stage.metrics).read_text())
     teacher, retrain, export = metrics["teacher"], metrics["retrain"], metrics["export"]
-    gap = (export["onnx_test_accuracy"] - teacher["test_accuracy"]) * 100
-    out.print(
-        f"teacher test accuracy {teacher['test_accuracy']:.4f}; exported network (ONNX Runtime) "
-        f"{export['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher), "
-        f"{retrain['params']:,} parameters, {retrain['macs']:,} multiply-adds; "
-        f"ONNX parity max |diff| {export['max_abs_diff']:.2e}")
+    out.print(f"{accuracy_line(teacher, export)}, {retrain['params']:,} parameters, {retrain['macs']:,} "
+              f"multiply-adds; ONNX parity max |diff| {export['max_abs_diff']:.2e}")
 
 
 def _report_rounds(rows: list[dict], outputs: Path) -> None:

@@ -11,8 +11,8 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from dna.checkpoint import load_checkpoint
-from dna.config import DistillConfig
-from dna.ddp import wrap
+from dna.config import ConfigError, DistillConfig
+from dna.ddp import rank_and_world, wrap
 from dna.engine import Engine
 from dna.recipe import scaled_lr
 from dna.spaces.base import Cell, SearchSpace
@@ -20,6 +20,21 @@ from dna.targets import TargetSource
 
 CellLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PathSampler = Callable[[torch.Generator, Cell, int], tuple[int, ...]]
+
+
+class PairLoss(nn.Module):
+    """The criterion of a supervision whose batches are (input, target) pairs: every cell's output against the
+    target under `loss` (DNA: the teacher's features under MSE). No weights, no state, nothing after a step."""
+
+    def __init__(self, loss: CellLoss = F.mse_loss):
+        super().__init__()
+        self.loss = loss
+
+    def losses(self, outputs: list[torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
+        return [self.loss(output, target) for output in outputs]
+
+    def after_step(self, updates: int) -> None:
+        pass
 
 
 class BlockCells(nn.ModuleDict):
@@ -55,12 +70,15 @@ class DistillResult:
 
 def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: DistillConfig, ckpt_path: str | Path, *,
                   in_chans: int, seed: int, fingerprint: str, device: torch.device,
-                  on_epoch: Callable[[dict], None] | None = None, loss: CellLoss = F.mse_loss,
+                  on_epoch: Callable[[dict], None] | None = None, loss: CellLoss | None = None,
                   sample_path: PathSampler = uniform_path) -> DistillResult:
     """Train one block's cells; every step each cell trains one sampled path on the same batch.
 
-    `loss(output, target)` compares a cell's output with the target features (MSE by default); `sample_path` picks
-    the path a cell trains at a step (uniform by default) from a generator reseeded every epoch.
+    The supervision's criterion (`targets.criterion(block, cells)`) turns the cells' outputs and the batch's second
+    part into one loss per cell; its weights train with the cells, it runs after every optimizer step, and its state
+    is checkpointed with them. `loss(output, target)` instead compares each output with the batch's target (a
+    PairLoss). `sample_path` picks the path a cell trains at a step (uniform by default) from a generator reseeded
+    every epoch.
     Cells share no weights, so this equals training each cell on its own, with one pass over the data.
     Checkpoints every epoch; a checkpoint with the same fingerprint is resumed from. `cfg.batch_size` is the global
     batch; with several processes each trains on its part of it (dna.ddp).
@@ -68,7 +86,12 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     torch.manual_seed(seed * 1009 + block)
     cells = space.cells(block)
     supernet = build_block(space, block, targets.shapes(), in_chans).to(device, memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(supernet, opt="adam", lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch),
+    criterion = (PairLoss(loss) if loss is not None else targets.criterion(block, supernet)).to(device)
+    if rank_and_world()[1] > 1 and any(True for _ in criterion.parameters()):
+        raise ConfigError("distillation in several processes trains only the cells data-parallel; this supervision "
+                          "trains weights of its own too: distill it in one process (nproc 1)")
+    trained = nn.ModuleDict({"cells": supernet, "criterion": criterion})  # parameters in the cells' order first
+    optimizer = create_optimizer_v2(trained, opt="adam", lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch),
                                     weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     num_ops = [len(supernet[c.name].layers[-1]) for c in cells]
@@ -82,7 +105,7 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     def step(batch):
         x, y = batch
         outputs = net(x, {cell.name: sample_path(paths, cell, n) for cell, n in zip(cells, num_ops)})
-        losses = [loss(output, y) for output in outputs]
+        losses = criterion.losses(outputs, y)
         return torch.stack(losses).sum(), {f"loss_{cell.name}": cell_loss.item() * len(x)
                                            for cell, cell_loss in zip(cells, losses)}
 
@@ -91,5 +114,7 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
 
     fitted = Engine(net, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
                     fingerprint=fingerprint, seed=seed * 100_003 + block * 1_009, device=device, name=f"block {block}",
-                    precision=cfg.precision, end_of_epoch=mean_cell_loss, on_epoch=on_epoch).fit()
+                    precision=cfg.precision, end_of_epoch=mean_cell_loss, on_epoch=on_epoch,
+                    after_step=[criterion.after_step],
+                    states={"criterion": criterion} if criterion.state_dict() else {}).fit()
     return DistillResult(fitted.history, fitted.resumed_from)

@@ -115,7 +115,7 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
     checks and models=False the teacher's and the space's (for a stage that reads none of their keys: those import
     timm).
     """
-    d, t = params.data, params.teacher
+    d = params.data
     if data:
         from dna.data import check_source, has_images
 
@@ -125,10 +125,33 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
     if not models:
         return
     from dna.search import min_cost
-    from dna.targets import arch_teacher_shapes, teacher_shapes
 
     run = Run(params)
     run.device  # noqa: B018 - a device that is not there (cuda without a GPU) stops here, before any work
+    if params.uses_teacher():
+        check_teacher(params, run)
+    elif params.retrain.kd_alpha > 0:
+        raise ConfigError(f"retrain.kd_alpha={params.retrain.kd_alpha:g} distils from the teacher, but "
+                          f"supervision.kind={params.supervision.kind!r} has none; set retrain.kd_alpha: 0")
+    latency = latency_model(run) if check_profile else None
+    if params.search.budgets:
+        stages = [s.costs() for s in stage_tables(run.space, scored=False, latency=latency)]
+        for axis, budget in params.search.budgets.items():
+            if axis == "latency_ms" and latency is None:
+                continue
+            smallest = min_cost(stages, axis)
+            if budget < smallest:
+                shown = f"{smallest:.0f}" if float(smallest).is_integer() else f"{smallest:.6g}"
+                raise ConfigError(f"search.budgets.{axis}={budget:g} is below the smallest network in the space "
+                                  f"({axis}={shown})")
+
+
+def check_teacher(params: Params, run: Run) -> None:
+    """The teacher's features at its boundaries have the resolutions of the space's blocks, and a teacher of source
+    arch takes its checkpoint; raises ConfigError naming the key otherwise."""
+    from dna.targets import arch_teacher_shapes, teacher_shapes
+
+    d, t = params.data, params.teacher
     try:
         if t.source == "arch":
             shapes = arch_teacher_shapes(t.arch, d.channels, d.image_size, t.boundaries)
@@ -145,17 +168,6 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
                 f"teacher.boundaries[{i}]={boundary}: the teacher's features there are {shape[1]}x{shape[2]} but "
                 f"block {i} of the space outputs {sizes[i + 1]}x{sizes[i + 1]} "
                 f"(check space.blocks[{i}].stride, data.image_size)")
-    latency = latency_model(run) if check_profile else None
-    if params.search.budgets:
-        stages = [s.costs() for s in stage_tables(run.space, scored=False, latency=latency)]
-        for axis, budget in params.search.budgets.items():
-            if axis == "latency_ms" and latency is None:
-                continue
-            smallest = min_cost(stages, axis)
-            if budget < smallest:
-                shown = f"{smallest:.0f}" if float(smallest).is_integer() else f"{smallest:.6g}"
-                raise ConfigError(f"search.budgets.{axis}={budget:g} is below the smallest network in the space "
-                                  f"({axis}={shown})")
 
 
 def check_arch_teacher(params: Params, num_classes: int) -> None:
@@ -231,6 +243,11 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
 
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
+    if not run.params.uses_teacher():  # DNA++: no teacher is built, trained or downloaded
+        metrics = {"test_accuracy": None, "epochs": 0, "model": None, "supervision": run.params.supervision.kind}
+        if is_main():
+            write_json(out / "metrics.json", metrics)
+        return metrics
     _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,
                              run.teacher_fingerprint(), on_epoch=on_epoch)
     metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history),
@@ -258,7 +275,7 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
 
     result = distill_block(run.space, run.supervision, block, run.params.distill, run.paths.supernet(block),
                            in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
-                           device=run.device, on_epoch=on_epoch, loss=run.supervision.loss)
+                           device=run.device, on_epoch=on_epoch)
     history = pd.DataFrame(result.history)
     if is_main():
         write_csv(run.paths.distill_history(block), history)

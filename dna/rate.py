@@ -201,6 +201,6 @@ def rate_block(space: SearchSpace, supernet: nn.ModuleDict, supervision: BlockSu
     for cell in space.cells(block):
         num_ops = len(supernet[cell.name].layers[-1])
         got = rate_cell(supernet[cell.name], cell.depth, calib, supervision.pairs(block, "rate", batch_size), num_ops,
-                        scorer=supervision.scorer())
+                        scorer=supervision.scorer(block))
         scores.update({(cell, ops): s for ops, s in got.items()})
     return table.with_scores(scores[(cell, ops)] for cell, ops in zip(table.cells, table.ops))

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from dna.config import Params, parse_params
+from dna.config import ConfigError, Params, parse_params
 from dna.paths import Paths
 
 SUMMARY = "rounds.json"
@@ -51,6 +51,10 @@ def round_params(params: Params, round_: int, check_paths: bool = True) -> Param
 
 def all_rounds(params: Params) -> list[Params]:
     """Every round's params, validated before any work: the later rounds without the files earlier rounds write."""
+    if params.rounds.count > 1 and not params.uses_teacher():
+        raise ConfigError(f"rounds.count={params.rounds.count}: each round after the first is taught by the network "
+                          f"the round before found, but supervision.kind={params.supervision.kind!r} uses no "
+                          "teacher; set rounds.count: 1")
     return [round_params(params, r, check_paths=r == 1) for r in range(1, params.rounds.count + 1)]
 
 

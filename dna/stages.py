@@ -112,3 +112,13 @@ def steps(table: tuple[Stage, ...] = STAGES, default: bool = True) -> dict[str, 
         if s.default == default:
             out.setdefault(s.pipeline_step, []).append(s)
     return out
+
+
+def accuracy_line(teacher: dict, export: dict) -> str:
+    """The headline of a run's report: the teacher's test accuracy (if the supervision had a teacher) and the
+    exported network's in ONNX Runtime, from the teacher and export stages' metrics."""
+    onnx = f"exported network in ONNX Runtime {export['onnx_test_accuracy']:.4f}"
+    if teacher.get("test_accuracy") is None:
+        return f"no teacher (supervision {teacher.get('supervision')}); {onnx}"
+    gap = (export["onnx_test_accuracy"] - teacher["test_accuracy"]) * 100
+    return f"teacher test accuracy {teacher['test_accuracy']:.4f}; {onnx} ({gap:+.2f} points against the teacher)"

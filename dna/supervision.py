@@ -1,8 +1,9 @@
 """Block supervision: what each block of the supernet learns to reproduce, and how its candidates are rated.
 
-A supervision prepares its targets once (`prepare`: the features stage), yields (block input, block target) batches
-for training and rating, defines the training loss and the rating score. params.yaml picks one by
-`supervision.kind`; the stages see only the `BlockSupervision` protocol.
+A supervision prepares its targets once (`prepare`: the features stage), yields batches of pairs for training (block
+input, and a target or a second view) and rating (block input, target), defines the training criterion and the
+rating score. params.yaml picks one by `supervision.kind`; the stages see only the `BlockSupervision` protocol.
+Kinds: "teacher" (DNA, dna/targets.py) and "ssl" (DNA++, teacher-free ensemble bootstrapping, dna/ssl.py).
 
 Adding a kind takes one module (a class implementing the protocol, with `from_run(run)`) and one entry in
 `_builtin()`; a kind registered with `@register_supervision(kind)` is used the same way.
@@ -35,7 +36,13 @@ class BlockSupervision(Protocol):
 
     Built by `from_run(run)` (a classmethod), which may use anything the run holds: params, paths, data, device,
     the search space, the block checkpoints of earlier stages.
+
+    Class attributes: `uses_teacher` (False: the teacher stage builds, trains and downloads nothing) and
+    `progressive` (True: block i needs blocks 0..i-1 trained and rated, so blocks run one after the other).
     """
+
+    uses_teacher: bool
+    progressive: bool
 
     def fingerprint(self) -> str:
         """What the targets depend on; a block trained against other targets is not resumed."""
@@ -55,11 +62,13 @@ class BlockSupervision(Protocol):
     def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed, seeded batch of `count` pairs drawn with every class represented (the calibration batch)."""
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The training loss of one cell's output against the block target."""
+    def criterion(self, block: int, cells: torch.nn.ModuleDict) -> torch.nn.Module:
+        """What turns a training step's cell outputs into one loss per cell: `losses(outputs, second)` (second: the
+        batch's target or second view) and `after_step(updates)`, called after every optimizer step. Its weights
+        train with the cells and its state is saved with them (dna.distill.PairLoss: none)."""
 
-    def scorer(self) -> Scorer:
-        """A fresh accumulator of the rating score."""
+    def scorer(self, block: int) -> Scorer:
+        """A fresh accumulator of the rating score of the block's candidates."""
 
     def for_rating(self) -> BlockSupervision:
         """The same supervision as rating sees it: the training split (calibration) without augmentation."""
@@ -70,9 +79,10 @@ _registered: dict[str, type] = {}
 
 def _builtin() -> dict[str, type]:
     """The kinds that come with dna, one entry each (imported when first asked for: they import torch)."""
+    from dna.ssl import SelfSupervised
     from dna.targets import TeacherTargets
 
-    return {"teacher": TeacherTargets}
+    return {"teacher": TeacherTargets, "ssl": SelfSupervised}
 
 
 def register_supervision(kind: str) -> Callable[[type], type]:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 class TargetSource(Protocol):
     def shapes(self) -> list[tuple[int, int, int]]: ...
+    def criterion(self, block: int, cells: nn.ModuleDict) -> nn.Module: ...
     def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
               generator: torch.Generator | None = None,
               sharded: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -116,6 +117,8 @@ class TeacherTargets:
     """`key`: what the features depend on (digested by fingerprint(): it keys the cache)."""
 
     loss = staticmethod(F.mse_loss)
+    uses_teacher = True
+    progressive = False  # blocks are independent: they may train in parallel
 
     def __init__(self, teacher: nn.Module, boundaries: list[int], data: Data, device: torch.device,
                  cache_dir: str | Path | None = None, key: tuple = ()):
@@ -143,7 +146,12 @@ class TeacherTargets:
     def prepare(self) -> None:
         self.build_cache(self.fingerprint())
 
-    def scorer(self) -> RelativeL1Score:
+    def criterion(self, block: int, cells: nn.ModuleDict) -> nn.Module:
+        from dna.distill import PairLoss
+
+        return PairLoss(self.loss)
+
+    def scorer(self, block: int | None = None) -> RelativeL1Score:
         return RelativeL1Score()
 
     def for_rating(self) -> TeacherTargets:

@@ -1,4 +1,5 @@
-"""Distill stage: build the teacher-feature cache once, then train and rate every block, blocks in parallel.
+"""Distill stage: build the teacher-feature cache once, then train and rate every block, blocks in parallel (one
+after the other for a progressive supervision, such as ssl, where a block's input is made by the blocks before it).
 
 Each block is one task (train its cells on the teacher's features, then rate every candidate of every cell),
 submitted concurrently on the task runner named by orchestration.task_runner; with orchestration.nproc > 1 a block
@@ -22,6 +23,7 @@ from prefect.futures import wait
 
 from dna.config import Params
 from dna.errors import StageFailure
+from dna.supervision import supervision_class
 from flows import artifacts
 from flows.entry import Checks, StepRun, cli, load, with_absolute_outputs
 from flows.prefect_api import share_prefect_api
@@ -129,7 +131,12 @@ def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None
         shared = orch.task_runner == "threads"  # blocks share this process (and its torch thread pool)
         # the blocks' own command lines (orchestration.nproc > 1) read the same file and write to the same outputs
         own = str(Path(params_file).resolve()), {**(overrides or {}), "outputs": params.outputs}
-        futures = [block.submit(params, b, tracking, None if shared else threads, shared, *own) for b in blocks]
+        progressive = supervision_class(params.supervision.kind).progressive  # block i needs blocks before it
+        futures = []
+        for b in blocks:
+            after = futures[-1:] if progressive else []
+            futures.append(block.submit(params, b, tracking, None if shared else threads, shared, *own,
+                                        wait_for=after))
         wait(futures)
         results, failed = [], {}
         for b, future in zip(blocks, futures):

@@ -218,6 +218,7 @@ def report(root: Path, result: dict) -> str:
     from dna.config import Params
     from dna.paths import Paths
     from dna.rounds import summary_rows
+    from dna.stages import accuracy_line
     from flows.settings import TrackingConfig
 
     # only the few keys a report needs, without the whole schema's checks (they import timm: seconds); the
@@ -234,16 +235,18 @@ def report(root: Path, result: dict) -> str:
     run_id = result["mlflow_run_id"]
     lines.append(f"  mlflow   {tracking_uri(params, root)}" + (f" (parent run {run_id})" if run_id else ""))
     if {"teacher", "export"} <= m.keys():
-        gap = (m["export"]["onnx_test_accuracy"] - m["teacher"]["test_accuracy"]) * 100
-        lines.append(f"teacher test accuracy {m['teacher']['test_accuracy']:.4f}; exported network in ONNX Runtime "
-                     f"{m['export']['onnx_test_accuracy']:.4f} ({gap:+.2f} points against the teacher); "
+        lines.append(f"{accuracy_line(m['teacher'], m['export'])}; "
                      f"ONNX parity max |diff| {m['export']['max_abs_diff']:.2e}")
-    for row in summary_rows(p.root):
+    registration = m.get("register")
+    for row in summary_rows(p.root):  # DNA+: every round registered its network; the last decision is the latest
+        registered = root / row["outputs"] / "register" / "registration.json"
+        registration = json.loads(registered.read_text()) if registered.is_file() else registration
+        version = registration.get("version") if registration else None
         lines.append(f"round {row['round']}: teacher {row['teacher']} ({row['teacher_test_accuracy']:.4f}), network "
                      f"found {row['test_accuracy']:.4f} (ONNX {row['onnx_test_accuracy']:.4f}), "
-                     f"{row['params']:,} parameters, {row['macs']:,} multiply-adds")
-    if "register" in m:
-        r = m["register"]
+                     f"{row['params']:,} parameters, {row['macs']:,} multiply-adds, registry version {version}")
+    if registration:
+        r = registration
         lines.append(f"registry: {params.mlflow.registered_model} version {r.get('version')}, champion is version "
                      f"{r.get('champion')} ({r.get('reason')})")
     return "\n".join(lines)

@@ -26,7 +26,8 @@ def teacher_flow(params_file: str = "params.yaml", overrides: dict | None = None
         mlrun.metrics(metrics)
         for name in ("history.csv", "metrics.json"):
             mlrun.artifact(run.paths.teacher_dir / name)
-    progress.done(f"test accuracy {metrics['test_accuracy']:.4f}")
+    progress.done(f"test accuracy {metrics['test_accuracy']:.4f}" if metrics["test_accuracy"] is not None else
+                  f"no teacher: supervision {params.supervision.kind} needs none")
     artifacts.markdown("teacher-summary", artifacts.metrics_markdown(f"Teacher {params.teacher.model}", metrics),
                        "teacher test accuracy")
     return metrics

@@ -72,6 +72,9 @@ class PoisonedTargets:
     def shapes(self):
         return self.inner.shapes()
 
+    def criterion(self, block, cells):
+        return self.inner.criterion(block, cells)
+
     def pairs(self, block, split, batch_size, shuffle=False, generator=None, sharded=False):
         self.calls += 1
         for i, (x, y) in enumerate(self.inner.pairs(block, split, batch_size, shuffle, generator, sharded)):

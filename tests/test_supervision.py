@@ -9,7 +9,7 @@ from dna import supervision
 from dna.checkpoint import digest
 from dna.config import ConfigError, parse_params
 from dna.data import eval_view
-from dna.distill import load_block
+from dna.distill import PairLoss, load_block
 from dna.rate import rate_candidate_naive
 from dna.supervision import build_supervision, register_supervision, supervision_kinds
 from dna.targets import RelativeL1Score, TeacherTargets, teacher_shapes
@@ -40,6 +40,8 @@ class Projections:
 
     loss = staticmethod(F.l1_loss)
     prepared: list[str] = []
+    uses_teacher = False
+    progressive = False
 
     def __init__(self, shapes, in_chans, data, seed):
         self._shapes, self.data, self.seed = shapes, data, seed
@@ -77,7 +79,10 @@ class Projections:
         levels = self._levels(self.data.images(split, positions=self.data.stratified(split, count, seed)))
         return levels[block], levels[block + 1]
 
-    def scorer(self):
+    def criterion(self, block, cells):
+        return PairLoss(self.loss)
+
+    def scorer(self, block):
         return MeanSquaredScore()
 
     def for_rating(self):
@@ -99,7 +104,7 @@ def _raw(tmp_path, **section):
 
 def test_an_unknown_kind_is_rejected_naming_the_allowed_ones(tmp_path, projections):
     with pytest.raises(ConfigError, match=r"supervision.kind='ema' is not a block supervision; "
-                                          r"allowed: projections, teacher"):
+                                          r"allowed: projections, ssl, teacher"):
         parse_params(_raw(tmp_path, kind="ema"))
     assert parse_params(tiny_raw(tmp_path)).supervision.kind == "teacher", "the default"
 
@@ -113,7 +118,7 @@ def test_options_are_checked_against_the_kinds_own_model(tmp_path, projections):
 
 
 def test_a_kind_is_registered_once():
-    assert supervision_kinds() == ["teacher"]
+    assert supervision_kinds() == ["ssl", "teacher"]
     with pytest.raises(ValueError, match="'teacher' is already registered"):
         register_supervision("teacher")(Projections)
 
@@ -124,7 +129,7 @@ def test_the_teacher_kind_is_teacher_features_under_mse(prepared_run):
     assert s.loss is F.mse_loss
     a, b = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
     assert torch.equal(s.loss(a, b), ((a - b) ** 2).mean())
-    assert isinstance(s.scorer(), RelativeL1Score)
+    assert isinstance(s.scorer(0), RelativeL1Score)
 
 
 def test_the_teacher_score_is_mean_absolute_error_over_the_targets_std():

@@ -268,3 +268,35 @@ def test_with_nproc_2_each_block_trains_in_two_processes_and_is_rated_here(disti
     with working_directory(root):  # the number of processes is not part of a block's fingerprint
         again = run_distill("params.yaml")
     assert [(b["trained_epochs"], b["resumed_from"]) for b in again["blocks"]] == [(0, 2), (0, 2)]
+
+
+def test_a_progressive_supervision_distills_its_blocks_one_after_the_other(prefect_api, tiny_project, tmp_path):
+    """supervision ssl: block 1's input is block 0's best-rated candidate, so the flow runs block 1's task once
+    block 0's has finished (with threads to spare for both), and both blocks match the library's own run."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from dna.config import parse_params
+    from dna.pipeline import Run, stage_distill, stage_rate
+    from flows.distill import run_distill
+
+    root = clone_project(tiny_project, tmp_path / "flow", outputs=("data",))
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["supervision"] = {"kind": "ssl"}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    with working_directory(root):
+        result = run_distill("params.yaml")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    first, second = (client.get_run(b["mlflow_run_id"]).info for b in result["blocks"])
+    assert second.start_time >= first.end_time, "block 1 waited for block 0"
+    assert not (root / "outputs" / "teacher").exists()
+
+    library = clone_project(tiny_project, tmp_path / "library", outputs=("data",))
+    run = Run(parse_params(raw | {"outputs": str(library / "outputs")}))
+    for block in (0, 1):
+        stage_distill(run, block)
+        stage_rate(run, block)
+    for block in (0, 1):
+        mine = pd.read_csv(root / "outputs" / "ratings" / f"block_{block}.csv")
+        theirs = pd.read_csv(library / "outputs" / "ratings" / f"block_{block}.csv")
+        pd.testing.assert_series_equal(mine["score"], theirs["score"], rtol=1e-5)

@@ -1,0 +1,189 @@
+"""DNA++ (supervision kind "ssl"): the EMA update, the ensemble target, the crops, progressive blocks (block 1's input
+is block 0's best-rated candidate), the rating as the same loss on the rating split, exact resume with the EMA
+state, and a whole run that builds, trains and downloads no teacher."""
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from typer.testing import CliRunner
+
+from dna.checkpoint import load_checkpoint
+from dna.config import ConfigError, parse_params
+from dna.distill import build_block, distill_block, load_block
+from dna.pipeline import Run, stage_data, stage_distill, stage_rate
+from dna.rate import rate_candidate_naive
+from dna.ssl import BootstrapCriterion, SelfSupervised, SslOptions, crops
+from tests.conftest import tiny_raw
+
+
+def ssl_raw(outputs, **options) -> dict:
+    raw = tiny_raw(outputs)
+    raw["supervision"] = {"kind": "ssl", **options}
+    raw["teacher"] = {"source": "train", "model": "tinynet_e"}  # not read: its boundaries need not match the space
+    return raw
+
+
+@pytest.fixture(scope="module")
+def ssl_run(tmp_path_factory):
+    """The tiny run with supervision ssl: data, then block 1 distilled (which trains nothing of block 0 but rates
+    it, as block 1's input needs)."""
+    run = Run(parse_params(ssl_raw(tmp_path_factory.mktemp("ssl") / "outputs", ensemble=2)))
+    stage_data(run)
+    stage_distill(run, 0)
+    return run
+
+
+def test_the_ema_copy_moves_towards_the_cells_by_one_minus_the_momentum(ssl_run):
+    torch.manual_seed(0)
+    cells = build_block(ssl_run.space, 1, ssl_run.supervision.shapes(), 1)
+    criterion = BootstrapCriterion(cells, 32, SslOptions(momentum=0.9))
+    before = [p.clone() for p in criterion.target.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, cells.parameters())), "a copy at first"
+    with torch.no_grad():
+        for p in cells.parameters():
+            p.add_(1.0)
+        for b in cells.buffers():
+            b.add_(2)
+    criterion.after_step(1)
+    for ema, old, new in zip(criterion.target.parameters(), before, cells.parameters()):
+        assert torch.allclose(ema, 0.9 * old + 0.1 * new)
+        assert not ema.requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(criterion.target.buffers(), cells.buffers()))
+    assert {n.split(".")[0] for n, _ in criterion.named_parameters()} == {"target", "predictor"}
+
+
+def test_the_ensemble_target_is_the_normalised_mean_of_sampled_paths_of_every_cell(ssl_run):
+    torch.manual_seed(0)
+    cells = build_block(ssl_run.space, 1, ssl_run.supervision.shapes(), 16)
+    criterion = BootstrapCriterion(cells, 32, SslOptions(ensemble=3))
+    view = torch.randn(5, 16, 8, 8)
+    target = criterion.ensemble_target(view, torch.Generator().manual_seed(4))
+    draws, vectors = torch.Generator().manual_seed(4), []
+    for cell in criterion.target.values():
+        depth = len(cell.layers) - cell.num_fixed
+        for _ in range(3):
+            path = tuple(torch.randint(len(cell.layers[-1]), (depth,), generator=draws).tolist())
+            vectors.append(F.normalize(cell(view, path).mean(dim=(2, 3)), dim=1))
+    assert len(vectors) == 3 * len(cells)
+    assert torch.allclose(target, F.normalize(torch.stack(vectors).mean(0), dim=1), atol=1e-6)
+    assert torch.allclose(target.norm(dim=1), torch.ones(5))
+    losses = criterion.losses([cells[name](view, (0,) * (len(cells[name].layers))) for name in cells], view)
+    assert len(losses) == len(cells) and all(0 <= loss.item() <= 4 for loss in losses)
+
+
+def test_crops_are_seeded_per_image_and_keep_the_size():
+    x = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    a, b = crops(x, 0.5, torch.Generator().manual_seed(1)), crops(x, 0.5, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, crops(x, 0.5, torch.Generator().manual_seed(2)))
+    assert a.min() >= x.min() and a.max() <= x.max()
+    constant = torch.full((3, 2, 8, 8), 0.25)
+    assert torch.allclose(crops(constant, 0.3), constant)
+
+
+def test_block_one_takes_block_zero_best_rated_candidate_as_its_input(ssl_run):
+    import pandas as pd
+
+    sup = SelfSupervised.from_run(ssl_run)
+    assert not ssl_run.paths.rating(0).is_file()
+    (front,) = sup.front(1)
+    table = pd.read_csv(ssl_run.paths.rating(0), dtype={"path": str})  # rated on the way: block 1 needs it
+    best = table.loc[table["score"].idxmin()]
+    supernet = load_block(ssl_run.space, 0, sup.shapes(), 1, ssl_run.paths.supernet(0))
+    cell = supernet[best["cell"]]
+    ops = tuple(int(o) for o in best["path"].split("-"))
+    assert [id(type(m)) for m in front] == [id(type(cell.layers[i][o])) for i, o in
+                                            enumerate(cell.full_path(ops))] + [id(type(cell.adapter))]
+    x1, x2 = next(sup.pairs(1, "train", 8))
+    assert x1.shape == x2.shape == (8, *sup.shapes()[0]) and not torch.equal(x1, x2), "two views"
+
+
+def test_the_rating_is_the_same_loss_on_the_rating_split_candidate_by_candidate(ssl_run):
+    stage_distill(ssl_run, 1)
+    table = stage_rate(ssl_run, 1)
+    rating = ssl_run.supervision.for_rating()
+    supernet = load_block(ssl_run.space, 1, rating.shapes(), 1, ssl_run.paths.supernet(1))
+    calib, _ = rating.sample(1, "train", ssl_run.params.rating.calibration_size, ssl_run.params.seed)
+    for row in table.drop_duplicates(["cell", "path"]).head(3).itertuples():
+        ops = tuple(int(o) for o in str(row.path).split("-"))
+        batches = rating.pairs(1, "rate", ssl_run.params.rating.batch_size)
+        expected = rate_candidate_naive(supernet[row.cell], ops, calib, batches, scorer=rating.scorer(1))
+        assert row.score == pytest.approx(expected, abs=1e-5)
+    assert table["score"].nunique() > len(table) // 3, "candidates are told apart"
+    saved = load_checkpoint(ssl_run.paths.supernet(1))
+    assert set(saved["states"]["criterion"]) >= {"predictor.0.weight"}
+    assert not any(key.startswith("target") for key in saved["model"]), "the cells alone are the block's model"
+
+
+def test_an_interrupted_ssl_block_resumes_to_the_same_weights_and_ema(ssl_run, tmp_path):
+    class Crash(RuntimeError):
+        pass
+
+    def distill(path, on_epoch=None):
+        return distill_block(ssl_run.space, ssl_run.supervision, 0, ssl_run.params.distill, path, in_chans=1, seed=0,
+                             fingerprint="test", device=torch.device("cpu"), on_epoch=on_epoch)
+
+    def crash(row):
+        raise Crash
+
+    distill(tmp_path / "whole.pt")
+    with pytest.raises(Crash):
+        distill(tmp_path / "cut.pt", on_epoch=crash)
+    assert distill(tmp_path / "cut.pt").resumed_from == 1
+    whole, cut = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(tmp_path / "cut.pt")
+    for part in (whole["model"], whole["states"]["criterion"]):
+        other = cut["model"] if part is whole["model"] else cut["states"]["criterion"]
+        assert part.keys() == other.keys() and all(torch.equal(part[k], other[k]) for k in part)
+
+
+def test_options_and_what_needs_a_teacher_are_checked_before_any_work(tmp_path):
+    from dna.pipeline import validate
+    from dna.rounds import all_rounds
+
+    with pytest.raises(ConfigError, match=r"supervision.momentum: Input should be less than 1"):
+        parse_params(ssl_raw(tmp_path, momentum=1.0))
+    with pytest.raises(ConfigError, match=r"supervision.ensemble"):
+        parse_params(ssl_raw(tmp_path, ensemble=0))
+    raw = ssl_raw(tmp_path)
+    raw["retrain"] = {"kd_alpha": 0.5}
+    with pytest.raises(ConfigError, match=r"retrain.kd_alpha=0.5 distils from the teacher, but supervision.kind='ssl'"):
+        validate(parse_params(raw), check_profile=False, data=False)
+    with pytest.raises(ConfigError, match=r"rounds.count=2: .* supervision.kind='ssl' uses no teacher"):
+        all_rounds(parse_params(ssl_raw(tmp_path) | {"rounds": {"count": 2}}))
+    teacher = tiny_raw(tmp_path)
+    teacher["teacher"]["boundaries"] = [2]
+    with pytest.raises(ConfigError, match="teacher.boundaries has 1 entries but space.blocks has 2"):
+        parse_params(teacher)
+
+
+@pytest.mark.slow  # the whole tiny pipeline: about a minute
+def test_dna_run_with_ssl_builds_no_teacher_and_ends_with_a_parity_checked_onnx_model(tmp_path):
+    from dna.cli import app
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(ssl_raw(tmp_path / "outputs")))
+    result = CliRunner().invoke(app, ["run", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    teacher = tmp_path / "outputs" / "teacher"
+    assert sorted(p.name for p in teacher.iterdir()) == ["metrics.json"], "no teacher built, trained or downloaded"
+    assert "no teacher (supervision ssl); exported network in ONNX Runtime" in result.output
+    import json
+
+    export = json.loads((tmp_path / "outputs" / "export" / "metrics.json").read_text())
+    assert export["max_abs_diff"] <= export["atol"] and export["onnx_test_accuracy"] > 0.5
+
+
+def test_the_dna_plusplus_preset_is_params_yaml_without_a_teacher(tmp_path):
+    from dna.config import load_params
+    from flows.entry import check_dvc_params
+    from tests.conftest import ROOT
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    plus = yaml.safe_load((ROOT / "configs" / "dna_plusplus.yaml").read_text())
+    assert plus.pop("supervision")["kind"] == "ssl" and base.pop("supervision") == {"kind": "teacher"}
+    assert "teacher" not in plus and base.pop("teacher")
+    assert plus.pop("outputs") != base.pop("outputs")
+    assert plus == base  # the same data, space and recipes
+    params = load_params(ROOT / "configs" / "dna_plusplus.yaml")
+    assert not params.uses_teacher() and params.supervision.options().ensemble == 2
+    with pytest.raises(ConfigError, match=r"supervision.kind='ssl' has no teacher, but dvc.yaml's teacher stage"):
+        check_dvc_params(ROOT / "configs" / "dna_plusplus.yaml")
