@@ -157,7 +157,7 @@ def _report(run, times: dict, heading: str = "") -> None:
     out.print(f"[bold]dna run{': ' + heading if heading else ''}: where everything went[/]")
     metrics = {}
     for stage in default_stages():
-        files = "  ".join(str(run.paths.root / f) for f in stage.files())
+        files = "  ".join(str(run.paths.root / f) for f in stage.files() if (run.paths.root / f).exists())
         out.print(f"  {stage.name:<8} {times.get(stage.name, 0):6.1f} s  {files}",
                   markup=False, highlight=False)
         if stage.metrics:

@@ -154,3 +154,23 @@ def test_retraining_recipe_is_efficientnets(preset):
     train, evaluation = (_transform(preset.data, training, t.rand_augment).transforms for training in (True, False))
     assert any(isinstance(s, RandAugment) for s in train) and not any(isinstance(s, RandAugment) for s in evaluation)
     assert preset.distill.lr * preset.distill.batch_size / preset.distill.lr_batch == pytest.approx(0.002)
+
+
+def test_the_dna_plus_and_dna_plusplus_paper_presets_are_the_dna_preset_but_for_rounds_and_supervision(preset):
+    from dna.rounds import round_params
+
+    base = yaml.safe_load(PRESET.read_text())
+    plus = yaml.safe_load((ROOT / "configs" / "imagenet_dna_plus.yaml").read_text())
+    plusplus = yaml.safe_load((ROOT / "configs" / "imagenet_dna_plusplus.yaml").read_text())
+    assert plus.pop("rounds") == {"count": 2} and plus.pop("outputs") != base["outputs"]
+    assert plus == {k: v for k, v in base.items() if k != "outputs"}
+    assert plusplus.pop("supervision")["kind"] == "ssl" and "teacher" not in plusplus
+    assert plusplus.pop("outputs") != base["outputs"]
+    assert plusplus == {k: v for k, v in base.items() if k not in ("outputs", "teacher", "supervision")}
+    for name, rounds in (("imagenet_dna_plus", 2), ("imagenet_dna_plusplus", 1)):
+        params = load_params(ROOT / "configs" / f"{name}.yaml", check_paths=False)
+        assert params.rounds.count == rounds and params.uses_teacher() == (rounds == 2)
+        last = round_params(params, rounds, check_paths=False)
+        assert last.teacher.source == ("arch" if rounds == 2 else "train")
+        space = build_space(params.space, 3, 224, 1000)
+        assert space.size() == build_space(preset.space, 3, 224, 1000).size()

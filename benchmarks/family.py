@@ -1,0 +1,66 @@
+"""The DNA family on the embedded default, measured in one run on the same data, space and budget.
+
+    python -m benchmarks.family                     # DNA and DNA+ (configs/dna_plus.yaml), then DNA++
+    python -m benchmarks.family --outputs /tmp/fam  # where the runs write (default: a temporary folder)
+
+DNA is round 1 of configs/dna_plus.yaml (which is params.yaml but for the rounds), DNA+ its round 2 (the network
+round 1 found and retrained as the teacher), DNA++ configs/dna_plusplus.yaml (no teacher: supervision ssl). Each
+row: the searched network's test accuracy (PyTorch and ONNX Runtime), parameters, multiply-adds, and the search
+time, the wall time of the stages before retraining (teacher, distill, rate, profile, search) as the run took them.
+Nothing is reused from earlier runs: every run starts from an empty folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchmarks._common import load_average
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH_STAGES = ("teacher", "distill", "rate", "profile", "search")
+
+
+def row(name: str, run, times: dict) -> dict:
+    retrain = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
+    export = json.loads((run.paths.export_dir / "metrics.json").read_text())
+    teacher = json.loads((run.paths.teacher_dir / "metrics.json").read_text())
+    return {"method": name, "teacher": teacher.get("model"), "teacher_accuracy": teacher.get("test_accuracy"),
+            "accuracy": retrain["test_accuracy"], "onnx_accuracy": export["onnx_test_accuracy"],
+            "params": retrain["params"], "macs": retrain["macs"],
+            "search_s": sum(times[s] for s in SEARCH_STAGES), "total_s": sum(times.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dna.config import load_params
+    from dna.logs import setup_logging
+    from dna.rounds import run_round
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--outputs", type=Path, default=None, help="where the runs write (default: a temporary one)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    outputs = args.outputs or Path(tempfile.mkdtemp(prefix="dna-family-"))
+    print(f"load average at the start: {load_average()}")
+    plus = load_params(ROOT / "configs" / "dna_plus.yaml", {"outputs": str(outputs / "dna-plus")})
+    plusplus = load_params(ROOT / "configs" / "dna_plusplus.yaml", {"outputs": str(outputs / "dna-plusplus")})
+    rows = []
+    for name, params, round_ in (("DNA", plus, 1), ("DNA+ (round 2)", plus, 2), ("DNA++", plusplus, 1)):
+        run, times = run_round(params, round_)
+        rows.append(row(name, run, times))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"load average at the end: {load_average()}")
+    print("| method | teacher | teacher accuracy | searched network accuracy | ONNX accuracy | parameters | "
+          "multiply-adds | search time | whole run |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        teacher = "none" if r["teacher"] is None else r["teacher"]
+        accuracy = "-" if r["teacher_accuracy"] is None else f"{r['teacher_accuracy']:.4f}"
+        print(f"| {r['method']} | {teacher} | {accuracy} | {r['accuracy']:.4f} | {r['onnx_accuracy']:.4f} | "
+              f"{r['params']:,} | {r['macs']:,} | {r['search_s']:.0f} s | {r['total_s']:.0f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
