@@ -1,0 +1,79 @@
+"""What every registered block supervision must do, checked on each (teacher, ssl): its batches fit the block's cells,
+its criterion gives one finite loss per cell that trains them, its rating pairs and score rate a candidate to a
+finite number that the same inputs reproduce, and it says whether it reads a teacher and whether blocks depend on
+each other."""
+import pytest
+import torch
+
+from dna.config import parse_params
+from dna.distill import build_block
+from dna.pipeline import Run, stage_data, stage_distill, stage_teacher
+from dna.rate import rate_candidate_naive
+from dna.supervision import supervision_class, supervision_kinds
+from tests.conftest import tiny_raw
+
+EXAMPLES = {"teacher": {"kind": "teacher"}, "ssl": {"kind": "ssl", "ensemble": 1}}
+BLOCK = 1  # block 1: its input is made by block 0 (the teacher's features, or block 0's best candidate)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module", params=supervision_kinds())
+def run(request, tmp_path_factory):
+    """The tiny run with the kind's example options, its teacher made when it reads one and block 0 distilled."""
+    if request.param not in EXAMPLES:
+        pytest.fail(f"supervision kind {request.param!r} has no example configuration in EXAMPLES")
+    raw = tiny_raw(tmp_path_factory.mktemp(request.param) / "outputs")
+    raw["supervision"] = EXAMPLES[request.param]
+    raw["distill"]["epochs"] = 1
+    run = Run(parse_params(raw))
+    stage_data(run)
+    stage_teacher(run)
+    run.supervision.prepare()
+    stage_distill(run, 0)
+    return run
+
+
+def test_it_says_what_it_needs(run):
+    kind = supervision_class(run.params.supervision.kind)
+    assert isinstance(kind.uses_teacher, bool) and isinstance(kind.progressive, bool)
+    assert run.paths.teacher.is_file() == kind.uses_teacher, "a teacher exactly when the kind reads one"
+    assert run.params.uses_teacher() == kind.uses_teacher
+
+
+def test_training_batches_fit_the_cells_and_the_criterion_trains_them(run):
+    sup, shapes = run.supervision, run.supervision.shapes()
+    assert len(shapes) == run.space.num_blocks and all(len(s) == 3 for s in shapes)
+    torch.manual_seed(0)
+    cells = build_block(run.space, BLOCK, shapes, run.data.in_chans)
+    criterion = sup.criterion(BLOCK, cells)
+    x, second = next(sup.pairs(BLOCK, "train", 16, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (16, *shapes[BLOCK - 1]), "block 1 takes block 0's output"
+    paths = {c.name: (0,) * c.depth for c in run.space.cells(BLOCK)}
+    outputs = cells(x, paths)
+    assert [o.shape[1:] for o in outputs] == [torch.Size(shapes[BLOCK])] * len(paths)
+    losses = criterion.losses(outputs, second)
+    assert len(losses) == len(paths) and all(loss.dim() == 0 and torch.isfinite(loss) for loss in losses)
+    torch.stack(losses).sum().backward()
+    assert all(cells[name].adapter[0].weight.grad is not None for name in paths), "every cell gets a gradient"
+    criterion.after_step(1)
+
+
+def test_rating_pairs_and_score_rate_a_candidate_reproducibly(run):
+    stage_distill(run, BLOCK)
+    rating = run.supervision.for_rating()
+    from dna.distill import load_block
+
+    supernet = load_block(run.space, BLOCK, rating.shapes(), run.data.in_chans, run.paths.supernet(BLOCK))
+    calib, _ = rating.sample(BLOCK, "train", 32, run.params.seed)
+    again, _ = rating.sample(BLOCK, "train", 32, run.params.seed)
+    assert torch.equal(calib, again), "the calibration batch is fixed"
+    cell = run.space.cells(BLOCK)[0]
+    ops = (0,) * cell.depth
+
+    def score() -> float:
+        return rate_candidate_naive(supernet[cell.name], ops, calib, rating.pairs(BLOCK, "rate", 64),
+                                    scorer=rating.scorer(BLOCK))
+
+    first = score()
+    assert first == first and first >= 0 and score() == pytest.approx(first, abs=1e-6)
