@@ -3,7 +3,7 @@
 A supervision prepares its targets once (`prepare`: the features stage), yields batches of pairs for training (block
 input, and a target or a second view) and rating (block input, target), defines the training criterion and the
 rating score. params.yaml picks one by `supervision.kind`; the stages see only the `BlockSupervision` protocol.
-Kinds: "teacher" (DNA, dna/targets.py) and "ssl" (DNA++, teacher-free ensemble bootstrapping, dna/ssl.py).
+Kinds: "teacher" (DNA, dna/targets.py) and "ssl" (DNA++, teacher-free ensemble bootstrapping, dna/self_supervision.py).
 
 Adding a kind takes one module (a class implementing the protocol, with `from_run(run)`) and one entry in
 `_builtin()`; a kind registered with `@register_supervision(kind)` is used the same way.
@@ -79,7 +79,7 @@ _registered: dict[str, type] = {}
 
 def _builtin() -> dict[str, type]:
     """The kinds that come with dna, one entry each (imported when first asked for: they import torch)."""
-    from dna.ssl import SelfSupervised
+    from dna.self_supervision import SelfSupervised
     from dna.targets import TeacherTargets
 
     return {"teacher": TeacherTargets, "ssl": SelfSupervised}

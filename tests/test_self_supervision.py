@@ -12,7 +12,7 @@ from dna.config import ConfigError, parse_params
 from dna.distill import build_block, distill_block, load_block
 from dna.pipeline import Run, stage_data, stage_distill, stage_rate
 from dna.rate import rate_candidate_naive
-from dna.ssl import BootstrapCriterion, SelfSupervised, SslOptions, crops
+from dna.self_supervision import BootstrapCriterion, SelfSupervised, SslOptions, crops
 from tests.conftest import tiny_raw
 
 
