@@ -236,6 +236,9 @@ def stage_data(run: Run) -> dict:
     return summary
 
 
+HISTORY_COLUMNS = ["epoch", "loss", "train_accuracy", "rate_accuracy", "lr"]  # of a classifier's training
+
+
 def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
@@ -253,8 +256,8 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history),
                "model": teacher_name(run.params.teacher)}
     if is_main():
-        if result.history:
-            write_csv(out / "history.csv", pd.DataFrame(result.history))
+        history = pd.DataFrame(result.history, columns=None if result.history else HISTORY_COLUMNS)
+        write_csv(out / "history.csv", history)  # a teacher taken as it is: the header alone
         write_json(out / "metrics.json", metrics)
     return metrics
 

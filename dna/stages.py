@@ -53,7 +53,8 @@ STAGES: tuple[Stage, ...] = (
           ("seed", "data"), ("data/splits.json",)),
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.", "dna.pipeline:stage_teacher",
           ("seed", "data", "teacher"),
-          ("teacher/teacher.pt", "teacher/train_state.pt", "teacher/history.csv"),
+          ("teacher/teacher.pt", "teacher/history.csv"),  # train_state.pt too when trained here (resumes; not an
+          # output DVC tracks, since a teacher taken as it is has none, and never deleted by DVC)
           metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.pipeline:stage_distill",

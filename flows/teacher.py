@@ -10,7 +10,6 @@ from flows.tracking import EpochLog
 
 @flow(name="dna-teacher")
 def teacher_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.checkpoint import atomic_write_text
     from dna.pipeline import stage_teacher
 
     with step_run("teacher", params_file, overrides) as step:
@@ -19,10 +18,7 @@ def teacher_flow(params_file: str = "params.yaml", overrides: dict | None = None
         epochs_log = EpochLog(mlrun, progress, lambda row: f"epoch {row['epoch']}, loss {row['loss']:.4f}")
         metrics = step.train("teacher", stage_teacher, "train-teacher", run.paths.teacher_dir / "metrics.json",
                              epochs_log)
-        history = run.paths.teacher_dir / "history.csv"
-        if not history.is_file():  # a teacher used as it is (no training epochs): an empty history for DVC
-            atomic_write_text(history, "epoch,loss,train_accuracy,rate_accuracy,lr\n")
-        epochs_log.backfill(history)
+        epochs_log.backfill(run.paths.teacher_dir / "history.csv")
         mlrun.metrics(metrics)
         for name in ("history.csv", "metrics.json"):
             mlrun.artifact(run.paths.teacher_dir / name)

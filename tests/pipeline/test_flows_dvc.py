@@ -138,7 +138,7 @@ def test_the_entry_point_on_an_unchanged_project_starts_nothing_and_reports_the_
 def test_a_dvc_remote_restores_data_and_checkpoints_byte_for_byte(prefect_api, tmp_path, monkeypatch):
     """The data and teacher stages in a fresh git + DVC repository, `dvc remote add -d` a local folder, `dvc push`;
     then the cache and the cached outputs are wiped and `dvc pull` brings them back identical, the teacher's
-    training state (a `persist: true` output, what resuming needs) included."""
+    checkpoint included."""
     import hashlib
     import shutil
     from pathlib import Path
@@ -148,20 +148,49 @@ def test_a_dvc_remote_restores_data_and_checkpoints_byte_for_byte(prefect_api, t
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     dvc(repo, "repro", "teacher")
     outputs = repo / "outputs"
-    cached = ["data/splits.json", "teacher/teacher.pt", "teacher/train_state.pt"]
+    cached = ["data/splits.json", "teacher/teacher.pt"]
     before = {p: hashlib.sha256((outputs / p).read_bytes()).hexdigest() for p in cached}
 
     remote = tmp_path / "remote"
     dvc(repo, "remote", "add", "-d", "team", str(remote))
     pushed = dvc(repo, "push")
-    assert "3 files pushed" in pushed, pushed
+    assert "2 files pushed" in pushed, pushed
     for path in cached:
         (outputs / path).unlink()
     shutil.rmtree(repo / ".dvc" / "cache")
     assert "deleted" in dvc(repo, "status", "--with-deps", "teacher")
 
     pulled = dvc(repo, "pull", "--with-deps", "teacher")  # the stages that ran (the others have no outputs yet)
-    assert "3 files fetched" in pulled and "3 files added" in pulled, pulled
+    assert "2 files fetched" in pulled and "2 files added" in pulled, pulled
     assert {p: hashlib.sha256((outputs / p).read_bytes()).hexdigest() for p in cached} == before
     assert "up to date" in dvc(repo, "status", "--with-deps", "teacher")
     assert "in sync" in dvc(repo, "status", "--cloud", "--with-deps", "teacher")
+
+
+def test_a_teacher_taken_as_it_is_reproduces_through_dvc(prefect_api, tiny_project, tmp_path, monkeypatch):
+    """A teacher not trained here (source checkpoint, no epochs: as a pretrained timm teacher or a DNA+ round's)
+    writes no training state; the teacher stage still reproduces, with its weights and a header-only history."""
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+    import torch
+    import yaml
+
+    from dna.checkpoint import load_checkpoint
+
+    repo = git_dvc_project(tmp_path / "repo")
+    shutil.copy(tiny_project / "outputs" / "teacher" / "teacher.pt", repo / "trained.pt")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["teacher"] |= {"source": "checkpoint", "checkpoint": "trained.pt", "train": raw["teacher"]["train"] | {
+        "epochs": 0}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    dvc(repo, "repro", "teacher")
+    teacher = repo / "outputs" / "teacher"
+    assert not (teacher / "train_state.pt").exists()
+    assert pd.read_csv(teacher / "history.csv").empty
+    given, made = load_checkpoint(repo / "trained.pt")["model"], load_checkpoint(teacher / "teacher.pt")["model"]
+    assert all(torch.equal(given[k], made[k]) for k in given)
+    assert json.loads((teacher / "metrics.json").read_text())["epochs"] == 0
