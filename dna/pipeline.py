@@ -247,8 +247,11 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
     if not run.params.uses_teacher():  # DNA++: no teacher is built, trained or downloaded
-        metrics = {"test_accuracy": None, "epochs": 0, "model": None, "supervision": run.params.supervision.kind}
-        if is_main():
+        kind = run.params.supervision.kind
+        metrics = {"test_accuracy": None, "epochs": 0, "model": None, "supervision": kind}
+        if is_main():  # teacher.pt records that there is none (what the distill stage depends on in DVC)
+            save_checkpoint(out / "teacher.pt", {"teacher": None, "supervision": kind})
+            write_csv(out / "history.csv", pd.DataFrame(columns=HISTORY_COLUMNS))
             write_json(out / "metrics.json", metrics)
         return metrics
     _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,

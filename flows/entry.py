@@ -90,14 +90,6 @@ def missing_dvc_params(raw: dict) -> list[str]:
 def check_dvc_params(params_file: str | Path = "params.yaml") -> None:
     """Raise ConfigError naming every key dvc.yaml needs that the params file does not spell out."""
     raw = yaml.safe_load(Path(params_file).read_text()) or {}
-    kind = (raw.get("supervision") or {}).get("kind", "teacher")
-    if kind != "teacher":  # the default kind needs no import (a registered kind imports torch)
-        from dna.supervision import supervision_class
-
-        if not supervision_class(kind).uses_teacher:
-            raise ConfigError(f"{params_file}: supervision.kind={kind!r} has no teacher, but dvc.yaml's teacher stage "
-                              "declares the teacher's files as its outputs; run this config with `dna run` (or the "
-                              "stage flows, python -m flows.<stage>)")
     missing = missing_dvc_params(raw)
     if missing:
         raise ConfigError(f"{params_file}: dvc.yaml tracks {', '.join(missing)} but the file does not set "

@@ -164,7 +164,14 @@ def test_dna_run_with_ssl_builds_no_teacher_and_ends_with_a_parity_checked_onnx_
     result = CliRunner().invoke(app, ["run", "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 0, result.output
     teacher = tmp_path / "outputs" / "teacher"
-    assert sorted(p.name for p in teacher.iterdir()) == ["metrics.json"], "no teacher built, trained or downloaded"
+    assert sorted(p.name for p in teacher.iterdir()) == ["history.csv", "metrics.json", "teacher.pt"]
+    assert load_checkpoint(teacher / "teacher.pt") == {"teacher": None, "supervision": "ssl"}, "a record of none"
+    from dna.pipeline import Run
+    from dna.teacher import load_teacher
+
+    params = parse_params(ssl_raw(tmp_path / "outputs"))
+    with pytest.raises(ConfigError, match=r"teacher.pt records no teacher \(supervision 'ssl' needs none\)"):
+        load_teacher(params, Run(params).paths.teacher, torch.device("cpu"))
     assert "no teacher (supervision ssl); exported network in ONNX Runtime" in result.output
     import json
 
@@ -172,7 +179,7 @@ def test_dna_run_with_ssl_builds_no_teacher_and_ends_with_a_parity_checked_onnx_
     assert export["max_abs_diff"] <= export["atol"] and export["onnx_test_accuracy"] > 0.5
 
 
-def test_the_dna_plusplus_preset_is_params_yaml_without_a_teacher(tmp_path):
+def test_the_dna_plusplus_preset_is_params_yaml_with_supervision_ssl(tmp_path):
     from dna.config import load_params
     from flows.entry import check_dvc_params
     from tests.conftest import ROOT
@@ -180,10 +187,9 @@ def test_the_dna_plusplus_preset_is_params_yaml_without_a_teacher(tmp_path):
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     plus = yaml.safe_load((ROOT / "configs" / "dna_plusplus.yaml").read_text())
     assert plus.pop("supervision")["kind"] == "ssl" and base.pop("supervision") == {"kind": "teacher"}
-    assert "teacher" not in plus and base.pop("teacher")
+    assert plus["teacher"] == base["teacher"], "written out for DVC, not read"
     assert plus.pop("outputs") != base.pop("outputs")
     assert plus == base  # the same data, space and recipes
+    check_dvc_params(ROOT / "configs" / "dna_plusplus.yaml")  # every key dvc.yaml tracks is there
     params = load_params(ROOT / "configs" / "dna_plusplus.yaml")
     assert not params.uses_teacher() and params.supervision.options().ensemble == 2
-    with pytest.raises(ConfigError, match=r"supervision.kind='ssl' has no teacher, but dvc.yaml's teacher stage"):
-        check_dvc_params(ROOT / "configs" / "dna_plusplus.yaml")

@@ -37,7 +37,10 @@ def run(request, tmp_path_factory):
 def test_it_says_what_it_needs(run):
     kind = supervision_class(run.params.supervision.kind)
     assert isinstance(kind.uses_teacher, bool) and isinstance(kind.progressive, bool)
-    assert run.paths.teacher.is_file() == kind.uses_teacher, "a teacher exactly when the kind reads one"
+    from dna.checkpoint import load_checkpoint
+
+    recorded = load_checkpoint(run.paths.teacher)
+    assert ("model" in recorded) == kind.uses_teacher, "a teacher's weights exactly when the kind reads one"
     assert run.params.uses_teacher() == kind.uses_teacher
 
 

@@ -194,3 +194,27 @@ def test_a_teacher_taken_as_it_is_reproduces_through_dvc(prefect_api, tiny_proje
     given, made = load_checkpoint(repo / "trained.pt")["model"], load_checkpoint(teacher / "teacher.pt")["model"]
     assert all(torch.equal(given[k], made[k]) for k in given)
     assert json.loads((teacher / "metrics.json").read_text())["epochs"] == 0
+
+
+def test_a_teacher_free_supervision_reproduces_through_dvc(prefect_api, tmp_path, monkeypatch):
+    """supervision ssl (DNA++) through `dvc repro`: the teacher stage records that there is no teacher (the file
+    the distill stage depends on), every stage runs, and the exported network passes its parity check."""
+    from pathlib import Path
+
+    import yaml
+
+    from dna.checkpoint import load_checkpoint
+
+    repo = git_dvc_project(tmp_path / "repo")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["supervision"] = {"kind": "ssl", "ensemble": 1}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    out = dvc(repo, "repro")
+    assert all(f"Running stage '{stage}'" in out for stage in STAGES), out[-2000:]
+    outputs = repo / "outputs"
+    assert load_checkpoint(outputs / "teacher" / "teacher.pt") == {"teacher": None, "supervision": "ssl"}
+    export = json.loads((outputs / "export" / "metrics.json").read_text())
+    assert export["max_abs_diff"] <= export["atol"]
+    assert "Data and pipelines are up to date" in dvc(repo, "repro")
