@@ -170,6 +170,6 @@ def test_the_dna_plus_and_dna_plusplus_paper_presets_are_the_dna_preset_but_for_
         params = load_params(ROOT / "configs" / f"{name}.yaml", check_paths=False)
         assert params.rounds.count == rounds and params.uses_teacher() == (rounds == 2)
         last = round_params(params, rounds, check_paths=False)
-        assert last.teacher.source == ("arch" if rounds == 2 else "train")
+        assert last.teacher.source == ("arch" if rounds == 2 else "timm")  # round 2: round 1's network
         space = build_space(params.space, 3, 224, 1000)
         assert space.size() == build_space(preset.space, 3, 224, 1000).size()
