@@ -143,13 +143,23 @@ class Arch:
         return get_family(self.family).build(self, num_classes, in_chans, drop_rate, drop_path_rate)
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *_, out_shape=None, **__) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_cost(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, torch.Size]:
-    """(parameters, multiply-adds, output shape) of a module on one input, with torch's FLOP counter."""
+    """(parameters, multiply-adds, output shape) of a module on one input, with torch's FLOP counter.
+
+    The counter knows the GPU kernels of scaled-dot-product attention but not the CPU one; it is told, so attention
+    costs its two matrix products on either."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = module.training
     module.eval()
-    counter = FlopCounterMode(display=False)
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: _cpu_attention_flops})
     with counter, torch.no_grad():
         out = module(torch.zeros(input_shape))
     module.train(was_training)

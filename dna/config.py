@@ -306,13 +306,15 @@ class BlockConfig(Strict):
 
 class SpaceConfig(Strict):
     """The search space: `kind` picks one registered in dna.spaces, which reads the other keys its own way and
-    checks them (the MBConv space: stem and head widths, a fixed first stage, the ops of a layer, the blocks)."""
+    checks them (the MBConv space and its transformer and hybrid kinds: stem and head widths, a fixed first stage, the
+    ops of a layer, the join before a transformer layer, the blocks)."""
 
     kind: str = "mbconv"
     stem: Annotated[int, Field(ge=8, multiple_of=8)] = 32
     first_stage: list[str] = ["ds_r1_k3_s1_c16_se0.25"]
     head: Annotated[int, Field(ge=8)] = 256
     ops: list[str] = DEFAULT_OPS
+    join: str = "cn_k3"  # the layer before a transformer op that changes stride or width (dna.spaces.layer_ops)
     blocks: list[BlockConfig]
 
     @field_validator("kind")

@@ -89,7 +89,7 @@ def test_check_op_accepts_ops(op):
 @pytest.mark.parametrize("op, problem", [
     ("ir_k4x_e3", "not a valid op"), ("zz_k3_e3", "not a valid op"), ("ir_e6", "not a valid op"),
     ("ir_r2_k3_e3", "sets r/s/c"), ("ir_k3_s2_e3", "sets r/s/c"), ("ir_k3_e3_c24", "sets r/s/c"),
-    ("mqa_k3_h4_d16_v2", "decodes but timm cannot build it"),
+    ("mqa_k3_h4_d16_v2", "not a valid transformer op"), ("ir_k3_e3_gs5", "decodes but timm cannot build it"),
 ])
 def test_check_op_rejects(op, problem):
     with pytest.raises(ValueError, match=problem) as err:

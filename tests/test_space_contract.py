@@ -20,6 +20,13 @@ EXAMPLES = {
                "ops": ["ir_k3_e3_se0.25", "ir_k5_e6_se0.25", "ds_k3"],
                "blocks": [{"stride": 2, "depths": [1, 2], "widths": [16, 24]},
                           {"stride": 1, "depths": [1, 3], "widths": [24, 32]}]},
+    "vit": {"stem": 16, "first_stage": ["ds_r1_k3_s1_c16"], "head": 32, "ops": ["mha_h2_e2", "mqa_h4_e3_k3"],
+            "blocks": [{"stride": 2, "depths": [1, 2], "widths": [16, 24]},
+                       {"stride": 1, "depths": [1, 2], "widths": [24, 32]}]},
+    "hybrid": {"stem": 16, "first_stage": ["ds_r1_k3_s1_c16"], "head": 32, "join": "ir_k3_e2",
+               "ops": ["ir_k3_e3_se0.25", "mha_h2_e2_k3", "ds_k5"],
+               "blocks": [{"stride": 2, "depths": [1, 2], "widths": [16, 24]},
+                          {"stride": 2, "depths": [1, 2], "widths": [24, 32]}]},
     "tiny": tests.tiny_space.EXAMPLE,
 }
 
@@ -39,8 +46,8 @@ def random_choice(space, rng: random.Random):
     return [(c, rng.choice(list(space.candidates(c)))) for c in cells]
 
 
-def test_both_spaces_are_registered():
-    assert {"mbconv", "tiny"} <= set(space_kinds())
+def test_the_spaces_are_registered():
+    assert {"mbconv", "vit", "hybrid", "tiny"} <= set(space_kinds())
     assert space_class("tiny") is tests.tiny_space.TinySpace
 
 
@@ -133,8 +140,9 @@ def test_built_networks_export_with_parity(space, tmp_path):
 # the registry --------------------------------------------------------------------------------------------------------
 def test_an_unknown_kind_is_a_config_error_naming_the_kinds(tmp_path):
     raw = tiny_raw(tmp_path)
-    raw["space"]["kind"] = "vit"
-    with pytest.raises(ConfigError, match=r"space\.kind='vit' is not a search space; allowed: .*mbconv.*tiny"):
+    raw["space"]["kind"] = "swin"
+    allowed = r"space\.kind='swin' is not a search space; allowed: .*hybrid.*mbconv.*tiny.*vit"
+    with pytest.raises(ConfigError, match=allowed):
         parse_params(raw)
 
 

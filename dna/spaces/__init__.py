@@ -27,7 +27,7 @@ def register_space(kind: str) -> Callable[[type], type]:
 
 
 def _register_built_in() -> None:
-    from dna.spaces import mbconv  # noqa: F401
+    from dna.spaces import hybrid, mbconv, vit  # noqa: F401
 
 
 def space_kinds() -> list[str]:

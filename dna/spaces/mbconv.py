@@ -1,10 +1,10 @@
 """The MBConv space of the DNA paper, built from timm's inverted-residual blocks: the stem and a fixed first stage,
-then per block a cell (depth, width) and one op per layer (a timm block string without repeat, stride and width).
+then per block a cell (depth, width) and one op per layer (a timm block string without repeat, stride and width, or a
+transformer layer: dna.spaces.layer_ops).
 """
 from __future__ import annotations
 
 import itertools
-import re
 from functools import cached_property
 from typing import Iterator
 
@@ -18,36 +18,9 @@ from dna.arch_families import DEFAULT_FAMILY
 from dna.config import SpaceConfig
 from dna.spaces import register_space
 from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, extract_pairs
+from dna.spaces.layer_ops import attention_parts, check_op, is_attention, layer_string, op_layers, op_module
 
-_FIXED = re.compile(r"^[rsc]\d")
-
-
-def layer_string(op: str, stride: int, width: int) -> str:
-    """`ir_k5_e3_se0.25` at stride 2 and width 24 -> `ir_r1_k5_s2_e3_c24_se0.25` (timm's block-string form)."""
-    kind, *rest = op.split("_")
-    kernels = [t for t in rest if t[0] == "k"]
-    expansions = [t for t in rest if t[0] == "e"]
-    others = [t for t in rest if t[0] not in "ke"]
-    return "_".join([kind, "r1", *kernels, f"s{stride}", *expansions, f"c{width}", *others])
-
-
-def check_op(op: str) -> None:
-    hint = ("an op is a timm block string without repeat, stride and width, which the space sets, "
-            "e.g. 'ir_k3_e6_se0.25' (type ir/ds/er/cn/uir, kernel k, expansion e, optional se)")
-    tokens = op.split("_")
-    if any(_FIXED.match(t) for t in tokens[1:]):
-        raise ValueError(f"space.ops: {op!r} sets r/s/c; {hint}")
-    try:
-        _decode_block_str(layer_string(op, 1, 16))
-    except Exception:
-        raise ValueError(f"space.ops: {op!r} is not a valid op; {hint}") from None
-    try:  # timm decodes some strings it cannot build (e.g. mqa_k3_h4_d16_v2)
-        with torch.no_grad():
-            build_layers([layer_string(op, 1, 16)], 16).eval()(torch.zeros(1, 16, 8, 8))
-    except Exception as exc:
-        raise ValueError(f"space.ops: {op!r} decodes but timm cannot build it ({type(exc).__name__}: {exc}); "
-                         f"{hint}") from None
-
+__all__ = ["MBConvSpace", "check_op", "layer_string"]
 
 @register_space("mbconv")
 class MBConvSpace(SpaceBase):
@@ -55,6 +28,17 @@ class MBConvSpace(SpaceBase):
     def check_config(cls, cfg: SpaceConfig) -> None:
         for op in cfg.ops:
             check_op(op)
+        if is_attention(cfg.join):
+            raise ValueError(f"space.join: {cfg.join!r} is a transformer op; the join is a convolutional op "
+                             "that sets stride and width, e.g. 'cn_k3' (a strided convolution) or 'ir_k3_e4'")
+        check_op(cfg.join)
+        for op in filter(is_attention, cfg.ops):
+            heads = attention_parts(op)[1]
+            for b, block in enumerate(cfg.blocks):
+                for _, width in block.cell_choices():
+                    if width % heads:
+                        raise ValueError(f"space.blocks[{b}]: width {width} is not a multiple of the {heads} heads "
+                                         f"of op {op!r}; every width of a space with that op must be")
 
     def __init__(self, cfg: SpaceConfig, in_chans: int, image_size: int, num_classes: int):
         self.cfg, self.in_chans, self.image_size, self.num_classes = cfg, in_chans, image_size, num_classes
@@ -72,24 +56,41 @@ class MBConvSpace(SpaceBase):
     def in_widths(self, block: int) -> list[int]:
         return [self.first_width] if block == 0 else sorted({c.width for c in self.cells(block - 1)})
 
-    def layer_strings(self, cell: Cell, ops: Ops) -> list[str]:
-        stride = self.cfg.blocks[cell.block].stride
-        return [layer_string(self.ops[o], stride if i == 0 else 1, cell.width) for i, o in enumerate(ops)]
+    def _stride(self, block: int, position: int) -> int:
+        return self.cfg.blocks[block].stride if position == 0 else 1
+
+    def _op_layers(self, block: int, position: int, op: int, in_width: int, width: int) -> list[str]:
+        """The timm block strings of op `op` at this position of a block (in_width: the block's input width)."""
+        return op_layers(self.ops[op], self._stride(block, position), in_width if position == 0 else width, width,
+                         self.cfg.join)
+
+    def layer_strings(self, cell: Cell, ops: Ops, in_width: int) -> list[str]:
+        return [s for i, o in enumerate(ops) for s in self._op_layers(cell.block, i, o, in_width, cell.width)]
 
     def arch(self, choice: Choice) -> Arch:
-        stages = [tuple(self.cfg.first_stage)] + [tuple(self.layer_strings(c, ops)) for c, ops in choice]
+        stages, width = [tuple(self.cfg.first_stage)], self.first_width
+        for cell, ops in choice:
+            stages.append(tuple(self.layer_strings(cell, ops, width)))
+            width = cell.width
         return Arch(stem=self.cfg.stem, stages=tuple(stages), head=self.cfg.head)
 
-    def _layer_choices(self, block: int, position: int, width: int) -> list[str]:
-        """The layer string of each op at this position of a block, at this width."""
-        stride = self.cfg.blocks[block].stride if position == 0 else 1
-        return [layer_string(op, stride, width) for op in self.ops]
-
-    def _layer_op(self, block: int, position: int, width: int, layer: str) -> int | None:
-        """Which op a layer is (compared as timm decodes it, so token order and defaults do not matter), or None."""
-        made = _decode_block_str(layer)[0]
-        choices = self._layer_choices(block, position, width)
-        return next((o for o, s in enumerate(choices) if _decode_block_str(s)[0] == made), None)
+    def _segment(self, block: int, layers: list[str], in_width: int) -> list[tuple[int | None, list[str]]]:
+        """Read a block's layers as ops, first to last: each op with its layers, or None with the one layer where
+        none of this position's ops matches (compared as timm decodes strings, so token order and defaults do not
+        matter)."""
+        width = _decode_block_str(layers[-1])[0]["out_chs"]
+        found: list[tuple[int | None, list[str]]] = []
+        while layers:
+            for o in range(len(self.ops)):
+                strings = self._op_layers(block, len(found), o, in_width, width)
+                ours = [_decode_block_str(s)[0] for s in layers[:len(strings)]]
+                if [_decode_block_str(s)[0] for s in strings] == ours:
+                    break
+            else:
+                o, strings = None, layers[:1]
+            found.append((o, layers[:len(strings)]))
+            layers = layers[len(strings):]
+        return found
 
     def membership(self, arch: Arch) -> list[tuple[bool, str]]:
         """Stem, head, first stage, then per searched block its cell and per layer its op: (in the space, why)."""
@@ -107,44 +108,63 @@ class MBConvSpace(SpaceBase):
         searched = arch.stages[1:]
         if len(searched) != self.num_blocks:
             out.append((False, f"{len(searched)} searched stages, the space has {self.num_blocks} blocks"))
+        in_width = self.first_width
         for block, layers in enumerate(searched[: self.num_blocks]):
+            ops = self._segment(block, list(layers), in_width)
             cells = self.cells(block)
-            cell = Cell(block, len(layers), _decode_block_str(layers[-1])[0]["out_chs"])
+            cell = Cell(block, len(ops), _decode_block_str(layers[-1])[0]["out_chs"])
             where = f"block {block}: depth {cell.depth} width {cell.width}"
             known = f"cells: {', '.join(c.name for c in cells)}; widths {sorted({c.width for c in cells})}"
             out.append((True, f"{where} is cell {cell.name}") if cell in cells else
                        (False, f"{where} is not a cell of this block ({known})"))
-            for i, s in enumerate(layers):
-                op = self._layer_op(block, i, cell.width, s)
-                allowed = ", ".join(self._layer_choices(block, i, cell.width))
-                out.append((True, f"block {block} layer {i}: {s!r} is op {self.ops[op]}") if op is not None else
-                           (False, f"block {block} layer {i}: {s!r} is not one of this layer's ops ({allowed})"))
+            for i, (op, strings) in enumerate(ops):
+                written = strings[0] if len(strings) == 1 else strings
+                allowed = ", ".join("+".join(self._op_layers(block, i, o, in_width, cell.width))
+                                    for o in range(len(self.ops)))
+                out.append((True, f"block {block} layer {i}: {written!r} is op {self.ops[op]}") if op is not None else
+                           (False, f"block {block} layer {i}: {written!r} is not one of this layer's ops ({allowed})"))
+            in_width = cell.width
         return out
 
     def parse(self, arch: Arch) -> Choice:
         """The (cell, ops) of each block of a member architecture."""
         if problems := self.outside(arch):
             raise ValueError("; ".join(problems))
-        choice = []
+        choice, in_width = [], self.first_width
         for block, layers in enumerate(arch.stages[1:]):
-            cell = Cell(block, len(layers), _decode_block_str(layers[-1])[0]["out_chs"])
-            choice.append((cell, tuple(self._layer_op(block, i, cell.width, s) for i, s in enumerate(layers))))
+            ops = self._segment(block, list(layers), in_width)
+            cell = Cell(block, len(ops), _decode_block_str(layers[-1])[0]["out_chs"])
+            choice.append((cell, tuple(op for op, _ in ops)))
+            in_width = cell.width
         return choice
 
     def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction:
         """Load into `model` (arch built as a timm EfficientNet) the supernets' weights of the chosen ops: every
         tensor of every layer that has a counterpart, a layer whole or not at all. The first layer of a block after
         the first sees the target's width at the boundary before in its supernet and the previous block's width
-        here: where those differ it is reported, not copied. The adapters have no counterpart."""
+        here: where those differ it is reported, not copied (a transformer op's join is there in one and not in
+        the other: its blocks are paired from the last). The adapters have no counterpart."""
         pairs: list[tuple[int, str, str]] = []  # (block, supernet prefix, network prefix)
+        in_width = self.first_width
         for block, (cell, ops) in enumerate(self.parse(arch)):
             prefix = f"{cell.name}.layers."
             if block == 0:
                 pairs += [(0, f"{prefix}0.0.0.", "conv_stem."), (0, f"{prefix}0.0.1.", "bn1.")]
                 first = sum(len(expand_repeats(s)) for s in self.cfg.first_stage)  # layers, repeats written out
                 pairs += [(0, f"{prefix}0.0.2.{j}.", f"blocks.0.{j}.") for j in range(first)]
-            offset = 1 if block == 0 else 0
-            pairs += [(block, f"{prefix}{i + offset}.{op}.", f"blocks.{block + 1}.{i}.") for i, op in enumerate(ops)]
+            offset, index = (1 if block == 0 else 0), 0
+            for i, op in enumerate(ops):
+                here = len(self._op_layers(block, i, op, in_width, cell.width))
+                src = f"{prefix}{i + offset}.{op}."
+                if not is_attention(self.ops[op]):
+                    pairs.append((block, src, f"blocks.{block + 1}.{index}."))
+                else:
+                    there = 1 + max((int(k[len(src):].split(".")[0]) for k in supernets[block] if k.startswith(src)),
+                                    default=-1)
+                    pairs += [(block, f"{src}{there - k}.", f"blocks.{block + 1}.{index + here - k}.")
+                              for k in range(1, min(here, there) + 1)]
+                index += here
+            in_width = cell.width
         return extract_pairs(pairs, supernets, model)
 
     def build(self, arch: Arch, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
@@ -170,8 +190,7 @@ class MBConvSpace(SpaceBase):
         layers: list[list[nn.Module]] = [[self.stem()]] if cell.block == 0 else []
         chs = self.first_width if cell.block == 0 else in_chs
         for i in range(cell.depth):
-            strings = [layer_string(op, stride if i == 0 else 1, cell.width) for op in self.ops]
-            layers.append([build_layers([s], chs)[0] for s in strings])
+            layers.append([op_module(op, stride if i == 0 else 1, chs, cell.width, self.cfg.join) for op in self.ops])
             chs = cell.width
         # every cell gets the same kind of head, so the scores of a block's cells are comparable whatever their width
         adapter = nn.Sequential(nn.Conv2d(cell.width, target_chs, 1, bias=False), nn.BatchNorm2d(target_chs))
@@ -210,4 +229,4 @@ class MBConvSpace(SpaceBase):
             return self.stem()
         if piece.kind == "head":
             return self.head(piece.in_width)
-        return build_layers([layer_string(self.ops[piece.op], piece.stride, piece.width)], piece.in_width)
+        return op_module(self.ops[piece.op], piece.stride, piece.in_width, piece.width, self.cfg.join)
