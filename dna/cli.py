@@ -202,10 +202,11 @@ def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     cfg = _load(params, set_, deep=False)
     s = _space(cfg)
     table = Table(title=f"search space ({len(cfg.space.ops)} ops per layer)")
-    for col in ("block", "stride", "cells (depth x width: candidates)", "candidates"):
+    for col in ("block", "stride", "cells (depth x width [stride at layer]: candidates)", "candidates"):
         table.add_column(col)
     for b in range(s.num_blocks):
-        cells = ", ".join(f"{c.depth}x{c.width}: {len(s.ops) ** c.depth:,}" for c in s.cells(b))
+        cells = ", ".join(f"{c.depth}x{c.width}{f' @{c.down}' if c.down else ''}: "
+                          f"{sum(1 for _ in s.candidates(c)):,}" for c in s.cells(b))
         table.add_row(str(b), str(cfg.space.blocks[b].stride), cells, f"{s.block_size(b):,}")
     Console().print(table)
     size = s.size()

@@ -280,12 +280,15 @@ Depth = Annotated[int, Field(ge=1, le=8)]
 
 
 class BlockConfig(Strict):
-    """A searched block: its stride and its cells, as depths x widths or as an explicit list of [depth, width]."""
+    """A searched block: its stride, its cells as depths x widths or as an explicit list of [depth, width], and the
+    layers that may carry its stride (`down_positions`, 0: the first; each position is searched in every cell deep
+    enough to have it)."""
 
     stride: Literal[1, 2] = 2
     depths: list[Depth] = []
     widths: list[Width] = []
     cells: list[tuple[Depth, Width]] = []
+    down_positions: list[Annotated[int, Field(ge=0, le=7)]] = [0]
 
     @model_validator(mode="after")
     def _choices(self) -> BlockConfig:
@@ -296,6 +299,16 @@ class BlockConfig(Strict):
         choices = self.cell_choices()
         if len(set(choices)) != len(choices):
             raise ValueError(f"a block's cells must be distinct, got {choices}")
+        positions = self.down_positions
+        if not positions or len(set(positions)) != len(positions):
+            raise ValueError(f"down_positions must list distinct layer positions (0: the first), got {positions}")
+        if self.stride == 1 and positions != [0]:
+            raise ValueError(f"down_positions {positions} on a block of stride 1: only a strided block has a layer "
+                             "that carries its stride")
+        deepest = max(d for d, _ in choices)
+        if max(positions) >= deepest:
+            raise ValueError(f"down_positions: position {max(positions)} is past the last layer of the deepest cell "
+                             f"(depth {deepest}); positions count from 0")
         return self
 
     def cell_choices(self) -> list[tuple[int, int]]:

@@ -27,12 +27,14 @@ from dna.config import Params
 from dna.data import Data
 from dna.engine import Engine
 from dna.rate import calibrate
-from dna.spaces.base import Cell, Choice, SearchSpace
+from dna.spaces.base import Cell, Choice, Piece, SearchSpace
 from dna.train import OPTIMIZERS, accuracy
 
 
-def layer_key(block: int, position: int, op: int, in_width: int, width: int) -> str:
-    return f"b{block}_p{position}_o{op}_i{in_width}_w{width}"
+def layer_key(block: int, index: int, piece: Piece) -> str:
+    """The supernet's module of a block's index-th layer: one per op, widths and stride (layers of the same index
+    share it across cells)."""
+    return f"b{block}_p{index}_o{piece.op}_i{piece.in_width}_w{piece.width}_s{piece.stride}"
 
 
 class SposSupernet(nn.Module):
@@ -47,8 +49,8 @@ class SposSupernet(nn.Module):
             for cell in space.cells(block):
                 for in_width in space.in_widths(block):
                     for op in range(len(space.ops)):
-                        for position, piece in enumerate(space.layer_pieces(cell, (op,) * cell.depth, in_width)):
-                            key = layer_key(block, position, op, piece.in_width, piece.width)
+                        for index, piece in enumerate(space.layer_pieces(cell, (op,) * cell.depth, in_width)):
+                            key = layer_key(block, index, piece)
                             if key not in layers:
                                 layers[key] = space.piece_module(piece)
         self.layers = nn.ModuleDict(layers)
@@ -59,8 +61,7 @@ class SposSupernet(nn.Module):
         """The layer keys of a network's path, and the width its head takes."""
         keys, width = [], self.space.stem_piece().width
         for cell, ops in choice:
-            for position, op in enumerate(ops):
-                keys.append(layer_key(cell.block, position, op, width if position == 0 else cell.width, cell.width))
+            keys += [layer_key(cell.block, i, p) for i, p in enumerate(self.space.layer_pieces(cell, ops, width))]
             width = cell.width
         return keys, width
 

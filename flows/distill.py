@@ -77,7 +77,7 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
     run = Run(params)
     cfg = params.space.blocks[block]
     epochs = params.distill.epochs
-    cells = [f"d{d}_w{w}" for d, w in cfg.cell_choices()]
+    cells = [c.name for c in run.space.cells(block)]
     progress = artifacts.Progress(f"distill-block-{block}", epochs,
                                   f"block {block}: {len(cells)} cells ({', '.join(cells)}), {epochs} epochs")
     # the turn is taken first: the fingerprint loads the block's targets, which may draw from the random state

@@ -173,3 +173,31 @@ def test_the_dna_plus_and_dna_plusplus_paper_presets_are_the_dna_preset_but_for_
         assert last.teacher.source == ("arch" if rounds == 2 else "timm")  # round 2: round 1's network
         space = build_space(params.space, 3, 224, 1000)
         assert space.size() == build_space(preset.space, 3, 224, 1000).size()
+
+
+@pytest.mark.parametrize("name, sizes", [
+    # per block: sum over cells of 4 ops ^ depth
+    ("imagenet_vit", [(4 + 16) * 2, (16 + 64 + 256) * 2, (16 + 64 + 256) * 2, (16 + 64) * 2]),
+    # per block: sum over cells of 6 ops ^ depth, once per stride position the cell is deep enough for
+    ("imagenet_hybrid", [(36 + 216 + 36) * 2, (36 + 216 + 1296) * 2, (36 + 216 + 1296) * 2, 216 + 1296 + 1296,
+                         (1296 + 7776 + 7776) * 2, 6]),
+])
+def test_the_transformer_and_hybrid_paper_presets_count_their_spaces(name, sizes, preset, tmp_path):
+    """The DNA++ preset but for the space: same data, recipes and supervision; `dna space` counts the space."""
+    from typer.testing import CliRunner
+
+    from dna.cli import app
+
+    params = load_params(ROOT / "configs" / f"{name}.yaml", check_paths=False)
+    base = load_params(ROOT / "configs" / "imagenet_dna_plusplus.yaml", check_paths=False)
+    for section in ("data", "distill", "retrain", "supervision", "rating"):
+        assert getattr(params, section) == getattr(base, section), section
+    space = build_space(params.space, 3, 224, 1000)
+    assert [space.block_size(b) for b in range(space.num_blocks)] == sizes
+    result = CliRunner().invoke(app, ["space", "--params", str(ROOT / "configs" / f"{name}.yaml"),
+                                      "-S", f"outputs={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    total = 1
+    for size in sizes:
+        total *= size
+    assert f"whole space: {total:,} networks" in " ".join(result.stdout.split())

@@ -238,7 +238,7 @@ def test_outside_too_deep(default_space, member):
 
 def test_outside_wrong_number_of_blocks(default_space, member):
     problems = default_space.outside(_with_stage(member, 4, None))
-    assert problems == ["3 searched stages, the space has 4 blocks"]
+    assert problems == ["3 searched stages make 3 blocks; the space has 4 blocks"]
     with pytest.raises(ValueError, match="3 searched stages"):
         default_space.parse(_with_stage(member, 4, None))
 
@@ -468,3 +468,65 @@ def test_on_the_old_default_strides_the_last_blocks_kernels_were_one_function(de
     later = [(block, side, stride) for block, side, stride in _layer_maps(old) if block >= 2 and stride == 1]
     assert [side for _, side, _ in later] == [2, 1]
     assert all(_same_function(3, 7, side, 1) and _same_function(5, 7, side, 1) for _, side, _ in later)
+
+
+# stride positions --------------------------------------------------------------------------------------------------
+DOWN = {"stem": 16, "first_stage": ["ds_r1_k3_s1_c16"], "head": 32, "ops": ["ir_k3_e3", "mha_h2_e2"],
+        "blocks": [{"stride": 2, "depths": [1, 3], "widths": [16, 24], "down_positions": [0, 2]},
+                   {"stride": 1, "depths": [2], "widths": [32]}]}
+
+
+@pytest.fixture(scope="module")
+def down_space():
+    from dna.config import SpaceConfig
+    from dna.spaces import build_space
+
+    return build_space(SpaceConfig.model_validate({**DOWN, "kind": "hybrid"}), IN_CHANS, IMAGE_SIZE, NUM_CLASSES)
+
+
+def test_a_stride_position_is_searched_in_every_cell_deep_enough(down_space):
+    cells = down_space.cells(0)
+    assert sorted(c.name for c in cells) == ["d1_w16", "d1_w24", "d3_w16", "d3_w16_down2", "d3_w24", "d3_w24_down2"]
+    assert down_space.block_size(0) == 2 * (2 + 2 * 8)
+
+
+def test_a_later_stride_splits_the_block_into_two_stages_that_parse_back(down_space):
+    choice = [(Cell(0, 3, 24, 2), (1, 0, 1)), (Cell(1, 2, 32), (0, 1))]
+    arch = down_space.arch(choice)
+    assert len(arch.stages) == 1 + 2 + 1  # the first stage, block 0 in two stages, block 1
+    assert [_decode_block_str(s)[0]["stride"] for s in arch.stages[1]] == [1, 1, 1, 1]  # join, mha, ffn, ir
+    assert [_decode_block_str(s)[0]["block_type"] for s in arch.stages[2]] == ["cn", "mha", "uir"]
+    assert _decode_block_str(arch.stages[2][0])[0]["stride"] == 2
+    assert down_space.parse(arch) == choice
+    model = down_space.build(arch)
+    sizes = down_space.block_resolutions()
+    x, sides = model.bn1(model.conv_stem(torch.zeros(1, IN_CHANS, IMAGE_SIZE, IMAGE_SIZE))), []
+    for stage in model.blocks:
+        x = stage(x)
+        sides.append(x.shape[-1])
+    assert sides == [sizes[0], sizes[0], sizes[1], sizes[2]]  # layers 0 and 1 of block 0 before its stride
+    total = sum(down_space.piece_cost(p)[1] for p in down_space.chain(choice))
+    assert count_cost(model, (1, IN_CHANS, IMAGE_SIZE, IMAGE_SIZE))[1] == total
+
+
+def test_a_stride_where_the_block_has_none_is_outside(down_space):
+    choice = [(Cell(0, 3, 24, 2), (1, 0, 1)), (Cell(1, 2, 32), (0, 1))]
+    arch = down_space.arch(choice)
+    moved = Arch(stem=arch.stem, stages=(arch.stages[0], arch.stages[1][:3], arch.stages[1][3:] + arch.stages[2],
+                                         arch.stages[3]), head=arch.head)
+    assert down_space.outside(moved)
+
+
+@pytest.mark.parametrize("block, problem", [
+    ({"stride": 1, "depths": [2], "widths": [16], "down_positions": [0, 1]}, "on a block of stride 1"),
+    ({"stride": 2, "depths": [1, 2], "widths": [16], "down_positions": [0, 2]}, "position 2 is past the last layer"),
+    ({"stride": 2, "depths": [2], "widths": [16], "down_positions": [1, 1]}, "distinct layer positions"),
+])
+def test_wrong_stride_positions_name_the_key(tmp_path, block, problem):
+    from dna.config import ConfigError, parse_params
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(tmp_path)
+    raw["space"]["blocks"][0] = block
+    with pytest.raises(ConfigError, match=rf"space\.blocks\.0.*{problem}"):
+        parse_params(raw)

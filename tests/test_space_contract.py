@@ -25,8 +25,8 @@ EXAMPLES = {
                        {"stride": 1, "depths": [1, 2], "widths": [24, 32]}]},
     "hybrid": {"stem": 16, "first_stage": ["ds_r1_k3_s1_c16"], "head": 32, "join": "ir_k3_e2",
                "ops": ["ir_k3_e3_se0.25", "mha_h2_e2_k3", "ds_k5"],
-               "blocks": [{"stride": 2, "depths": [1, 2], "widths": [16, 24]},
-                          {"stride": 2, "depths": [1, 2], "widths": [24, 32]}]},
+               "blocks": [{"stride": 2, "depths": [1, 2], "widths": [16, 24], "down_positions": [0, 1]},
+                          {"stride": 2, "depths": [1, 2], "widths": [24, 32], "down_positions": [1, 0]}]},
     "tiny": tests.tiny_space.EXAMPLE,
 }
 

@@ -1,7 +1,7 @@
-"""What every registered block supervision must do, checked on each (teacher, ssl): its batches fit the block's cells,
-its criterion gives one finite loss per cell that trains them, its rating pairs and score rate a candidate to a
-finite number that the same inputs reproduce, and it says whether it reads a teacher and whether blocks depend on
-each other."""
+"""What every registered block supervision must do, checked on each (teacher, ssl) over each kind of space that ships
+(MBConv, vision transformer, hybrid): its batches fit the block's cells, its criterion gives one finite loss per cell
+that trains them, its rating pairs and score rate a candidate to a finite number that the same inputs reproduce, and
+it says whether it reads a teacher and whether blocks depend on each other."""
 import pytest
 import torch
 
@@ -13,18 +13,23 @@ from dna.supervision import supervision_class, supervision_kinds
 from tests.conftest import tiny_raw
 
 EXAMPLES = {"teacher": {"kind": "teacher"}, "ssl": {"kind": "ssl", "ensemble": 1}}
+SPACES = {"mbconv": {}, "vit": {"kind": "vit", "ops": ["mha_h2_e2", "mha_h4_e2_k3"]},
+          "hybrid": {"kind": "hybrid", "ops": ["ir_k3_e3_se0.25", "mha_h2_e2_k3"]}}  # changes to the tiny space
 BLOCK = 1  # block 1: its input is made by block 0 (the teacher's features, or block 0's best candidate)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", params=supervision_kinds())
+@pytest.fixture(scope="module", params=[(k, s) for k in supervision_kinds() for s in SPACES], ids="-".join)
 def run(request, tmp_path_factory):
-    """The tiny run with the kind's example options, its teacher made when it reads one and block 0 distilled."""
-    if request.param not in EXAMPLES:
-        pytest.fail(f"supervision kind {request.param!r} has no example configuration in EXAMPLES")
-    raw = tiny_raw(tmp_path_factory.mktemp(request.param) / "outputs")
-    raw["supervision"] = EXAMPLES[request.param]
+    """The tiny run in each kind of space with the kind's example options, its teacher made when it reads one and
+    block 0 distilled."""
+    kind, space = request.param
+    if kind not in EXAMPLES:
+        pytest.fail(f"supervision kind {kind!r} has no example configuration in EXAMPLES")
+    raw = tiny_raw(tmp_path_factory.mktemp(kind) / "outputs")
+    raw["supervision"] = EXAMPLES[kind]
+    raw["space"] |= SPACES[space]
     raw["distill"]["epochs"] = 1
     run = Run(parse_params(raw))
     stage_data(run)

@@ -25,13 +25,16 @@ Ops = tuple[int, ...]
 
 @dataclass(frozen=True)
 class Cell:
+    """A block's cell: its depth, its width, and the layer that carries the block's stride (`down`)."""
+
     block: int
     depth: int
     width: int
+    down: int = 0
 
     @property
     def name(self) -> str:
-        return f"d{self.depth}_w{self.width}"
+        return f"d{self.depth}_w{self.width}" + (f"_down{self.down}" if self.down else "")
 
 
 Choice = list[tuple[Cell, Ops]]  # a member network: the cell and ops of each block
@@ -118,7 +121,9 @@ def extract_pairs(pairs: list[tuple[int, str, str]], supernets: list[dict[str, t
 class Piece:
     """A part of a network costed and timed alone: the stem, one layer variant at its position, or the head.
 
-    Its fields are the columns of the latency profile; `key` finds it there."""
+    A layer's position is 0 where it carries the block's stride (at the block's input resolution), 1 after it (at
+    the output resolution), 2 before it (at the input resolution, stride 1); with its widths it sets the module
+    and its input. Its fields are the columns of the latency profile; `key` finds it there."""
 
     kind: str  # stem, layer or head
     block: int
@@ -176,13 +181,13 @@ class Candidates:
         return pd.DataFrame(out | ({} if self.latency_ms is None else {"latency_ms": self.latency_ms}))
 
     def to_frame(self) -> pd.DataFrame:
-        """The table as written to CSV (a block's ratings: block, cell, depth, width, ops, path, widths, costs,
+        """The table as written to CSV (a block's ratings: block, cell, depth, width, down, ops, path, widths, costs,
         score)."""
         if self.cells is None:
             return self.costs()
         frame = pd.DataFrame({
             "block": self.block, "cell": [c.name for c in self.cells], "depth": [c.depth for c in self.cells],
-            "width": [c.width for c in self.cells], "ops": list(self.names),
+            "width": [c.width for c in self.cells], "down": [c.down for c in self.cells], "ops": list(self.names),
             "path": ["-".join(map(str, ops)) for ops in self.ops], "in_width": self.in_width,
             "out_width": self.out_width, "params": self.params, "macs": self.macs, "score": self.score})
         return frame if self.latency_ms is None else frame.assign(latency_ms=self.latency_ms)
@@ -191,7 +196,8 @@ class Candidates:
     def from_frame(cls, frame: pd.DataFrame) -> Candidates:
         """A block's table read back from `to_frame`'s columns."""
         block = int(frame["block"].iloc[0])
-        cells = tuple(Cell(block, int(d), int(w)) for d, w in zip(frame["depth"], frame["width"]))
+        downs = frame["down"] if "down" in frame else [0] * len(frame)
+        cells = tuple(Cell(block, int(d), int(w), int(s)) for d, w, s in zip(frame["depth"], frame["width"], downs))
         ops = tuple(tuple(int(o) for o in str(path).split("-")) for path in frame["path"])
         latency = frame["latency_ms"].to_numpy(float) if "latency_ms" in frame else None
         score = frame["score"].to_numpy(float) if "score" in frame else np.zeros(len(frame))

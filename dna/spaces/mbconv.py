@@ -22,6 +22,10 @@ from dna.spaces.layer_ops import attention_parts, check_op, is_attention, layer_
 
 __all__ = ["MBConvSpace", "check_op", "layer_string"]
 
+def _stride_of(layer: str) -> int:
+    return _decode_block_str(layer)[0]["stride"]
+
+
 @register_space("mbconv")
 class MBConvSpace(SpaceBase):
     @classmethod
@@ -48,7 +52,8 @@ class MBConvSpace(SpaceBase):
 
     # candidates ------------------------------------------------------------------------------------------------
     def cells(self, block: int) -> list[Cell]:
-        return [Cell(block, d, w) for d, w in self.cfg.blocks[block].cell_choices()]
+        cfg = self.cfg.blocks[block]
+        return [Cell(block, d, w, down) for d, w in cfg.cell_choices() for down in cfg.down_positions if down < d]
 
     def candidates(self, cell: Cell) -> Iterator[Ops]:
         return itertools.product(range(len(self.ops)), repeat=cell.depth)
@@ -56,41 +61,65 @@ class MBConvSpace(SpaceBase):
     def in_widths(self, block: int) -> list[int]:
         return [self.first_width] if block == 0 else sorted({c.width for c in self.cells(block - 1)})
 
-    def _stride(self, block: int, position: int) -> int:
-        return self.cfg.blocks[block].stride if position == 0 else 1
+    def _stride(self, cell: Cell, position: int) -> int:
+        return self.cfg.blocks[cell.block].stride if position == cell.down else 1
 
-    def _op_layers(self, block: int, position: int, op: int, in_width: int, width: int) -> list[str]:
-        """The timm block strings of op `op` at this position of a block (in_width: the block's input width)."""
-        return op_layers(self.ops[op], self._stride(block, position), in_width if position == 0 else width, width,
-                         self.cfg.join)
+    def _op_layers(self, cell: Cell, position: int, op: int, in_width: int) -> list[str]:
+        """The timm block strings of op `op` at this position of a cell (in_width: the block's input width)."""
+        return op_layers(self.ops[op], self._stride(cell, position), in_width if position == 0 else cell.width,
+                         cell.width, self.cfg.join)
 
     def layer_strings(self, cell: Cell, ops: Ops, in_width: int) -> list[str]:
-        return [s for i, o in enumerate(ops) for s in self._op_layers(cell.block, i, o, in_width, cell.width)]
+        return [s for i, o in enumerate(ops) for s in self._op_layers(cell, i, o, in_width)]
 
     def arch(self, choice: Choice) -> Arch:
+        """The network of a choice: one stage per block, or two where a later layer carries the block's stride (timm
+        strides only the first layer of a stage)."""
         stages, width = [tuple(self.cfg.first_stage)], self.first_width
         for cell, ops in choice:
-            stages.append(tuple(self.layer_strings(cell, ops, width)))
+            layers = self.layer_strings(cell, ops, width)
+            split = len(self.layer_strings(cell, ops[:cell.down], width))
+            stages += [tuple(layers[:split]), tuple(layers[split:])] if split else [tuple(layers)]
             width = cell.width
         return Arch(stem=self.cfg.stem, stages=tuple(stages), head=self.cfg.head)
 
-    def _segment(self, block: int, layers: list[str], in_width: int) -> list[tuple[int | None, list[str]]]:
-        """Read a block's layers as ops, first to last: each op with its layers, or None with the one layer where
-        none of this position's ops matches (compared as timm decodes strings, so token order and defaults do not
-        matter)."""
+    def _block_layers(self, arch: Arch) -> tuple[list[list[str]], list[list[str]], list[tuple[str, ...]]]:
+        """Each block's layers with each layer's module name in the network, and the stages left over. A strided
+        block whose stage starts without the stride goes on into the next stage, where its stride is."""
+        stages, layers, names = list(enumerate(arch.stages))[1:], [], []
+        for block in range(self.num_blocks):
+            if not stages:
+                break
+            group = [stages.pop(0)]
+            if self.cfg.blocks[block].stride > 1 and stages and _stride_of(group[0][1][0]) == 1 \
+                    and _stride_of(stages[0][1][0]) > 1:
+                group.append(stages.pop(0))
+            layers.append([s for _, stage in group for s in stage])
+            names.append([f"blocks.{i}.{j}." for i, stage in group for j in range(len(stage))])
+        return layers, names, [stage for _, stage in stages]
+
+    def _segment(self, block: int, layers: list[str], in_width: int) -> tuple[Cell, list[tuple[int | None, list[str]]]]:
+        """Read a block's layers as ops, first to last: its cell, and each op with its layers, or None with the one
+        layer where none of this position's ops matches (compared as timm decodes strings, so token order and
+        defaults do not matter). Each of the block's stride positions is tried; the one that reads best is kept."""
         width = _decode_block_str(layers[-1])[0]["out_chs"]
-        found: list[tuple[int | None, list[str]]] = []
-        while layers:
-            for o in range(len(self.ops)):
-                strings = self._op_layers(block, len(found), o, in_width, width)
-                ours = [_decode_block_str(s)[0] for s in layers[:len(strings)]]
-                if [_decode_block_str(s)[0] for s in strings] == ours:
-                    break
-            else:
-                o, strings = None, layers[:1]
-            found.append((o, layers[:len(strings)]))
-            layers = layers[len(strings):]
-        return found
+        readings = []
+        for down in self.cfg.blocks[block].down_positions:
+            cell, rest = Cell(block, 0, width, down), list(layers)
+            found: list[tuple[int | None, list[str]]] = []
+            while rest:
+                for o in range(len(self.ops)):
+                    strings = self._op_layers(cell, len(found), o, in_width)
+                    ours = [_decode_block_str(s)[0] for s in rest[:len(strings)]]
+                    if [_decode_block_str(s)[0] for s in strings] == ours:
+                        break
+                else:
+                    o, strings = None, rest[:1]
+                found.append((o, rest[:len(strings)]))
+                rest = rest[len(strings):]
+            readings.append((sum(o is None for o, _ in found), Cell(block, len(found), width, down), found))
+        _, cell, found = min(readings, key=lambda r: r[0])
+        return cell, found
 
     def membership(self, arch: Arch) -> list[tuple[bool, str]]:
         """Stem, head, first stage, then per searched block its cell and per layer its op: (in the space, why)."""
@@ -105,21 +134,23 @@ class MBConvSpace(SpaceBase):
         decoded = [[_decode_block_str(s)[0] for s in layers] for layers in (first, fixed)]
         same = decoded[0] == decoded[1]
         out.append((same, f"first stage: {first} " + ("builds" if same else "differs from") + f" the space's {fixed}"))
-        searched = arch.stages[1:]
-        if len(searched) != self.num_blocks:
-            out.append((False, f"{len(searched)} searched stages, the space has {self.num_blocks} blocks"))
+        searched, _, left = self._block_layers(arch)
+        if len(searched) != self.num_blocks or left:
+            out.append((False, f"{len(arch.stages) - 1} searched stages make {len(searched)} blocks"
+                               + (f" and {len(left)} stages more" if left else "")
+                               + f"; the space has {self.num_blocks} blocks"))
         in_width = self.first_width
-        for block, layers in enumerate(searched[: self.num_blocks]):
-            ops = self._segment(block, list(layers), in_width)
+        for block, layers in enumerate(searched):
+            cell, ops = self._segment(block, list(layers), in_width)
             cells = self.cells(block)
-            cell = Cell(block, len(ops), _decode_block_str(layers[-1])[0]["out_chs"])
-            where = f"block {block}: depth {cell.depth} width {cell.width}"
+            where = f"block {block}: depth {cell.depth} width {cell.width}" + (f" stride at layer {cell.down}"
+                                                                               if cell.down else "")
             known = f"cells: {', '.join(c.name for c in cells)}; widths {sorted({c.width for c in cells})}"
             out.append((True, f"{where} is cell {cell.name}") if cell in cells else
                        (False, f"{where} is not a cell of this block ({known})"))
             for i, (op, strings) in enumerate(ops):
                 written = strings[0] if len(strings) == 1 else strings
-                allowed = ", ".join("+".join(self._op_layers(block, i, o, in_width, cell.width))
+                allowed = ", ".join("+".join(self._op_layers(cell, i, o, in_width))
                                     for o in range(len(self.ops)))
                 out.append((True, f"block {block} layer {i}: {written!r} is op {self.ops[op]}") if op is not None else
                            (False, f"block {block} layer {i}: {written!r} is not one of this layer's ops ({allowed})"))
@@ -131,9 +162,8 @@ class MBConvSpace(SpaceBase):
         if problems := self.outside(arch):
             raise ValueError("; ".join(problems))
         choice, in_width = [], self.first_width
-        for block, layers in enumerate(arch.stages[1:]):
-            ops = self._segment(block, list(layers), in_width)
-            cell = Cell(block, len(ops), _decode_block_str(layers[-1])[0]["out_chs"])
+        for block, layers in enumerate(self._block_layers(arch)[0]):
+            cell, ops = self._segment(block, list(layers), in_width)
             choice.append((cell, tuple(op for op, _ in ops)))
             in_width = cell.width
         return choice
@@ -145,7 +175,7 @@ class MBConvSpace(SpaceBase):
         here: where those differ it is reported, not copied (a transformer op's join is there in one and not in
         the other: its blocks are paired from the last). The adapters have no counterpart."""
         pairs: list[tuple[int, str, str]] = []  # (block, supernet prefix, network prefix)
-        in_width = self.first_width
+        in_width, names = self.first_width, self._block_layers(arch)[1]
         for block, (cell, ops) in enumerate(self.parse(arch)):
             prefix = f"{cell.name}.layers."
             if block == 0:
@@ -154,14 +184,14 @@ class MBConvSpace(SpaceBase):
                 pairs += [(0, f"{prefix}0.0.2.{j}.", f"blocks.0.{j}.") for j in range(first)]
             offset, index = (1 if block == 0 else 0), 0
             for i, op in enumerate(ops):
-                here = len(self._op_layers(block, i, op, in_width, cell.width))
+                here = len(self._op_layers(cell, i, op, in_width))
                 src = f"{prefix}{i + offset}.{op}."
                 if not is_attention(self.ops[op]):
-                    pairs.append((block, src, f"blocks.{block + 1}.{index}."))
+                    pairs.append((block, src, names[block][index]))
                 else:
                     there = 1 + max((int(k[len(src):].split(".")[0]) for k in supernets[block] if k.startswith(src)),
                                     default=-1)
-                    pairs += [(block, f"{src}{there - k}.", f"blocks.{block + 1}.{index + here - k}.")
+                    pairs += [(block, f"{src}{there - k}.", names[block][index + here - k])
                               for k in range(1, min(here, there) + 1)]
                 index += here
             in_width = cell.width
@@ -186,11 +216,10 @@ class MBConvSpace(SpaceBase):
         return nn.Sequential(conv, norm_act(self.cfg.head), pool, classifier)
 
     def build_cell(self, cell: Cell, in_chs: int, target_chs: int) -> CellSupernet:
-        stride = self.cfg.blocks[cell.block].stride
         layers: list[list[nn.Module]] = [[self.stem()]] if cell.block == 0 else []
         chs = self.first_width if cell.block == 0 else in_chs
         for i in range(cell.depth):
-            layers.append([op_module(op, stride if i == 0 else 1, chs, cell.width, self.cfg.join) for op in self.ops])
+            layers.append([op_module(op, self._stride(cell, i), chs, cell.width, self.cfg.join) for op in self.ops])
             chs = cell.width
         # every cell gets the same kind of head, so the scores of a block's cells are comparable whatever their width
         adapter = nn.Sequential(nn.Conv2d(cell.width, target_chs, 1, bias=False), nn.BatchNorm2d(target_chs))
@@ -216,13 +245,17 @@ class MBConvSpace(SpaceBase):
         return Piece("head", self.num_blocks, 0, -1, "head", in_width, self.num_classes, 1, self._resolutions[-1])
 
     def layer_pieces(self, cell: Cell, ops: Ops, in_width: int) -> list[Piece]:
-        """The first layer of a block (position 0: its stride, the previous block's width in) and every later one
-        (position 1)."""
+        """Each layer at its position (Piece): the one that carries the stride at the block's input resolution,
+        those before it there too, those after it at the output resolution; the first takes the block's input
+        width."""
         block, stride = cell.block, self.cfg.blocks[cell.block].stride
-        first = Piece("layer", block, 0, ops[0], self.ops[ops[0]], in_width, cell.width, stride,
-                      self._resolutions[block])
-        size = self._resolutions[block + 1]
-        return [first] + [Piece("layer", block, 1, o, self.ops[o], cell.width, cell.width, 1, size) for o in ops[1:]]
+        sizes = self._resolutions[block], self._resolutions[block + 1]
+        pieces = []
+        for i, o in enumerate(ops):
+            position = 0 if i == cell.down else 2 if i < cell.down else 1
+            pieces.append(Piece("layer", block, position, o, self.ops[o], in_width if i == 0 else cell.width,
+                                cell.width, stride if position == 0 else 1, sizes[position == 1]))
+        return pieces
 
     def piece_module(self, piece: Piece) -> nn.Module:
         if piece.kind == "stem":

@@ -12,6 +12,7 @@ import sys
 import pytest
 from pipeline_support import git_dvc_project, run_python
 
+from dna.arch import Arch
 from flows.steps import STAGES
 
 pytestmark = pytest.mark.slow  # about three minutes: eight stage processes, then three
@@ -196,9 +197,10 @@ def test_a_teacher_taken_as_it_is_reproduces_through_dvc(prefect_api, tiny_proje
     assert json.loads((teacher / "metrics.json").read_text())["epochs"] == 0
 
 
-def test_a_teacher_free_supervision_reproduces_through_dvc(prefect_api, tmp_path, monkeypatch):
-    """supervision ssl (DNA++) through `dvc repro`: the teacher stage records that there is no teacher (the file
-    the distill stage depends on), every stage runs, and the exported network passes its parity check."""
+def test_a_teacher_free_supervision_over_a_transformer_space_reproduces_through_dvc(prefect_api, tmp_path, monkeypatch):
+    """supervision ssl (DNA++) over a vision-transformer space through `dvc repro`: the teacher stage records that
+    there is no teacher (the file the distill stage depends on), every stage runs, and the exported network, made
+    of attention blocks, passes its parity check."""
     from pathlib import Path
 
     import yaml
@@ -208,6 +210,7 @@ def test_a_teacher_free_supervision_reproduces_through_dvc(prefect_api, tmp_path
     repo = git_dvc_project(tmp_path / "repo")
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["supervision"] = {"kind": "ssl", "ensemble": 1}
+    raw["space"] |= {"kind": "vit", "ops": ["mha_h2_e2", "mha_h4_e2_k3"]}
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
@@ -217,4 +220,6 @@ def test_a_teacher_free_supervision_reproduces_through_dvc(prefect_api, tmp_path
     assert load_checkpoint(outputs / "teacher" / "teacher.pt") == {"teacher": None, "supervision": "ssl"}
     export = json.loads((outputs / "export" / "metrics.json").read_text())
     assert export["max_abs_diff"] <= export["atol"]
+    arch = Arch.load(outputs / "search" / "arch.yaml")
+    assert sum(layer.startswith("mha_") for stage in arch.stages for layer in stage) >= 2
     assert "Data and pipelines are up to date" in dvc(repo, "repro")
