@@ -172,16 +172,41 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def arch_stage_count(path: str | Path) -> int:
-    """The number of stages an architecture file lists, read as YAML only (no model library); raises ValueError
-    with a one-line reason when the file is not a mapping with an `arch` list of stages."""
+def arch_stages(path: str | Path) -> list:
+    """The stages an architecture file lists, read as YAML only (no model library); raises ValueError with a
+    one-line reason when the file is not a mapping with an `arch` list of stages."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ValueError(_one_line(exc)) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("arch"), list):
         raise ValueError("expected a mapping with stem, head and arch (a list of stages of timm block strings)")
-    return len(raw["arch"])
+    return raw["arch"]
+
+
+def arch_stage_count(path: str | Path) -> int:
+    return len(arch_stages(path))
+
+
+def _stage_stride(stage: object) -> int:
+    """The stride of a stage's first layer, read from its `s` token (1 where the stage is not a list of strings)."""
+    first = stage[0] if isinstance(stage, list) and stage and isinstance(stage[0], str) else ""
+    strides = [int(t[1:]) for t in first.split("_")[1:] if len(t) > 1 and t[0] == "s" and t[1:].isdigit()]
+    return strides[0] if strides else 1
+
+
+def arch_block_ends(path: str | Path, block_strides: list[int]) -> list[int]:
+    """teacher.boundaries of a teacher of source arch: the forward_intermediates index (i: after the network's
+    stage i, 0: the stem) where each block of the space ends. A block ends after its stage, or after the next where
+    its stride sits in a later layer (dna.spaces.base.block_stages); a file whose stages do not make the space's
+    blocks has one boundary per stage after the first."""
+    from dna.spaces.base import block_stages
+
+    stages = arch_stages(path)
+    groups, left = block_stages([_stage_stride(s) for s in stages], block_strides)
+    if len(groups) == len(block_strides) and left == len(stages):
+        return [group[-1] + 1 for group in groups]
+    return list(range(2, len(stages) + 1))
 
 
 Multiplier = Annotated[float, Field(ge=1.0, le=8.0)]
@@ -548,19 +573,21 @@ class CoreParams(Strict):
     @model_validator(mode="before")
     @classmethod
     def _arch_teacher_boundaries(cls, raw, info: ValidationInfo):
-        """teacher.boundaries of a teacher of source arch, when not given: 2..(the stages of its file); a file that
+        """teacher.boundaries of a teacher of source arch, when not given: where each block of the space ends in its
+        file (arch_block_ends; 2..(the stages of the file) when its stages are not the space's blocks); a file that
         is absent (paths not checked) or unreadable (its own check says why) is taken as one of this space."""
         teacher = raw.get("teacher") if isinstance(raw, dict) else None
         if not isinstance(teacher, dict) or teacher.get("source") != "arch" or "boundaries" in teacher:
             return raw
+        blocks = (raw.get("space") or {}).get("blocks") if isinstance(raw.get("space"), dict) else None
+        strides = [b.get("stride", 2) if isinstance(b, dict) else 2 for b in blocks] if isinstance(blocks, list) else []
         try:
-            stages = arch_stage_count(teacher["arch"])
+            boundaries = arch_block_ends(teacher["arch"], strides)
         except (KeyError, TypeError, ValueError):
-            blocks = (raw.get("space") or {}).get("blocks") if isinstance(raw.get("space"), dict) else None
-            stages = len(blocks) + 1 if isinstance(blocks, list) else None
-        if stages is None:
+            boundaries = list(range(2, len(blocks) + 2)) if isinstance(blocks, list) else None
+        if boundaries is None:
             return raw
-        return {**raw, "teacher": {**teacher, "boundaries": list(range(2, stages + 1))}}
+        return {**raw, "teacher": {**teacher, "boundaries": boundaries}}
 
     @model_validator(mode="after")
     def _boundaries_match_blocks(self) -> CoreParams:

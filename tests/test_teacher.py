@@ -142,6 +142,35 @@ def test_arch_teacher_is_split_at_its_own_blocks_whose_shapes_the_space_takes(ar
     assert shapes == arch_teacher_shapes(params.teacher.arch, 1, params.data.image_size, params.teacher.boundaries)
 
 
+def test_arch_teacher_blocks_end_where_the_space_blocks_end_when_a_stride_sits_in_a_later_layer(tmp_path):
+    """A network of a space with stride positions (DNA+ over the hybrid preset): block 0, its stride in layer 1, is
+    two stages; the default boundaries are the ends of the blocks, not of the stages, and the teacher's features
+    there have the blocks' resolutions."""
+    from dna.checkpoint import save_checkpoint
+    from dna.config import parse_params
+    from dna.pipeline import Run, validate
+    from dna.spaces.base import Cell
+    from dna.targets import arch_teacher_shapes
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(tmp_path / "outputs")
+    raw["space"] |= {"kind": "hybrid", "ops": ["ir_k3_e3_se0.25", "mha_h2_e2"]}
+    raw["space"]["blocks"][0]["down_positions"] = [0, 1]
+    run = Run(parse_params(raw))
+    arch = run.space.arch([(Cell(0, 2, 16, 1), (1, 0)), (Cell(1, 2, 32), (0, 1))])
+    assert len(arch.stages) == 4
+    arch.save(tmp_path / "arch.yaml")
+    save_checkpoint(tmp_path / "model.pt", {"model": run.space.build(arch).state_dict(), "arch": arch.to_yaml()})
+    raw["teacher"] = {"source": "arch", "arch": str(tmp_path / "arch.yaml"), "checkpoint": str(tmp_path / "model.pt"),
+                      "train": {**raw["teacher"]["train"], "epochs": 0}}
+    params = parse_params(raw)
+    assert params.teacher.boundaries == [3, 4]
+    validate(params, check_profile=False)  # the shapes at the boundaries are the blocks'
+    sizes = run.space.block_resolutions()[1:]
+    assert arch_teacher_shapes(params.teacher.arch, 1, params.data.image_size, [3, 4]) == [(16, sizes[0], sizes[0]),
+                                                                                          (32, sizes[1], sizes[1])]
+
+
 def test_arch_teacher_weights_that_do_not_fit_are_a_config_error_before_any_work(arch_teacher, tmp_path):
     from dna.arch import Arch
     from dna.checkpoint import save_checkpoint

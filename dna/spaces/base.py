@@ -117,6 +117,24 @@ def extract_pairs(pairs: list[tuple[int, str, str]], supernets: list[dict[str, t
     return Extraction(copied, not_copied, no_counterpart, tensors)
 
 
+def block_stages(stage_strides: list[int], block_strides: list[int]) -> tuple[list[list[int]], int]:
+    """Which stages of a network (by index; stage 0, the fixed first stage, is no block's) make each block of a
+    space, from the stride of each stage's first layer and each block's stride: one stage per block, two where a
+    strided block's stage starts at stride 1 and the next starts strided (its stride in a later layer: timm strides
+    only a stage's first layer). Returns the blocks found, as far as the stages go, and the index of the first stage
+    left over."""
+    groups, i = [], 1
+    for stride in block_strides:
+        if i >= len(stage_strides):
+            break
+        group = [i]
+        if stride > 1 and stage_strides[i] == 1 and i + 1 < len(stage_strides) and stage_strides[i + 1] > 1:
+            group.append(i + 1)
+        groups.append(group)
+        i = group[-1] + 1
+    return groups, i
+
+
 @dataclass(frozen=True)
 class Piece:
     """A part of a network costed and timed alone: the stem, one layer variant at its position, or the head.

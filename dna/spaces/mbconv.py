@@ -17,14 +17,10 @@ from dna.arch import ACT, DEFAULT_SETTINGS, Arch, build_layers, count_cost, expa
 from dna.arch_families import DEFAULT_FAMILY
 from dna.config import SpaceConfig
 from dna.spaces import register_space
-from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, extract_pairs
+from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, block_stages, extract_pairs
 from dna.spaces.layer_ops import attention_parts, check_op, is_attention, layer_string, op_layers, op_module
 
 __all__ = ["MBConvSpace", "check_op", "layer_string"]
-
-def _stride_of(layer: str) -> int:
-    return _decode_block_str(layer)[0]["stride"]
-
 
 @register_space("mbconv")
 class MBConvSpace(SpaceBase):
@@ -84,19 +80,13 @@ class MBConvSpace(SpaceBase):
         return Arch(stem=self.cfg.stem, stages=tuple(stages), head=self.cfg.head)
 
     def _block_layers(self, arch: Arch) -> tuple[list[list[str]], list[list[str]], list[tuple[str, ...]]]:
-        """Each block's layers with each layer's module name in the network, and the stages left over. A strided
-        block whose stage starts without the stride goes on into the next stage, where its stride is."""
-        stages, layers, names = list(enumerate(arch.stages))[1:], [], []
-        for block in range(self.num_blocks):
-            if not stages:
-                break
-            group = [stages.pop(0)]
-            if self.cfg.blocks[block].stride > 1 and stages and _stride_of(group[0][1][0]) == 1 \
-                    and _stride_of(stages[0][1][0]) > 1:
-                group.append(stages.pop(0))
-            layers.append([s for _, stage in group for s in stage])
-            names.append([f"blocks.{i}.{j}." for i, stage in group for j in range(len(stage))])
-        return layers, names, [stage for _, stage in stages]
+        """Each block's layers with each layer's module name in the network (see block_stages), and the stages left
+        over."""
+        strides = [_decode_block_str(stage[0])[0]["stride"] for stage in arch.stages]
+        groups, left = block_stages(strides, [b.stride for b in self.cfg.blocks])
+        layers = [[s for i in group for s in arch.stages[i]] for group in groups]
+        names = [[f"blocks.{i}.{j}." for i in group for j in range(len(arch.stages[i]))] for group in groups]
+        return layers, names, list(arch.stages[left:])
 
     def _segment(self, block: int, layers: list[str], in_width: int) -> tuple[Cell, list[tuple[int | None, list[str]]]]:
         """Read a block's layers as ops, first to last: its cell, and each op with its layers, or None with the one
