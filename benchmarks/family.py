@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         teacher = "none" if r["teacher"] is None else r["teacher"]
         accuracy = "-" if r["teacher_accuracy"] is None else f"{r['teacher_accuracy']:.4f}"
         print(f"| {r['method']} | {r['space']} | {teacher} | {accuracy} | {r['accuracy']:.4f} | "
-              f"{r['onnx_accuracy']:.4f} | {r['params']:,} | {r['macs']:,} | {r['search_s']:.0f} s | {r['total_s']:.0f} s |")
+              f"{r['onnx_accuracy']:.4f} | {r['params']:,} | {r['macs']:,} | {r['search_s']:.0f} s | "
+              f"{r['total_s']:.0f} s |")
     return 0
 
 
