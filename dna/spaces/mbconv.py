@@ -22,6 +22,7 @@ from dna.spaces.layer_ops import attention_parts, check_op, is_attention, layer_
 
 __all__ = ["MBConvSpace", "check_op", "layer_string"]
 
+
 @register_space("mbconv")
 class MBConvSpace(SpaceBase):
     @classmethod
