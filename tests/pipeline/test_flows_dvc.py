@@ -222,4 +222,22 @@ def test_a_teacher_free_supervision_over_a_transformer_space_reproduces_through_
     assert export["max_abs_diff"] <= export["atol"]
     arch = Arch.load(outputs / "search" / "arch.yaml")
     assert sum(layer.startswith("mha_") for stage in arch.stages for layer in stage) >= 2
+    code = """
+import json, numpy as np
+from dna.config import load_params
+from dna.export import onnx_predict, read_metadata
+from dna.pipeline import Run
+from flows.registry import load_champion
+from flows.tracking import tracking_uri
+params = load_params("params.yaml")
+run = Run(params)
+images = run.data.images("test", 8).numpy()
+logits = load_champion(tracking_uri(params), params.mlflow.registered_model).run(["logits"], {"images": images})[0]
+diff = float(np.abs(logits - onnx_predict(run.paths.onnx, images)).max())
+print(json.dumps({"max_diff": diff, "arch": read_metadata(run.paths.onnx)["arch"]}))
+"""
+    done = run_python(code, repo)  # the registry's champion, in a fresh process, is the transformer just exported
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["max_diff"] < 1e-5 and Arch.from_dict(json.loads(out["arch"])) == arch
     assert "Data and pipelines are up to date" in dvc(repo, "repro")
