@@ -110,3 +110,23 @@ def test_extraction_pairs_a_transformer_op_from_its_last_block(vit):
     assert torch.equal(model.state_dict()["blocks.2.0.attn.qkv.weight"], source)
     assert torch.equal(model.state_dict()["blocks.2.2.attn.qkv.weight"],
                        supernets[1]["d2_w24.layers.1.0.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("preset, kind", [("vit", "vit"), ("hybrid", "hybrid")])
+def test_the_transformer_presets_are_the_dna_plusplus_preset_but_for_the_space(preset, kind):
+    """Same data, recipes, supervision and budget as configs/dna_plusplus.yaml (the family table compares them);
+    every key dvc.yaml tracks is there, so `dvc repro` runs them as params.yaml."""
+    import yaml
+
+    from dna.config import load_params
+    from flows.entry import check_dvc_params
+    from tests.conftest import ROOT
+
+    base = yaml.safe_load((ROOT / "configs" / "dna_plusplus.yaml").read_text())
+    ours = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
+    assert ours.pop("space")["kind"] == kind and base.pop("space")["kind"] == "mbconv"
+    assert ours.pop("outputs") != base.pop("outputs")
+    assert ours == base
+    check_dvc_params(ROOT / "configs" / f"{preset}.yaml")
+    params = load_params(ROOT / "configs" / f"{preset}.yaml")
+    assert any(op.startswith("mha_") for op in params.space.ops)
