@@ -5,6 +5,7 @@ keeps the better. The stage is the optional step of the stage table; the flow re
 there before any work."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -75,6 +76,9 @@ def test_two_rounds_through_dvc_nest_in_mlflow_and_both_networks_are_registry_ca
     retrained, teacher = load_checkpoint(one.model)["model"], load_checkpoint(two.teacher)["model"]
     assert retrained.keys() == teacher.keys() and all((retrained[k] == teacher[k]).all() for k in retrained)
     assert two.onnx.is_file()
+    digest = hashlib.md5((two.root / "params.yaml").read_bytes()).hexdigest()  # no other stage writes it
+    assert (repo / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]).is_file(), \
+        "DVC versions each round's outputs, as it does round 1's"
     rows = summary_rows(one.root)
     assert [r["round"] for r in rows] == [1, 2] and rows[1]["teacher"] == "arch:outputs/search/arch.yaml"
 
