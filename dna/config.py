@@ -184,10 +184,6 @@ def arch_stages(path: str | Path) -> list:
     return raw["arch"]
 
 
-def arch_stage_count(path: str | Path) -> int:
-    return len(arch_stages(path))
-
-
 def _stage_stride(stage: object) -> int:
     """The stride of a stage's first layer, read from its `s` token (1 where the stage is not a list of strings)."""
     first = stage[0] if isinstance(stage, list) and stage and isinstance(stage[0], str) else ""
@@ -291,7 +287,7 @@ class TeacherConfig(Strict):
                 raise ValueError(f"teacher.arch={self.arch!r} must be an existing file when teacher.source='arch'")
             return
         try:
-            arch_stage_count(self.arch)
+            arch_stages(self.arch)
             if deep:
                 from dna.arch import Arch
 

@@ -67,8 +67,8 @@ def op_module(op: str, stride: int, in_width: int, width: int, join: str) -> tor
 
 def check_op(op: str) -> None:
     if is_attention(op):
-        attention_parts(op)
-        strings = op_layers(op, 1, 8 * attention_parts(op)[1], 8 * attention_parts(op)[1], "cn_k3")
+        width = 8 * attention_parts(op)[1]
+        strings = op_layers(op, 1, width, width, "cn_k3")
     else:
         if any(_FIXED.match(t) for t in op.split("_")[1:]):
             raise ValueError(f"space.ops: {op!r} sets r/s/c; {_CONV_HINT}")

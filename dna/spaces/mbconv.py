@@ -93,21 +93,21 @@ class MBConvSpace(SpaceBase):
         """Read a block's layers as ops, first to last: its cell, and each op with its layers, or None with the one
         layer where none of this position's ops matches (compared as timm decodes strings, so token order and
         defaults do not matter). Each of the block's stride positions is tried; the one that reads best is kept."""
-        width = _decode_block_str(layers[-1])[0]["out_chs"]
+        decoded = [_decode_block_str(s)[0] for s in layers]
+        width = decoded[-1]["out_chs"]
         readings = []
         for down in self.cfg.blocks[block].down_positions:
-            cell, rest = Cell(block, 0, width, down), list(layers)
+            cell, at = Cell(block, 0, width, down), 0
             found: list[tuple[int | None, list[str]]] = []
-            while rest:
+            while at < len(layers):
                 for o in range(len(self.ops)):
                     strings = self._op_layers(cell, len(found), o, in_width)
-                    ours = [_decode_block_str(s)[0] for s in rest[:len(strings)]]
-                    if [_decode_block_str(s)[0] for s in strings] == ours:
+                    if [_decode_block_str(s)[0] for s in strings] == decoded[at:at + len(strings)]:
                         break
                 else:
-                    o, strings = None, rest[:1]
-                found.append((o, rest[:len(strings)]))
-                rest = rest[len(strings):]
+                    o, strings = None, layers[at:at + 1]
+                found.append((o, list(layers[at:at + len(strings)])))
+                at += len(strings)
             readings.append((sum(o is None for o, _ in found), Cell(block, len(found), width, down), found))
         _, cell, found = min(readings, key=lambda r: r[0])
         return cell, found
