@@ -405,7 +405,7 @@ class SpaceConfig(Strict):
 
 
 class DistillConfig(Precision):
-    added_keys = ("precision", "lr_batch")
+    added_keys = ("precision", "lr_batch", "sampling")
     epochs: PositiveInt = 8
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 3e-3
     lr_batch: LrBatch = None  # None: `lr` as given, whatever the batch
@@ -413,6 +413,9 @@ class DistillConfig(Precision):
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     batch_size: PositiveInt = 64
     cache_features: bool = True
+    # the path a cell trains at a step: uniform (each op of each layer at random), fair (FairNAS: every op of a
+    # layer once in each run of as many steps as there are ops)
+    sampling: Literal["uniform", "fair"] = "uniform"
 
 
 class SupervisionConfig(BaseModel):
@@ -456,8 +459,12 @@ CostAxis = Literal["params", "macs", "latency_ms"]  # latency_ms needs a profile
 
 
 class SearchConfig(Strict):
+    added_keys = ("tie_tolerance",)
     budgets: dict[CostAxis, Annotated[float, Field(gt=0)]] = {}
     front_axis: CostAxis = "macs"
+    # > 0: of the networks under the budgets rated within this much of the best (the rating's own noise: the rank
+    # stage's rating_seed_noise), the cheapest on front_axis is chosen
+    tie_tolerance: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
 
     def latency_keys(self) -> list[str]:
         """The keys that ask for latency (and so need a latency profile)."""
@@ -505,6 +512,7 @@ class RankConfig(Strict):
     """The ranking-quality stage (`dna rank`): K networks sampled over rating and cost, plus the searched one and
     random networks under the search budgets, each trained from scratch with one short recipe."""
 
+    added_keys = ("rating_seeds", "bootstrap")
     networks: Annotated[int, Field(ge=3)] = 12  # K, stratified over cost bands and, within a band, over rating
     cost_axis: CostAxis = "macs"  # the cost that bands are made on
     cost_bands: PositiveInt = 3
@@ -512,6 +520,9 @@ class RankConfig(Strict):
     pool: Annotated[int, Field(ge=100)] = 4096  # random networks drawn from the space to stratify from
     random_networks: Annotated[int, Field(ge=0)] = 10  # random search at equal budget (search.budgets)
     seeds: Annotated[int, Field(ge=1, le=5)] = 1  # trainings per network; accuracy is their mean
+    # distillations of every block (the run's own, then again from other seeds): 2 measures the rating's own noise
+    rating_seeds: Annotated[int, Field(ge=1, le=5)] = 2
+    bootstrap: Annotated[int, Field(ge=100, le=100_000)] = 2000  # resamples of the networks for every interval
     train: TrainConfig = TrainConfig(epochs=4, lr=0.005, warmup_epochs=0, drop_rate=0.0)
     spos: SposConfig = SposConfig()
 

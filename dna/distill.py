@@ -62,6 +62,27 @@ def uniform_path(generator: torch.Generator, cell: Cell, num_ops: int) -> tuple[
     return tuple(torch.randint(num_ops, (cell.depth,), generator=generator).tolist())
 
 
+class FairPaths:
+    """FairNAS's strict fairness: in every run of `num_ops` steps of a cell, each of its layers trains each op
+    once (per layer and run, a random permutation of the ops), so no op of a layer falls behind another by more than
+    one update. `reset()` starts new runs (at each epoch: a resumed epoch samples as an uninterrupted one)."""
+
+    def __init__(self):
+        self.queues: dict[Cell, list[tuple[int, ...]]] = {}
+
+    def reset(self) -> None:
+        self.queues.clear()
+
+    def __call__(self, generator: torch.Generator, cell: Cell, num_ops: int) -> tuple[int, ...]:
+        if not self.queues.get(cell):
+            orders = torch.stack([torch.randperm(num_ops, generator=generator) for _ in range(cell.depth)], dim=1)
+            self.queues[cell] = [tuple(row.tolist()) for row in orders]
+        return self.queues[cell].pop(0)
+
+
+SAMPLERS: dict[str, Callable[[], PathSampler]] = {"uniform": lambda: uniform_path, "fair": FairPaths}
+
+
 @dataclass
 class DistillResult:
     history: list[dict] = field(default_factory=list)
@@ -71,14 +92,14 @@ class DistillResult:
 def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: DistillConfig, ckpt_path: str | Path, *,
                   in_chans: int, seed: int, fingerprint: str, device: torch.device,
                   on_epoch: Callable[[dict], None] | None = None, loss: CellLoss | None = None,
-                  sample_path: PathSampler = uniform_path) -> DistillResult:
+                  sample_path: PathSampler | None = None) -> DistillResult:
     """Train one block's cells; every step each cell trains one sampled path on the same batch.
 
     The supervision's criterion (`targets.criterion(block, cells)`) turns the cells' outputs and the batch's second
     part into one loss per cell; its weights train with the cells, it runs after every optimizer step, and its state
     is checkpointed with them. `loss(output, target)` instead compares each output with the batch's target (a
-    PairLoss). `sample_path` picks the path a cell trains at a step (uniform by default) from a generator reseeded
-    every epoch.
+    PairLoss). `sample_path` picks the path a cell trains at a step (by default the sampler `cfg.sampling` names) from a
+    generator reseeded every epoch (and its `reset()`, if it has one, called).
     Cells share no weights, so this equals training each cell on its own, with one pass over the data.
     Checkpoints every epoch; a checkpoint with the same fingerprint is resumed from. `cfg.batch_size` is the global
     batch; with several processes each trains on its part of it (dna.ddp).
@@ -96,10 +117,13 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     num_ops = [len(supernet[c.name].layers[-1]) for c in cells]
     paths = torch.Generator()  # seeded alike on every process: all ranks train the same paths at a step
+    sample_path = sample_path or SAMPLERS[cfg.sampling]()
     net = wrap(supernet, device, find_unused_parameters=True)
 
     def batches(epoch: int, shuffle: torch.Generator):
         paths.manual_seed(seed * 200_003 + block * 1_013 + epoch)  # each epoch's paths independent of the last
+        if hasattr(sample_path, "reset"):
+            sample_path.reset()
         return targets.pairs(block, "train", cfg.batch_size, shuffle=True, generator=shuffle, sharded=True)
 
     def step(batch):

@@ -42,3 +42,16 @@ class Paths:
     def latency(self) -> Path: return self.profile_dir / "latency.csv"
     @property
     def rank_dir(self) -> Path: return self.root / "rank"
+
+
+@dataclass
+class ReplicatePaths(Paths):
+    """A run's paths, but its block supernets and ratings in `folder`: the same blocks distilled and rated again
+    with another seed (the rank stage's measure of the rating's own noise), on the run's data, teacher and cache."""
+
+    folder: Path = Path()
+
+    def supernet(self, block: int) -> Path: return self.folder / "distill" / f"block_{block}.pt"
+    def distill_history(self, block: int) -> Path: return self.folder / "distill" / f"history_{block}.csv"
+    @property
+    def ratings_dir(self) -> Path: return self.folder / "ratings"

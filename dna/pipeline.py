@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params, TrainConfig
 from dna.ddp import is_main, main_first
-from dna.paths import Paths
+from dna.paths import Paths, ReplicatePaths
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,11 +39,20 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 class Run:
-    """One configured run: its params, where its files go, and the objects its stages share."""
+    """One configured run: its params, where its files go, and the objects its stages share.
 
-    def __init__(self, params: Params):
+    `replicate` > 0: the same run with its blocks distilled (and rated) again from another seed, into
+    rank/replicates/<replicate>/ (dna.paths.ReplicatePaths); everything else is the run's own."""
+
+    def __init__(self, params: Params, replicate: int = 0):
         self.params = params
-        self.paths = Paths(params.out_dir)
+        self.replicate = replicate
+        self.paths = Paths(params.out_dir) if not replicate else ReplicatePaths(
+            params.out_dir, Paths(params.out_dir).rank_dir / "replicates" / str(replicate))
+
+    @property
+    def distill_seed(self) -> int:
+        return self.params.seed + 1_000_003 * self.replicate
 
     @cached_property
     def device(self) -> torch.device:
@@ -102,7 +111,7 @@ class Run:
     def block_fingerprint(self, block: int) -> str:
         p = self.params
         space = p.space.model_dump(exclude={"blocks"}) | {"block": p.space.blocks[block].model_dump()}
-        return digest(p.seed, p.data, file_digest(self.paths.splits), p.supervision,
+        return digest(self.distill_seed, p.data, file_digest(self.paths.splits), p.supervision,
                       self.supervision.fingerprint(), space, p.distill, block)
 
 
@@ -280,7 +289,7 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
     from dna.distill import distill_block
 
     result = distill_block(run.space, run.supervision, block, run.params.distill, run.paths.supernet(block),
-                           in_chans=run.data.in_chans, seed=run.params.seed, fingerprint=run.block_fingerprint(block),
+                           in_chans=run.data.in_chans, seed=run.distill_seed, fingerprint=run.block_fingerprint(block),
                            device=run.device, on_epoch=on_epoch)
     history = pd.DataFrame(result.history)
     if is_main():
@@ -345,7 +354,7 @@ def stage_search(run: Run) -> dict:
     import pandas as pd
 
     from dna import plots
-    from dna.search import BudgetError, best_under, front_table, pareto_front
+    from dna.search import BudgetError, best_under, front_table, near_best, pareto_front
     from dna.spaces.base import Candidates
 
     p, out = run.params.search, run.paths.search_dir
@@ -354,8 +363,13 @@ def stage_search(run: Run) -> dict:
     costs = [s.costs() for s in stages]
     try:
         best = best_under(costs, dict(p.budgets))
+        near = near_best(costs, dict(p.budgets), p.front_axis, p.tie_tolerance)
     except BudgetError as exc:
         raise ConfigError(str(exc)) from None
+    if p.tie_tolerance > 0:
+        best = near[0]
+        log.info("search: %d networks under the budgets are rated within search.tie_tolerance=%g of the best; "
+                 "chose the cheapest on %s", len(near), p.tie_tolerance, p.front_axis)
     arch = choice_of(run.space, stages, best.rows)
     front = pareto_front(costs, p.front_axis)
     table = front_table(costs, front)
@@ -367,6 +381,7 @@ def stage_search(run: Run) -> dict:
     plots.front(table, p.front_axis, best, out / "front.png")
     plots.rating_spread(ratings, out / "rating_spread.png")
     metrics = {"score": best.score, **{k: float(v) for k, v in best.costs.items()}, "front_size": len(front),
+               "tie_tolerance": p.tie_tolerance, "within_tolerance": len(near),
                "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings)}
     write_json(out / "metrics.json", metrics)
     log.info("search: chose score %.4f, %s", best.score, {k: float(f"{v:.4g}") for k, v in best.costs.items()})

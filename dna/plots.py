@@ -53,15 +53,16 @@ def curves(history: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def ranking(networks: pd.DataFrame, metrics: dict, path: Path) -> Path:
+def ranking(networks: pd.DataFrame, shown: dict[str, str], path: Path) -> Path:
     """Rating against test accuracy (sampled networks by cost band, the searched one, random ones under the budget),
-    and beside it the single-path one-shot rating (inherited-weight accuracy) against the same test accuracy."""
+    beside it the single-path one-shot rating (inherited-weight hold-out loss) against the same accuracy, and the
+    rating's and the ground truth's own noise: `shown` holds each tau as the report shows it, with its interval."""
     trained = networks[networks["test_accuracy"].notna()]
-    spos = "spos_accuracy" in trained and trained["spos_accuracy"].notna().any()
-    fig, axes = plt.subplots(1, 2 if spos else 1, figsize=(11 if spos else 6, 4), squeeze=False)
+    spos = "spos_loss" in trained and trained["spos_loss"].notna().any()
+    fig, axes = plt.subplots(1, 2 if spos else 1, figsize=(11 if spos else 6, 4.6), squeeze=False)
     panels = [("rating", "rating (sum of block scores, lower is better)", "kendall_tau")]
     if spos:
-        panels.append(("spos_accuracy", "one-shot supernet: inherited-weight hold-out accuracy", "spos_kendall_tau"))
+        panels.append(("spos_loss", "one-shot supernet: inherited-weight hold-out loss", "spos_kendall_tau"))
     for ax, (column, label, tau) in zip(axes[0], panels):
         sampled = trained[trained["sampled"].astype(bool)]
         for band, group in sampled.groupby("band"):
@@ -70,9 +71,13 @@ def ranking(networks: pd.DataFrame, metrics: dict, path: Path) -> Path:
         ax.scatter(rand[column], rand["test_accuracy"], marker="x", color="grey", label="random under budget")
         searched = trained[trained["searched"].astype(bool)]
         ax.scatter(searched[column], searched["test_accuracy"], marker="*", s=160, color="crimson", label="searched")
-        value = metrics.get(tau)
-        ax.set_title(f"Kendall tau {value:.3f}" if value is not None else "Kendall tau undefined")
+        ax.set_title(f"Kendall tau {shown[tau]}", fontsize=9)
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy, trained from scratch")
     axes[0][0].legend(fontsize=7)
+    fig.text(0.01, 0.01, "noise: ground truth (two trainings) tau " + shown["seed_kendall_tau"] +
+             "; rating (two distillations) tau " + shown["rating_seed_kendall_tau"] +
+             "; intervals: bootstrap 90%", fontsize=7)
+    fig.subplots_adjust(bottom=0.2)
     return _save(fig, path)
+

@@ -8,6 +8,12 @@ bands (quantiles of rank.cost_axis over the pool) and over rating within each ba
 (search/arch.yaml); rank.random_networks random networks that meet search.budgets (the searched network's own cost
 on rank.cost_axis when no budget is set). A network in several roles is trained once.
 
+Every tau is reported with its bootstrap 90% interval and beside the noise of both its sides: the ground truth's
+(`seed_kendall_tau`: each network trained with rank.seeds seeds, over the same networks as `kendall_tau`) and the
+rating's (`rating_seed_kendall_tau`: every block distilled and rated again from another seed, rank.rating_seeds).
+Beside DNA's equal-weight sum of block ratings: each block alone, a sum of per-block z-scores and DONNA's linear
+predictor judged leave-one-out (rank/predictor.json); the one-shot baseline is rated by inherited-weight hold-out loss.
+
 Resumable per network: each keeps its checkpoint and, once trained, a result file keyed on everything that decides
 it (outputs/rank/networks/<id>/); running the stage again redoes only what is missing. A network whose training
 fails is named, and the others are kept.
@@ -27,7 +33,15 @@ from dna.arch import Arch
 from dna.checkpoint import atomic_write_text, digest, file_digest
 from dna.config import ConfigError
 from dna.errors import StageFailure
-from dna.rank_metrics import kendall_tau, spearman, tau_in_bands, top_k_precision
+from dna.rank_metrics import (
+    bootstrap_interval,
+    kendall_tau,
+    shown,
+    spearman,
+    tau_in_bands,
+    tau_interval,
+    top_k_precision,
+)
 from dna.rank_sample import NetworkTable, band_edges, band_of, parse_rows, stratified, under_budget
 
 log = logging.getLogger(__name__)
@@ -96,7 +110,8 @@ def plan_networks(run) -> pd.DataFrame:
     archs = [run.space.arch(table.choice(parse_rows(rows))) for rows in plan["rows"]]
     plan.insert(0, "id", [network_id(a) for a in archs])
     plan["arch"] = [a.tag() for a in archs]
-    columns = ["id", *ROLES, "band", "rating", *table.axes, "rows", "arch"]
+    columns = ["id", *ROLES, "band", "rating", *(c for c in plan.columns if c.startswith("rating_block_")),
+               *table.axes, "rows", "arch"]
     plan = plan[columns]
     out = run.paths.rank_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -155,11 +170,11 @@ def train_network(run, network: str, arch: Arch, on_epoch=None) -> dict:
 
 
 def spos_ratings(run, plan: pd.DataFrame, on_epoch=None) -> dict:
-    """Train the one-shot supernet (resumable), then rate every planned network by its hold-out accuracy with
-    inherited weights, BatchNorm re-estimated; writes rank/spos/ratings.csv and history.csv."""
+    """Train the one-shot supernet (resumable), then rate every planned network by its hold-out loss with inherited
+    weights, BatchNorm re-estimated; writes rank/spos/ratings.csv (loss and accuracy) and history.csv."""
     from dna.data import eval_view
     from dna.pipeline import write_csv
-    from dna.spos import inherited_accuracy, train_spos
+    from dna.spos import inherited_scores, train_spos
 
     p, out = run.params, run.paths.rank_dir / "spos"
     out.mkdir(parents=True, exist_ok=True)
@@ -170,19 +185,85 @@ def spos_ratings(run, plan: pd.DataFrame, on_epoch=None) -> dict:
     data = eval_view(run.data)
     calibration = data.images("train", positions=data.stratified("train", p.rating.calibration_size, p.seed))
     loader = run.data.loader("rate", EVAL_BATCH_SIZE)
-    scores = [inherited_accuracy(supernet, run.space.parse(arch_of(plan, n)), calibration, loader, run.device)
+    scores = [inherited_scores(supernet, run.space.parse(arch_of(plan, n)), calibration, loader, run.device)
               for n in plan["id"]]
-    write_csv(out / "ratings.csv", pd.DataFrame({"id": plan["id"], "spos_accuracy": scores}))
+    write_csv(out / "ratings.csv", pd.DataFrame({"id": plan["id"], "spos_loss": [s[0] for s in scores],
+                                                 "spos_accuracy": [s[1] for s in scores]}))
     cells = sum(len(run.space.cells(b)) for b in range(run.space.num_blocks))
     steps_per_epoch = -(-len(run.data.train) // p.distill.batch_size)
     return {"epochs": result.epochs, "steps": result.steps, "block_paths": result.steps * run.space.num_blocks,
             "distill_block_paths": p.distill.epochs * steps_per_epoch * cells, "resumed_from": result.resumed_from}
 
 
+# the rating's own noise --------------------------------------------------------------------------------------------
+def replicate_ratings(run, on_epoch=None) -> dict:
+    """Distill and rate every block again from each of rank.rating_seeds - 1 other seeds, on the run's data, teacher
+    and feature cache, into rank/replicates/<r>/ (resumable: a block's checkpoint of the same fingerprint resumes).
+    How far these ratings agree with the run's own is the rating's reliability."""
+    from dna.pipeline import Run, stage_distill, stage_features, stage_rate
+
+    start, replicates = time.perf_counter(), []
+    for replicate in range(1, run.params.rank.rating_seeds):
+        again = Run(run.params, replicate=replicate)
+        stage_features(again)
+        for block in range(run.space.num_blocks):
+            stage_distill(again, block, on_epoch=on_epoch)
+            stage_rate(again, block)
+        replicates.append(replicate)
+    return {"replicates": replicates, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _ratings(run) -> list[pd.DataFrame] | None:
+    paths = [run.paths.rating(b) for b in range(run.space.num_blocks)]
+    if not all(path.is_file() for path in paths):
+        return None
+    return [pd.read_csv(path, dtype={"path": str}) for path in paths]
+
+
+def rating_reliability(run, plan: pd.DataFrame) -> tuple[dict[int, pd.DataFrame], dict]:
+    """Each replicate's ratings of the planned networks (whole networks and per block), and per block the Kendall
+    tau between the replicate's and the run's ratings of every candidate."""
+    from dna.pipeline import Run
+
+    own = _ratings(run)
+    networks, per_block = {}, {}
+    for replicate in range(1, run.params.rank.rating_seeds):
+        again = Run(run.params, replicate=replicate)
+        theirs = _ratings(again)
+        if theirs is None:
+            continue
+        for block, (a, b) in enumerate(zip(own, theirs)):
+            a, b = a.drop_duplicates(["cell", "path"]), b.drop_duplicates(["cell", "path"])
+            if a[["cell", "path"]].values.tolist() != b[["cell", "path"]].values.tolist():
+                raise ValueError(f"{again.paths.rating(block)} rates other candidates than {run.paths.rating(block)}")
+            per_block.setdefault(replicate, {})[str(block)] = kendall_tau(a["score"], b["score"])
+        frame = network_table(again).frame([parse_rows(r) for r in plan["rows"]])
+        networks[replicate] = frame.assign(rows=plan["rows"].to_numpy())
+    return networks, per_block
+
+
 # the report --------------------------------------------------------------------------------------------------------
+class Taus:
+    """Kendall taus against trained accuracy, each with its bootstrap interval (`<name>_ci`)."""
+
+    def __init__(self, resamples: int, seed: int):
+        self.values: dict = {}
+        self.options = {"resamples": resamples, "seed": seed}
+
+    def add(self, name: str, score, accuracy, bands=None) -> float | None:
+        score, accuracy = np.asarray(score, float), np.asarray(accuracy, float)
+        tau = tau_in_bands(score, accuracy, bands)[0] if bands is not None else kendall_tau(score, accuracy)
+        self.values[name] = tau
+        self.values[f"{name}_ci"] = tau_interval(score, accuracy, bands, **self.options)
+        return tau
+
+
 def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[str, str],
               spos: dict | None) -> dict:
-    """networks.csv, metrics.json and the plot, from the networks trained so far."""
+    """networks.csv, metrics.json, predictor.json and the plot, from the networks trained so far. Every tau comes
+    with its bootstrap 90% interval and beside the noise of both its sides: the ground truth's (two trainings of
+    each network) and the rating's (two distillations)."""
+    from dna.block_combination import block_columns, fit_predictor, loo_predictions, zscore_rating
     from dna.pipeline import write_csv, write_json
 
     p, out = run.params.rank, run.paths.rank_dir
@@ -195,30 +276,71 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
     if spos is not None and ratings.is_file():
         frame = frame.merge(pd.read_csv(ratings), on="id", how="left")
     else:
-        frame["spos_accuracy"] = np.nan
+        frame["spos_loss"] = frame["spos_accuracy"] = np.nan
+    replicates, per_block = rating_reliability(run, plan)
+    for replicate, again in replicates.items():
+        frame[f"rating_replicate_{replicate}"] = again["rating"].to_numpy(float)
     frame["status"] = ["trained" if n in results else f"failed: {failed.get(n, 'not trained')}" for n in frame["id"]]
     frame = frame.astype({"test_accuracy": float, "rate_accuracy": float})
     trained = frame[frame["test_accuracy"].notna()]
     ranked = trained[trained["sampled"] | trained["searched"]]
-    score, accuracy = -ranked["rating"].to_numpy(float), ranked["test_accuracy"].to_numpy(float)
-    in_band, per_band = tau_in_bands(score, accuracy, ranked["band"])
-    metrics = {"kendall_tau": kendall_tau(score, accuracy), "spearman": spearman(score, accuracy),
-               "kendall_tau_in_band": in_band, "kendall_tau_per_band": {str(b): t for b, t in per_band.items()},
+    score, accuracy, bands = -ranked["rating"].to_numpy(float), ranked["test_accuracy"].to_numpy(float), ranked["band"]
+    taus = Taus(p.bootstrap, run.params.seed)
+    taus.add("kendall_tau", score, accuracy)
+    taus.add("kendall_tau_in_band", score, accuracy, bands)
+    metrics = {"spearman": spearman(score, accuracy),
+               "kendall_tau_per_band": {str(b): t for b, t in tau_in_bands(score, accuracy, bands)[1].items()},
                "top_k": p.top_k, "top_k_precision": top_k_precision(score, accuracy, p.top_k),
                "networks": len(ranked), "cost_axis": p.cost_axis, "cost_bands": p.cost_bands, "seeds": p.seeds,
-               "train_epochs": p.train.epochs, "failed": dict(failed)}
-    if p.seeds > 1 and len(trained):
-        runs = np.array([[float(a) for a in s.split(";")] for s in trained["test_accuracies"]])
-        metrics["seed_kendall_tau"] = kendall_tau(runs[:, 0], runs[:, 1])  # how far seed noise alone lets tau go
+               "rating_seeds": p.rating_seeds, "train_epochs": p.train.epochs, "failed": dict(failed),
+               "interval": "bootstrap 90% (percentile, networks resampled; within bands for in-band taus)"}
+
+    # the ground truth's noise: two trainings of the same networks as kendall_tau
+    runs = np.array([[float(a) for a in s.split(";")] for s in ranked["test_accuracies"]]) if len(ranked) else None
+    if p.seeds > 1 and runs is not None:
+        taus.add("seed_kendall_tau", runs[:, 0], runs[:, 1])
         metrics["seed_accuracy_spread"] = float(np.mean(runs.max(axis=1) - runs.min(axis=1)))
+    else:
+        taus.values |= {"seed_kendall_tau": None, "seed_kendall_tau_ci": None}
+
+    # the rating's noise: the same networks rated by blocks distilled from another seed
+    if 1 in replicates:
+        again = frame.loc[ranked.index, "rating_replicate_1"].to_numpy(float)
+        taus.add("rating_seed_kendall_tau", -again, score)
+        metrics["rating_seed_kendall_tau_per_block"] = per_block[1]
+        metrics["rating_seed_noise"] = float(np.median(np.abs(again + score)))  # |rating 2 - rating 1|
+    else:
+        taus.values |= {"rating_seed_kendall_tau": None, "rating_seed_kendall_tau_ci": None}
+
+    # how the blocks combine: each alone, z-scores, and the linear predictor judged leave-one-out
+    columns = block_columns(ranked)
+    metrics["block_kendall_tau"] = {c.rsplit("_", 1)[1]: kendall_tau(-ranked[c], accuracy) for c in columns}
+    own = _ratings(run)
+    if own is not None and len(ranked):
+        taus.add("zscore_kendall_tau", -zscore_rating(ranked, own), accuracy)
+    features = ranked[columns].to_numpy(float)
+    predicted = loo_predictions(features, accuracy) if len(ranked) else None
+    predictor = {"networks": len(ranked), "kendall_tau_loo": None, "fitted": predicted is not None}
+    if predicted is not None:
+        taus.add("predictor_kendall_tau_loo", predicted, accuracy)
+        predictor |= fit_predictor(features, accuracy, columns) | {
+            "kendall_tau_loo": taus.values["predictor_kendall_tau_loo"]}
+    write_json(out / "predictor.json", predictor)
+
+    # cost alone: does a bigger network train better?
+    for axis in ("params", "macs"):
+        taus.add(f"{axis}_kendall_tau", ranked[axis], accuracy)
+
     if spos is not None:
-        spos_score = ranked["spos_accuracy"].to_numpy(float)
-        metrics |= {"spos_kendall_tau": kendall_tau(spos_score, accuracy),
-                    "spos_spearman": spearman(spos_score, accuracy),
-                    "spos_kendall_tau_in_band": tau_in_bands(spos_score, accuracy, ranked["band"])[0],
+        spos_score = -ranked["spos_loss"].to_numpy(float)
+        taus.add("spos_kendall_tau", spos_score, accuracy)
+        taus.add("spos_kendall_tau_in_band", spos_score, accuracy, bands)
+        metrics |= {"spos_spearman": spearman(spos_score, accuracy),
                     "spos_top_k_precision": top_k_precision(spos_score, accuracy, p.top_k), "spos": spos}
     else:
-        metrics["spos_kendall_tau"] = None
+        taus.values |= {"spos_kendall_tau": None, "spos_kendall_tau_ci": None}
+    metrics |= taus.values
+
     searched = trained[trained["searched"]]
     randoms = trained[trained["random"]]
     metrics["searched_accuracy"] = float(searched["test_accuracy"].iloc[0]) if len(searched) else None
@@ -226,10 +348,25 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
     metrics["random_networks"] = len(randoms)
     if metrics["searched_accuracy"] is not None and metrics["random_median_accuracy"] is not None:
         metrics["searched_minus_random_median"] = metrics["searched_accuracy"] - metrics["random_median_accuracy"]
+        metrics["searched_minus_random_median_ci"] = bootstrap_interval(
+            lambda r: metrics["searched_accuracy"] - float(np.median(r)), randoms["test_accuracy"],
+            resamples=p.bootstrap, seed=run.params.seed)
+    if p.seeds > 1 and len(trained):
+        every = np.array([[float(a) for a in s.split(";")] for s in trained["test_accuracies"]])
+        metrics["seed_accuracy_noise"] = float(np.mean(np.abs(every[:, 0] - every[:, 1])))
+        if "searched_minus_random_median" in metrics:
+            metrics["searched_beats_random_beyond_noise"] = bool(
+                metrics["searched_minus_random_median"] > metrics["seed_accuracy_noise"])
     write_csv(out / "networks.csv", frame)
     write_json(out / "metrics.json", metrics)
-    plots.ranking(frame, metrics, out / "rank.png")
+    plots.ranking(frame, {name: shown(metrics, name) for name in metrics}, out / "rank.png")
     return metrics
+
+
+def headline(metrics: dict) -> str:
+    """The ranking figures in one line, each with its interval and beside both noises."""
+    names = ("kendall_tau", "kendall_tau_in_band", "spos_kendall_tau", "seed_kendall_tau", "rating_seed_kendall_tau")
+    return "; ".join(f"{n} {shown(metrics, n)}" for n in names) + f" over {metrics['networks']} networks"
 
 
 class RankFailure(StageFailure):
@@ -257,10 +394,14 @@ def stage_rank(run) -> dict:
     except Exception as exc:  # noqa: BLE001
         log.error("rank: the one-shot baseline failed: %s: %s", type(exc).__name__, exc)
         spos, failed["spos"] = None, f"{type(exc).__name__}: {exc}"
+    try:
+        replicate_ratings(run)
+    except Exception as exc:  # noqa: BLE001
+        log.error("rank: distilling the blocks again failed: %s: %s", type(exc).__name__, exc)
+        failed["replicate"] = f"{type(exc).__name__}: {exc}"
     metrics = summarize(run, plan, results, failed, spos)
     if failed:
         raise RankFailure(failed, len(results))
-    log.info("rank: Kendall tau %s over %d networks (one-shot %s); searched %s, random median %s",
-             metrics["kendall_tau"], metrics["networks"], metrics["spos_kendall_tau"], metrics["searched_accuracy"],
+    log.info("rank: %s; searched %s, random median %s", headline(metrics), metrics["searched_accuracy"],
              metrics["random_median_accuracy"])
     return metrics

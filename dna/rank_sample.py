@@ -44,13 +44,16 @@ class NetworkTable:
         return [t.choice(r) for t, r in zip(self.blocks, rows[1:-1])]
 
     def frame(self, networks: list[Rows]) -> pd.DataFrame:
-        """One row per distinct network: `rows` (stage rows joined with -), rating and every cost axis."""
+        """One row per distinct network: `rows` (stage rows joined with -), rating, each block's rating
+        (`rating_block_<b>`) and every cost axis."""
         unique = list(dict.fromkeys(networks))
+        blocks = [f"rating_block_{b}" for b in range(len(self.blocks))]
         if not unique:
-            return pd.DataFrame(columns=["rows", "rating", *self.axes])
+            return pd.DataFrame(columns=["rows", "rating", *blocks, *self.axes])
         table = np.array(unique, dtype=np.int64)
         out = {"rows": ["-".join(map(str, r)) for r in unique],
                "rating": sum(f["score"].to_numpy(float)[table[:, i]] for i, f in enumerate(self.frames))}
+        out |= {name: self.frames[b + 1]["score"].to_numpy(float)[table[:, b + 1]] for b, name in enumerate(blocks)}
         for axis in self.axes:
             out[axis] = sum(f[axis].to_numpy(float)[table[:, i]] for i, f in enumerate(self.frames))
         return pd.DataFrame(out)

@@ -73,6 +73,17 @@ def pareto_front(
     return [_selection(stages, _backtrack(stages, back, *ends[k])) for k in keep]
 
 
+def near_best(
+    stages: list[pd.DataFrame], budgets: dict[str, float], axis: str, tolerance: float
+) -> list[Selection]:
+    """The networks meeting ``budgets`` whose score is within ``tolerance`` of the best such score, cheapest on
+    ``axis`` first: the budgeted Pareto front of (score, ``axis``) cut at best + tolerance. Any network within the
+    tolerance is dominated by one of these, so the first is the cheapest network rated within it."""
+    front = pareto_front(stages, axis, budgets)
+    best = min(s.score for s in front)
+    return [s for s in front if s.score <= best + tolerance]
+
+
 def front_table(stages: list[pd.DataFrame], front: list[Selection]) -> pd.DataFrame:
     """The front as a table: score, every cost axis, and the chosen row per stage (``stage_i``)."""
     axes = _cost_axes(stages)

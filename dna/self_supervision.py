@@ -7,6 +7,12 @@ of every cell of the EMA copy on view 2. The loss is 2 - 2 cos(prediction, targe
 after every optimizer step (momentum `momentum`). A candidate is rated by the same loss on the rating split, with
 fixed, seeded views and target paths, so every candidate sees the same targets.
 
+Toward BossNAS's recipe, as options: `rating_target: all` rates against the mean of every path of every cell (no
+candidate is favoured by being one of a few drawn target paths), `rating_views` averages the score over several
+seeded crop pairs per image, and `momentum_schedule: cosine` moves the EMA's momentum from `momentum` to 1 over the
+block's training. Not here: BYOL's colour and blur augmentations, a projector before the predictor, and the
+symmetric loss (both views through the online cells).
+
 Blocks are trained progressively: block i's input is the output of the best-rated candidate of every block before
 it (its layers and adapter, BatchNorm calibrated as rating does), so block i needs blocks 0..i-1 trained and rated
 first. Within a block, its cells train together as with a teacher. Blocks cannot run in parallel (the Prefect flow
@@ -16,9 +22,10 @@ A block's target width is its widest cell's width, at the block's resolution.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from functools import cached_property
-from typing import TYPE_CHECKING, Hashable, Iterator
+from typing import TYPE_CHECKING, Hashable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +47,12 @@ class SslOptions(BaseModel):
     ensemble: int = Field(2, ge=1, le=16)  # sampled paths of each cell of the EMA copy in a target
     crop_scale: float = Field(0.5, gt=0.0, le=1.0)  # smallest area of a random crop, as a fraction of the image
     predictor: int = Field(128, ge=8, le=4096)  # hidden width of the predictor
+    # the rating's target: `sampled` (`ensemble` seeded paths of every cell) or `all` (every path of every cell of
+    # the EMA copy, as BossNAS rates: no candidate is favoured by being one of the target's paths)
+    rating_target: Literal["sampled", "all"] = "sampled"
+    rating_views: int = Field(1, ge=1, le=16)  # seeded crop pairs per rating image, the score averaged over them
+    # the EMA copy's momentum: `constant`, or `cosine` from `momentum` to 1 over the block's training (BYOL)
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
 
 
 def crops(x: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -63,13 +76,22 @@ class BootstrapCriterion(nn.Module):
     """The ensemble-bootstrapping loss of one block's cells: the predictor (trained with them) and their EMA copy
     (updated after every optimizer step); checkpointed with the block, so a resumed block continues exactly."""
 
-    def __init__(self, cells: nn.ModuleDict, channels: int, options: SslOptions):
+    def __init__(self, cells: nn.ModuleDict, channels: int, options: SslOptions, total_updates: int = 0):
         super().__init__()
         self.target = copy.deepcopy(cells).requires_grad_(False)
         self.predictor = nn.Sequential(nn.Linear(channels, options.predictor), nn.BatchNorm1d(options.predictor),
                                        nn.ReLU(inplace=True), nn.Linear(options.predictor, channels))
-        self.momentum, self.ensemble = options.momentum, options.ensemble
+        self.momentum, self.ensemble, self.options = options.momentum, options.ensemble, options
+        self.total_updates = total_updates  # of the block's training, for the cosine momentum schedule
         self._online = [cells]  # not a submodule: the cells are saved as the block's model
+
+    def momentum_at(self, updates: int) -> float:
+        """The EMA's momentum after `updates` optimizer steps: constant, or BYOL's cosine schedule from `momentum`
+        to 1 over the block's training."""
+        if self.options.momentum_schedule == "constant" or not self.total_updates:
+            return self.momentum
+        progress = min(updates / self.total_updates, 1.0)
+        return 1 - (1 - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.predictor(pooled(output)), dim=1)
@@ -81,12 +103,17 @@ class BootstrapCriterion(nn.Module):
         self.target.train()
         vectors = []
         for cell in self.target.values():
-            num_ops = len(cell.layers[-1])
-            depth = len(cell.layers) - cell.num_fixed
-            for _ in range(self.ensemble):
-                path = tuple(torch.randint(num_ops, (depth,), generator=generator).tolist())
+            for path in self.target_paths(cell, generator):
                 vectors.append(F.normalize(pooled(cell(view, path)), dim=1))
         return F.normalize(torch.stack(vectors).mean(0), dim=1)
+
+    def target_paths(self, cell: nn.Module, generator: torch.Generator | None) -> list[tuple[int, ...]]:
+        """The paths of a cell of the EMA copy in a target: `ensemble` drawn at random, or every path when rating
+        with rating_target `all` (a rating generator is given)."""
+        num_ops, depth = len(cell.layers[-1]), len(cell.layers) - cell.num_fixed
+        if generator is not None and self.options.rating_target == "all":
+            return list(itertools.product(range(num_ops), repeat=depth))
+        return [tuple(torch.randint(num_ops, (depth,), generator=generator).tolist()) for _ in range(self.ensemble)]
 
     def losses(self, outputs: list[torch.Tensor], view: torch.Tensor) -> list[torch.Tensor]:
         target = self.ensemble_target(view)
@@ -94,9 +121,9 @@ class BootstrapCriterion(nn.Module):
 
     @torch.no_grad()
     def after_step(self, updates: int) -> None:
-        online = self._online[0]
+        online, momentum = self._online[0], self.momentum_at(updates)
         for ours, theirs in zip(self.target.parameters(), online.parameters()):
-            ours.mul_(self.momentum).add_(theirs.detach(), alpha=1 - self.momentum)
+            ours.mul_(momentum).add_(theirs.detach(), alpha=1 - momentum)
         for ours, theirs in zip(self.target.buffers(), online.buffers()):
             ours.copy_(theirs)
 
@@ -162,7 +189,9 @@ class SelfSupervised:
         return self._shapes
 
     def criterion(self, block: int, cells: nn.ModuleDict) -> BootstrapCriterion:
-        return BootstrapCriterion(cells, self.shapes()[block][0], self.options)
+        d = self.run.params.distill
+        updates = d.epochs * math.ceil(len(self.run.data.train) / d.batch_size)
+        return BootstrapCriterion(cells, self.shapes()[block][0], self.options, total_updates=updates)
 
     # block inputs --------------------------------------------------------------------------------------------
     def front(self, block: int) -> list[nn.Module]:
@@ -238,8 +267,9 @@ class SelfSupervised:
         engine). Rating: (block input on view 1, ensemble target on view 2), from a fixed seed."""
         fixed = torch.Generator().manual_seed(self.run.params.seed * 1_000 + RATING_SEED) if self.rating else None
         for images, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator, sharded=sharded):
-            x1, x2 = self._views(block, images, fixed)
-            yield self._rated(block, x1, x2, fixed) if self.rating else (x1, x2)
+            for _ in range(self.options.rating_views if self.rating else 1):  # a score's mean over every view
+                x1, x2 = self._views(block, images, fixed)
+                yield self._rated(block, x1, x2, fixed) if self.rating else (x1, x2)
 
     def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         fixed = torch.Generator().manual_seed(seed * 1_000 + RATING_SEED)

@@ -1,5 +1,6 @@
 """The single-path one-shot (SPOS) baseline: one supernet of whole networks, trained on labels with one uniformly
-sampled path per step; a network is rated by its hold-out accuracy with the weights it inherits.
+sampled path per step; a network is rated by its hold-out cross-entropy with the weights it inherits (its accuracy is
+kept beside it).
 
 The supernet holds every piece of every network of the space (the space's own pieces: stem, layers, heads) once,
 keyed by block, position in the block, op and widths: the first layers of cells of one width share weights whatever
@@ -28,7 +29,7 @@ from dna.data import Data
 from dna.engine import Engine
 from dna.rate import calibrate
 from dna.spaces.base import Cell, Choice, Piece, SearchSpace
-from dna.train import OPTIMIZERS, accuracy
+from dna.train import OPTIMIZERS
 
 
 def layer_key(block: int, index: int, piece: Piece) -> str:
@@ -128,10 +129,19 @@ def train_spos(space: SearchSpace, data: Data, params: Params, ckpt_path: str | 
     return supernet, SposResult(fitted.history, fitted.resumed_from, epochs, steps)
 
 
-def inherited_accuracy(supernet: SposSupernet, choice: Choice, calibration: torch.Tensor, loader,
-                       device: torch.device) -> float:
-    """A network's accuracy on `loader` with the supernet's weights, its BatchNorm statistics re-estimated on the
-    calibration batch first (shared weights carry statistics of the mixture of paths)."""
+@torch.no_grad()
+def inherited_scores(supernet: SposSupernet, choice: Choice, calibration: torch.Tensor, loader,
+                     device: torch.device) -> tuple[float, float]:
+    """A network's mean cross-entropy and accuracy on `loader` with the supernet's weights, its BatchNorm statistics
+    re-estimated on the calibration batch first (shared weights carry statistics of the mixture of paths). The loss
+    rates it: unlike accuracy on a few hundred images, it does not move in steps of one image or tie."""
     path = supernet.path(choice)
     calibrate(path, calibration.to(device, memory_format=torch.channels_last))
-    return accuracy(path, loader, device)
+    path.eval()
+    loss = correct = total = 0.0
+    for x, y in loader:
+        logits = path(x.to(device, non_blocking=True)).float().cpu()
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    return loss / max(total, 1), correct / max(total, 1)

@@ -78,11 +78,12 @@ STAGES: tuple[Stage, ...] = (
           headline=("onnx_test_accuracy", "max_abs_diff")),
     Stage("rank", "Measure how well the rating ranks networks: train a stratified sample, the searched network and "
           "random networks under the budgets from scratch; rate them with a single-path one-shot supernet too.",
-          "dna.rank:stage_rank", ("seed", "data", "space", "distill", "rating", "search", "rank"),
-          ("rank/networks", "rank/spos", "rank/plan.csv", "rank/bands.json", "rank/networks.csv", "rank/rank.png"),
+          "dna.rank:stage_rank", ("seed", "data", "space", "supervision", "distill", "rating", "search", "rank"),
+          ("rank/networks", "rank/spos", "rank/replicates", "rank/predictor.json", "rank/plan.csv", "rank/bands.json",
+           "rank/networks.csv", "rank/rank.png"),
           metrics="rank/metrics.json",
-          headline=("kendall_tau", "kendall_tau_in_band", "spos_kendall_tau", "searched_accuracy",
-                    "random_median_accuracy"), default=False),
+          headline=("kendall_tau", "kendall_tau_in_band", "spos_kendall_tau", "seed_kendall_tau",
+                    "rating_seed_kendall_tau", "searched_accuracy", "random_median_accuracy"), default=False),
     Stage("rounds", "DNA+: rounds 2 to rounds.count after round 1 (the default stages), each every default stage "
           "with the network the round before found and retrained as its teacher.", "dna.rounds:stage_rounds",
           ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "profile", "search", "retrain",

@@ -4,7 +4,9 @@ the task runner named by orchestration.task_runner, then report how well the rat
 
 A network whose result file matches is not retrained; one interrupted resumes from its last epoch. A network that
 fails is named; the others' results are kept and reported.
-Writes outputs/rank/ (plan.csv, networks/<id>/, spos/, networks.csv, rank.png, metrics.json).
+A third kind of task distills and rates every block again from another seed (the rating's own noise).
+Writes outputs/rank/ (plan.csv, networks/<id>/, spos/, replicates/<r>/, networks.csv, rank.png, metrics.json,
+predictor.json).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from dna.config import Params
+from dna.rank_metrics import shown
 from flows import artifacts
 from flows.entry import cli, load, with_absolute_outputs
 from flows.prefect_api import share_prefect_api
@@ -71,6 +74,20 @@ def spos_task(params: Params, tracking: Tracking, threads: int | None = None, sh
     return result
 
 
+@task(name="rank-replicate", cache_policy=NO_CACHE)
+def replicate_task(params: Params, tracking: Tracking, threads: int | None = None,
+                   shared_process: bool = False) -> dict:
+    """Distill and rate every block again from other seeds: the rating's own noise."""
+    from dna.pipeline import Run
+    from dna.rank import replicate_ratings
+
+    _threads(threads)
+    with _turn(shared_process), child_run(tracking, "replicate", {STAGE_TAG: "rank"}) as mlrun:
+        result = replicate_ratings(Run(params), on_epoch=EpochLog(mlrun))
+        mlrun.metrics({"seconds": result["seconds"]})
+    return result
+
+
 @flow(name="dna-rank")
 def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.pipeline import Run
@@ -86,9 +103,10 @@ def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
         shared = orch.task_runner == "threads"
         threads = None if shared else max(1, (os.cpu_count() or 1) // max(orch.max_workers, 1))
         spos = spos_task.with_options(retries=orch.retries).submit(params, tracking, threads, shared)
+        replicate = replicate_task.with_options(retries=orch.retries).submit(params, tracking, threads, shared)
         network = network_task.with_options(retries=orch.retries, retry_delay_seconds=1)
         futures = {n: network.submit(params, n, tracking, threads, shared) for n in plan["id"]}
-        wait([spos, *futures.values()])
+        wait([spos, replicate, *futures.values()])
         results, failed = {}, {}
         for name, future in futures.items():
             try:
@@ -99,18 +117,35 @@ def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
             spos_result = spos.result()
         except Exception as exc:  # noqa: BLE001
             spos_result, failed["spos"] = None, f"{type(exc).__name__}: {exc}"
+        try:
+            replicate.result()
+        except Exception as exc:  # noqa: BLE001
+            failed["replicate"] = f"{type(exc).__name__}: {exc}"
         metrics = summarize(run, plan, results, failed, spos_result)
-        mlrun.metrics(metrics)
+        mlrun.metrics(interval_bounds(metrics))
         mlrun.metrics(metrics.get("spos") or {}, prefix="spos.")
-        for name in ("networks.csv", "rank.png", "metrics.json", "bands.json"):
-            mlrun.artifact(run.paths.rank_dir / name)
+        for name in ("networks.csv", "rank.png", "metrics.json", "bands.json", "predictor.json"):
+            if (run.paths.rank_dir / name).is_file():
+                mlrun.artifact(run.paths.rank_dir / name)
         if failed:
             mlrun.tags({"dna.failed_networks": ",".join(failed)})
             raise RankFailure(failed, len(results))
-    artifacts.markdown("rank-summary", artifacts.metrics_markdown("Does the rating rank networks?", metrics),
-                       "Kendall tau and Spearman of rating against test accuracy, the one-shot baseline's tau, "
-                       "the searched network against random ones under the budget")
+    shown_metrics = {k: shown(metrics, k) if f"{k}_ci" in metrics else v for k, v in metrics.items()
+                     if not k.endswith("_ci")}
+    artifacts.markdown("rank-summary", artifacts.metrics_markdown("Does the rating rank networks?", shown_metrics),
+                       "Kendall tau of rating against test accuracy with bootstrap 90% intervals, beside the "
+                       "ground truth's and the rating's own noise, the one-shot baseline's tau, the searched network "
+                       "against random ones under the budget")
     return metrics
+
+
+def interval_bounds(metrics: dict) -> dict:
+    """The metrics with each interval `<name>_ci` as two numbers, `<name>_ci_low` and `<name>_ci_high`."""
+    out = {k: v for k, v in metrics.items() if not k.endswith("_ci")}
+    for key, interval in metrics.items():
+        if key.endswith("_ci") and interval:
+            out[f"{key}_low"], out[f"{key}_high"] = interval
+    return out
 
 
 def run_rank(params_file: str = "params.yaml", overrides: dict | None = None,
