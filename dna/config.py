@@ -59,8 +59,8 @@ LOADING_KEYS = ("num_workers", "cache_mb")  # how the data are loaded, not which
 
 
 class DataConfig(Strict):
-    added_keys = ("num_classes",)
-    unfingerprinted_keys = LOADING_KEYS
+    added_keys = ("num_classes", "verify")
+    unfingerprinted_keys = (*LOADING_KEYS, "verify")
     source: Literal["digits", "torchvision", "imagefolder"] = "digits"
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
     root: str | None = None
@@ -73,6 +73,7 @@ class DataConfig(Strict):
     augment: bool = False
     num_workers: Annotated[int, Field(ge=0)] = 0  # loader processes; 0 loads in the training process
     cache_mb: Annotated[int, Field(ge=0)] = 1024  # memory for decoded images: a dataset that fits is decoded once
+    verify: bool = True  # the data stage decodes every image file once and names those that do not decode
 
     @model_validator(mode="before")
     @classmethod

@@ -93,11 +93,12 @@ def test_fingerprints_leave_out_how_the_data_are_loaded():
     from dna.checkpoint import digest
 
     base = load_params(DEFAULT)
-    loaded_otherwise = load_params(DEFAULT, overrides={"data.num_workers": 4, "data.cache_mb": 0})
+    loaded_otherwise = load_params(DEFAULT, overrides={"data.num_workers": 4, "data.cache_mb": 0, "data.verify": False})
     other_data = load_params(DEFAULT, overrides={"data.image_size": 48})
     assert digest(base.data) == digest(loaded_otherwise.data) != digest(other_data.data)
     assert digest(base) == digest(loaded_otherwise)
     assert loaded_otherwise.model_dump()["data"]["num_workers"] == 4
+    assert loaded_otherwise.model_dump()["data"]["verify"] is False and "verify" not in base.model_dump()["data"]
 
 
 def test_overrides_set_nested_keys(tmp_path):
