@@ -312,7 +312,7 @@ def _unreadable(path: str) -> str | None:
         with Image.open(path) as image:
             image.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... per format
-        cause = (str(exc).strip().splitlines() or [""])[0]
+        cause = (str(exc).strip().splitlines() or [""])[0].replace(repr(path), "").replace(path, "").strip()
         return f"{path} ({type(exc).__name__}{': ' + cause if cause else ''})"
     return None
 
