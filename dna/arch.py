@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,10 @@ class Arch:
     settings: BuildSettings = DEFAULT_SETTINGS
 
     def __post_init__(self) -> None:
+        for key in ("stem", "head"):
+            width = getattr(self, key)
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"arch: {key} must be a whole number of channels, at least 1; got {width!r}")
         if not isinstance(self.family, str):
             raise ValueError(f"arch: family must be a name, got {self.family!r}")
         get_family(self.family)  # raises on an unregistered family, naming the registered ones
@@ -90,13 +95,21 @@ class Arch:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Arch:
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"arch file: expected a mapping with keys stem, head and arch, got a "
+                             f"{type(raw).__name__}")
         missing = {"stem", "head", "arch"} - set(raw or {})
         if missing:
             raise ValueError(f"arch file lacks key(s) {sorted(missing)}; expected stem, head and arch")
         unknown = sorted(set(raw) - set(KEYS))
         if unknown:
             raise ValueError(f"arch file has unknown key(s) {unknown}; allowed: {', '.join(KEYS)}")
-        return cls(stem=int(raw["stem"]), head=int(raw["head"]), stages=raw["arch"],
+        stages = raw["arch"]
+        if not isinstance(stages, list) or not all(isinstance(stage, list) and all(isinstance(b, str) for b in stage)
+                                                   for stage in stages):
+            raise ValueError(f"arch file: arch must be a list of stages, each a list of timm block strings; got "
+                             f"{reprlib.repr(stages)}")
+        return cls(stem=raw["stem"], head=raw["head"], stages=stages,
                    family=raw.get("family", DEFAULT_FAMILY), settings=BuildSettings.from_dict(raw.get("build")))
 
     def to_yaml(self) -> str:
@@ -104,7 +117,11 @@ class Arch:
 
     @classmethod
     def from_yaml(cls, text: str) -> Arch:
-        return cls.from_dict(yaml.safe_load(text))
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not valid YAML ({' '.join(str(exc).split())})") from None
+        return cls.from_dict(raw)
 
     def save(self, path: str | Path) -> Path:
         from dna.checkpoint import atomic_write_text

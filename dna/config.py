@@ -36,7 +36,7 @@ def deep_checks(info: ValidationInfo) -> bool:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # a budget of inf is no budget
     # keys added after configs were first fingerprinted: left out of dumps while at their defaults, so a config that
     # does not set them dumps (and fingerprints, and resumes its checkpoints) as before the key existed
     added_keys: ClassVar[tuple[str, ...]] = ()
@@ -55,24 +55,27 @@ class Strict(BaseModel):
         return out
 
 
+MAX_IMAGE_SIZE = 1024  # the largest ImageNet-style inputs are 600-800 px (EfficientNet-B7, -L2)
 LOADING_KEYS = ("num_workers", "cache_mb")  # how the data are loaded, not which: no result depends on them
 
 
 class DataConfig(Strict):
-    added_keys = ("num_classes",)
-    unfingerprinted_keys = LOADING_KEYS
+    added_keys = ("num_classes", "verify")
+    unfingerprinted_keys = (*LOADING_KEYS, "verify")
     source: Literal["digits", "torchvision", "imagefolder"] = "digits"
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
     root: str | None = None
     download: bool = False
     num_classes: PositiveInt | None = None  # used when the data is absent (inspecting a preset); checked against it
-    image_size: PositiveInt = 32
+    # at most MAX_IMAGE_SIZE: the checks before any work build the space's layers on images of this size
+    image_size: Annotated[int, Field(gt=0, le=MAX_IMAGE_SIZE)] = 32
     channels: Literal[1, 3] = 1
     rate_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     augment: bool = False
     num_workers: Annotated[int, Field(ge=0)] = 0  # loader processes; 0 loads in the training process
     cache_mb: Annotated[int, Field(ge=0)] = 1024  # memory for decoded images: a dataset that fits is decoded once
+    verify: bool = True  # the data stage decodes every image file once and names those that do not decode
 
     @model_validator(mode="before")
     @classmethod
@@ -486,7 +489,7 @@ class ProfileConfig(Strict):
 class RetrainConfig(Strict):
     init: Literal["scratch", "supernet"] = "scratch"
     kd_alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # weight of the teacher-logit loss; 0 turns it off
-    kd_temperature: Annotated[float, Field(gt=0.0)] = 4.0
+    kd_temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 4.0  # the loss is scaled by its square
     train: TrainConfig = TrainConfig()
 
 
@@ -553,7 +556,7 @@ class CoreParams(Strict):
 
     added_keys = ("rounds",)
 
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's and scikit-learn's seeds are 32-bit
     outputs: str = "outputs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
@@ -568,6 +571,16 @@ class CoreParams(Strict):
     export: ExportConfig = ExportConfig()
     rank: RankConfig = RankConfig()
     rounds: RoundsConfig = RoundsConfig()
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, outputs: str) -> str:
+        path = Path(outputs)
+        if not outputs.strip() or path == Path(".") or path == Path(path.anchor):
+            raise ValueError(f"outputs={outputs!r} must name a folder of its own for the run's files (e.g. outputs): "
+                             "the stages write data/, teacher/, ratings/... under it, and DVC deletes a stage's "
+                             "outputs before it runs the stage")
+        return outputs
 
     @model_validator(mode="after")
     def _rand_augment_needs_images(self) -> CoreParams:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from dna.loading import Batches, Decoded, Loading
 
 SPLITS = ("train", "rate", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+VERIFY_CHUNK = 4096  # image files decoded per batch of threads (bounds the futures held at once)
 
 
 @dataclass
@@ -166,8 +169,26 @@ def _sources(cfg: DataConfig, rand_augment: str | None = None) -> tuple[Dataset,
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir() and train_dir != root), None)
     pool = _image_folder(train_dir, cfg, True, rand_augment)
     pool_eval = _image_folder(train_dir, cfg, False)
-    test = _image_folder(test_dir, cfg, False) if test_dir else None
+    test = None
+    if test_dir:
+        _check_test_classes(cfg, train_dir, test_dir, pool.classes)
+        test = _image_folder(test_dir, cfg, False)
     return pool, pool_eval, test, np.asarray(pool.targets)
+
+
+def _check_test_classes(cfg: DataConfig, train_dir: Path, test_dir: Path, classes: list[str]) -> None:
+    """The test folder holds the training folder's classes, no more and no fewer: ImageFolder numbers each folder's
+    classes by their sorted names, so a class missing from one folder would shift every later label of the other."""
+    from torchvision.datasets.folder import find_classes
+
+    tested = find_classes(test_dir)[0]
+    missing, extra = sorted(set(classes) - set(tested)), sorted(set(tested) - set(classes))
+    if not missing and not extra:
+        return
+    problems = ([f"{test_dir} lacks the class(es) {', '.join(missing)} of {train_dir}"] if missing else []) + \
+        ([f"{test_dir} has class(es) {train_dir} lacks: {', '.join(extra)}"] if extra else [])
+    raise ConfigError(f"data.root={cfg.root!r}: the test folder and the training folder must hold the same classes "
+                      f"(labels are numbered by the sorted class folders); {'; '.join(problems)}")
 
 
 def check_source(cfg: DataConfig) -> None:
@@ -228,9 +249,43 @@ def class_count(cfg: DataConfig, splits_path: str | Path | None = None) -> int:
     return count
 
 
-def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
-    """Seeded, stratified, disjoint index lists into the training pool (and the test set when it is separate)."""
-    _, _, test, labels = _sources(cfg)
+def _where(cfg: DataConfig) -> str:
+    if cfg.source == "digits":
+        return "scikit-learn's digits"
+    return f"data.root={cfg.root!r}" + (f", data.name={cfg.name!r}" if cfg.source == "torchvision" else "")
+
+
+def _class_list(pool: Dataset, labels: np.ndarray) -> list[str]:
+    """The names of the pool's classes, those without images included (a torchvision dataset's `classes`)."""
+    named = getattr(pool, "classes", None)
+    return class_names(pool, max(len(named) if named is not None else 0, int(labels.max()) + 1 if len(labels) else 0))
+
+
+def check_class_sizes(cfg: DataConfig, labels: np.ndarray, names: list[str], separate_test: bool) -> None:
+    """At least two classes, and enough images of each that every split drawn from the pool gets a share of every
+    class (one image or more of each: a stratified split needs them); raises ConfigError naming the classes."""
+    if len(names) < 2:
+        raise ConfigError(f"data: {_where(cfg)} holds {len(names)} class{'' if len(names) == 1 else 'es'}"
+                          f"{' (' + ', '.join(names) + ')' if names else ''}; a classifier needs at least two "
+                          "(with one, every prediction is right and the test accuracy of 1.0 means nothing)")
+    shares = {f"data.rate_fraction={cfg.rate_fraction:g}": cfg.rate_fraction}
+    if not separate_test:
+        shares[f"data.test_fraction={cfg.test_fraction:g}"] = cfg.test_fraction
+    rest = 1.0 - cfg.rate_fraction - (0.0 if separate_test else cfg.test_fraction)
+    shares[f"the training split (the rest, {rest:g})"] = rest
+    smallest, share = min(shares.items(), key=lambda item: item[1])
+    need = math.ceil(1.0 / share - 1e-9)
+    counts = np.bincount(labels, minlength=len(names))
+    small = [f"{names[c]} ({counts[c]})" for c in np.flatnonzero(counts < need)]
+    if small:
+        shown = ", ".join(small[:20]) + (f" and {len(small) - 20} more" if len(small) > 20 else "")
+        raise ConfigError(f"data: {_where(cfg)}: {len(small)} of {len(names)} classes have fewer than the {need} "
+                          f"images each class needs for every split to get one of them ({smallest} takes the "
+                          f"smallest share of each class): {shown}; add images, drop those classes or change "
+                          f"data.rate_fraction{'' if separate_test else ' / data.test_fraction'}")
+
+
+def _split(cfg: DataConfig, seed: int, labels: np.ndarray, test: Dataset | None) -> dict[str, list[int]]:
     index = np.arange(len(labels))
     held = cfg.rate_fraction + (0 if test is not None else cfg.test_fraction)
     train, rest = train_test_split(index, test_size=held, random_state=seed, stratify=labels)
@@ -241,9 +296,50 @@ def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
     return {"train": sorted(train.tolist()), "rate": sorted(rate.tolist()), "test": sorted(test_idx.tolist())}
 
 
-def write_splits(cfg: DataConfig, seed: int, path: str | Path) -> dict:
-    splits = make_splits(cfg, seed)
+def make_splits(cfg: DataConfig, seed: int) -> dict[str, list[int]]:
+    """Seeded, stratified, disjoint index lists into the training pool (and the test set when it is separate);
+    raises ConfigError when the classes are too few or too small to split (check_class_sizes)."""
     pool, _, test, labels = _sources(cfg)
+    check_class_sizes(cfg, labels, _class_list(pool, labels), test is not None)
+    return _split(cfg, seed, labels, test)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why an image file does not decode ("path (error)"), or None when it does."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... per format
+        cause = (str(exc).strip().splitlines() or [""])[0].replace(repr(path), "").replace(path, "").strip()
+        return f"{path} ({type(exc).__name__}{': ' + cause if cause else ''})"
+    return None
+
+
+def check_images(cfg: DataConfig, *datasets: Dataset | None) -> None:
+    """Decode every image file of the datasets once, in threads (PIL decodes without the GIL); raises ConfigError
+    naming every file that does not decode, as a loader would fail on it in a later stage."""
+    paths = [path for ds in datasets if ds is not None for path, _ in getattr(ds, "samples", ())]
+    if not paths:
+        return
+    bad = []
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as threads:
+        for start in range(0, len(paths), VERIFY_CHUNK):
+            bad += [why for why in threads.map(_unreadable, paths[start:start + VERIFY_CHUNK]) if why is not None]
+    if bad:
+        raise ConfigError(f"data: {_where(cfg)}: {len(bad)} of {len(paths)} image files cannot be read: "
+                          f"{'; '.join(bad)}; remove or replace them (data.verify: false skips this check)")
+
+
+def write_splits(cfg: DataConfig, seed: int, path: str | Path) -> dict:
+    """The data stage: check the classes and (data.verify) every image, then write the splits."""
+    pool, _, test, labels = _sources(cfg)
+    names = _class_list(pool, labels)
+    check_class_sizes(cfg, labels, names, test is not None)
+    if cfg.verify:
+        check_images(cfg, pool, test)
+    splits = _split(cfg, seed, labels, test)
     num_classes = int(labels.max()) + 1
     summary = {"source": cfg.source, "name": cfg.name, "seed": seed, "num_classes": num_classes,
                "class_names": class_names(pool, num_classes),

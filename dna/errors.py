@@ -2,14 +2,27 @@
 
 2: a configuration that cannot be used (ConfigError: the message names the key and what is allowed).
 1: a fault a run detects: a corrupt checkpoint, a diverging loss, a failed ONNX parity check, a missing input of a
-   stage, a block that kept failing.
+   stage (MissingInput, not any FileNotFoundError: one a bug raises keeps its traceback), a block that kept failing.
 Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from dna.config import ConfigError
 
 CONFIG_ERROR, DETECTED_FAULT = 2, 1
+
+
+class MissingInput(FileNotFoundError):
+    """A file that an earlier stage writes is not there; the message names the stage to run."""
+
+
+def needed(path: str | Path, stage: str) -> Path:
+    """`path`, which the stage `stage` writes; raises MissingInput when it is not there."""
+    if not Path(path).exists():
+        raise MissingInput(f"{path} is missing: run the {stage} stage first (dna {stage})")
+    return Path(path)
 
 
 def detected_faults() -> tuple[type[Exception], ...]:
@@ -18,7 +31,16 @@ def detected_faults() -> tuple[type[Exception], ...]:
     from dna.export import ParityError
     from dna.train import NonFiniteLoss
 
-    return CheckpointError, NonFiniteLoss, ParityError, FileNotFoundError, StageFailure
+    return CheckpointError, NonFiniteLoss, ParityError, MissingInput, StageFailure
+
+
+def fails_alike(exc: BaseException) -> bool:
+    """Whether an error fails the same way on every try, so that retrying it only repeats it: a config that cannot
+    be used, a missing input, a diverging loss (a retry resumes at the same epoch), a failed parity check."""
+    from dna.export import ParityError
+    from dna.train import NonFiniteLoss
+
+    return isinstance(exc, (ConfigError, MissingInput, NonFiniteLoss, ParityError))
 
 
 class StageFailure(RuntimeError):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params, TrainConfig
 from dna.ddp import is_main, main_first
+from dna.errors import needed
 from dna.paths import Paths, ReplicatePaths
 
 if TYPE_CHECKING:
@@ -77,9 +78,7 @@ class Run:
                          pin_memory=self.device.type == "cuda")
 
     def splits(self) -> Path:
-        if not self.paths.splits.is_file():
-            raise FileNotFoundError(f"{self.paths.splits} is missing: run the data stage first (dna data)")
-        return self.paths.splits
+        return needed(self.paths.splits, "data")
 
     @cached_property
     def space(self) -> SearchSpace:
@@ -358,7 +357,8 @@ def stage_search(run: Run) -> dict:
     from dna.spaces.base import Candidates
 
     p, out = run.params.search, run.paths.search_dir
-    ratings = [pd.read_csv(run.paths.rating(b), dtype={"path": str}) for b in range(run.space.num_blocks)]
+    ratings = [pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str})
+               for b in range(run.space.num_blocks)]
     stages = stage_tables(run.space, [Candidates.from_frame(r) for r in ratings], latency=latency_model(run))
     costs = [s.costs() for s in stages]
     try:
@@ -425,7 +425,7 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
 
     p, out = run.params.retrain, run.paths.retrain_dir
     out.mkdir(parents=True, exist_ok=True)
-    arch = Arch.load(run.paths.arch)
+    arch = Arch.load(needed(run.paths.arch, "search"))
     model = build_student(run, arch)
     extraction = init_from_supernet(run, model, arch) if p.init == "supernet" else None
     teacher = load_teacher(run.params, run.paths.teacher, run.device) if p.kd_alpha > 0 else None
@@ -456,7 +456,7 @@ def stage_export(run: Run) -> dict:
     arch = Arch.from_yaml(state["arch"])
     model = run.space.build(arch)
     model.load_state_dict(state["model"])
-    retrain = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
+    retrain = json.loads(needed(run.paths.retrain_dir / "metrics.json", "retrain").read_text())
     images = run.data.images("test", 64)
     metadata = {"arch": arch.tag(), "arch_yaml": arch.to_yaml(), "test_accuracy": f"{retrain['test_accuracy']:.6f}",
                 "params": str(retrain["params"]), "macs": str(retrain["macs"]),

@@ -32,7 +32,7 @@ from dna import plots
 from dna.arch import Arch
 from dna.checkpoint import atomic_write_text, digest, file_digest
 from dna.config import ConfigError
-from dna.errors import StageFailure
+from dna.errors import StageFailure, needed
 from dna.rank_metrics import (
     bootstrap_interval,
     kendall_tau,
@@ -63,7 +63,7 @@ def network_table(run) -> NetworkTable:
     from dna.pipeline import latency_model, stage_tables
     from dna.spaces.base import Candidates
 
-    ratings = [Candidates.from_frame(pd.read_csv(run.paths.rating(b), dtype={"path": str}))
+    ratings = [Candidates.from_frame(pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str}))
                for b in range(run.space.num_blocks)]
     return NetworkTable(stage_tables(run.space, ratings, latency=latency_model(run)))
 
@@ -88,7 +88,7 @@ def plan_networks(run) -> pd.DataFrame:
         sampled = stratified(pool, p.networks, edges, p.cost_axis)
     except ValueError as exc:
         raise ConfigError(f"rank.networks={p.networks}, rank.cost_bands={p.cost_bands}: {exc}") from None
-    searched = table.frame([table.rows_of(run.space.parse(Arch.load(run.paths.arch)))])
+    searched = table.frame([table.rows_of(run.space.parse(Arch.load(needed(run.paths.arch, "search"))))])
     budgets = random_budgets(run, searched)
     fits = under_budget(pool, budgets)
     for _ in range(EXTRA_POOLS):

@@ -22,11 +22,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from dna.config import Params
-from dna.errors import StageFailure
+from dna.errors import StageFailure, fails_alike
 from dna.supervision import supervision_class
 from flows import artifacts
 from flows.entry import Checks, StepRun, cli, load, with_absolute_outputs
-from flows.prefect_api import share_prefect_api
+from flows.prefect_api import share_prefect_api, worth_retrying
 from flows.steps import stage_params
 from flows.task_runners import make_task_runner
 from flows.tracking import STAGE_TAG, EpochLog, Tracking, child_run, stage_run
@@ -52,7 +52,7 @@ def curves_dir(params: Params):
     return Paths(params.out_dir).distill_dir / "curves"
 
 
-@task(name="teacher-features", cache_policy=NO_CACHE)
+@task(name="teacher-features", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)
 def features_task(params: Params) -> None:
     """Run the teacher once over the training and rating splits and store its boundary features (if caching)."""
     from dna.pipeline import Run, stage_features
@@ -60,7 +60,8 @@ def features_task(params: Params) -> None:
     stage_features(Run(params))
 
 
-@task(name="distill-block", task_run_name="block-{block}", cache_policy=NO_CACHE)
+@task(name="distill-block", task_run_name="block-{block}", cache_policy=NO_CACHE,
+      retry_condition_fn=worth_retrying)
 def block_task(params: Params, block: int, tracking: Tracking, threads: int | None = None,
                shared_process: bool = False, params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     """Distill one block, then rate its candidates; logs a nested MLflow run and a Prefect progress artifact.
@@ -158,12 +159,17 @@ def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None
     return {"blocks": results, "task_runner": orch.task_runner}
 
 
+NOT_RETRIED = " (not retried: it fails the same way on every try)"
+
+
 class BlockFailure(StageFailure):
-    """Some blocks failed after their retries; the others finished and their checkpoints and ratings are kept."""
+    """Some blocks failed after their retries (none for an error that fails alike on every try); the others
+    finished and their checkpoints and ratings are kept."""
 
     def __init__(self, failed: dict[int, BaseException], retries: int, kept: list[int]):
         self.failed, self.kept = failed, kept
-        causes = "; ".join(f"block {b}: {type(e).__name__}: {e}" for b, e in failed.items())
+        causes = "; ".join(f"block {b}: {type(e).__name__}: {e}" + (NOT_RETRIED if fails_alike(e) else "")
+                           for b, e in failed.items())
         done = f"blocks {', '.join(map(str, kept))} finished and are kept" if kept else "no block finished"
         super().__init__(f"distill: {len(failed)} block(s) failed after {retries} retr{'y' if retries == 1 else 'ies'}"
                          f" ({causes}); {done}: running the stage again redoes only the failed blocks")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -60,6 +61,8 @@ def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
         return _checked.pop(key)
     params = load_params(params_file, overrides, deep=checks.models)  # with rounds.count > 1: round 1 (the rounds
     # step, flows/rounds.py, runs the later ones)
+    if os.environ.get("DVC_STAGE"):  # a step DVC runs: stop before DVC deletes the next steps' outputs too
+        check_dvc_outputs(params.outputs)
     validate(params, check_profile=checks.profile, data=checks.data, models=checks.models)
     return params
 
@@ -87,14 +90,29 @@ def missing_dvc_params(raw: dict) -> list[str]:
     return missing
 
 
-def check_dvc_params(params_file: str | Path = "params.yaml") -> None:
-    """Raise ConfigError naming every key dvc.yaml needs that the params file does not spell out."""
+def check_dvc_params(params_file: str | Path = "params.yaml", overrides: dict | None = None) -> None:
+    """Raise ConfigError naming every key dvc.yaml needs that the params file does not spell out, or when `outputs`
+    (with the overrides) is not a path DVC may delete in (check_dvc_outputs)."""
     raw = yaml.safe_load(Path(params_file).read_text()) or {}
     missing = missing_dvc_params(raw)
     if missing:
         raise ConfigError(f"{params_file}: dvc.yaml tracks {', '.join(missing)} but the file does not set "
                           f"{'it' if len(missing) == 1 else 'them'}; write the values out (defaults are not enough "
                           f"for DVC)")
+    outputs = (overrides or {}).get("outputs", raw.get("outputs"))
+    if isinstance(outputs, str):
+        check_dvc_outputs(outputs)
+
+
+def check_dvc_outputs(outputs: str) -> None:
+    """`outputs` as dvc.yaml reads it: a relative path inside the project, without `..`. DVC deletes a stage's
+    outputs before it runs the stage, wherever they are; outside the project they may be anyone's files."""
+    path = PurePath(outputs)
+    if path.is_absolute() or ".." in path.parts or outputs.startswith("~"):
+        raise ConfigError(f"outputs={outputs!r}: dvc.yaml writes the stages' outputs under it and DVC deletes them "
+                          f"before it runs a stage ({path / 'data' / 'splits.json'}, {path / 'ratings'}, ...), so "
+                          "under DVC it must be a relative path inside the project, without '..' (e.g. outputs); "
+                          "`dna run` writes anywhere")
 
 
 def with_absolute_outputs(params: Params) -> Params:

@@ -126,7 +126,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     with working_directory(root):  # fail on a bad config before anything runs
-        check_dvc_params("params.yaml")
+        check_dvc_params("params.yaml", overrides)
         params = load("params.yaml", overrides)
     cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
                       [ROUNDS_DVC] if params.rounds.count > 1 else None)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(text)
                 return 0
         with working_directory(root):
-            check_dvc_params("params.yaml")
+            check_dvc_params("params.yaml", overrides)
             load_params("params.yaml", overrides, deep=False)  # a wrong key: fail before starting a server
         api = start_api()
         with working_directory(root):  # while the Prefect server starts: the whole config, the MLflow store

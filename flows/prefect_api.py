@@ -218,10 +218,22 @@ def share_prefect_api() -> str | None:
     return url
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn of every task of the flows: retry a failure that may pass on another try (a lost
+    worker, a dropped connection), not one that fails the same way on every try (dna.errors.fails_alike: a bad
+    config, a missing input, a diverging loss, a failed parity check)."""
+    from dna.errors import fails_alike
+
+    error = state.data if isinstance(state.data, BaseException) else None
+    return error is None or not fails_alike(error)
+
+
 def stage_task(fn: Callable, name: str, retries: int):
-    """A stage function as a Prefect task with orchestration.retries retries (no result caching: the stages'
-    checkpoints decide what is redone, so a retry of a training stage resumes from its last epoch)."""
+    """A stage function as a Prefect task with orchestration.retries retries of what is worth retrying (no result
+    caching: the stages' checkpoints decide what is redone, so a retry of a training stage resumes from its last
+    epoch)."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return task(fn, name=name, retries=retries, retry_delay_seconds=1, cache_policy=NO_CACHE)
+    return task(fn, name=name, retries=retries, retry_delay_seconds=1, retry_condition_fn=worth_retrying,
+                cache_policy=NO_CACHE)

@@ -22,7 +22,7 @@ from dna.config import Params
 from dna.rank_metrics import shown
 from flows import artifacts
 from flows.entry import cli, load, with_absolute_outputs
-from flows.prefect_api import share_prefect_api
+from flows.prefect_api import share_prefect_api, worth_retrying
 from flows.steps import stage_params
 from flows.task_runners import make_task_runner
 from flows.tracking import STAGE_TAG, EpochLog, Tracking, child_run, stage_run
@@ -43,7 +43,8 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-@task(name="rank-network", task_run_name="network-{network}", cache_policy=NO_CACHE)
+@task(name="rank-network", task_run_name="network-{network}", cache_policy=NO_CACHE,
+      retry_condition_fn=worth_retrying)
 def network_task(params: Params, network: str, tracking: Tracking, threads: int | None = None,
                  shared_process: bool = False) -> dict:
     """Train one planned network from scratch with the rank recipe; a nested MLflow run holds its curve."""
@@ -59,7 +60,7 @@ def network_task(params: Params, network: str, tracking: Tracking, threads: int 
     return result
 
 
-@task(name="rank-spos", cache_policy=NO_CACHE)
+@task(name="rank-spos", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)
 def spos_task(params: Params, tracking: Tracking, threads: int | None = None, shared_process: bool = False) -> dict:
     """Train the one-shot supernet and rate every planned network with inherited weights."""
     from dna.pipeline import Run

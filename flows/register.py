@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from dna.errors import needed
 from flows import artifacts
 from flows.entry import cli, step_run
 from flows.hashes import data_hash, git_commit, params_hash
@@ -51,8 +52,8 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
     with step_run("register", params_file, overrides) as step:
         params, run, mlrun = step.params, step.run, step.mlrun
         name, metric = params.mlflow.registered_model, params.mlflow.promote_metric
-        exported = json.loads((run.paths.export_dir / "metrics.json").read_text())
-        retrained = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
+        exported = json.loads(needed(run.paths.export_dir / "metrics.json", "export").read_text())
+        retrained = json.loads(needed(run.paths.retrain_dir / "metrics.json", "retrain").read_text())
         client = MlflowClient(mlrun.uri)
         model_uri = logged_model_uri(client, run.paths.export_dir / "logged_model.json")
         if model_uri is None:  # exported under another tracking store: log it again here

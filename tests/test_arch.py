@@ -2,6 +2,7 @@
 import ast
 import inspect
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -107,6 +108,44 @@ def test_invalid_block_strings(bad, problem):
     with pytest.raises(ValueError, match="invalid timm block string") as err:
         Arch(stem=16, head=64, stages=(("ds_r1_k3_s1_c16",), (bad,)))
     assert problem in str(err.value)
+
+
+MALFORMED_FILES = [
+    pytest.param("- stem: 16\n- head: 64\n", "expected a mapping with keys stem, head and arch, got a list",
+                 id="top-level-list"),
+    pytest.param("[[ds_r1_k3_s1_c16]]\n", "got a list", id="top-level-list-of-lists"),
+    pytest.param("stem: 16\nhead: [64\narch: []\n", "not valid YAML", id="invalid-yaml"),
+    pytest.param("stem: -16\nhead: 64\narch: [[ds_r1_k3_s1_c16]]\n", "stem must be a whole number of channels, "
+                 "at least 1; got -16", id="negative-stem"),
+    pytest.param("stem: 16\nhead: 0\narch: [[ds_r1_k3_s1_c16]]\n", "head must be a whole number of channels, "
+                 "at least 1; got 0", id="zero-head"),
+    pytest.param("stem: 16\nhead: null\narch: [[ds_r1_k3_s1_c16]]\n", "head must be a whole number", id="null-head"),
+    pytest.param("stem: 16\nhead: 64\narch: 5\n", "arch must be a list of stages", id="arch-not-a-list"),
+    pytest.param("stem: 16\nhead: 64\narch: [ds_r1_k3_s1_c16]\n", "each a list of timm block strings",
+                 id="stage-not-a-list"),
+]
+
+
+@pytest.mark.parametrize("text, message", MALFORMED_FILES)
+def test_malformed_arch_files_are_value_errors_that_say_why(text, message):
+    with pytest.raises(ValueError) as err:
+        Arch.from_yaml(text)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", MALFORMED_FILES)
+def test_arch_cost_of_a_malformed_file_is_one_line_and_exit_code_2(tmp_path, text, message):
+    from typer.testing import CliRunner
+
+    from dna.cli import app
+
+    path = tmp_path / "arch.yaml"
+    path.write_text(text)
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    result = CliRunner().invoke(app, ["arch", "cost", str(path), "--params", str(params)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in " ".join(result.output.split())
 
 
 def test_empty_stage_is_invalid():

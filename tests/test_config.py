@@ -93,11 +93,12 @@ def test_fingerprints_leave_out_how_the_data_are_loaded():
     from dna.checkpoint import digest
 
     base = load_params(DEFAULT)
-    loaded_otherwise = load_params(DEFAULT, overrides={"data.num_workers": 4, "data.cache_mb": 0})
+    loaded_otherwise = load_params(DEFAULT, overrides={"data.num_workers": 4, "data.cache_mb": 0, "data.verify": False})
     other_data = load_params(DEFAULT, overrides={"data.image_size": 48})
     assert digest(base.data) == digest(loaded_otherwise.data) != digest(other_data.data)
     assert digest(base) == digest(loaded_otherwise)
     assert loaded_otherwise.model_dump()["data"]["num_workers"] == 4
+    assert loaded_otherwise.model_dump()["data"]["verify"] is False and "verify" not in base.model_dump()["data"]
 
 
 def test_overrides_set_nested_keys(tmp_path):
@@ -215,6 +216,51 @@ def test_malformed_params_name_the_key(raw, expected):
     message = str(err.value)
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+OUT_OF_RANGE = [
+    pytest.param({"seed": -1}, ["seed=-1", "greater than or equal to 0"], id="negative-seed"),
+    pytest.param({"seed": 2**32}, ["seed=4294967296", "less than or equal to 4294967295"], id="seed-past-32-bits"),
+    pytest.param({"data.image_size": 100000}, ["data.image_size=100000", "less than or equal to 1024"],
+                 id="image-size-of-tens-of-gib"),
+    pytest.param({"search.budgets": {"macs": float("inf")}}, ["search.budgets.macs=inf", "finite number"],
+                 id="infinite-budget"),
+    pytest.param({"retrain.kd_temperature": 1e308}, ["retrain.kd_temperature=1e+308", "less than or equal to 100"],
+                 id="huge-kd-temperature"),
+    pytest.param({"teacher.train.decay_epochs": float("inf")}, ["teacher.train.decay_epochs=inf", "finite number"],
+                 id="infinite-float-without-an-upper-bound"),
+    pytest.param({"orchestration.max_workers": 1e9}, ["orchestration.max_workers=1000000000.0",
+                                                      "less than or equal to 256"], id="billion-workers"),
+    pytest.param({"mlflow.registered_model": "team/dna"}, ["mlflow.registered_model='team/dna'", "(it holds /)"],
+                 id="model-name-with-slash"),
+    pytest.param({"mlflow.registered_model": "dna:v2"}, ["(it holds :)"], id="model-name-with-colon"),
+    pytest.param({"mlflow.registered_model": ".."}, ["mlflow.registered_model='..'", "'.' or '..'"],
+                 id="model-name-dot-dot"),
+    pytest.param({"mlflow.registered_model": " "}, ["must not be empty"], id="model-name-blank"),
+    pytest.param({"outputs": ""}, ["outputs=''", "must name a folder of its own"], id="empty-outputs"),
+    pytest.param({"outputs": "/"}, ["outputs='/'", "DVC deletes"], id="root-outputs"),
+    pytest.param({"outputs": "./"}, ["outputs='./'"], id="project-root-outputs"),
+]
+
+
+@pytest.mark.parametrize("changes, expected", OUT_OF_RANGE)
+def test_out_of_range_values_are_one_line_config_errors(changes, expected):
+    """Values that raised a traceback deep in a stage (or allocated tens of GiB, or registered nothing) stop at
+    loading, in one line naming the key."""
+    with pytest.raises(ConfigError) as err:
+        parse_params(_raw(**changes), check_paths=False, deep=False)
+    message = str(err.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_the_limits_themselves_are_accepted():
+    params = parse_params(_raw(**{"seed": 2**32 - 1, "data.image_size": 1024, "retrain.kd_temperature": 100.0,
+                                  "orchestration.max_workers": 256, "mlflow.registered_model": "team.dna-student v2",
+                                  "outputs": "runs/first"}), check_paths=False, deep=False)
+    assert (params.seed, params.outputs, params.mlflow.registered_model) == (2**32 - 1, "runs/first",
+                                                                             "team.dna-student v2")
 
 
 def test_recipe_keys_at_their_defaults_leave_dumps_and_fingerprints_as_before():

@@ -321,3 +321,92 @@ def test_rand_augment_transforms_training_images_only(tmp_path, image_tree, chan
         assert all(torch.equal(first, data.split(name)[0][0]) for _ in range(3)), f"{name} images are not augmented"
     plain = load_data(cfg, tmp_path / "splits.json")
     assert not _rand_augmented(plain.train) and torch.equal(plain.train[0][0], plain.train[0][0])
+
+
+# what the data stage refuses ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, named", [
+    ("val lacks bees", ["lacks the class(es) bees"]),
+    ("val has wasps", ["has class(es)", "lacks: wasps"]),
+])
+def test_a_test_folder_with_other_classes_than_the_training_folder_is_refused(tmp_path, image_tree, change, named):
+    """ImageFolder numbers each folder's classes on its own, so the folders must hold the same classes."""
+    import shutil
+
+    if change == "val lacks bees":
+        shutil.rmtree(image_tree / "val" / "bees")
+    else:
+        _write_pngs(image_tree / "val" / "wasps", 2, 120, seed=7)
+    cfg = DataConfig(source="imagefolder", root=str(image_tree), image_size=16, channels=1, rate_fraction=0.25)
+    with pytest.raises(ConfigError) as err:
+        make_splits(cfg, seed=0)
+    message = str(err.value)
+    assert str(image_tree / "val") in message and str(image_tree / "train") in message
+    for part in named:
+        assert part in message, message
+
+
+def test_a_val_folder_without_the_first_class_would_shift_labels_and_is_refused(tmp_path, image_tree):
+    """Without ants, val/'s bees would be numbered 0 (ants) and every one of them scored wrong."""
+    import shutil
+
+    shutil.rmtree(image_tree / "val" / "ants")
+    cfg = DataConfig(source="imagefolder", root=str(image_tree), image_size=16, channels=1, rate_fraction=0.25)
+    with pytest.raises(ConfigError, match=r"lacks the class\(es\) ants"):
+        write_splits(cfg, 0, tmp_path / "splits.json")
+    assert not (tmp_path / "splits.json").exists()
+
+
+def test_a_one_class_dataset_is_refused(tmp_path):
+    root = tmp_path / "one"
+    _write_pngs(root / "ants", 8, 30, seed=0)
+    cfg = DataConfig(source="imagefolder", root=str(root), image_size=16, channels=1)
+    with pytest.raises(ConfigError, match=r"holds 1 class \(ants\); a classifier needs at least two"):
+        write_splits(cfg, 0, tmp_path / "splits.json")
+    assert not (tmp_path / "splits.json").exists()
+
+
+def test_a_class_too_small_for_the_splits_is_refused_naming_it(tmp_path):
+    root = tmp_path / "small"
+    _write_pngs(root / "ants", 8, 30, seed=0)
+    _write_pngs(root / "bees", 1, 220, seed=1)  # scikit-learn: "The least populated class in y has only 1 member"
+    cfg = DataConfig(source="imagefolder", root=str(root), image_size=16, channels=1, rate_fraction=0.25,
+                     test_fraction=0.25)
+    with pytest.raises(ConfigError) as err:
+        make_splits(cfg, seed=0)
+    assert "1 of 2 classes have fewer than the 4 images" in str(err.value) and "bees (1)" in str(err.value)
+    assert "ants" not in str(err.value).split(":")[-1]
+
+
+def test_fractions_too_small_for_the_number_of_classes_are_refused():
+    """1797 digits: 0.5% of them (8) cannot hold one of each of 10 classes; scikit-learn raised a traceback."""
+    with pytest.raises(ConfigError, match=r"10 of 10 classes have fewer than the 200 images.*"
+                                          r"data\.rate_fraction=0\.005 takes the smallest share"):
+        make_splits(_digits_cfg(rate_fraction=0.005), seed=0)
+
+
+def test_the_smallest_classes_that_split_are_accepted(tmp_path):
+    """The limit is exact: 4 images of a class at fractions of 0.25 give every split one."""
+    root = tmp_path / "four"
+    for c, name in enumerate(("ants", "bees", "wasps")):
+        _write_pngs(root / name, 4, 30 + 80 * c, seed=c)
+    cfg = DataConfig(source="imagefolder", root=str(root), image_size=16, channels=1, rate_fraction=0.25,
+                     test_fraction=0.25)
+    splits = make_splits(cfg, seed=0)
+    assert [len(splits[k]) for k in SPLITS] == [6, 3, 3]
+
+
+def test_corrupt_and_truncated_images_are_all_named_by_the_data_stage(tmp_path, image_tree):
+    truncated = image_tree / "train" / "ants" / "img_0.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    not_an_image = image_tree / "val" / "bees" / "notes.jpg"
+    not_an_image.write_text("not a JPEG")
+    cfg = DataConfig(source="imagefolder", root=str(image_tree), image_size=16, channels=1, rate_fraction=0.25)
+    with pytest.raises(ConfigError) as err:
+        write_splits(cfg, 0, tmp_path / "splits.json")
+    message = str(err.value)
+    assert "2 of 17 image files cannot be read" in message and "data.verify: false" in message
+    assert str(truncated) in message and str(not_an_image) in message
+    assert "img_1.png" not in message
+    assert not (tmp_path / "splits.json").exists()
+    unchecked = cfg.model_copy(update={"verify": False})
+    assert write_splits(unchecked, 0, tmp_path / "splits.json")["sizes"] == {"train": 9, "rate": 3, "test": 5}

@@ -228,3 +228,41 @@ def test_a_bad_config_stops_every_stage_that_checks_it_before_any_work(prefect_a
             lines = error_lines(capsys)
             assert len(lines) == 1 and key in lines[0], (stage, lines)
     assert_nothing_written(tmp_path, raw)
+
+
+def _alike_errors():
+    from dna.config import ConfigError
+    from dna.errors import MissingInput
+    from dna.export import ParityError
+    from dna.train import NonFiniteLoss
+
+    return [ConfigError("data.root='/nowhere' does not exist"), MissingInput("splits.json is missing"),
+            ParityError("max |diff| 0.1 above atol 1e-12", 0.1), NonFiniteLoss("loss is nan at epoch 3")]
+
+
+@pytest.mark.parametrize("error", [ConnectionError("injected: lost the worker"), *_alike_errors()],
+                         ids=lambda e: type(e).__name__)
+def test_only_failures_that_may_pass_on_another_try_are_retried(prefect_api, error):
+    """A bad config, a missing input, a diverging loss or a failed parity check fail the same way on every try:
+    retrying them only repeats the failure (and its cost)."""
+    from dna.errors import fails_alike
+    from flows.prefect_api import stage_task
+
+    calls = []
+
+    def stage():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        stage_task(stage, "stage", retries=2)()
+    assert len(calls) == (1 if fails_alike(error) else 3)
+
+
+def test_the_flows_block_and_network_tasks_retry_only_what_is_worth_retrying():
+    from flows.distill import block_task, features_task
+    from flows.prefect_api import worth_retrying
+    from flows.rank import network_task, spos_task
+
+    for task in (block_task, features_task, network_task, spos_task):
+        assert task.with_options(retries=3).retry_condition_fn is worth_retrying, task.name
