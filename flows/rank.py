@@ -75,7 +75,7 @@ def spos_task(params: Params, tracking: Tracking, threads: int | None = None, sh
     return result
 
 
-@task(name="rank-replicate", cache_policy=NO_CACHE)
+@task(name="rank-replicate", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)
 def replicate_task(params: Params, tracking: Tracking, threads: int | None = None,
                    shared_process: bool = False) -> dict:
     """Distill and rate every block again from other seeds: the rating's own noise."""

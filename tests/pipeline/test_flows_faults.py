@@ -262,7 +262,7 @@ def test_only_failures_that_may_pass_on_another_try_are_retried(prefect_api, err
 def test_the_flows_block_and_network_tasks_retry_only_what_is_worth_retrying():
     from flows.distill import block_task, features_task
     from flows.prefect_api import worth_retrying
-    from flows.rank import network_task, spos_task
+    from flows.rank import network_task, replicate_task, spos_task
 
-    for task in (block_task, features_task, network_task, spos_task):
+    for task in (block_task, features_task, network_task, spos_task, replicate_task):
         assert task.with_options(retries=3).retry_condition_fn is worth_retrying, task.name
