@@ -98,13 +98,33 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def one_machine() -> bool:
+    """Whether every process of the group runs on this machine (torchrun --standalone, as `--nproc` starts it)."""
+    return os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface (lo on Linux, lo0 on macOS), if it has one."""
+    import socket
+
+    names = {name for _index, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
     """Join the processes torchrun started (a no-op for one process): NCCL on CUDA, gloo on CPU. Ranks other than 0
-    log warnings only, so the log holds each line once."""
+    log warnings only, so the log holds each line once.
+
+    gloo's processes listen on the address of the machine's host name, which may be a network's; with every process
+    on this machine they listen on loopback instead (GLOO_SOCKET_IFNAME, unless set). torchrun's own rendezvous store
+    listens on all interfaces whatever it is asked (see the README's servers section)."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         yield
         return
+    loopback = loopback_interface() if one_machine() else None
+    if device.type != "cuda" and loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

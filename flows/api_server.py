@@ -11,27 +11,29 @@ started it register their pid under `--users`), so a long epoch that sends nothi
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 from pathlib import Path
+
+from flows.processes import is_recorded_process
 
 CHECK_EVERY_S = 2.0
 
 
 def live_users(users: Path) -> list[int]:
-    """The registered pids that are still running (the files of finished ones are removed)."""
+    """The registered pids that are still the processes that registered (each file holds its process's start stamp,
+    flows/processes.py); the files of the others are removed."""
     alive = []
     for entry in users.glob("*") if users.is_dir() else ():
         try:
-            pid = int(entry.name)
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
+            pid, stamp = int(entry.name), entry.read_text().strip()
+        except (ValueError, OSError):
             entry.unlink(missing_ok=True)
             continue
-        except PermissionError:
-            pass
-        alive.append(pid)
+        if is_recorded_process(pid, stamp, ""):
+            alive.append(pid)
+        else:
+            entry.unlink(missing_ok=True)
     return alive
 
 

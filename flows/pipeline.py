@@ -9,6 +9,9 @@ environment variable DNA_MLFLOW_PARENT_RUN_ID). The register stage of dvc.yaml r
     python -m flows.pipeline --serve --cron "0 3 * * *"   # a deployment served from this process
 
 With rounds.count > 1 (DNA+) it reproduces rounds/dvc.yaml: the default stages (round 1), then the later rounds.
+
+A deployment's run (prefect.yaml, --serve) reproduces only the project that holds this code: `dvc repro` runs any
+dvc.yaml's commands, and whoever can reach the Prefect API can set a run's parameters.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
+from dna.config import ConfigError
 from dna.logs import setup_logging
 from flows import artifacts
 from flows.entry import check_dvc_params, check_first, load
@@ -36,6 +40,7 @@ from flows.tracking import PARENT_ENV, ensure_experiment, stage_run, tracking_ur
 RAN = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 ROUNDS_DVC = "rounds/dvc.yaml"  # with rounds.count > 1 (DNA+): the default stages, then the later rounds
+PROJECT = Path(__file__).resolve().parents[1]  # the project that holds this code
 
 
 @contextlib.contextmanager
@@ -120,11 +125,24 @@ def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics
     return "\n".join(lines) + "\n"
 
 
+def project_root(project_dir: str, deployed: bool) -> Path:
+    """project_dir, resolved; for a deployment's run (`deployed`) only the project that holds this code (ConfigError
+    for any other folder)."""
+    root = Path(project_dir).resolve()
+    if deployed and root != PROJECT:
+        raise ConfigError(f"project_dir={project_dir!r}: a deployment runs `dvc repro` only in its own project "
+                          f"({PROJECT}), not in a folder a run's parameters name")
+    return root
+
+
 @flow(name="dna-pipeline")
 def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = None, force: bool = False) -> dict:
-    """Reproduce the DVC pipeline in project_dir (an experiment when overrides are given) and report on it."""
+    """Reproduce the DVC pipeline in project_dir (an experiment when overrides are given) and report on it; a
+    deployment's run only in the project of this code."""
+    from prefect.runtime import deployment
+
+    root = project_root(project_dir, deployed=deployment.id is not None)
     logger = get_run_logger()
-    root = Path(project_dir).resolve()
     with working_directory(root):  # fail on a bad config before anything runs
         check_dvc_params("params.yaml", overrides)
         params = load("params.yaml", overrides)
@@ -169,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.serve:
-        pipeline_flow.serve(name=args.name, cron=args.cron,
-                            parameters={"project_dir": str(Path(args.project_dir).resolve())})
+        try:
+            root = project_root(args.project_dir, deployed=True)
+        except ConfigError as exc:
+            return report_error(exc)
+        pipeline_flow.serve(name=args.name, cron=args.cron, parameters={"project_dir": str(root)})
         return 0
     root = Path(args.project_dir).resolve()
     try:

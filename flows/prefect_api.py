@@ -3,7 +3,9 @@
 PREFECT_API_URL when it is set (a team's server, a test harness). Otherwise one local server that every stage
 process and pipeline run of this Prefect home shares (flows/api_server.py): the first that needs it starts it in
 the background and records it in PREFECT_HOME/dna-api.json; the others find it there, so `dvc repro` pays a server
-start once, not once per stage. It stops by itself after IDLE_S seconds without requests or users.
+start once, not once per stage. It stops by itself after IDLE_S seconds without requests or users. A record is
+trusted only while its pid is still the server it recorded (flows/processes.py): a pid reused by another process,
+or a record from before a reboot, is neither waited for nor signalled.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from flows.processes import is_recorded_process, own_stamp, start_stamp
 
 RECORD, USERS, LOG, LOCK = "dna-api.json", "dna-api-users", "dna-api.log", "dna-api.lock"
 IDLE_S = float(os.environ.get("DNA_PREFECT_IDLE_S", 900))  # how long the shared server outlives its last use
@@ -46,14 +50,7 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+MARKER = "flows.api_server"  # in the server's command line
 
 
 def _free_port() -> int:
@@ -75,8 +72,15 @@ class SharedServer:
 
     url: str
     pid: int
+    stamp: str | None  # the process's start stamp (flows/processes.py)
     home: Path
     process: subprocess.Popen | None = None
+
+    def running(self) -> bool:
+        """Whether the recorded process still runs (and is still the server, not a process that reuses its pid)."""
+        if self.process is not None:
+            return self.process.poll() is None
+        return is_recorded_process(self.pid, self.stamp, MARKER)
 
     def ready(self, timeout: float | None = None) -> str:
         """Wait until the server answers; its API URL. Raises RuntimeError if it exits or does not answer in time."""
@@ -86,8 +90,7 @@ class SharedServer:
         while time.monotonic() < limit:
             if healthy(self.url, timeout=1.0):
                 return self.url
-            exited = self.process.poll() is not None if self.process is not None else not _alive(self.pid)
-            if exited:
+            if not self.running():
                 break
             time.sleep(0.1)
         log = self.home / LOG
@@ -98,7 +101,7 @@ class SharedServer:
         """Register this process as a user: the server stays up while it runs (see flows/api_server.py)."""
         users = self.home / USERS
         users.mkdir(parents=True, exist_ok=True)
-        (users / str(os.getpid())).touch()
+        (users / str(os.getpid())).write_text(own_stamp() or "")
 
 
 def recorded_server(home: Path | None = None) -> SharedServer | None:
@@ -106,10 +109,10 @@ def recorded_server(home: Path | None = None) -> SharedServer | None:
     home = home or prefect_home()
     try:
         record = json.loads((home / RECORD).read_text())
-        server = SharedServer(record["url"], int(record["pid"]), home)
-    except (OSError, ValueError, KeyError, TypeError):
+        server = SharedServer(record["url"], int(record["pid"]), record.get("stamp"), home)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return server if _alive(server.pid) else None
+    return server if server.running() else None
 
 
 def _start(home: Path) -> SharedServer:
@@ -122,9 +125,9 @@ def _start(home: Path) -> SharedServer:
              "--users", str(home / USERS)],
             cwd=Path(__file__).resolve().parents[1], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True)  # not stopped with the process that started it, nor by its Ctrl-C
-    server = SharedServer(f"http://127.0.0.1:{port}/api", process.pid, home, process)
+    server = SharedServer(f"http://127.0.0.1:{port}/api", process.pid, start_stamp(process.pid), home, process)
     tmp = home / f"{RECORD}.{os.getpid()}"
-    tmp.write_text(json.dumps({"url": server.url, "pid": server.pid}))
+    tmp.write_text(json.dumps({"url": server.url, "pid": server.pid, "stamp": server.stamp}))
     tmp.replace(home / RECORD)
     return server
 
@@ -146,18 +149,21 @@ def shared_server() -> SharedServer:
 
 
 def stop_shared_server(home: Path | None = None, timeout: float = 10.0) -> bool:
-    """Stop the shared server of a Prefect home (SIGTERM, then SIGKILL); whether one was running."""
+    """Stop the shared server of a Prefect home (SIGTERM, then SIGKILL); whether one was running (a record of a
+    process that is not the server any more is left alone)."""
     import signal
 
     server = recorded_server(home)
     if server is None:
         return False
-    os.kill(server.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server.pid, signal.SIGTERM)
     limit = time.monotonic() + timeout
-    while _alive(server.pid) and time.monotonic() < limit:
+    while server.running() and time.monotonic() < limit:
         time.sleep(0.1)
-    if _alive(server.pid):
-        os.kill(server.pid, signal.SIGKILL)
+    if server.running():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGKILL)
     return True
 
 

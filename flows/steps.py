@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dna.config import Params
 from dna.stages import STAGES as STAGE_TABLE
 from dna.stages import Stage
 from dna.stages import steps as stage_steps
+
+if TYPE_CHECKING:  # the warm host's command side reads the steps before anything heavy is imported (flows/warm.py)
+    from dna.config import Params
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ def make_task_runner(orch: OrchestrationConfig, dask_processes: bool | None = No
             dask_processes = os.environ.get("DNA_DASK_PROCESSES", "1") not in ("0", "false", "no")
         local = {"n_workers": orch.max_workers, "threads_per_worker": 1, "processes": dask_processes,
                  "dashboard_address": None}
+        if dask_processes:  # scheduler and workers run what they are sent: loopback only (threads use no socket)
+            local["host"] = "127.0.0.1"
         return ResourceDaskTaskRunner(cluster_class="distributed.LocalCluster", task_resources=resources,
                                       cluster_kwargs=local | ({"resources": resources} if resources else {}))
     if kind == "ray":

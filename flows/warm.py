@@ -1,7 +1,12 @@
 """The command side of the warm host (flows/warm_host.py): `python -m flows.<module>` handed to a fork of a process
 that has imported torch, timm, Prefect, MLflow and the flows already, before this process imports any of them.
 
-Standard library only: it runs while the `flows` package is imported, before anything else.
+Standard library only (and the step table, flows/steps.py, which imports nothing heavy): it runs while the `flows`
+package is imported, before anything else.
+
+Only the user who started a host can use it: its socket is 0600 in a folder of that user's alone (0700, checked
+before use), and the host checks the uid of every peer (SO_PEERCRED). It runs only the project's steps
+(`served_modules`); any other module runs in the command's own process.
 """
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import json
 import os
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -19,8 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("dna", "flows")
-# Modules run without the host: the host itself, servers and light tools.
-NOT_SERVED = frozenset({"flows.warm", "flows.warm_host", "flows.api_server", "flows.code_deps"})
+ENTRY_POINTS = ("flows.pipeline",)  # run by hand (`make run`), not by a DVC stage: the other served module
 # Variables that differ between otherwise equal commands and that nothing reads at import time (the pipeline's
 # MLflow run is read when a step starts its own: flows/tracking.py).
 VOLATILE = frozenset({"_", "PWD", "OLDPWD", "SHLVL", "TERM", "COLUMNS", "LINES", "PS1", "SSH_TTY", "DVC_STAGE",
@@ -85,15 +91,44 @@ def key(env: dict[str, str] | None = None, cwd: str | None = None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def socket_path(host_key: str) -> Path:
-    return Path(tempfile.gettempdir()) / f"dna-warm-{host_key}.sock"
+def served_modules() -> frozenset[str]:
+    """The modules a host runs: the steps of the stage table (flows/steps.py, optional ones included) and the
+    pipeline flow."""
+    from flows.steps import OPTIONAL_STEPS, STEPS
+
+    return frozenset(f"flows.{step.module}" for step in (*STEPS, *OPTIONAL_STEPS)) | frozenset(ENTRY_POINTS)
+
+
+def private_folder() -> Path | None:
+    """The folder of this user's host sockets (made 0700 in the temporary folder); None, saying why, if it is not
+    this user's alone: another user made it, or opened it up."""
+    folder = Path(tempfile.gettempdir()) / f"dna-warm-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        print(f"warm host: {folder} is not a folder of uid {os.getuid()} alone (owner {info.st_uid}, mode "
+              f"{stat.filemode(info.st_mode)}); running without it", file=sys.stderr)
+        return None
+    return folder
+
+
+def socket_path(host_key: str, folder: Path) -> Path:
+    return folder / f"{host_key}.sock"
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (None where the system does not say)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def records(env: dict[str, str] | None = None) -> Path:
     """The folder where the hosts of this Prefect home record themselves (for --stop)."""
     env = os.environ if env is None else env
     return Path(env.get("PREFECT_HOME", ROOT / ".prefect")).expanduser() / "dna-warm-hosts"
-
 
 
 def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
@@ -109,7 +144,11 @@ def _connect(path: Path) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
+        uid = peer_uid(sock)
     except OSError:
+        sock.close()
+        return None
+    if uid is not None and uid != os.getuid():  # not our host: it would get our environment and streams
         sock.close()
         return None
     return sock
@@ -147,8 +186,11 @@ def _start_host(host_key: str, path: Path) -> socket.socket | None:
 def delegate(module: str, args: list[str]) -> int | None:
     """Run `python -m module args` in a fork of the warm host; its exit status, or None when no host can serve it
     (the caller then runs the module itself)."""
+    folder = private_folder()
+    if folder is None:
+        return None
     host_key = key()
-    path = socket_path(host_key)
+    path = socket_path(host_key, folder)
     sock = _connect(path) or _start_host(host_key, path)
     if sock is None:
         return None
@@ -158,7 +200,7 @@ def delegate(module: str, args: list[str]) -> int | None:
         reader = sock.makefile("r")
         started = reader.readline()
         if not started:
-            return None  # the host went away before forking (e.g. it was stopping): run here
+            return None  # the host went away before forking (e.g. it was stopping) or refused: run here
         pid = json.loads(started)["pid"]
 
         def forward(signum, _frame):
@@ -183,7 +225,7 @@ def delegate_from_package_import() -> None:
     """Called by flows/__init__.py: when this process is `python -m flows.<module>`, hand it to the warm host and
     exit with the step's status."""
     module = requested_module()
-    if module is None or not module.startswith("flows.") or module in NOT_SERVED or not enabled():
+    if module is None or not module.startswith("flows.") or not enabled() or module not in served_modules():
         return
     status = delegate(module, script_args())
     if status is not None:

@@ -176,3 +176,27 @@ def test_a_caller_outside_the_group_runs_a_stage_in_processes(tmp_path, prepared
     run_in_processes("teacher", 2, params, {"teacher.train.epochs": 1})
     metrics = json.loads((tmp_path / "flow" / "teacher" / "metrics.json").read_text())
     assert metrics["epochs"] == 1
+
+
+def test_gloo_listens_on_loopback_when_every_process_runs_here(monkeypatch):
+    """gloo's processes listen on the address of the host name (maybe a network's): torchrun --standalone, as
+    `--nproc` starts it, puts every process on this machine, so they are pinned to loopback; across machines not."""
+    from dna import ddp
+
+    seen = []
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(ddp.dist, "init_process_group",
+                        lambda *a, **k: seen.append(os.environ.get("GLOO_SOCKET_IFNAME")))
+    monkeypatch.setattr(ddp.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda: None)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    for local_world, expected in (("1", None), ("2", "lo")):  # two machines of one process each; one of two
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+        with ddp.process_group(torch.device("cpu")):
+            pass
+        assert seen[-1] == expected
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # a person's choice stays
+    with ddp.process_group(torch.device("cpu")):
+        pass
+    assert seen[-1] == "eth7"

@@ -176,6 +176,7 @@ def ray_auth(folder: Path) -> Iterator[dict[str, str]]:
     folder.mkdir(parents=True, exist_ok=True)
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)  # flows/ray_cluster.py refuses a token other users can read
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {name: os.environ.get(name) for name in auth}
     os.environ.update(auth)

@@ -76,3 +76,19 @@ def test_a_local_cluster_offers_the_resources_its_tasks_hold():
     assert runner.duplicate().task_resources == {"GPU": 1}
     with pytest.raises(Exception, match="task_resources"):
         OrchestrationConfig(task_runner="dask", task_resources={"GPU": 0})
+
+
+def test_a_local_cluster_listens_on_loopback_only():
+    """A Dask scheduler runs whatever its clients send, and its workers too: a local cluster of processes is asked
+    for 127.0.0.1 explicitly (distributed's own default today), and gets it; one of threads uses no socket."""
+    from distributed import LocalCluster
+
+    runner = make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=1), dask_processes=True)
+    assert runner.cluster_kwargs["host"] == "127.0.0.1"
+    with LocalCluster(**runner.cluster_kwargs) as cluster:
+        addresses = [cluster.scheduler_address, *(w.worker_address for w in cluster.workers.values())]
+    assert len(addresses) == 2 and all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
+
+    threads = make_task_runner(OrchestrationConfig(task_runner="dask", max_workers=1), dask_processes=False)
+    with LocalCluster(**threads.cluster_kwargs) as cluster:
+        assert cluster.scheduler_address.startswith("inproc://")

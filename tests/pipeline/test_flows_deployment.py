@@ -134,3 +134,55 @@ def test_a_server_on_postgresql_runs_a_deployed_stage_flow_on_a_process_worker(t
             assert query(database, "SELECT type FROM work_pool WHERE name = 'dna-process'") == [("process",)]
     splits = json.loads((project / "outputs" / "data" / "splits.json").read_text())
     assert set(splits["splits"]) == {"train", "rate", "test"}
+
+
+def test_a_deployments_run_reproduces_only_its_own_project(tmp_path, monkeypatch, capsys):
+    """A run's parameters come from whoever can reach the Prefect API: a deployment's run (prefect.yaml, --serve)
+    refuses a project_dir other than the project of its code, before running anything there."""
+    from dna.config import ConfigError
+    from flows import pipeline
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "params.yaml").write_text("seed: 0\n")
+    served = []
+    monkeypatch.setattr(pipeline.pipeline_flow, "serve", lambda **kwargs: served.append(kwargs))
+    assert pipeline.main(["--serve", "--project-dir", str(elsewhere)]) == 2
+    assert served == [] and f"project_dir='{elsewhere}'" in capsys.readouterr().err
+
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "5c0ddf52-3f0d-4a73-9a4b-7b1b0f6a2a4e")  # a deployment's run
+    with pytest.raises(ConfigError, match="a deployment runs `dvc repro` only in its own project"):
+        pipeline.pipeline_flow.fn(str(elsewhere))
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["params.yaml"]
+    assert pipeline.project_root(str(pipeline.PROJECT / "flows" / ".."), deployed=True) == pipeline.PROJECT
+    assert pipeline.project_root(str(elsewhere), deployed=False) == elsewhere  # a call in-process (tests, the CLI)
+
+
+def test_a_team_server_with_an_auth_string_answers_only_clients_that_send_it(tmp_path, project, shell_env):
+    """PREFECT_SERVER_API_AUTH_STRING on `prefect server start` (basic auth, as the README sets up a team server):
+    a request without it is refused (but the health check), a client with PREFECT_API_AUTH_STRING works."""
+    import base64
+    import urllib.request
+
+    secret = "dna-team:a-long-random-password"
+    env, api = shell_env | {"PREFECT_SERVER_API_AUTH_STRING": secret}, shell_env["PREFECT_API_URL"]
+    port = api.split(":")[-1].split("/")[0]
+    log = tmp_path / "server.log"
+    with background(["prefect", "server", "start", "--host", "127.0.0.1", "--port", port], project, env,
+                    log) as server:
+        wait_healthy(api, server, log)  # the health check needs no credentials
+        request = urllib.request.Request(f"{api}/flows/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+        client = {k: v for k, v in shell_env.items() if k != "PREFECT_SERVER_API_AUTH_STRING"}
+        denied = subprocess.run(["prefect", "work-pool", "ls"], cwd=project, env=client, capture_output=True,
+                                text=True, timeout=180, check=False)
+        assert denied.returncode != 0 and "401" in denied.stdout + denied.stderr
+        prefect(client | {"PREFECT_API_AUTH_STRING": secret}, project, "work-pool", "create", "dna-process", "--type",
+                "process")
+        request.add_header("Authorization", "Basic " + base64.b64encode(secret.encode()).decode())
+        request.full_url = f"{api}/work_pools/filter"
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert [pool["name"] for pool in json.loads(response.read())] == ["dna-process"]

@@ -11,7 +11,8 @@ import time
 from pipeline_support import ROOT
 
 from flows.api_server import IdleWatch, live_users
-from flows.prefect_api import RECORD, healthy, recorded_server, stop_shared_server
+from flows.prefect_api import RECORD, USERS, SharedServer, healthy, recorded_server, stop_shared_server
+from flows.processes import start_stamp
 
 ASK = "from flows.prefect_api import prefect_api_url; print(prefect_api_url())"
 
@@ -54,10 +55,44 @@ def test_idle_only_without_requests_and_without_live_users(tmp_path):
     users = tmp_path / "users"
     users.mkdir()
     watch = IdleWatch(app=None, idle_s=0.0, users=users)
-    (users / str(os.getpid())).touch()
+    (users / str(os.getpid())).write_text(start_stamp(os.getpid()))  # as SharedServer.use registers
     assert live_users(users) == [os.getpid()] and not watch.idle()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (users / finished.stdout.strip()).touch()
+    (users / finished.stdout.strip()).write_text("boot/1")
     (users / str(os.getpid())).unlink()
     time.sleep(0.01)
     assert watch.idle() and list(users.iterdir()) == []  # a finished user's file is removed
+
+
+def test_a_recorded_pid_that_is_not_the_server_is_neither_trusted_nor_signalled(tmp_path):
+    home = tmp_path / "prefect"
+    home.mkdir()
+    bystander = subprocess.Popen(["sleep", "60"])  # has the pid a server recorded before it exited (or a reboot)
+    try:
+        for stamp in ("boot/1", start_stamp(bystander.pid), None):  # another start; not a server's command line
+            (home / RECORD).write_text(json.dumps({"url": "http://127.0.0.1:9/api", "pid": bystander.pid,
+                                                   "stamp": stamp}))
+            assert recorded_server(home) is None  # a stage starts a server instead of waiting for this one
+            assert stop_shared_server(home, timeout=1) is False
+            assert bystander.poll() is None, "a process that is not the server was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_user_whose_pid_was_reused_does_not_keep_the_server_up(tmp_path):
+    users = tmp_path / USERS
+    users.mkdir()
+    (users / str(os.getpid())).write_text(start_stamp(os.getpid()))  # this process, as SharedServer.use registers
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (users / str(bystander.pid)).write_text("boot/1")  # a user of another boot, or one that has exited
+        (users / "12x").write_text("")
+        assert live_users(users) == [os.getpid()]
+        assert sorted(p.name for p in users.iterdir()) == [str(os.getpid())]
+        (users / str(os.getpid())).unlink()
+        SharedServer("http://127.0.0.1:9/api", 1, None, tmp_path).use()
+        assert live_users(users) == [os.getpid()]
+    finally:
+        bystander.kill()
+        bystander.wait()

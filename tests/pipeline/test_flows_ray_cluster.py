@@ -4,7 +4,9 @@ real: a head node started with `ray start` on loopback (the distill flow on such
 test_flows_distill.py)."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 from server_support import ray_cluster
@@ -87,3 +89,55 @@ def test_a_local_instance_has_max_workers_cpus_and_the_runner_keeps_its_resource
     assert twin.task_resources == {"GPU": 1} and twin.init_kwargs == runner.init_kwargs
     remote = make_task_runner(OrchestrationConfig(task_runner="ray", cluster_address="10.0.0.1:6379"))
     assert remote.address == "10.0.0.1:6379" and "num_cpus" not in remote.init_kwargs
+
+
+def test_ray_runs_only_with_token_auth_and_a_token_only_its_owner_can_read(tmp_path, monkeypatch):
+    from flows.ray_cluster import require_token_auth
+
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE='disabled'.*needs RAY_AUTH_MODE=token"):
+        require_token_auth({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "t"}, local=True)
+    shared = tmp_path / "shared_token"
+    shared.write_text("t")
+    shared.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"shared_token can be read by other users \(mode 644\); chmod 600"):
+        require_token_auth({"RAY_AUTH_TOKEN_PATH": str(shared)}, local=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token
+    with pytest.raises(ConfigError, match="needs the Ray cluster's token"):
+        require_token_auth({}, local=False)
+
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    old_umask = os.umask(0)  # the file's mode must not depend on it
+    try:
+        require_token_auth(env, local=True)
+    finally:
+        os.umask(old_umask)
+    token = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert env["RAY_AUTH_MODE"] == "token" and token.parent.parent == tmp_path / "cache"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    assert not (tmp_path / "home").exists()  # not Ray's own ~/.ray/auth_token
+    shared.chmod(0o600)
+    kept = {"RAY_AUTH_TOKEN_PATH": str(shared)}
+    require_token_auth(kept, local=True)
+    assert kept == {"RAY_AUTH_TOKEN_PATH": str(shared), "RAY_AUTH_MODE": "token"}
+
+
+def test_a_local_instance_starts_with_a_token_of_its_own(tmp_path, monkeypatch):
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    from flows.ray_cluster import _reload_ray_auth, make_ray_task_runner
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        with make_ray_task_runner(None, 1, {}) as runner:
+            assert runner.init_kwargs["dashboard_host"] == "127.0.0.1"
+            assert is_token_auth_enabled()
+            token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+            assert token.is_file() and token.stat().st_mode & 0o777 == 0o600
+        assert not (tmp_path / "home" / ".ray").exists()
+    finally:
+        monkeypatch.undo()
+        _reload_ray_auth()
