@@ -359,7 +359,7 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
                 metrics["searched_minus_random_median"] > metrics["seed_accuracy_noise"])
     write_csv(out / "networks.csv", frame)
     write_json(out / "metrics.json", metrics)
-    plots.ranking(frame, {name: shown(metrics, name) for name in metrics}, out / "rank.png")
+    plots.ranking(frame, {name: shown(metrics, name) for name in metrics if f"{name}_ci" in metrics}, out / "rank.png")
     return metrics
 
 
