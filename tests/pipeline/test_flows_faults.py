@@ -1,6 +1,7 @@
 """Faults at the level of the flows: a block task that fails once is retried by Prefect and resumes from its last
 epoch; a block that keeps failing fails the stage with the block named while the other blocks' results are kept;
-a model that fails ONNX parity is never registered; a bad config writes no output and no MLflow run."""
+a model that fails ONNX parity is never registered, nor an export left over from an earlier one; a bad config
+writes no output and no MLflow run."""
 from __future__ import annotations
 
 import json
@@ -152,6 +153,33 @@ def test_a_model_that_fails_onnx_parity_is_never_registered(prefect_api, retrain
         export_flow("params.yaml")
         record = register_flow("params.yaml")
     assert record["version"] == 1 and record["champion"] == 1
+
+
+EXPORT_FILES = ("model.onnx", "metrics.json", "logged_model.json")
+
+
+def registry_client(root):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_a_failed_export_leaves_no_earlier_export_to_register(prefect_api, retrained, tmp_path):
+    from dna.export import ParityError
+    from flows.export import export_flow
+    from flows.register import register_flow
+
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
+    export = root / "outputs" / "export"
+    with working_directory(root):
+        export_flow("params.yaml")
+        assert all((export / name).is_file() for name in EXPORT_FILES)
+        with pytest.raises(ParityError):
+            export_flow("params.yaml", {"export.atol": 1e-12})
+        assert [name for name in EXPORT_FILES if (export / name).exists()] == []
+        with pytest.raises(FileNotFoundError):
+            register_flow("params.yaml")
+    assert registry_client(root).search_model_versions() == []
 
 
 BAD_CONFIGS = [
