@@ -1,6 +1,7 @@
 """Register stage: the exported model as a new version of mlflow.registered_model, tagged, then promotion.
 
-Tags: arch (Arch.tag()), git_commit, data_hash, params_hash, test_accuracy, onnx_test_accuracy, max_abs_diff, atol.
+Tags: arch (Arch.tag()), git_commit, data_hash, input_shape, class_names_digest (together what versions must share
+to be compared), params_hash, test_accuracy, onnx_test_accuracy, max_abs_diff, atol.
 Writes outputs/register/registration.json (version, aliases, the promotion decision).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prefect import flow
 from flows import artifacts
 from flows.entry import cli, step_run
 from flows.hashes import data_hash, git_commit, params_hash
-from flows.registry import latest_version, log_onnx_model, promote, register_version
+from flows.registry import comparability_tags, latest_version, log_onnx_model, promote, register_version
 
 SAMPLE_IMAGES = 8
 
@@ -58,7 +59,8 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
         if model_uri is None:  # exported under another tracking store: log it again here
             model_uri = log_onnx_model(run.paths.onnx, run.data.images("test", SAMPLE_IMAGES).numpy()).model_uri
         tags = {"arch": arch_tag(run, run.paths.export_dir / "logged_model.json"), "git_commit": git_commit(),
-                "data_hash": data_hash(params, run.paths.splits), "params_hash": params_hash(params),
+                **comparability_tags(run.paths.onnx, data_hash(params, run.paths.splits)),
+                "params_hash": params_hash(params),
                 "test_accuracy": retrained["test_accuracy"], "onnx_test_accuracy": exported["onnx_test_accuracy"],
                 "max_abs_diff": exported["max_abs_diff"], "atol": exported["atol"], "opset": exported["opset"],
                 "params": retrained["params"], "macs": retrained["macs"], "model_uri": model_uri}
@@ -72,7 +74,8 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
     out = run.paths.root / "register"
     atomic_write_text(out / "registration.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     artifacts.markdown("registration", "\n".join([
-        f"### {name} version {version}", "", f"**{'champion' if result.promoted else 'challenger'}**: {result.reason}",
+        f"### {name} version {version}", "",
+        f"**{'champion' if result.promoted else 'not promoted'}**: {result.reason}",
         "", f"champion now: version {result.champion}", "", f"load it with `models:/{name}@champion`"]) + "\n",
         "model registry decision")
     print(result.summary())
