@@ -23,6 +23,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PROMOTION_TAG = "promotion"
 CANDIDATE_TAG = "dna.candidate"
+ONNX_DIGEST_TAG = "onnx_digest"  # the registered ONNX file's digest: registering it again finds this version
 PARITY_ATOL = 1e-4  # the largest ONNX Runtime vs PyTorch difference a champion may have (export.atol allows more)
 # Versions are compared only when these tags are equal: the same data (config and split), input shape and classes.
 COMPARABLE_TAGS = ("data_hash", "input_shape", "class_names_digest")
@@ -211,6 +212,13 @@ def withdraw(client, name: str, version: int | str, metric: str) -> int | None:
 def latest_version(client, name: str) -> int | None:
     versions = client.search_model_versions(f"name = '{name}'")
     return max((int(v.version) for v in versions), default=None)
+
+
+def registered_version(client, name: str, onnx_digest: str) -> int | None:
+    """The version of `name` registered for the ONNX file with this digest (tag onnx_digest), if there is one."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    return min((int(v.version) for v in versions if (v.tags or {}).get(ONNX_DIGEST_TAG) == onnx_digest),
+               default=None)
 
 
 # logging and registering --------------------------------------------------------------------------------------------
