@@ -134,6 +134,9 @@ def promote(client, name: str, version: int | str, metric: str, reinstate: bool 
         return result(False, f"no comparability record (the tags {', '.join(COMPARABLE_TAGS)} are required)")
     if value is None:
         return result(False, f"no {metric} tag to compare")
+    if current is not None and comparability_key(current.tags or {}) is None:
+        return result(False, f"champion version {current_version} has no comparability record to compare with; "
+                             f"`dna promote --withdraw {current_version}` lets a new champion start")
     if current is not None and comparability_key(current.tags or {}) != key:
         return result(False, f"not comparable with champion version {current_version}, trained on other data: "
                              f"{_differences(tags, current)}")

@@ -157,6 +157,20 @@ def test_only_versions_trained_on_the_champions_data_are_compared_with_it(regist
     assert better.promoted and champion(client) == 6 == better.champion
 
 
+def test_a_champion_registered_without_a_comparability_record_must_be_withdrawn_first(registry):
+    """A registry from before comparability tags: its champion is compared with nothing, until it is withdrawn."""
+    from flows.registry import withdraw
+
+    client, add, _, _ = registry
+    assert promote(client, NAME, add(0.80, seed=1), "test_accuracy").promoted
+    client.delete_model_version_tag(NAME, "1", "class_names_digest")
+    refused = promote(client, NAME, add(0.90, seed=2), "test_accuracy")
+    assert not refused.promoted and "champion version 1 has no comparability record" in refused.reason
+    assert champion(client) == 1
+    assert withdraw(client, NAME, 1, "test_accuracy") is None
+    assert promote(client, NAME, 2, "test_accuracy").promoted and champion(client) == 2
+
+
 def test_parity_is_judged_at_the_registrys_tolerance_not_the_versions_own(registry):
     """max_abs_diff 5e-3 passes an export run with atol 1e-2 (params allow it) but not the registry: refused, no
     alias; and a version tagged a candidate under the old rule does not take champion later."""
