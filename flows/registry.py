@@ -202,8 +202,8 @@ def withdraw(client, name: str, version: int | str, metric: str) -> int | None:
     alias is removed and None returned."""
     client.set_model_version_tag(name, str(version), CANDIDATE_TAG, "withdrawn")
     current = _by_alias(client, name, CHAMPION)
-    key = comparability_key(((current if current is not None else client.get_model_version(name, str(version)))
-                             .tags) or {})
+    compared_with = current if current is not None else client.get_model_version(name, str(version))
+    key = comparability_key(compared_with.tags or {})
     if key is not None and candidate_values(client, name, metric, key):
         return settle_champion(client, name, metric, key)[0]
     if current is not None and int(current.version) == int(version):
