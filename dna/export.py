@@ -23,6 +23,7 @@ OUTPUT_NAME = "logits"
 PROBABILITIES = "probabilities"
 CLASS_INDEX = "class_index"
 OUTPUT_NAMES = (OUTPUT_NAME, PROBABILITIES, CLASS_INDEX)
+CHECKPOINT_DIGEST = "checkpoint_digest"  # metadata: the digest of the checkpoint the graph was exported from
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,14 @@ def _session(path: str | Path) -> ort.InferenceSession:
 def read_metadata(path: str | Path) -> dict[str, str]:
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
+
+
+def input_shape(path: str | Path) -> str:
+    """The graph's input shape per image, e.g. "1x28x28" (a symbolic dimension by its name)."""
+    model = onnx.load(str(path), load_external_data=False)
+    (images,) = [i for i in model.graph.input if i.name == INPUT_NAME]
+    dims = images.type.tensor_type.shape.dim[1:]
+    return "x".join(str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in dims)
 
 
 def class_names(path: str | Path) -> list[str] | None:

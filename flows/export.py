@@ -1,6 +1,7 @@
 """Export stage: ONNX export with a parity check against PyTorch, logged to MLflow as an ONNX model.
 
-Writes outputs/export/ (model.onnx, metrics.json, logged_model.json: the logged model's URI for the register stage).
+Writes outputs/export/ (model.onnx, metrics.json, logged_model.json: the logged model's URI and the digest of the
+model.onnx it holds, for the register stage), after removing the previous export's.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ SAMPLE_IMAGES = 8
 
 @flow(name="dna-export")
 def export_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.checkpoint import atomic_write_text
+    from dna.checkpoint import atomic_write_text, file_digest
     from dna.export import read_metadata
     from dna.pipeline import stage_export
 
     with step_run("export", params_file, overrides) as step:
         run, mlrun, out = step.run, step.mlrun, step.run.paths.export_dir
+        (out / "logged_model.json").unlink(missing_ok=True)  # stage_export removes the other files of the last export
         metrics = step.task(stage_export, "export-onnx")(run)
         meta = read_metadata(run.paths.onnx)
         mlrun.metrics(metrics)
@@ -30,7 +32,7 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None)
         mlrun.artifact(out / "metrics.json")
         info = log_onnx_model(run.paths.onnx, run.data.images("test", SAMPLE_IMAGES).numpy())
         record = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": mlrun.run_id,
-                  "tracking_uri": mlrun.uri, "arch": meta.get("arch")}
+                  "tracking_uri": mlrun.uri, "arch": meta.get("arch"), "onnx_digest": file_digest(run.paths.onnx)}
         atomic_write_text(out / "logged_model.json", json.dumps(record, indent=2) + "\n")
     artifacts.markdown("export-summary", artifacts.metrics_markdown(
         "ONNX export", metrics, f"logged as `{info.model_uri}` (MLflow run `{mlrun.run_id}`)"),

@@ -1,12 +1,16 @@
 """The MLflow model registry: logging the ONNX export, registering it as a version, and promotion by alias.
 
-Every new version gets the alias `challenger`. The alias `champion` moves to it only if it passes ONNX parity
-(its max_abs_diff tag is at most its atol tag, the export tolerance) and beats the current champion on the
-configured metric (or there is no champion yet); otherwise the result says why and champion stays where it is.
-Consumers load `models:/<name>@champion`.
+Promotion compares like with like. A version qualifies when it passes ONNX parity at the registry's one tolerance
+(its max_abs_diff tag at most PARITY_ATOL, whatever tolerance its export ran with), has the configured metric, and
+carries a comparability key (COMPARABLE_TAGS: the data's digest, the input shape, the class names' digest) equal to
+the current champion's. A qualifying version gets the alias `challenger`, and `champion` moves to it if it beats
+the champion on the metric (or there is no champion yet); otherwise the result says why, no alias moves for a
+version that does not qualify, and champion stays where it is. Consumers load `models:/<name>@champion`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -19,6 +23,10 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PROMOTION_TAG = "promotion"
 CANDIDATE_TAG = "dna.candidate"
+ONNX_DIGEST_TAG = "onnx_digest"  # the registered ONNX file's digest: registering it again finds this version
+PARITY_ATOL = 1e-4  # the largest ONNX Runtime vs PyTorch difference a champion may have (export.atol allows more)
+# Versions are compared only when these tags are equal: the same data (config and split), input shape and classes.
+COMPARABLE_TAGS = ("data_hash", "input_shape", "class_names_digest")
 
 
 @dataclass(frozen=True)
@@ -62,20 +70,48 @@ def _by_alias(client, name: str, alias: str):
         return None
 
 
-def promote(client, name: str, version: int | str, metric: str) -> PromotionResult:
-    """Give `version` the alias challenger; move champion to it if it passes parity and beats the champion.
+def comparability_tags(onnx_path: str | Path, data_hash: str) -> dict[str, str]:
+    """The tags that say what a version can be compared with: the data's digest, and the exported graph's input
+    shape and class names (a digest of the JSON list its metadata holds; absent if it holds none)."""
+    from dna.export import class_names, input_shape
 
-    The version's tags carry what is compared: `max_abs_diff` and `atol` (ONNX parity) and `metric`. A version
-    that passes parity and has the metric becomes a candidate (tag dna.candidate); champion then goes to the best
-    candidate (the oldest among equals), re-checked after every move, so promotions that race end with champion on
-    the best of them whatever their order. The decision is recorded on the version as the tag `promotion`.
+    names = class_names(onnx_path)
+    tags = {"data_hash": data_hash, "input_shape": input_shape(onnx_path)}
+    if names is not None:
+        tags["class_names_digest"] = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+    return tags
+
+
+def comparability_key(tags: dict) -> tuple[str, ...] | None:
+    """The values of COMPARABLE_TAGS, or None if any is missing (such a version is compared with nothing)."""
+    key = tuple(tags.get(tag) for tag in COMPARABLE_TAGS)
+    return None if None in key else key
+
+
+def _differences(tags: dict, champion) -> str:
+    theirs = champion.tags or {}
+    return ", ".join(f"{tag} {tags.get(tag)} (champion: {theirs.get(tag)})" for tag in COMPARABLE_TAGS
+                     if tags.get(tag) != theirs.get(tag))
+
+
+def _passes_parity(tags: dict) -> bool:
+    diff = _float(tags.get("max_abs_diff"))
+    return diff is not None and diff <= PARITY_ATOL
+
+
+def promote(client, name: str, version: int | str, metric: str, reinstate: bool = True) -> PromotionResult:
+    """Give `version` the alias challenger and move champion to it if it qualifies and beats the champion (see
+    the module's doc); a version withdrawn earlier is put back in the running unless `reinstate` is False.
+
+    A qualifying version becomes a candidate (tag dna.candidate); champion then goes to the best candidate of its
+    comparability key (the oldest among equals), re-checked after every move, so promotions that race end with
+    champion on the best of them whatever their order. The decision is recorded on the version as the tag
+    `promotion`.
     """
     version = int(version)
     candidate = client.get_model_version(name, str(version))  # raises if there is no such version
-    client.set_registered_model_alias(name, CHALLENGER, str(version))
     tags = candidate.tags or {}
-    value = _float(tags.get(metric))
-    diff, atol = _float(tags.get("max_abs_diff")), _float(tags.get("atol"))
+    value, diff, key = _float(tags.get(metric)), _float(tags.get("max_abs_diff")), comparability_key(tags)
     current = _by_alias(client, name, CHAMPION)
     current_version = int(current.version) if current is not None else None
     current_value = _float((current.tags or {}).get(metric)) if current is not None else None
@@ -87,44 +123,67 @@ def promote(client, name: str, version: int | str, metric: str) -> PromotionResu
 
     if current_version == version:
         return result(True, "already the champion")
-    if diff is None or atol is None:
-        return result(False, "no ONNX parity record (tags max_abs_diff and atol are required)")
-    if not diff <= atol:
-        return result(False, f"fails ONNX parity: max_abs_diff {diff:.3g} > atol {atol:.3g}")
+    if not reinstate and tags.get(CANDIDATE_TAG) == "withdrawn":
+        return result(False, f"withdrawn from the running (`dna promote --version {version}` puts it back)")
+    if diff is None:
+        return result(False, "no ONNX parity record (the tag max_abs_diff is required)")
+    if not _passes_parity(tags):
+        return result(False, f"fails ONNX parity: max_abs_diff {diff:.3g} > {PARITY_ATOL:.3g}, the registry's "
+                             f"tolerance")
+    if key is None:
+        return result(False, f"no comparability record (the tags {', '.join(COMPARABLE_TAGS)} are required)")
     if value is None:
         return result(False, f"no {metric} tag to compare")
+    if current is not None and comparability_key(current.tags or {}) is None:
+        return result(False, f"champion version {current_version} has no comparability record to compare with; "
+                             f"`dna promote --withdraw {current_version}` lets a new champion start")
+    if current is not None and comparability_key(current.tags or {}) != key:
+        return result(False, f"not comparable with champion version {current_version}, trained on other data: "
+                             f"{_differences(tags, current)}")
+    client.set_registered_model_alias(name, CHALLENGER, str(version))
     client.set_model_version_tag(name, str(version), CANDIDATE_TAG, "true")
-    champion, champion_value = settle_champion(client, name, metric)
+    champion, champion_value = settle_champion(client, name, metric, key)
     if champion != version:
+        settled = client.get_model_version(name, str(champion))
+        if comparability_key(settled.tags or {}) != key:  # another promotion, of other data, settled first
+            return result(False, f"not comparable with champion version {champion}, trained on other data: "
+                                 f"{_differences(tags, settled)}")
         return result(False, f"{metric} {value:.4f} does not beat champion version {champion} ({champion_value:.4f})")
+    parity = f"parity max_abs_diff {diff:.3g} <= {PARITY_ATOL:.3g}"
     if current is None:
-        return result(True, f"no champion yet; {metric} {value:.4f}, parity max_abs_diff {diff:.3g} <= {atol:.3g}")
+        return result(True, f"no champion yet; {metric} {value:.4f}, {parity}")
     against = f"{current_value:.4f}" if current_value is not None else "no recorded value"
-    return result(True, f"{metric} {value:.4f} beats champion version {current_version} ({against}); "
-                        f"parity max_abs_diff {diff:.3g} <= {atol:.3g}")
+    return result(True, f"{metric} {value:.4f} beats champion version {current_version} ({against}); {parity}")
 
 
-def candidate_values(client, name: str, metric: str) -> dict[int, float]:
-    """Versions tagged dna.candidate=true (set only after parity passed) with a value of `metric`, by version."""
+def _qualifies(tags: dict, metric: str, key: tuple[str, ...]) -> bool:
+    return _passes_parity(tags) and comparability_key(tags) == key and _float(tags.get(metric)) is not None
+
+
+def candidate_values(client, name: str, metric: str, key: tuple[str, ...]) -> dict[int, float]:
+    """Versions tagged dna.candidate=true that qualify with comparability key `key`, with their `metric`."""
     versions = client.search_model_versions(f"name = '{name}'")
-    values = {int(v.version): _float((v.tags or {}).get(metric)) for v in versions
-              if (v.tags or {}).get(CANDIDATE_TAG) == "true"}
-    return {v: x for v, x in values.items() if x is not None}
+    return {int(v.version): _float(v.tags[metric]) for v in versions
+            if (v.tags or {}).get(CANDIDATE_TAG) == "true" and _qualifies(v.tags, metric, key)}
 
 
-def settle_champion(client, name: str, metric: str, max_moves: int = 100) -> tuple[int, float]:
-    """Point champion at the best candidate version and check again until nothing moved it in between.
+def settle_champion(client, name: str, metric: str, key: tuple[str, ...],
+                    max_moves: int = 100) -> tuple[int, float | None]:
+    """Point champion at the best candidate version of comparability key `key` and check again until nothing moved
+    it in between; returns the champion and its metric.
 
     Candidates: candidate_values() and the current champion. Whoever moves the alias last re-reads every candidate
     afterwards, so the last check of all sees the final alias on the best candidate. A candidate tagged
-    dna.candidate=withdrawn takes no part.
+    dna.candidate=withdrawn takes no part. A champion of another key stays (the caller refuses to compare with it).
     """
     for _ in range(max_moves):
-        values = candidate_values(client, name, metric)
+        values = candidate_values(client, name, metric, key)
         current = _by_alias(client, name, CHAMPION)
         current_tags = (current.tags or {}) if current is not None else {}
+        if current is not None and comparability_key(current_tags) != key:
+            return int(current.version), _float(current_tags.get(metric))
         if current is not None and current_tags.get(CANDIDATE_TAG) != "withdrawn" \
-                and _float(current_tags.get(metric)) is not None:
+                and _qualifies(current_tags, metric, key):
             values.setdefault(int(current.version), _float(current_tags.get(metric)))
         if not values:
             raise RuntimeError(f"{name}: no version is a candidate for champion (none passed parity with a {metric})")
@@ -136,18 +195,33 @@ def settle_champion(client, name: str, metric: str, max_moves: int = 100) -> tup
 
 
 def withdraw(client, name: str, version: int | str, metric: str) -> int | None:
-    """Take a version out of the running for champion (a rollback); champion moves to the best remaining candidate.
-    Returns the champion afterwards (None if no candidate remains, the alias then removed)."""
+    """Take a version out of the running for champion (a rollback); returns the champion afterwards.
+
+    A withdrawn champion hands over to the best remaining candidate comparable with it: the alias moves straight
+    to that one, so an interruption leaves champion where it was (run withdraw again). With no such candidate the
+    alias is removed and None returned."""
     client.set_model_version_tag(name, str(version), CANDIDATE_TAG, "withdrawn")
     current = _by_alias(client, name, CHAMPION)
+    compared_with = current if current is not None else client.get_model_version(name, str(version))
+    key = comparability_key(compared_with.tags or {})
+    if key is not None and candidate_values(client, name, metric, key):
+        return settle_champion(client, name, metric, key)[0]
     if current is not None and int(current.version) == int(version):
         client.delete_registered_model_alias(name, CHAMPION)
-    return settle_champion(client, name, metric)[0] if candidate_values(client, name, metric) else None
+        return None
+    return int(current.version) if current is not None else None
 
 
 def latest_version(client, name: str) -> int | None:
     versions = client.search_model_versions(f"name = '{name}'")
     return max((int(v.version) for v in versions), default=None)
+
+
+def registered_version(client, name: str, onnx_digest: str) -> int | None:
+    """The version of `name` registered for the ONNX file with this digest (tag onnx_digest), if there is one."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    return min((int(v.version) for v in versions if (v.tags or {}).get(ONNX_DIGEST_TAG) == onnx_digest),
+               default=None)
 
 
 # logging and registering --------------------------------------------------------------------------------------------
@@ -165,8 +239,6 @@ def log_onnx_model(onnx_path: str | Path, sample, name: str = "model", example_i
     (logits, probabilities, class_index for an export of dna.export), and its first `example_images` are the input
     example. The model's metadata carries the export's arch, accuracy, cost and class names (a list, by class_index).
     """
-    import json
-
     import mlflow
     import numpy as np
     import onnx
@@ -253,8 +325,8 @@ def promote_command(
                                               help="registered version (default: the newest)"),
         withdraw: Optional[int] = typer_option(None, "--withdraw", metavar="VERSION",
                                                help="take a version out of the running for champion (rollback)")):
-    """Alias a registered version `challenger`; move `champion` to it if it passes ONNX parity and beats the
-    champion."""
+    """Alias a registered version `challenger` if it passes ONNX parity and was trained on the champion's data; move
+    `champion` to it if it also beats the champion."""
     import typer
 
     raise typer.Exit(promote_cli(params, version, withdraw))

@@ -85,6 +85,14 @@ def test_metadata_round_trips(exported):
     assert read_metadata(report.path) == METADATA
 
 
+def test_input_shape_per_image(exported, tmp_path):
+    from dna.export import input_shape
+
+    assert input_shape(exported[1].path) == "1x32x32"  # what registry versions must share to be compared
+    wide = export_onnx(_tiny_convnet(), torch.randn(2, 1, 20, 24), tmp_path / "wide.onnx", {})
+    assert input_shape(wide.path) == "1x20x24"
+
+
 def test_batch_dimension_is_dynamic(exported):
     model, report = exported
     proto = onnx.load(str(report.path), load_external_data=False)

@@ -1,6 +1,8 @@
 """Faults at the level of the flows: a block task that fails once is retried by Prefect and resumes from its last
 epoch; a block that keeps failing fails the stage with the block named while the other blocks' results are kept;
-a model that fails ONNX parity is never registered; a bad config writes no output and no MLflow run."""
+a model that fails ONNX parity is never registered, nor an export left over from an earlier one or from an earlier
+retraining; registering again after an interruption adds no version; a bad config writes no output and no MLflow
+run."""
 from __future__ import annotations
 
 import json
@@ -152,6 +154,88 @@ def test_a_model_that_fails_onnx_parity_is_never_registered(prefect_api, retrain
         export_flow("params.yaml")
         record = register_flow("params.yaml")
     assert record["version"] == 1 and record["champion"] == 1
+
+
+EXPORT_FILES = ("model.onnx", "metrics.json", "logged_model.json")
+
+
+def registry_client(root):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_a_failed_export_leaves_no_earlier_export_to_register(prefect_api, retrained, tmp_path):
+    from dna.export import ParityError
+    from flows.export import export_flow
+    from flows.register import register_flow
+
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
+    export = root / "outputs" / "export"
+    with working_directory(root):
+        export_flow("params.yaml")
+        assert all((export / name).is_file() for name in EXPORT_FILES)
+        with pytest.raises(ParityError):
+            export_flow("params.yaml", {"export.atol": 1e-12})
+        assert [name for name in EXPORT_FILES if (export / name).exists()] == []
+        with pytest.raises(FileNotFoundError):
+            register_flow("params.yaml")
+    assert registry_client(root).search_model_versions() == []
+
+
+def test_an_export_of_an_earlier_retraining_is_not_registered(prefect_api, retrained, tmp_path, capsys):
+    """retrain/model.pt replaced after the export (retrained, the export not run again): registration fails with
+    one line and exit 1, registering nothing, until the export runs again."""
+    import torch
+
+    from dna.checkpoint import load_checkpoint, save_checkpoint
+    from flows.export import export_flow
+    from flows.register import main as register_main
+    from flows.register import register_flow
+
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
+    model = root / "outputs" / "retrain" / "model.pt"
+    with working_directory(root):
+        export_flow("params.yaml")
+        state = load_checkpoint(model)
+        state["model"] = {k: v + 0.01 if torch.is_floating_point(v) else v for k, v in state["model"].items()}
+        save_checkpoint(model, state)
+        assert register_main([]) == 1
+        (error,) = error_lines(capsys)
+        assert "export/model.onnx and" in error and "not exported from the current" in error \
+            and "retrain/model.pt" in error
+        assert registry_client(root).search_model_versions() == []
+        export_flow("params.yaml")
+        assert register_flow("params.yaml")["version"] == 1
+
+
+def test_registering_again_after_an_interruption_adds_no_version(prefect_api, retrained, tmp_path, monkeypatch):
+    """The same ONNX file keeps its version: a rerun after an interruption (between registering and promoting)
+    promotes it, a rerun after that changes nothing, and a withdrawn version is not put back by a rerun."""
+    import flows.register
+    from flows.export import export_flow
+    from flows.register import register_flow
+    from flows.registry import withdraw
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("interrupted between registering and promoting")
+
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
+    client = registry_client(root)
+    with working_directory(root):
+        export_flow("params.yaml")
+        with monkeypatch.context() as patched:
+            patched.setattr(flows.register, "promote", interrupted)
+            with pytest.raises(RuntimeError, match="interrupted"):
+                register_flow("params.yaml")
+        assert [int(v.version) for v in client.search_model_versions()] == [1]
+        first = register_flow("params.yaml")
+        assert (first["version"], first["champion"], first["latest_version"]) == (1, 1, 1)
+        assert register_flow("params.yaml")["reason"] == "already the champion"
+        assert withdraw(client, "dna-student", 1, "test_accuracy") is None
+        after = register_flow("params.yaml")
+        assert after["version"] == 1 and not after["promoted"] and "withdrawn" in after["reason"]
+    assert [int(v.version) for v in client.search_model_versions()] == [1]
 
 
 BAD_CONFIGS = [

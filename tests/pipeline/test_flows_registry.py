@@ -18,6 +18,8 @@ from server_support import BIN, background, free_port, postgres_database, postgr
 from flows.registry import CHALLENGER, CHAMPION, PROMOTION_TAG, log_onnx_model, promote, promote_cli, register_version
 
 NAME = "dna-student"
+# what registration tags a version with to say what it can be compared with (flows.registry.comparability_tags)
+DATA = {"data_hash": "digits-0", "input_shape": "1x4x4", "class_names_digest": "digits"}
 
 
 def linear_onnx(path, weights: np.ndarray, bias: np.ndarray):
@@ -74,19 +76,35 @@ def registry(request, tmp_path):
     client = MlflowClient(uri)
     sample = np.random.default_rng(0).normal(size=(4, 1, 4, 4)).astype(np.float32)
 
-    def add(accuracy: float, max_abs_diff: float = 1e-7, atol: float = 1e-4, seed: int = 0) -> int:
+    def add(accuracy: float, max_abs_diff: float = 1e-7, atol: float = 1e-4, seed: int = 0, **data: str) -> int:
+        """`data`: the comparability tags that differ from DATA (data_hash, input_shape, class_names_digest)."""
         rng = np.random.default_rng(seed)
         path = linear_onnx(tmp_path / f"model_{seed}.onnx", rng.normal(size=(10, 16)), rng.normal(size=10))
         with mlflow.start_run(experiment_id=experiment):
             info = log_onnx_model(path, sample)
         return register_version(client, NAME, info.model_uri, {"test_accuracy": accuracy, "max_abs_diff": max_abs_diff,
-                                                               "atol": atol, "arch": f"linear-{seed}"})
+                                                               "atol": atol, "arch": f"linear-{seed}", **DATA, **data})
 
     return client, add, uri, tmp_path
 
 
 def champion(client) -> int:
     return int(client.get_model_version_by_alias(NAME, CHAMPION).version)
+
+
+def test_comparability_tags_are_read_from_the_exported_graph(tmp_path):
+    from flows.registry import comparability_tags
+
+    path = linear_onnx(tmp_path / "m.onnx", np.eye(10, 16), np.zeros(10))
+    assert comparability_tags(path, "d1") == {"data_hash": "d1", "input_shape": "1x4x4"}  # no class names: no key
+    tagged = []
+    for names in (list("0123456789"), list("abcdefghij")):
+        model = onnx.load(str(path))
+        helper.set_model_props(model, {"class_names": json.dumps(names)})
+        onnx.save(model, str(path))
+        tagged.append(comparability_tags(path, "d1"))
+    assert tagged[0]["class_names_digest"] != tagged[1]["class_names_digest"]
+    assert all(tags.keys() == {"data_hash", "input_shape", "class_names_digest"} for tags in tagged)
 
 
 def test_promotes_better_versions_and_refuses_worse_ties_and_parity_failures(registry):
@@ -109,10 +127,86 @@ def test_promotes_better_versions_and_refuses_worse_ties_and_parity_failures(reg
 
     unfaithful = promote(client, NAME, add(0.99, max_abs_diff=1e-2, seed=5), "test_accuracy")
     assert not unfaithful.promoted and "fails ONNX parity" in unfaithful.reason and champion(client) == 2
-    assert int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 5
+    assert int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 4  # no alias for a failed version
 
     again = promote(client, NAME, 2, "test_accuracy")
     assert again.promoted and again.reason == "already the champion" and champion(client) == 2
+
+
+def test_only_versions_trained_on_the_champions_data_are_compared_with_it(registry):
+    """A 1.00 model of other data (data digest, input shape or class names) does not replace a 0.91 champion: it
+    is refused, saying why, and gets no alias; a version without the comparability record is refused too."""
+    client, add, _, _ = registry
+    assert promote(client, NAME, add(0.91, seed=1), "test_accuracy").promoted
+    for seed, other in enumerate(({"data_hash": "digits-1"}, {"input_shape": "3x4x4"},
+                                  {"class_names_digest": "letters"}), start=2):
+        result = promote(client, NAME, add(1.00, seed=seed, **other), "test_accuracy")
+        (tag, value), = other.items()
+        assert not result.promoted and result.champion == 1 and champion(client) == 1
+        assert "not comparable with champion version 1" in result.reason and f"{tag} {value}" in result.reason
+        assert int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 1
+        assert client.get_model_version(NAME, str(seed)).tags[PROMOTION_TAG] == f"refused: {result.reason}"
+    unrecorded = add(1.00, seed=5)
+    client.delete_model_version_tag(NAME, str(unrecorded), "data_hash")
+    result = promote(client, NAME, unrecorded, "test_accuracy")
+    assert not result.promoted and "no comparability record" in result.reason and champion(client) == 1
+
+    # a version of other data tagged a candidate (by a registry without this rule) is still not compared
+    client.set_model_version_tag(NAME, "2", "dna.candidate", "true")
+    better = promote(client, NAME, add(0.95, seed=6), "test_accuracy")
+    assert better.promoted and champion(client) == 6 == better.champion
+
+
+def test_a_champion_registered_without_a_comparability_record_must_be_withdrawn_first(registry):
+    """A registry from before comparability tags: its champion is compared with nothing, until it is withdrawn."""
+    from flows.registry import withdraw
+
+    client, add, _, _ = registry
+    assert promote(client, NAME, add(0.80, seed=1), "test_accuracy").promoted
+    client.delete_model_version_tag(NAME, "1", "class_names_digest")
+    refused = promote(client, NAME, add(0.90, seed=2), "test_accuracy")
+    assert not refused.promoted and "champion version 1 has no comparability record" in refused.reason
+    assert champion(client) == 1
+    assert withdraw(client, NAME, 1, "test_accuracy") is None
+    assert promote(client, NAME, 2, "test_accuracy").promoted and champion(client) == 2
+
+
+def test_parity_is_judged_at_the_registrys_tolerance_not_the_versions_own(registry):
+    """max_abs_diff 5e-3 passes an export run with atol 1e-2 (params allow it) but not the registry: refused, no
+    alias; and a version tagged a candidate under the old rule does not take champion later."""
+    client, add, _, _ = registry
+    assert promote(client, NAME, add(0.80, seed=1), "test_accuracy").promoted
+    loose = promote(client, NAME, add(0.99, max_abs_diff=5e-3, atol=1e-2, seed=2), "test_accuracy")
+    assert not loose.promoted and "fails ONNX parity: max_abs_diff 0.005 > 0.0001" in loose.reason
+    assert champion(client) == 1 and int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 1
+    client.set_model_version_tag(NAME, "2", "dna.candidate", "true")
+    assert promote(client, NAME, add(0.85, seed=3), "test_accuracy").promoted and champion(client) == 3
+
+
+class InterruptedAliasMoves:
+    """An MlflowClient that is interrupted when it moves an alias: what a crash at that moment leaves behind."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, attr):
+        return getattr(self._client, attr)
+
+    def set_registered_model_alias(self, name, alias, version):
+        raise KeyboardInterrupt(f"interrupted before {alias} moved to version {version}")
+
+
+@pytest.mark.reliability
+def test_an_interrupted_withdraw_leaves_a_champion_and_finishes_when_run_again(registry):
+    from flows.registry import withdraw
+
+    client, add, _, _ = registry
+    for accuracy, seed in ((0.70, 1), (0.90, 2), (0.80, 3)):
+        promote(client, NAME, add(accuracy, seed=seed), "test_accuracy")
+    with pytest.raises(KeyboardInterrupt):
+        withdraw(InterruptedAliasMoves(client), NAME, 2, "test_accuracy")
+    assert champion(client) == 2  # still a champion: the alias never went missing
+    assert withdraw(client, NAME, 2, "test_accuracy") == 3 and champion(client) == 3
 
 
 def test_promote_cli_exit_codes(registry, capsys):
@@ -234,7 +328,7 @@ def test_the_team_server_keeps_the_registry_in_postgresql_and_the_models_in_its_
     with mlflow.start_run(experiment_id=experiment):
         info = log_onnx_model(linear_onnx(artifacts.parent / "m.onnx", np.eye(10, 16), np.zeros(10)), sample)
     version = register_version(client, name, info.model_uri, {"test_accuracy": 0.5, "max_abs_diff": 0.0,
-                                                              "atol": 1e-4, "arch": "linear"})
+                                                              "atol": 1e-4, "arch": "linear", **DATA})
     assert promote(client, name, version, "test_accuracy").promoted
     assert query(database, f"SELECT version FROM model_versions WHERE name = '{name}'") == [(version,)]
     assert sorted(query(database, f"SELECT alias, version FROM registered_model_aliases WHERE name = '{name}'")) == [

@@ -74,6 +74,10 @@ def test_export_stage_evaluates_the_test_split_batch_by_batch(exported):
     assert metrics["onnx_test_accuracy"] == pytest.approx(expected, abs=1e-12)
     assert json.loads(run.paths.splits.read_text())["class_names"] == DIGITS
     assert json.loads(read_metadata(run.paths.onnx)["class_names"]) == DIGITS
+    from dna.checkpoint import checkpoint_digest  # what registration checks the export against
+
+    assert read_metadata(run.paths.onnx)["checkpoint_digest"] == metrics["checkpoint_digest"] \
+        == checkpoint_digest(run.paths.model)
 
 
 def free_port() -> int:
@@ -135,7 +139,7 @@ def test_real_student_promoted_to_champion_is_served_with_probabilities_and_clas
     from mlflow.tracking import MlflowClient
 
     from dna.export import onnx_predict
-    from flows.registry import CHAMPION, log_onnx_model, promote, register_version
+    from flows.registry import CHAMPION, comparability_tags, log_onnx_model, promote, register_version
     from flows.tracking import ensure_experiment
 
     run, metrics, _ = exported
@@ -148,7 +152,8 @@ def test_real_student_promoted_to_champion_is_served_with_probabilities_and_clas
         info = log_onnx_model(run.paths.onnx, sample)
     retrained = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
     version = register_version(client, NAME, info.model_uri, {
-        "test_accuracy": retrained["test_accuracy"], "max_abs_diff": metrics["max_abs_diff"], "atol": metrics["atol"]})
+        "test_accuracy": retrained["test_accuracy"], "max_abs_diff": metrics["max_abs_diff"], "atol": metrics["atol"],
+        **comparability_tags(run.paths.onnx, "digits")})
     result = promote(client, NAME, version, "test_accuracy")
     assert result.promoted and "no champion yet" in result.reason
     assert int(client.get_model_version_by_alias(NAME, CHAMPION).version) == version
