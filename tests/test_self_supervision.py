@@ -115,6 +115,31 @@ def test_the_rating_is_the_same_loss_on_the_rating_split_candidate_by_candidate(
     assert not any(key.startswith("target") for key in saved["model"]), "the cells alone are the block's model"
 
 
+def test_a_block_fingerprint_follows_the_rating_that_picks_its_input(tmp_path):
+    """Block 1's input is block 0's best candidate as `rating` rates and calibrates it: a block of kind ssl trained
+    under another rating section is not resumed. The teacher kind's blocks take the teacher's features, whatever the
+    rating; and at the rating's defaults an ssl fingerprint is what it was before the rating was part of it."""
+    from dna.checkpoint import digest
+    from dna.config import RatingConfig
+    from dna.targets import TeacherTargets
+
+    def fingerprints(raw: dict, calibration_size: int) -> list[str]:
+        run = Run(parse_params(raw | {"rating": {**raw["rating"], "calibration_size": calibration_size}}))
+        if not run.params.supervision.kind == "ssl":  # no teacher built: what the blocks see of it is its key
+            run.__dict__["supervision"] = TeacherTargets(torch.nn.Identity(), [2, 3], run.data, torch.device("cpu"),
+                                                         key=("a teacher",))
+        return [run.block_fingerprint(block) for block in range(2)]
+
+    ssl, teacher = ssl_raw(tmp_path / "outputs"), tiny_raw(tmp_path / "outputs")
+    stage_data(Run(parse_params(ssl)))
+    assert fingerprints(ssl, 64)[1] != fingerprints(ssl, 32)[1]
+    assert fingerprints(ssl, 64) == fingerprints(ssl, 64)
+    assert fingerprints(teacher, 64) == fingerprints(teacher, 32)
+    defaults = parse_params(ssl | {"rating": RatingConfig().model_dump()})
+    sup = SelfSupervised(Run(defaults))
+    assert sup.fingerprint() == digest("ssl", sup.options, defaults.space)
+
+
 def test_an_interrupted_ssl_block_resumes_to_the_same_weights_and_ema(ssl_run, tmp_path):
     class Crash(RuntimeError):
         pass
