@@ -67,8 +67,21 @@ def test_the_ensemble_target_is_the_normalised_mean_of_sampled_paths_of_every_ce
     assert len(vectors) == 3 * len(cells)
     assert torch.allclose(target, F.normalize(torch.stack(vectors).mean(0), dim=1), atol=1e-6)
     assert torch.allclose(target.norm(dim=1), torch.ones(5))
-    losses = criterion.losses([cells[name](view, (0,) * (len(cells[name].layers))) for name in cells], view)
-    assert len(losses) == len(cells) and all(0 <= loss.item() <= 4 for loss in losses)
+    outputs = [cells[name](view, (0,) * len(cells[name].layers)) for name in cells]
+    torch.manual_seed(11)
+    losses = criterion.losses(outputs, view)
+    torch.manual_seed(11)  # the training loss draws its target paths from torch's random state
+    vectors = []
+    for cell in criterion.target.values():
+        for _ in range(3):
+            path = tuple(torch.randint(len(cell.layers[-1]), (len(cell.layers) - cell.num_fixed,)).tolist())
+            vectors.append(F.normalize(cell(view, path).mean(dim=(2, 3)), dim=1))
+    expected_target = torch.stack(vectors).mean(0)
+    for loss, output in zip(losses, outputs, strict=True):
+        prediction = criterion.predictor(output.mean(dim=(2, 3)))
+        expected = (2 - 2 * F.cosine_similarity(prediction, expected_target, dim=1)).mean()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert losses[0].item() != pytest.approx(losses[1].item(), abs=1e-4), "each cell its own loss"
 
 
 def test_crops_are_seeded_per_image_and_keep_the_size():
@@ -82,20 +95,43 @@ def test_crops_are_seeded_per_image_and_keep_the_size():
 
 
 def test_block_one_takes_block_zero_best_rated_candidate_as_its_input(ssl_run):
+    """The front of block 1 computes what block 0's best-rated candidate computes, taken from block 0's supernet on
+    its own and BatchNorm-calibrated on the calibration images; the worst-rated candidate computes something else."""
     import pandas as pd
+
+    from dna.rate import calibrate
 
     sup = SelfSupervised.from_run(ssl_run)
     assert not ssl_run.paths.rating(0).is_file()
     (front,) = sup.front(1)
-    table = pd.read_csv(ssl_run.paths.rating(0), dtype={"path": str})  # rated on the way: block 1 needs it
-    best = table.loc[table["score"].idxmin()]
-    supernet = load_block(ssl_run.space, 0, sup.shapes(), 1, ssl_run.paths.supernet(0))
-    cell = supernet[best["cell"]]
-    ops = tuple(int(o) for o in best["path"].split("-"))
-    assert [id(type(m)) for m in front] == [id(type(cell.layers[i][o])) for i, o in
-                                            enumerate(cell.full_path(ops))] + [id(type(cell.adapter))]
+    table = pd.read_csv(ssl_run.paths.rating(0), dtype={"path": str}).sort_values("score")  # rated on the way
+    p = ssl_run.params
+    calibration = ssl_run.data.images("train", positions=ssl_run.data.stratified("train", p.rating.calibration_size,
+                                                                                  p.seed))
+
+    class Candidate(torch.nn.Module):
+        def __init__(self, row):
+            super().__init__()
+            self.cell = load_block(ssl_run.space, 0, sup.shapes(), 1, ssl_run.paths.supernet(0))[row.cell]
+            self.ops = tuple(int(o) for o in row.path.split("-"))
+
+        def forward(self, x):
+            return self.cell(x, self.ops)
+
+    best, worst = Candidate(table.iloc[0]), Candidate(table.iloc[-1])
+    for candidate in (best, worst):
+        calibrate(candidate, calibration)
+    torch.manual_seed(5)
     x1, x2 = next(sup.pairs(1, "train", 8))
-    assert x1.shape == x2.shape == (8, *sup.shapes()[0]) and not torch.equal(x1, x2), "two views"
+    torch.manual_seed(5)  # the training views are drawn from torch's random state
+    images, _ = next(iter(ssl_run.data.loader("train", 8)))
+    view1, view2 = crops(images, sup.options.crop_scale), crops(images, sup.options.crop_scale)
+    with torch.no_grad():
+        assert torch.allclose(x1, best(view1), atol=1e-5) and torch.allclose(x2, best(view2), atol=1e-5)
+        assert torch.allclose(front(images), best(images), atol=1e-5)
+        assert not torch.allclose(front(images), worst(images), atol=1e-3), "the worst candidate is told apart"
+    assert x1.shape == (8, *sup.shapes()[0]) and not torch.equal(x1, x2), "two views"
+    assert not front.training and not any(q.requires_grad for q in front.parameters()), "frozen, in eval mode"
 
 
 def test_the_rating_is_the_same_loss_on_the_rating_split_candidate_by_candidate(ssl_run):
