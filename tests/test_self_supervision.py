@@ -240,17 +240,36 @@ def test_dna_run_with_ssl_builds_no_teacher_and_ends_with_a_parity_checked_onnx_
     assert export["max_abs_diff"] <= export["atol"] and export["onnx_test_accuracy"] > 0.5
 
 
-def test_the_dna_plusplus_preset_is_params_yaml_with_supervision_ssl(tmp_path):
+def test_the_dna_plusplus_preset_builds_no_teacher_and_learns_from_its_own_cells(tmp_path, monkeypatch):
+    """configs/dna_plusplus.yaml is params.yaml with supervision ssl: its teacher stage builds, trains and downloads
+    nothing (no model is created), and a block's targets come from the block's own cells (their EMA copy)."""
+    import timm
+
+    import dna.teacher
     from dna.config import load_params
+    from dna.pipeline import stage_teacher
     from flows.entry import check_dvc_params
     from tests.conftest import ROOT
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     plus = yaml.safe_load((ROOT / "configs" / "dna_plusplus.yaml").read_text())
     assert plus.pop("supervision")["kind"] == "ssl" and base.pop("supervision") == {"kind": "teacher"}
-    assert plus["teacher"] == base["teacher"], "written out for DVC, not read"
     assert plus.pop("outputs") != base.pop("outputs")
-    assert plus == base  # the same data, space and recipes
+    assert plus == base  # the same data, space and recipes; the teacher keys written out for DVC, not read
     check_dvc_params(ROOT / "configs" / "dna_plusplus.yaml")  # every key dvc.yaml tracks is there
-    params = load_params(ROOT / "configs" / "dna_plusplus.yaml")
-    assert not params.uses_teacher() and params.supervision.options().ensemble == 2
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the DNA++ preset builds no teacher")
+
+    monkeypatch.setattr(timm, "create_model", no_model)
+    monkeypatch.setattr(dna.teacher, "create_teacher", no_model)
+    run = Run(load_params(ROOT / "configs" / "dna_plusplus.yaml", {"outputs": str(tmp_path / "outputs")}))
+    stage_data(run)
+    assert stage_teacher(run)["model"] is None
+    assert load_checkpoint(run.paths.teacher) == {"teacher": None, "supervision": "ssl"}
+    assert isinstance(run.supervision, SelfSupervised) and run.supervision.options.ensemble == 2
+    torch.manual_seed(0)
+    cells = build_block(run.space, 1, run.supervision.shapes(), run.data.in_chans)
+    target = run.supervision.criterion(1, cells).target
+    assert [n for n, _ in target.named_parameters()] == [n for n, _ in cells.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), cells.parameters())), "the cells' own copy"
