@@ -172,8 +172,11 @@ class SelfSupervised:
         return SelfSupervised(self.run, rating=True)
 
     def fingerprint(self) -> str:
-        """The options and the whole space: a block's input is made by the blocks before it."""
-        return digest("ssl", self.options, self.run.params.space)
+        """The options, the whole space and the rating section: a block's input is made by the blocks before it, each
+        the best candidate as `rating` rates it, BatchNorm calibrated on `rating.calibration_size` images. The rating
+        is left out at its defaults, so blocks trained before it was fingerprinted (all at the defaults) resume."""
+        rating = self.run.params.rating
+        return digest("ssl", self.options, self.run.params.space, *([rating] if rating != type(rating)() else []))
 
     def prepare(self) -> None:
         """Nothing to prepare: the targets are made while the blocks train."""

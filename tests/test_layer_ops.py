@@ -115,7 +115,8 @@ def test_extraction_pairs_a_transformer_op_from_its_last_block(vit):
 @pytest.mark.parametrize("preset, kind", [("vit", "vit"), ("hybrid", "hybrid")])
 def test_the_transformer_presets_are_the_dna_plusplus_preset_but_for_the_space(preset, kind):
     """Same data, recipes, supervision and budget as configs/dna_plusplus.yaml (the family table compares them);
-    every key dvc.yaml tracks is there, so `dvc repro` runs them as params.yaml."""
+    every key dvc.yaml tracks is there, so `dvc repro` runs them as params.yaml; no teacher is read, and the
+    candidates of their blocks hold attention layers."""
     import yaml
 
     from dna.config import load_params
@@ -130,3 +131,8 @@ def test_the_transformer_presets_are_the_dna_plusplus_preset_but_for_the_space(p
     check_dvc_params(ROOT / "configs" / f"{preset}.yaml")
     params = load_params(ROOT / "configs" / f"{preset}.yaml")
     assert any(op.startswith("mha_") for op in params.space.ops)
+    assert not params.uses_teacher()  # DNA++: the blocks learn from their own cells
+    space = build_space(params.space, params.data.channels, params.data.image_size, 10)
+    cell = space.cells(1)[0]
+    built = space.build_cell(cell, space.in_widths(1)[0], 32)
+    assert any(type(m).__name__ == "MobileAttention" for m in built.modules()), "its candidates hold attention"

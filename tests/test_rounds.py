@@ -122,12 +122,35 @@ def test_the_rounds_stage_resumes_a_run_stopped_inside_round_two(two_round_run, 
     assert after == before  # the same network found, retrained to the same weights
 
 
-def test_the_dna_plus_preset_is_params_yaml_searched_in_two_rounds():
+def test_the_dna_plus_preset_teaches_round_two_with_round_one_network_scaled_up(tmp_path):
+    """configs/dna_plus.yaml is params.yaml (data, teacher, space, recipes) searched in two rounds, and round 2's
+    teacher is the network round 1 found made wider and deeper, trained from scratch: a bigger teacher than the
+    network it teaches to find, not that network again."""
+    from timm.models._efficientnet_builder import _decode_block_str
+
     from dna.config import load_params
+    from dna.spaces import build_space
+    from dna.teacher import create_teacher, teacher_arch
     from tests.conftest import ROOT
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     plus = yaml.safe_load((ROOT / "configs" / "dna_plus.yaml").read_text())
-    assert plus.pop("rounds") == {"count": 2} and plus.pop("outputs") != base.pop("outputs")
+    assert plus.pop("rounds")["count"] == 2 and plus.pop("outputs") != base.pop("outputs")
     assert plus == base  # the same data, teacher, space and recipes: only the rounds differ
-    assert len(all_rounds(load_params(ROOT / "configs" / "dna_plus.yaml", check_paths=False))) == 2
+    params = load_params(ROOT / "configs" / "dna_plus.yaml", {"outputs": str(tmp_path / "outputs")}, check_paths=False)
+    space = build_space(params.space, params.data.channels, params.data.image_size, num_classes=10)
+    found = space.arch([(space.cells(b)[-1], (0,) * space.cells(b)[-1].depth) for b in range(space.num_blocks)])
+    found.save(Paths(tmp_path / "outputs").arch)  # what round 1 writes: its search/arch.yaml
+    second = round_params(params, 2).teacher
+    assert (second.source, second.arch, second.checkpoint) == ("arch", str(Paths(tmp_path / "outputs").arch), None)
+    assert second.train == params.teacher.train and second.train.epochs >= 1  # trained from scratch, as round 1's
+    teacher = teacher_arch(second)
+
+    def width(layer: str) -> int:
+        return _decode_block_str(layer)[0]["out_chs"]
+
+    assert teacher.stem > found.stem and teacher.head > found.head
+    for ours, theirs in zip(teacher.stages, found.stages, strict=True):
+        assert len(ours) > len(theirs) and width(ours[-1]) > width(theirs[-1]), (ours, theirs)
+    bigger = create_teacher(round_params(params, 2), num_classes=10, in_chans=1)
+    assert sum(p.numel() for p in bigger.parameters()) > sum(p.numel() for p in space.build(found).parameters())

@@ -67,8 +67,21 @@ def test_the_ensemble_target_is_the_normalised_mean_of_sampled_paths_of_every_ce
     assert len(vectors) == 3 * len(cells)
     assert torch.allclose(target, F.normalize(torch.stack(vectors).mean(0), dim=1), atol=1e-6)
     assert torch.allclose(target.norm(dim=1), torch.ones(5))
-    losses = criterion.losses([cells[name](view, (0,) * (len(cells[name].layers))) for name in cells], view)
-    assert len(losses) == len(cells) and all(0 <= loss.item() <= 4 for loss in losses)
+    outputs = [cells[name](view, (0,) * len(cells[name].layers)) for name in cells]
+    torch.manual_seed(11)
+    losses = criterion.losses(outputs, view)
+    torch.manual_seed(11)  # the training loss draws its target paths from torch's random state
+    vectors = []
+    for cell in criterion.target.values():
+        for _ in range(3):
+            path = tuple(torch.randint(len(cell.layers[-1]), (len(cell.layers) - cell.num_fixed,)).tolist())
+            vectors.append(F.normalize(cell(view, path).mean(dim=(2, 3)), dim=1))
+    expected_target = torch.stack(vectors).mean(0)
+    for loss, output in zip(losses, outputs, strict=True):
+        prediction = criterion.predictor(output.mean(dim=(2, 3)))
+        expected = (2 - 2 * F.cosine_similarity(prediction, expected_target, dim=1)).mean()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert losses[0].item() != pytest.approx(losses[1].item(), abs=1e-4), "each cell its own loss"
 
 
 def test_crops_are_seeded_per_image_and_keep_the_size():
@@ -82,20 +95,43 @@ def test_crops_are_seeded_per_image_and_keep_the_size():
 
 
 def test_block_one_takes_block_zero_best_rated_candidate_as_its_input(ssl_run):
+    """The front of block 1 computes what block 0's best-rated candidate computes, taken from block 0's supernet on
+    its own and BatchNorm-calibrated on the calibration images; the worst-rated candidate computes something else."""
     import pandas as pd
+
+    from dna.rate import calibrate
 
     sup = SelfSupervised.from_run(ssl_run)
     assert not ssl_run.paths.rating(0).is_file()
     (front,) = sup.front(1)
-    table = pd.read_csv(ssl_run.paths.rating(0), dtype={"path": str})  # rated on the way: block 1 needs it
-    best = table.loc[table["score"].idxmin()]
-    supernet = load_block(ssl_run.space, 0, sup.shapes(), 1, ssl_run.paths.supernet(0))
-    cell = supernet[best["cell"]]
-    ops = tuple(int(o) for o in best["path"].split("-"))
-    assert [id(type(m)) for m in front] == [id(type(cell.layers[i][o])) for i, o in
-                                            enumerate(cell.full_path(ops))] + [id(type(cell.adapter))]
+    table = pd.read_csv(ssl_run.paths.rating(0), dtype={"path": str}).sort_values("score")  # rated on the way
+    p = ssl_run.params
+    calibration = ssl_run.data.images("train", positions=ssl_run.data.stratified("train", p.rating.calibration_size,
+                                                                                  p.seed))
+
+    class Candidate(torch.nn.Module):
+        def __init__(self, row):
+            super().__init__()
+            self.cell = load_block(ssl_run.space, 0, sup.shapes(), 1, ssl_run.paths.supernet(0))[row.cell]
+            self.ops = tuple(int(o) for o in row.path.split("-"))
+
+        def forward(self, x):
+            return self.cell(x, self.ops)
+
+    best, worst = Candidate(table.iloc[0]), Candidate(table.iloc[-1])
+    for candidate in (best, worst):
+        calibrate(candidate, calibration)
+    torch.manual_seed(5)
     x1, x2 = next(sup.pairs(1, "train", 8))
-    assert x1.shape == x2.shape == (8, *sup.shapes()[0]) and not torch.equal(x1, x2), "two views"
+    torch.manual_seed(5)  # the training views are drawn from torch's random state
+    images, _ = next(iter(ssl_run.data.loader("train", 8)))
+    view1, view2 = crops(images, sup.options.crop_scale), crops(images, sup.options.crop_scale)
+    with torch.no_grad():
+        assert torch.allclose(x1, best(view1), atol=1e-5) and torch.allclose(x2, best(view2), atol=1e-5)
+        assert torch.allclose(front(images), best(images), atol=1e-5)
+        assert not torch.allclose(front(images), worst(images), atol=1e-3), "the worst candidate is told apart"
+    assert x1.shape == (8, *sup.shapes()[0]) and not torch.equal(x1, x2), "two views"
+    assert not front.training and not any(q.requires_grad for q in front.parameters()), "frozen, in eval mode"
 
 
 def test_the_rating_is_the_same_loss_on_the_rating_split_candidate_by_candidate(ssl_run):
@@ -113,6 +149,31 @@ def test_the_rating_is_the_same_loss_on_the_rating_split_candidate_by_candidate(
     saved = load_checkpoint(ssl_run.paths.supernet(1))
     assert set(saved["states"]["criterion"]) >= {"predictor.0.weight"}
     assert not any(key.startswith("target") for key in saved["model"]), "the cells alone are the block's model"
+
+
+def test_a_block_fingerprint_follows_the_rating_that_picks_its_input(tmp_path):
+    """Block 1's input is block 0's best candidate as `rating` rates and calibrates it: a block of kind ssl trained
+    under another rating section is not resumed. The teacher kind's blocks take the teacher's features, whatever the
+    rating; and at the rating's defaults an ssl fingerprint is what it was before the rating was part of it."""
+    from dna.checkpoint import digest
+    from dna.config import RatingConfig
+    from dna.targets import TeacherTargets
+
+    def fingerprints(raw: dict, calibration_size: int) -> list[str]:
+        run = Run(parse_params(raw | {"rating": {**raw["rating"], "calibration_size": calibration_size}}))
+        if not run.params.supervision.kind == "ssl":  # no teacher built: what the blocks see of it is its key
+            run.__dict__["supervision"] = TeacherTargets(torch.nn.Identity(), [2, 3], run.data, torch.device("cpu"),
+                                                         key=("a teacher",))
+        return [run.block_fingerprint(block) for block in range(2)]
+
+    ssl, teacher = ssl_raw(tmp_path / "outputs"), tiny_raw(tmp_path / "outputs")
+    stage_data(Run(parse_params(ssl)))
+    assert fingerprints(ssl, 64)[1] != fingerprints(ssl, 32)[1]
+    assert fingerprints(ssl, 64) == fingerprints(ssl, 64)
+    assert fingerprints(teacher, 64) == fingerprints(teacher, 32)
+    defaults = parse_params(ssl | {"rating": RatingConfig().model_dump()})
+    sup = SelfSupervised(Run(defaults))
+    assert sup.fingerprint() == digest("ssl", sup.options, defaults.space)
 
 
 def test_an_interrupted_ssl_block_resumes_to_the_same_weights_and_ema(ssl_run, tmp_path):
@@ -179,17 +240,36 @@ def test_dna_run_with_ssl_builds_no_teacher_and_ends_with_a_parity_checked_onnx_
     assert export["max_abs_diff"] <= export["atol"] and export["onnx_test_accuracy"] > 0.5
 
 
-def test_the_dna_plusplus_preset_is_params_yaml_with_supervision_ssl(tmp_path):
+def test_the_dna_plusplus_preset_builds_no_teacher_and_learns_from_its_own_cells(tmp_path, monkeypatch):
+    """configs/dna_plusplus.yaml is params.yaml with supervision ssl: its teacher stage builds, trains and downloads
+    nothing (no model is created), and a block's targets come from the block's own cells (their EMA copy)."""
+    import timm
+
+    import dna.teacher
     from dna.config import load_params
+    from dna.pipeline import stage_teacher
     from flows.entry import check_dvc_params
     from tests.conftest import ROOT
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     plus = yaml.safe_load((ROOT / "configs" / "dna_plusplus.yaml").read_text())
     assert plus.pop("supervision")["kind"] == "ssl" and base.pop("supervision") == {"kind": "teacher"}
-    assert plus["teacher"] == base["teacher"], "written out for DVC, not read"
     assert plus.pop("outputs") != base.pop("outputs")
-    assert plus == base  # the same data, space and recipes
+    assert plus == base  # the same data, space and recipes; the teacher keys written out for DVC, not read
     check_dvc_params(ROOT / "configs" / "dna_plusplus.yaml")  # every key dvc.yaml tracks is there
-    params = load_params(ROOT / "configs" / "dna_plusplus.yaml")
-    assert not params.uses_teacher() and params.supervision.options().ensemble == 2
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the DNA++ preset builds no teacher")
+
+    monkeypatch.setattr(timm, "create_model", no_model)
+    monkeypatch.setattr(dna.teacher, "create_teacher", no_model)
+    run = Run(load_params(ROOT / "configs" / "dna_plusplus.yaml", {"outputs": str(tmp_path / "outputs")}))
+    stage_data(run)
+    assert stage_teacher(run)["model"] is None
+    assert load_checkpoint(run.paths.teacher) == {"teacher": None, "supervision": "ssl"}
+    assert isinstance(run.supervision, SelfSupervised) and run.supervision.options.ensemble == 2
+    torch.manual_seed(0)
+    cells = build_block(run.space, 1, run.supervision.shapes(), run.data.in_chans)
+    target = run.supervision.criterion(1, cells).target
+    assert [n for n, _ in target.named_parameters()] == [n for n, _ in cells.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), cells.parameters())), "the cells' own copy"

@@ -1,7 +1,9 @@
 """What every registered block supervision must do, checked on each (teacher, ssl) over each kind of space that ships
-(MBConv, vision transformer, hybrid): its batches fit the block's cells, its criterion gives one finite loss per cell
-that trains them, its rating pairs and score rate a candidate to a finite number that the same inputs reproduce, and
-it says whether it reads a teacher and whether blocks depend on each other."""
+(MBConv, vision transformer, hybrid): its batches fit the block's cells, where two paths give two outputs; its
+criterion gives one finite loss per cell that trains them, and its after_step leaves the cells as the optimizer made
+them; its rating pairs and score rate a candidate to a finite number that the same inputs reproduce and another
+candidate of the trained block does not; and it says whether it reads a teacher and whether blocks depend on each
+other."""
 import pytest
 import torch
 
@@ -60,11 +62,18 @@ def test_training_batches_fit_the_cells_and_the_criterion_trains_them(run):
     paths = {c.name: (0,) * c.depth for c in run.space.cells(BLOCK)}
     outputs = cells(x, paths)
     assert [o.shape[1:] for o in outputs] == [torch.Size(shapes[BLOCK])] * len(paths)
+    others = cells(x, {name: (1,) * len(ops) for name, ops in paths.items()})
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(outputs, others)), "another path, another output"
     losses = criterion.losses(outputs, second)
     assert len(losses) == len(paths) and all(loss.dim() == 0 and torch.isfinite(loss) for loss in losses)
     torch.stack(losses).sum().backward()
     assert all(cells[name].adapter[0].weight.grad is not None for name in paths), "every cell gets a gradient"
+    torch.optim.SGD([*cells.parameters(), *criterion.parameters()], lr=0.1).step()
+    stepped = {k: v.clone() for k, v in cells.state_dict().items()}
     criterion.after_step(1)
+    assert all(torch.equal(v, cells.state_dict()[k]) for k, v in stepped.items()), \
+        "after_step updates the criterion's own state, never the cells the optimizer trains"
+    assert all(torch.isfinite(v).all() for v in criterion.state_dict().values() if v.is_floating_point())
 
 
 def test_rating_pairs_and_score_rate_a_candidate_reproducibly(run):
@@ -77,11 +86,11 @@ def test_rating_pairs_and_score_rate_a_candidate_reproducibly(run):
     again, _ = rating.sample(BLOCK, "train", 32, run.params.seed)
     assert torch.equal(calib, again), "the calibration batch is fixed"
     cell = run.space.cells(BLOCK)[0]
-    ops = (0,) * cell.depth
 
-    def score() -> float:
-        return rate_candidate_naive(supernet[cell.name], ops, calib, rating.pairs(BLOCK, "rate", 64),
+    def score(op: int) -> float:
+        return rate_candidate_naive(supernet[cell.name], (op,) * cell.depth, calib, rating.pairs(BLOCK, "rate", 64),
                                     scorer=rating.scorer(BLOCK))
 
-    first = score()
-    assert first == first and first >= 0 and score() == pytest.approx(first, abs=1e-6)
+    first = score(0)
+    assert first == first and first >= 0 and score(0) == pytest.approx(first, abs=1e-6)
+    assert score(1) != pytest.approx(first, abs=1e-4), "the trained block tells two candidates apart"
