@@ -9,7 +9,7 @@ import torch
 
 from dna.config import parse_params
 from dna.pipeline import Run, stage_data
-from dna.spos import SposSupernet, inherited_accuracy, train_spos, training_epochs, uniform_choice
+from dna.spos import SposSupernet, inherited_scores, train_spos, training_epochs, uniform_choice
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_a_training_step_changes_the_sampled_path_and_nothing_else(run, monkeypa
     assert any(k.startswith("layers.") for k in kept) and any(k.startswith("heads.") for k in kept)
 
 
-def test_the_compute_rule_resuming_and_inherited_accuracy(run):
+def test_the_compute_rule_resuming_and_inherited_scores(run):
     p = run.params
     cells = sum(len(run.space.cells(b)) for b in range(run.space.num_blocks))
     assert training_epochs(p.model_copy(update={"rank": p.rank.model_copy(
@@ -110,7 +110,12 @@ def test_the_compute_rule_resuming_and_inherited_accuracy(run):
     loader = run.data.loader("rate", 128)
     path_norms = [m for m in supernet.path(choice).modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in path_norms]
-    score = inherited_accuracy(supernet, choice, calibration, loader, torch.device("cpu"))
-    assert 0.0 <= score <= 1.0
+    loss, accuracy = inherited_scores(supernet, choice, calibration, loader, torch.device("cpu"))
     assert any(not torch.equal(b, m.running_mean) for b, m in zip(before, path_norms)), "BatchNorm re-estimated"
-    assert inherited_accuracy(supernet, choice, calibration, loader, torch.device("cpu")) == score
+    # the rating is the calibrated path's mean cross-entropy on the rating split (and its accuracy beside it)
+    images, labels = zip(*loader)
+    with torch.no_grad():
+        logits, labels = supernet.path(choice).eval()(torch.cat(images)), torch.cat(labels)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert inherited_scores(supernet, choice, calibration, loader, torch.device("cpu")) == (loss, accuracy)
