@@ -308,13 +308,36 @@ def _distilled(block: int, history: pd.DataFrame, resumed_from: int) -> dict:
             "resumed_from": resumed_from}
 
 
+def trained_supernet(run: Run, block: int, shapes: list[tuple[int, int, int]]) -> torch.nn.Module:
+    """The block's supernet as the distill stage of these settings left it, in eval mode.
+
+    Raises ConfigError naming the block when its checkpoint was trained with other settings or stopped before
+    distill.epochs (rating it would silently rate a stale or half-trained supernet), FileNotFoundError when there is
+    none."""
+    from dna.checkpoint import load_checkpoint
+    from dna.distill import build_block
+
+    path, epochs = run.paths.supernet(block), run.params.distill.epochs
+    again = f"run `dna distill --block {block}`"
+    if not path.is_file():
+        raise FileNotFoundError(f"block {block}: the supernet {path} is missing: {again}")
+    state = load_checkpoint(path)
+    expected = run.block_fingerprint(block)
+    if state.get("fingerprint") != expected:
+        raise ConfigError(f"block {block}: the supernet {path} was trained with other settings (fingerprint "
+                          f"{state.get('fingerprint')}; these settings give {expected}): {again}")
+    if int(state["epoch"]) < epochs:
+        raise ConfigError(f"block {block}: the supernet {path} finished {state['epoch']} of {epochs} epochs: {again}")
+    supernet = build_block(run.space, block, shapes, run.data.in_chans)
+    supernet.load_state_dict(state["model"])
+    return supernet.eval()
+
+
 def stage_rate(run: Run, block: int) -> pd.DataFrame:
-    from dna.distill import load_block
     from dna.rate import rate_block
 
     targets = run.supervision.for_rating()
-    supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block))
-    supernet = supernet.to(run.device)
+    supernet = trained_supernet(run, block, targets.shapes()).to(run.device)
     table = rate_block(run.space, supernet, targets, block, calibration_size=run.params.rating.calibration_size,
                        batch_size=run.params.rating.batch_size, seed=run.params.seed)
     frame = table.to_frame()
