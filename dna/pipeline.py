@@ -1,7 +1,8 @@
 """The stages of a run, each a function of the params that reads the files of earlier stages and writes its own.
 
 The CLI and the Prefect flows call these; nothing here knows about either. Each stage imports what it needs when it
-runs (a stage is often a process of its own: the data stage, for one, needs neither timm nor ONNX).
+runs (a stage is often a process of its own: the data stage, for one, needs neither timm nor ONNX), and runs holding
+its lock on the outputs folder (`locked`, dna/locks.py), whoever calls it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest, save_checkpoint
 from dna.config import ConfigError, Params, TrainConfig
 from dna.ddp import is_main, main_first
+from dna.locks import locked
 from dna.paths import Paths
 
 if TYPE_CHECKING:
@@ -208,6 +210,7 @@ def latency_model(run: Run):
     return LatencyTable.load(path)
 
 
+@locked("profile")
 def stage_profile(run: Run) -> dict:
     """Time every candidate layer, the stem and the head in ONNX Runtime on this machine; write the latency table."""
     import time
@@ -228,6 +231,7 @@ def stage_profile(run: Run) -> dict:
 
 
 # stages -----------------------------------------------------------------------------------------------------------
+@locked("data")
 def stage_data(run: Run) -> dict:
     from dna.data import write_splits
 
@@ -239,6 +243,7 @@ def stage_data(run: Run) -> dict:
 HISTORY_COLUMNS = ["epoch", "loss", "train_accuracy", "rate_accuracy", "lr"]  # of a classifier's training
 
 
+@locked("teacher")
 def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
@@ -265,6 +270,7 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     return metrics
 
 
+@locked("features", wait=True)
 def stage_features(run: Run) -> None:
     """Prepare the block targets once for all blocks (teacher: cache its boundary features); run before distilling.
     Of several processes, rank 0 prepares them while the others wait."""
@@ -273,6 +279,7 @@ def stage_features(run: Run) -> None:
             run.supervision.prepare()
 
 
+@locked("distill", per_block=True)
 def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
     """Distill one block; blocks are independent and may run in parallel once stage_features has run."""
     import pandas as pd
@@ -333,6 +340,7 @@ def trained_supernet(run: Run, block: int, shapes: list[tuple[int, int, int]]) -
     return supernet.eval()
 
 
+@locked("rate", per_block=True)
 def stage_rate(run: Run, block: int) -> pd.DataFrame:
     from dna.rate import rate_block
 
@@ -364,6 +372,7 @@ def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...
     return space.arch([stage.choice(row) for stage, row in zip(stages[1:-1], rows[1:-1])])
 
 
+@locked("search")
 def stage_search(run: Run) -> dict:
     import pandas as pd
 
@@ -423,6 +432,7 @@ def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
     return extraction
 
 
+@locked("retrain")
 def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
@@ -453,6 +463,7 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     return metrics
 
 
+@locked("export")
 def stage_export(run: Run) -> dict:
     """Export the retrained student to ONNX (with the class names of the data), check parity, and measure its test
     accuracy in ONNX Runtime batch by batch."""
