@@ -13,6 +13,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,51 @@ def staged_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new empty folder next to ``path``; on clean exit it replaces ``path`` (a folder, or a link to one).
+
+    If the block raises, the new folder is removed and ``path`` is untouched. Nothing under the old ``path`` is
+    written to (its files may be links, into DVC's cache say): it is moved aside whole, then removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would carry over to the final folder; this honours the umask
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")
+    try:
+        os.rename(path, aside)  # a link is renamed, not followed
+    except FileNotFoundError:
+        aside = None
+    try:
+        os.rename(new, path)
+    except OSError:
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.rename(aside, path)  # the old one back, unless another took its place meanwhile
+        raise
+    if aside is None:
+        return
+    if aside.is_symlink() or not aside.is_dir():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,7 +1,8 @@
 """The stages of a run, each a function of the params that reads the files of earlier stages and writes its own.
 
 The CLI and the Prefect flows call these; nothing here knows about either. Each stage imports what it needs when it
-runs (a stage is often a process of its own: the data stage, for one, needs neither timm nor ONNX).
+runs (a stage is often a process of its own: the data stage, for one, needs neither timm nor ONNX), and runs holding
+its lock on the outputs folder (`locked`, dna/locks.py), whoever calls it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_di
 from dna.config import ConfigError, Params, TrainConfig
 from dna.ddp import is_main, main_first
 from dna.errors import needed
+from dna.locks import locked
 from dna.paths import Paths, ReplicatePaths
 
 if TYPE_CHECKING:
@@ -216,6 +218,7 @@ def latency_model(run: Run):
     return LatencyTable.load(path)
 
 
+@locked("profile")
 def stage_profile(run: Run) -> dict:
     """Time every candidate layer, the stem and the head in ONNX Runtime on this machine; write the latency table."""
     import time
@@ -236,6 +239,7 @@ def stage_profile(run: Run) -> dict:
 
 
 # stages -----------------------------------------------------------------------------------------------------------
+@locked("data")
 def stage_data(run: Run) -> dict:
     from dna.data import write_splits
 
@@ -247,6 +251,7 @@ def stage_data(run: Run) -> dict:
 HISTORY_COLUMNS = ["epoch", "loss", "train_accuracy", "rate_accuracy", "lr"]  # of a classifier's training
 
 
+@locked("teacher")
 def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
@@ -273,6 +278,7 @@ def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
     return metrics
 
 
+@locked("features", wait=True)
 def stage_features(run: Run) -> None:
     """Prepare the block targets once for all blocks (teacher: cache its boundary features); run before distilling.
     Of several processes, rank 0 prepares them while the others wait."""
@@ -281,6 +287,7 @@ def stage_features(run: Run) -> None:
             run.supervision.prepare()
 
 
+@locked("distill", per_block=True)
 def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
     """Distill one block; blocks are independent and may run in parallel once stage_features has run."""
     import pandas as pd
@@ -316,13 +323,37 @@ def _distilled(block: int, history: pd.DataFrame, resumed_from: int) -> dict:
             "resumed_from": resumed_from}
 
 
+def trained_supernet(run: Run, block: int, shapes: list[tuple[int, int, int]]) -> torch.nn.Module:
+    """The block's supernet as the distill stage of these settings left it, in eval mode.
+
+    Raises ConfigError naming the block when its checkpoint was trained with other settings or stopped before
+    distill.epochs (rating it would silently rate a stale or half-trained supernet), FileNotFoundError when there is
+    none."""
+    from dna.checkpoint import load_checkpoint
+    from dna.distill import build_block
+
+    path, epochs = run.paths.supernet(block), run.params.distill.epochs
+    again = f"run `dna distill --block {block}`"
+    if not path.is_file():
+        raise FileNotFoundError(f"block {block}: the supernet {path} is missing: {again}")
+    state = load_checkpoint(path)
+    expected = run.block_fingerprint(block)
+    if state.get("fingerprint") != expected:
+        raise ConfigError(f"block {block}: the supernet {path} was trained with other settings (fingerprint "
+                          f"{state.get('fingerprint')}; these settings give {expected}): {again}")
+    if int(state["epoch"]) < epochs:
+        raise ConfigError(f"block {block}: the supernet {path} finished {state['epoch']} of {epochs} epochs: {again}")
+    supernet = build_block(run.space, block, shapes, run.data.in_chans)
+    supernet.load_state_dict(state["model"])
+    return supernet.eval()
+
+
+@locked("rate", per_block=True)
 def stage_rate(run: Run, block: int) -> pd.DataFrame:
-    from dna.distill import load_block
     from dna.rate import rate_block
 
     targets = run.supervision.for_rating()
-    supernet = load_block(run.space, block, targets.shapes(), run.data.in_chans, run.paths.supernet(block))
-    supernet = supernet.to(run.device)
+    supernet = trained_supernet(run, block, targets.shapes()).to(run.device)
     table = rate_block(run.space, supernet, targets, block, calibration_size=run.params.rating.calibration_size,
                        batch_size=run.params.rating.batch_size, seed=run.params.seed)
     frame = table.to_frame()
@@ -349,6 +380,7 @@ def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...
     return space.arch([stage.choice(row) for stage, row in zip(stages[1:-1], rows[1:-1])])
 
 
+@locked("search")
 def stage_search(run: Run) -> dict:
     import pandas as pd
 
@@ -415,6 +447,7 @@ def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
     return extraction
 
 
+@locked("retrain")
 def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
@@ -445,6 +478,7 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     return metrics
 
 
+@locked("export")
 def stage_export(run: Run) -> dict:
     """Export the retrained student to ONNX (with the class names of the data and the digest of retrain/model.pt),
     check parity, and measure its test accuracy in ONNX Runtime batch by batch.

@@ -209,8 +209,7 @@ class SelfSupervised:
     def _best_path(self, block: int) -> nn.Module:
         import pandas as pd
 
-        from dna.distill import load_block
-        from dna.pipeline import stage_rate
+        from dna.pipeline import stage_rate, trained_supernet
         from dna.rate import calibrate
 
         paths = self.run.paths
@@ -219,7 +218,7 @@ class SelfSupervised:
         table = pd.read_csv(paths.rating(block), dtype={"path": str})
         best = table.loc[table["score"].idxmin()]
         ops = tuple(int(o) for o in str(best["path"]).split("-"))
-        supernet = load_block(self.run.space, block, self.shapes(), self.run.data.in_chans, paths.supernet(block))
+        supernet = trained_supernet(self.run, block, self.shapes())
         cell = supernet[best["cell"]]
         path = nn.Sequential(*[choices[i] for choices, i in zip(cell.layers, cell.full_path(ops))], cell.adapter)
         path = path.to(self.device)

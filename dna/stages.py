@@ -37,7 +37,14 @@ class Stage:
         return self.step or self.name
 
     def load(self) -> Callable:
-        return _attribute(self.function)
+        """The stage's function, run holding the stage's lock on the outputs folder (dna/locks.py), whether or not
+        its module took it."""
+        from dna.locks import locked
+
+        function = _attribute(self.function)
+        if getattr(function, "stage_lock", None) == self.name:
+            return function
+        return locked(self.name, per_block=self.per_block)(function)
 
     def load_prepare(self) -> Callable | None:
         return _attribute(self.prepare) if self.prepare else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Hashable, Iterator, Protocol
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dna.checkpoint import atomic_write_text, checkpoint_digest, digest, file_digest
+from dna.checkpoint import checkpoint_digest, digest, file_digest, staged_dir
 from dna.data import Data, eval_view
 from dna.ddp import rank_batches
 from dna.progress import progress
@@ -42,6 +43,7 @@ class TargetSource(Protocol):
 
 
 FEATURE_DTYPE = np.float16  # of cached features (the images are cached in float32)
+MARKER = "cache.json"  # written last into a complete feature cache: its fingerprint, shapes and dtypes
 
 
 def boundary_features(teacher: nn.Module, x: torch.Tensor, boundaries: list[int]) -> list[torch.Tensor]:
@@ -126,6 +128,7 @@ class TeacherTargets:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.key = key
         self._shapes: list[tuple[int, int, int]] | None = None
+        self._warned = False  # about a cache that is there but cannot be read
 
     @classmethod
     def from_run(cls, run: Run) -> TeacherTargets:
@@ -176,44 +179,70 @@ class TeacherTargets:
         return self._shapes
 
     # cache -----------------------------------------------------------------------------------------------------
-    def _file(self, split: str, level: int) -> Path:
-        return self.cache_dir / f"{split}_{level}.npy"
+    def _file(self, split: str, level: int, directory: Path | None = None) -> Path:
+        return (directory or self.cache_dir) / f"{split}_{level}.npy"
 
     def build_cache(self, fingerprint: str, splits: tuple[str, ...] = ("train", "rate"), batch_size: int = 256) -> None:
-        """Run the teacher once over each split and store the image and every boundary as memory-mapped arrays."""
-        if self.cache_dir is None:
+        """Run the teacher once over each split and store the image and every boundary as memory-mapped arrays.
+
+        The cache is built in a new folder beside cache_dir, its marker (cache.json) written last, and renamed into
+        place when complete: a build that is killed, or that runs while others read, leaves the cache as it was."""
+        if self.cache_dir is None or marker_fingerprint(self.cache_dir) == fingerprint:
             return
-        marker = self.cache_dir / "cache.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         shapes = [tuple(self.data.images("train", 1).shape[1:])] + self.shapes()
         dtypes = [np.float32] + [FEATURE_DTYPE] * len(self.boundaries)
-        for split in splits:
-            n = len(self.data.split(split))
-            arrays = [np.lib.format.open_memmap(self._file(split, lvl), mode="w+", dtype=dtype, shape=(n, *s))
-                      for lvl, (s, dtype) in enumerate(zip(shapes, dtypes))]
-            start = 0
-            for x, _ in progress(self.data.loader(split, batch_size), f"teacher features ({split})"):
-                for lvl, f in enumerate([x, *self.features(x)]):
-                    arrays[lvl][start:start + len(x)] = stored(f, dtypes[lvl], split, lvl)
-                start += len(x)
-            for a in arrays:
-                a.flush()
-        atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "shapes": [list(s) for s in shapes],
-                                              "dtypes": [np.dtype(d).name for d in dtypes]}))
+        with staged_dir(self.cache_dir) as building:
+            for split in splits:
+                n = len(self.data.split(split))
+                arrays = [np.lib.format.open_memmap(self._file(split, lvl, building), mode="w+", dtype=dtype,
+                                                    shape=(n, *shape))
+                          for lvl, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+                start = 0
+                for x, _ in progress(self.data.loader(split, batch_size), f"teacher features ({split})"):
+                    for lvl, f in enumerate([x, *self.features(x)]):
+                        arrays[lvl][start:start + len(x)] = stored(f, dtypes[lvl], split, lvl)
+                    start += len(x)
+                for a in arrays:
+                    a.flush()
+            (building / MARKER).write_text(json.dumps({"fingerprint": fingerprint,
+                                                       "shapes": [list(s) for s in shapes],
+                                                       "dtypes": [np.dtype(d).name for d in dtypes]}))
 
-    def _cached(self, split: str, level: int) -> np.ndarray | None:
-        if self.cache_dir is None or not self._file(split, level).is_file():
+    def _cached(self, split: str, block: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cached input and target of a block, or None (they are then computed) unless the cache is complete and
+        of these targets: its marker, written last, names their fingerprint. The folder is the same one before its
+        marker is read and after its arrays are opened, so a cache renamed into place meanwhile is not read."""
+        if self.cache_dir is None:
             return None
-        return np.load(self._file(split, level), mmap_mode="r")
+        try:
+            before = os.stat(self.cache_dir)
+            found = marker_fingerprint(self.cache_dir)
+            if found != self.fingerprint():
+                self._unusable(f"its marker {self.cache_dir / MARKER} is missing" if found is None else
+                               f"it holds features of other settings (fingerprint {found})")
+                return None
+            arrays = (np.load(self._file(split, block), mmap_mode="r"),
+                      np.load(self._file(split, block + 1), mmap_mode="r"))
+            after = os.stat(self.cache_dir)
+        except FileNotFoundError:
+            return None
+        if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
+            self._unusable("it was replaced while being opened")
+            return None
+        return arrays
+
+    def _unusable(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("teacher-feature cache %s not read: %s; the features are computed as needed (the distill "
+                        "stage rebuilds the cache)", self.cache_dir, why)
 
     # pairs -----------------------------------------------------------------------------------------------------
     def pairs(self, block: int, split: str, batch_size: int, shuffle: bool = False,
               generator: torch.Generator | None = None,
               sharded: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        inputs, targets = self._cached(split, block), self._cached(split, block + 1)
-        if inputs is not None and targets is not None:
+        if (cached := self._cached(split, block)) is not None:
+            inputs, targets = cached
             n = len(inputs)
             if sharded:
                 batches = rank_batches(n, batch_size, generator if shuffle else None)
@@ -231,8 +260,8 @@ class TeacherTargets:
         """A fixed batch (the calibration batch): `count` pairs of a split drawn with every class represented
         (Data.stratified), not the first ones, which in a class-sorted dataset hold one or two classes."""
         positions = self.data.stratified(split, count, seed)
-        inputs, targets = self._cached(split, block), self._cached(split, block + 1)
-        if inputs is not None and targets is not None:
+        if (cached := self._cached(split, block)) is not None:
+            inputs, targets = cached
             idx = np.asarray(positions)
             return self._read(inputs, idx), self._read(targets, idx)
         xs, ys = [], []
@@ -245,6 +274,14 @@ class TeacherTargets:
     def _read(self, array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
         """Rows of a cached array on the device, in float32 (float16 features travel at half size)."""
         return torch.from_numpy(array[idx]).to(self.device, non_blocking=True).float()
+
+
+def marker_fingerprint(cache_dir: Path) -> str | None:
+    """The fingerprint a complete feature cache's marker names; None when there is no readable marker."""
+    try:
+        return json.loads((cache_dir / MARKER).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def stored(features: torch.Tensor, dtype, split: str, level: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from dna.config import Params
+from dna.locks import stage_lock
 from dna.rank_metrics import shown
 from flows import artifacts
 from flows.entry import cli, load, with_absolute_outputs
@@ -97,7 +98,8 @@ def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
     params = with_absolute_outputs(load(params_file, overrides))
     orch = params.orchestration
     run = Run(params)
-    with stage_run(params, "rank", stage_params(params, "rank")) as (mlrun, tracking):
+    busy = stage_lock(run.paths.root, "rank")  # one run of the stage at a time on this outputs folder
+    with busy, stage_run(params, "rank", stage_params(params, "rank")) as (mlrun, tracking):
         mlrun.tags({"dna.task_runner": orch.task_runner})
         plan = plan_networks(run)
         mlrun.artifact(run.paths.rank_dir / "plan.csv")

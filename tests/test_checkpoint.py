@@ -13,6 +13,7 @@ from dna.checkpoint import (
     checkpoint_digest,
     load_checkpoint,
     save_checkpoint,
+    staged_dir,
 )
 
 
@@ -163,3 +164,38 @@ def test_atomic_write_failure_leaves_old_file(tmp_path):
         atomic_write_bytes(path, "not bytes")  # type: ignore[arg-type]
     assert path.read_text() == "old"
     assert _leftovers(tmp_path) == []
+
+
+def test_staged_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "features"
+    path.mkdir()
+    (path / "old.npy").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(path) as building:
+            (building / "new.npy").write_text("half")
+            raise KeyboardInterrupt  # killed while building
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"] and (path / "old.npy").read_text() == "old"
+    with staged_dir(path) as building:
+        assert not path.samefile(building)
+        (building / "new.npy").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]
+    assert sorted(p.name for p in path.iterdir()) == ["new.npy"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert path.stat().st_mode == plain.stat().st_mode, "same permissions as a normal folder"
+
+
+def test_staged_dir_replaces_links_and_never_writes_into_their_targets(tmp_path):
+    elsewhere, path = tmp_path / "elsewhere", tmp_path / "features"
+    elsewhere.mkdir()
+    (elsewhere / "a.npy").write_text("kept")
+    path.symlink_to(elsewhere)  # the folder a link
+    with staged_dir(path) as building:
+        (building / "a.npy").write_text("new")
+    assert not path.is_symlink() and (path / "a.npy").read_text() == "new"
+    (path / "a.npy").unlink()
+    (path / "a.npy").symlink_to(elsewhere / "a.npy")  # a file a link
+    with staged_dir(path) as building:
+        (building / "a.npy").write_text("newer")
+    assert (elsewhere / "a.npy").read_text() == "kept" and sorted(p.name for p in elsewhere.iterdir()) == ["a.npy"]
+    assert (path / "a.npy").read_text() == "newer" and not (path / "a.npy").is_symlink()

@@ -1,4 +1,5 @@
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -83,3 +84,58 @@ def test_rating_table_has_every_candidate_with_costs(prepared_run):
     assert (table["params"] > 0).all() and (table["macs"] > 0).all()
     # the same candidate rated under each input width has one score: rating does not depend on the cost variant
     assert table.groupby(["cell", "path"])["score"].nunique().max() == 1
+
+
+def _rating_clone(prepared_run, root, **distill):
+    """A run on a copy of the prepared run's data, teacher and block 0 supernet, with distill settings changed."""
+    from dna.pipeline import Run
+
+    for name in ("data", "teacher"):
+        shutil.copytree(prepared_run.paths.root / name, root / name)
+    (root / "distill").mkdir()
+    shutil.copy(prepared_run.paths.supernet(0), root / "distill" / "block_0.pt")
+    p = prepared_run.params
+    return Run(p.model_copy(update={"outputs": str(root), "distill": p.distill.model_copy(update=distill)}))
+
+
+def test_a_half_trained_or_stale_supernet_is_refused_naming_the_block(prepared_run, tmp_path):
+    from dna.checkpoint import load_checkpoint, save_checkpoint
+    from dna.config import ConfigError
+    from dna.pipeline import stage_rate
+
+    run = _rating_clone(prepared_run, tmp_path / "fresh")
+    assert len(stage_rate(run, 0)) == len(run.space.candidate_table(0)), "a finished supernet of these settings"
+
+    cut = _rating_clone(prepared_run, tmp_path / "cut")
+    state = load_checkpoint(cut.paths.supernet(0))
+    save_checkpoint(cut.paths.supernet(0), state | {"epoch": 1, "history": state["history"][:1]})
+    with pytest.raises(ConfigError, match=r"^block 0: the supernet \S+block_0.pt finished 1 of 2 epochs: "
+                                          r"run `dna distill --block 0`$"):
+        stage_rate(cut, 0)
+    assert not cut.paths.rating(0).exists()
+
+    other = _rating_clone(prepared_run, tmp_path / "other", lr=0.01)
+    with pytest.raises(ConfigError, match=rf"^block 0: the supernet \S+block_0.pt was trained with other settings "
+                                          rf"\(fingerprint {prepared_run.block_fingerprint(0)}; these settings give "
+                                          rf"{other.block_fingerprint(0)}\): run `dna distill --block 0`$"):
+        stage_rate(other, 0)
+    with pytest.raises(FileNotFoundError, match=r"^block 1: the supernet \S+block_1.pt is missing"):
+        stage_rate(other, 1)
+
+
+def test_dna_rate_of_a_half_trained_supernet_exits_2_with_one_line(prepared_run, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from dna.checkpoint import load_checkpoint, save_checkpoint
+    from dna.cli import app
+    from tests.conftest import tiny_raw
+
+    run = _rating_clone(prepared_run, tmp_path / "outputs")
+    state = load_checkpoint(run.paths.supernet(0))
+    save_checkpoint(run.paths.supernet(0), state | {"epoch": 1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw(tmp_path / "outputs")))
+    result = CliRunner().invoke(app, ["rate", "--block", "0", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: block 0: the supernet {run.paths.supernet(0)} finished 1 of 2 epochs: run `dna distill --block 0`"]

@@ -1,3 +1,7 @@
+import json
+
+import numpy as np
+import pytest
 import torch
 
 from dna.data import eval_view
@@ -126,3 +130,82 @@ def test_a_new_seed_rebuilds_the_feature_cache(prepared_run, tmp_path):
     assert json.loads((reseeded.paths.features / "cache.json").read_text())["fingerprint"] != before
     cached = np.load(reseeded.paths.features / "train_0.npy")
     assert np.array_equal(cached, eval_view(reseeded.data).images("train").numpy())
+
+
+def _targets(prepared_run, cache_dir, key, scale=1.0):
+    """The prepared run's teacher targets cached under cache_dir; a scale != 1 gives a teacher of other weights."""
+    import copy
+
+    t = prepared_run.supervision
+    teacher = copy.deepcopy(t.teacher)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(scale)
+    return TeacherTargets(teacher, t.boundaries, t.data, torch.device("cpu"), cache_dir, key)
+
+
+def _contents(directory):
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
+
+
+def test_a_killed_rebuild_of_the_feature_cache_leaves_it_as_it_was(prepared_run, tmp_path, monkeypatch):
+    import dna.targets
+
+    cache = tmp_path / "distill" / "features"
+    first = _targets(prepared_run, cache, ("first",))
+    first.prepare()
+    before = _contents(cache)
+    real, calls = dna.targets.stored, []
+
+    def killed(*args):
+        calls.append(args)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(dna.targets, "stored", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _targets(prepared_run, cache, ("second",), scale=1.5).prepare()
+    assert len(calls) == 4, "the rebuild started, then was killed"
+    assert _contents(cache) == before
+    assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == ["features"], "no half-built folder is left"
+    _, y = next(first.pairs(1, "rate", 16))
+    assert torch.equal(y, torch.from_numpy(np.load(cache / "rate_2.npy")[:16]).float())
+
+
+def test_the_feature_cache_is_read_only_when_its_marker_names_these_targets(prepared_run, tmp_path, caplog):
+    cache = tmp_path / "features"
+    cached = _targets(prepared_run, cache, ("mine",))
+    cached.prepare()
+    live = TeacherTargets(cached.teacher, cached.boundaries, cached.data, torch.device("cpu"))
+    for level in (1, 2):  # as a killed or concurrent rebuild of other settings leaves them
+        np.save(cache / f"rate_{level}.npy", np.zeros_like(np.load(cache / f"rate_{level}.npy")))
+    marker = json.loads((cache / "cache.json").read_text())
+    for damage in ("other", "missing"):
+        if damage == "other":
+            (cache / "cache.json").write_text(json.dumps(marker | {"fingerprint": "0123456789abcdef"}))
+        else:
+            (cache / "cache.json").unlink()
+        reader = _targets(prepared_run, cache, ("mine",))
+        (xa, ya), (xb, yb) = next(reader.pairs(1, "rate", 32)), next(live.pairs(1, "rate", 32))
+        assert torch.equal(xa, xb) and torch.equal(ya, yb), "computed, not read from the cache"
+        sample, expected = reader.sample(1, "rate", 8, 0), live.sample(1, "rate", 8, 0)
+        assert torch.equal(sample[1], expected[1])
+    assert "not read" in caplog.text and str(cache) in caplog.text
+
+
+def test_a_rebuild_of_the_feature_cache_writes_through_no_link(prepared_run, tmp_path):
+    """DVC may link an output's files to its cache: a rebuild replaces the links, never writes into their targets."""
+    cache, store = tmp_path / "features", tmp_path / "dvc-cache"
+    _targets(prepared_run, cache, ("old",)).prepare()
+    cache.rename(store)
+    cache.mkdir()
+    for f in store.iterdir():
+        (cache / f.name).symlink_to(f)
+    stored = _contents(store)
+    rebuilt = _targets(prepared_run, cache, ("new",), scale=1.5)
+    rebuilt.prepare()
+    assert _contents(store) == stored
+    assert not any(f.is_symlink() for f in cache.iterdir())
+    assert json.loads((cache / "cache.json").read_text())["fingerprint"] == rebuilt.fingerprint()
+    assert _contents(cache)["train_1.npy"] != stored["train_1.npy"], "the rebuild wrote other features"
