@@ -46,7 +46,9 @@ def test_a_new_stage_is_one_table_entry_plus_its_function():
     new = steps[-2]
     assert (new.module, new.params, new.outputs, new.metrics) == (
         "calibrate", ("seed", "rating"), ("calibrate/stats.json",), "calibrate/metrics.json")
-    assert extra.load() is __import__("dna.pipeline", fromlist=["stage_data"]).stage_data
+    loaded = extra.load()  # the function, run holding the new stage's own lock
+    assert loaded.__wrapped__ is __import__("dna.pipeline", fromlist=["stage_data"]).stage_data
+    assert loaded.stage_lock == "calibrate"
 
 
 def test_every_tracked_param_is_a_real_config_key_and_the_project_params_file_spells_them_out():
