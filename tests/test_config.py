@@ -272,7 +272,11 @@ def test_recipe_keys_at_their_defaults_leave_dumps_and_fingerprints_as_before():
     dumped = params.model_dump(mode="json")
     assert sorted(dumped["retrain"]["train"]) == sorted(dumped["teacher"]["train"]) == TRAIN_KEYS
     assert sorted(dumped["data"]) == DATA_KEYS
-    assert sorted(dumped["distill"]) == ["batch_size", "cache_features", "epochs", "lr", "lr_decay", "weight_decay"]
+    # params.yaml sets distill.sampling: fair, not the schema's default: it is dumped (and fingerprinted)
+    assert sorted(dumped["distill"]) == ["batch_size", "cache_features", "epochs", "lr", "lr_decay", "sampling",
+                                         "weight_decay"]
+    uniform = load_params(DEFAULT, overrides={"distill.sampling": "uniform"}).model_dump(mode="json")
+    assert "sampling" not in uniform["distill"], "at its default the key leaves the dump as before it existed"
     changed = load_params(DEFAULT, overrides={"retrain.train.ema_decay": 0.999, "distill.lr_batch": 256})
     assert changed.model_dump()["retrain"]["train"]["ema_decay"] == 0.999
     assert changed.model_dump()["distill"]["lr_batch"] == 256
