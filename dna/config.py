@@ -700,8 +700,17 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, check_paths: bool = True,
-                deep: bool = True) -> Params:
+def merged(base: dict, overlay: dict) -> dict:
+    """overlay over base: mappings merge key by key, anything else (values, lists) is replaced."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_params(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A params file as a raw mapping. A preset may name its `base` (a params file, relative to the preset's own
+    folder, inside the project) and hold only what differs from it: it is merged over its base."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} does not exist")
@@ -711,6 +720,24 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base={base!r}: expected the path of a params file, relative to {path.parent}")
+    target = (path.parent / base).resolve()
+    if not target.is_relative_to(Path.cwd().resolve()):
+        raise ConfigError(f"{path}: base={base!r} is outside the project ({Path.cwd()})")
+    if target in seen or target == path.resolve():
+        raise ConfigError(f"{path}: base={base!r} leads back to itself")
+    if not target.is_file():
+        raise ConfigError(f"{path}: base={base!r}: {target} does not exist")
+    return merged(read_params(target, (*seen, path.resolve())), raw)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, check_paths: bool = True,
+                deep: bool = True) -> Params:
+    raw = read_params(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -523,3 +523,54 @@ def test_cli_space_reports_the_space_size(config_cli_runner):
     for block in DEFAULT_RAW["space"]["blocks"]:
         expected *= sum(ops ** d for d in block["depths"]) * len(block["widths"])
     assert f"whole space: {expected:,} networks" in result.stdout
+
+
+# presets as overlays --------------------------------------------------------------------------------------------------
+def _write(path: Path, raw: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_preset_holds_only_what_differs_from_its_base(tmp_path, monkeypatch):
+    """Mappings merge key by key over the base; a list or a value replaces the base's; a base may have its own."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "params.yaml", DEFAULT_RAW)
+    _write(tmp_path / "configs" / "middle.yaml", {"base": "../params.yaml", "distill": {"epochs": 3}})
+    preset = _write(tmp_path / "configs" / "top.yaml", {
+        "base": "middle.yaml", "outputs": "outputs/top", "distill": {"lr": 0.01},
+        "space": {"ops": TINY_OPS}})
+    params = load_params(preset)
+    expected = copy.deepcopy(DEFAULT_RAW)
+    expected["outputs"] = "outputs/top"
+    expected["distill"] |= {"epochs": 3, "lr": 0.01}
+    expected["space"]["ops"] = TINY_OPS
+    assert params == parse_params(expected)
+    assert params.distill.batch_size == parse_params(DEFAULT_RAW).distill.batch_size  # kept from the base
+    # -S overrides apply over the merged preset
+    assert load_params(preset, {"distill.epochs": 5}).distill.epochs == 5
+
+
+@pytest.mark.parametrize("base, message", [
+    ("../../elsewhere.yaml", r"top\.yaml: base='../../elsewhere\.yaml' is outside the project"),
+    ("top.yaml", r"top\.yaml: base='top\.yaml' leads back to itself"),
+    ("loop.yaml", r"leads back to itself"),
+    ("missing.yaml", r"top\.yaml: base='missing\.yaml': .*missing\.yaml does not exist"),
+    (3, r"top\.yaml: base=3: expected the path of a params file"),
+])
+def test_a_base_outside_the_project_missing_or_circular_is_refused(tmp_path, monkeypatch, base, message):
+    project = tmp_path / "project"
+    monkeypatch.chdir(_write(project / "params.yaml", DEFAULT_RAW).parent)
+    _write(tmp_path / "elsewhere.yaml", DEFAULT_RAW)
+    _write(project / "configs" / "loop.yaml", {"base": "top.yaml"})
+    preset = _write(project / "configs" / "top.yaml", {"base": base})
+    with pytest.raises(ConfigError, match=message):
+        load_params(preset)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_resolves_and_validates(preset, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    params = load_params(preset, check_paths=False)
+    raw = yaml.safe_load(preset.read_text())
+    assert params.outputs == raw.get("outputs", params.outputs) and "base" not in params.model_dump()
