@@ -25,7 +25,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -94,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from benchmarks._common import load_average
+    from dna.arch import Arch
     from dna.config import load_params, parse_overrides
     from dna.pipeline import Run
-    from dna.arch import Arch
     from dna.rank import network_id, replicate_ratings, stage_rank, train_network
     from dna.rank_metrics import shown
 
