@@ -462,12 +462,15 @@ CostAxis = Literal["params", "macs", "latency_ms"]  # latency_ms needs a profile
 
 
 class SearchConfig(Strict):
-    added_keys = ("tie_tolerance",)
+    added_keys = ("tie_tolerance", "combine")
     budgets: dict[CostAxis, Annotated[float, Field(gt=0)]] = {}
     front_axis: CostAxis = "macs"
     # > 0: of the networks under the budgets rated within this much of the best (the rating's own noise: the rank
     # stage's rating_seed_noise), the cheapest on front_axis is chosen
     tie_tolerance: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
+    # how block ratings make a network's: sum (DNA, equal weights) or predictor (DONNA: the linear model the rank
+    # stage fitted from block ratings to trained accuracy, rank/predictor.json; the search maximises its prediction)
+    combine: Literal["sum", "predictor"] = "sum"
 
     def latency_keys(self) -> list[str]:
         """The keys that ask for latency (and so need a latency profile)."""

@@ -391,7 +391,9 @@ def stage_search(run: Run) -> dict:
     p, out = run.params.search, run.paths.search_dir
     ratings = [pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str})
                for b in range(run.space.num_blocks)]
-    stages = stage_tables(run.space, [Candidates.from_frame(r) for r in ratings], latency=latency_model(run))
+    predictor = predictor_of(run) if p.combine == "predictor" else None
+    scored = ratings if predictor is None else predicted_scores(ratings, predictor)
+    stages = stage_tables(run.space, [Candidates.from_frame(r) for r in scored], latency=latency_model(run))
     costs = [s.costs() for s in stages]
     try:
         best = best_under(costs, dict(p.budgets))
@@ -414,10 +416,37 @@ def stage_search(run: Run) -> dict:
     plots.rating_spread(ratings, out / "rating_spread.png")
     metrics = {"score": best.score, **{k: float(v) for k, v in best.costs.items()}, "front_size": len(front),
                "tie_tolerance": p.tie_tolerance, "within_tolerance": len(near),
-               "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings)}
+               "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings),
+               "combine": p.combine}
+    if predictor is not None:
+        metrics |= {"predicted_accuracy": predictor["intercept"] - best.score,
+                    "predictor_kendall_tau_loo": predictor["kendall_tau_loo"], "predictor_digest": predictor["digest"]}
     write_json(out / "metrics.json", metrics)
     log.info("search: chose score %.4f, %s", best.score, {k: float(f"{v:.4g}") for k, v in best.costs.items()})
     return metrics
+
+
+def predictor_of(run: Run) -> dict:
+    """The rank stage's fitted predictor (search.combine: predictor), checked against this run's blocks."""
+    from dna.checkpoint import file_digest
+
+    path = run.paths.rank_dir / "predictor.json"
+    if not path.is_file():
+        raise ConfigError(f"search.combine='predictor': {path} does not exist; the rank stage fits it (`dna rank`, "
+                          "or `dvc repro rank/dvc.yaml`) once the search with search.combine: sum has run")
+    predictor = json.loads(path.read_text())
+    weights = predictor.get("weights") or {}
+    expected = [f"rating_block_{b}" for b in range(run.space.num_blocks)]
+    if not predictor.get("fitted") or sorted(weights) != sorted(expected):
+        raise ConfigError(f"search.combine='predictor': {path} holds no predictor fitted on this run's "
+                          f"{run.space.num_blocks} blocks (too few networks trained: rank.networks)")
+    return predictor | {"digest": file_digest(path)}
+
+
+def predicted_scores(ratings: list, predictor: dict) -> list:
+    """Each block's scores as its term of the predictor, negated so that lower is better as for ratings: the sum over
+    blocks is then the intercept minus the predicted accuracy, and the exact search over sums maximises it."""
+    return [r.assign(score=-predictor["weights"][f"rating_block_{b}"] * r["score"]) for b, r in enumerate(ratings)]
 
 
 def build_student(run: Run, arch: Arch) -> torch.nn.Module:

@@ -295,3 +295,51 @@ def test_front_table_round_trips():
         assert rec["params"] <= 2000
     assert tab["macs"].is_monotonic_increasing
     assert (tab["score"].diff().dropna() < 0).all()
+
+
+# search.combine: predictor ---------------------------------------------------------------------------------------------
+def test_the_search_maximises_the_rank_stages_predictor_when_asked(prepared_run, tmp_path):
+    """With a predictor that rewards block 0's rating (weight +1) and ignores block 1's, the search takes block 0's
+    worst-rated candidate, which the equal-weight sum never would; no predictor, or one of other blocks, is refused."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from dna.arch import Arch
+    from dna.config import ConfigError
+    from dna.pipeline import Run, stage_rate, stage_search, stage_tables
+    from dna.rank_sample import NetworkTable
+    from dna.spaces.base import Candidates
+
+    shutil.copytree(prepared_run.paths.root, tmp_path / "outputs")
+    params = prepared_run.params.model_copy(update={"outputs": str(tmp_path / "outputs")})
+    run = Run(params)
+    for block in range(run.space.num_blocks):
+        stage_rate(run, block)
+    ratings = [pd.read_csv(run.paths.rating(b), dtype={"path": str}) for b in range(run.space.num_blocks)]
+    table = NetworkTable(stage_tables(run.space, [Candidates.from_frame(r) for r in ratings]))
+
+    def block_ratings() -> pd.Series:
+        rows = table.rows_of(run.space.parse(Arch.load(run.paths.arch)))
+        return table.frame([rows]).iloc[0]
+
+    summed = stage_search(run)
+    assert block_ratings()["rating_block_0"] == ratings[0]["score"].min() and summed["combine"] == "sum"
+
+    search = params.search.model_copy(update={"combine": "predictor"})
+    run = Run(params.model_copy(update={"search": search}))
+    with pytest.raises(ConfigError, match=r"search\.combine='predictor': .*predictor\.json does not exist"):
+        stage_search(run)
+    run.paths.rank_dir.mkdir(parents=True)
+    predictor = {"fitted": True, "intercept": 0.5, "weights": {"rating_block_0": 1.0}, "kendall_tau_loo": 0.4}
+    (run.paths.rank_dir / "predictor.json").write_text(json.dumps(predictor))
+    with pytest.raises(ConfigError, match="no predictor fitted on this run's 2 blocks"):
+        stage_search(run)
+    predictor["weights"]["rating_block_1"] = 0.0
+    (run.paths.rank_dir / "predictor.json").write_text(json.dumps(predictor))
+    metrics = stage_search(run)
+    chosen = block_ratings()
+    assert chosen["rating_block_0"] == ratings[0]["score"].max()
+    assert metrics["predicted_accuracy"] == pytest.approx(0.5 + chosen["rating_block_0"])
+    assert metrics["combine"] == "predictor" and metrics["predictor_kendall_tau_loo"] == 0.4
