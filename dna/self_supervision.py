@@ -10,8 +10,10 @@ fixed, seeded views and target paths, so every candidate sees the same targets.
 Toward BossNAS's recipe, as options: `rating_target: all` rates against the mean of every path of every cell (no
 candidate is favoured by being one of a few drawn target paths), `rating_views` averages the score over several
 seeded crop pairs per image, and `momentum_schedule: cosine` moves the EMA's momentum from `momentum` to 1 over the
-block's training. Not here: BYOL's colour and blur augmentations, a projector before the predictor, and the
-symmetric loss (both views through the online cells).
+block's training, `projector` passes pooled outputs through a projector MLP before the predictor (the EMA copy
+has its own, an EMA of the online one), `symmetric` trains each cell on both directions (view 1 against view 2's
+target and view 2 against view 1's, as one batch of both), and `augment: byol` adds BYOL's view augmentations after
+the crop (flip, brightness and contrast jitter, Gaussian blur, solarisation; asymmetric between the two views).
 
 Blocks are trained progressively: block i's input is the output of the best-rated candidate of every block before
 it (its layers and adapter, BatchNorm calibrated as rating does), so block i needs blocks 0..i-1 trained and rated
@@ -53,6 +55,52 @@ class SslOptions(BaseModel):
     rating_views: int = Field(1, ge=1, le=16)  # seeded crop pairs per rating image, the score averaged over them
     # the EMA copy's momentum: `constant`, or `cosine` from `momentum` to 1 over the block's training (BYOL)
     momentum_schedule: Literal["constant", "cosine"] = "constant"
+    projector: int = Field(0, ge=0, le=8192)  # hidden width of a projector MLP before the predictor; 0: none
+    projection: int = Field(256, ge=8, le=4096)  # the projector's output width (BYOL: 4096 hidden, 256 out)
+    symmetric: bool = False  # both views through the online cells, each against the other's target (BYOL's loss)
+    augment: Literal["crop", "byol"] = "crop"  # crop: random resized crops only; byol: and BYOL's augmentations
+
+
+RECIPE_KEYS = ("projector", "projection", "symmetric", "augment")  # left out of fingerprints at their defaults
+
+# BYOL's augmentations after the crop, per view (Grill et al. 2020, table 6): jitter, blur and solarisation chances
+BYOL_VIEWS = ({"blur": 1.0, "solarize": 0.0}, {"blur": 0.1, "solarize": 0.2})
+JITTER_CHANCE, BRIGHTNESS, CONTRAST = 0.8, 0.4, 0.4
+
+
+def byol_augment(x: torch.Tensor, view: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """BYOL's view augmentations on a batch of normalised images, each image its own draw: horizontal flip,
+    brightness and contrast jitter, Gaussian blur (sigma 0.1..2 px) and solarisation (values above the image's mean
+    mirrored about it: inversion of the bright part, in normalised units). `view` (0 or 1) picks BYOL's asymmetric
+    chances of blur and solarisation."""
+    n, c, h, w = x.shape
+    draw = torch.rand(n, 8, generator=generator).to(x.device)
+    flip = (draw[:, 0] < 0.5).view(n, 1, 1, 1)
+    x = torch.where(flip, x.flip(3), x)
+    jitter = (draw[:, 1] < JITTER_CHANCE).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    scale = x.std(dim=(1, 2, 3), keepdim=True) + 1e-6
+    brightness = ((draw[:, 2] * 2 - 1) * BRIGHTNESS).view(n, 1, 1, 1) * scale
+    contrast = (1 + (draw[:, 3] * 2 - 1) * CONTRAST).view(n, 1, 1, 1)
+    x = torch.where(jitter, (x - mean) * contrast + mean + brightness, x)
+    chances = BYOL_VIEWS[view]
+    blur = (draw[:, 4] < chances["blur"]).view(n, 1, 1, 1)
+    if bool(blur.any()):
+        sigma = 0.1 + 1.9 * draw[:, 5]
+        radius = max(1, min(h, w) // 10)
+        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
+        kernel = kernel / kernel.sum(1, keepdim=True)  # (n, taps): one separable kernel per image
+        taps = kernel.repeat_interleave(c, 0)  # image-major, as the channels of the flattened batch
+        flat = F.pad(x.reshape(1, n * c, h, w), (radius, radius, 0, 0), mode="reflect")
+        flat = F.conv2d(flat, taps[:, None, None, :], groups=n * c)
+        flat = F.pad(flat, (0, 0, radius, radius), mode="reflect")
+        flat = F.conv2d(flat, taps[:, None, :, None], groups=n * c)
+        blurred = flat.reshape(n, c, h, w)
+        x = torch.where(blur, blurred, x)
+    solarize = (draw[:, 6] < chances["solarize"]).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return torch.where(solarize & (x > mean), 2 * mean - x, x)
 
 
 def crops(x: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -79,8 +127,14 @@ class BootstrapCriterion(nn.Module):
     def __init__(self, cells: nn.ModuleDict, channels: int, options: SslOptions, total_updates: int = 0):
         super().__init__()
         self.target = copy.deepcopy(cells).requires_grad_(False)
-        self.predictor = nn.Sequential(nn.Linear(channels, options.predictor), nn.BatchNorm1d(options.predictor),
-                                       nn.ReLU(inplace=True), nn.Linear(options.predictor, channels))
+        width = channels
+        if options.projector:  # BYOL's projector: pooled output -> projection, in both networks
+            self.projector = nn.Sequential(nn.Linear(channels, options.projector), nn.BatchNorm1d(options.projector),
+                                           nn.ReLU(inplace=True), nn.Linear(options.projector, options.projection))
+            self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+            width = options.projection
+        self.predictor = nn.Sequential(nn.Linear(width, options.predictor), nn.BatchNorm1d(options.predictor),
+                                       nn.ReLU(inplace=True), nn.Linear(options.predictor, width))
         self.momentum, self.ensemble, self.options = options.momentum, options.ensemble, options
         self.total_updates = total_updates  # of the block's training, for the cosine momentum schedule
         self._online = [cells]  # not a submodule: the cells are saved as the block's model
@@ -94,7 +148,17 @@ class BootstrapCriterion(nn.Module):
         return 1 - (1 - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.predictor(pooled(output)), dim=1)
+        vector = pooled(output)
+        if self.options.projector:
+            vector = self.projector(vector)
+        return F.normalize(self.predictor(vector), dim=1)
+
+    def target_vector(self, output: torch.Tensor) -> torch.Tensor:
+        vector = pooled(output)
+        if self.options.projector:
+            self.target_projector.train()
+            vector = self.target_projector(vector)
+        return F.normalize(vector, dim=1)
 
     @torch.no_grad()
     def ensemble_target(self, view: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -104,7 +168,7 @@ class BootstrapCriterion(nn.Module):
         vectors = []
         for cell in self.target.values():
             for path in self.target_paths(cell, generator):
-                vectors.append(F.normalize(pooled(cell(view, path)), dim=1))
+                vectors.append(self.target_vector(cell(view, path)))
         return F.normalize(torch.stack(vectors).mean(0), dim=1)
 
     def target_paths(self, cell: nn.Module, generator: torch.Generator | None) -> list[tuple[int, ...]]:
@@ -126,6 +190,11 @@ class BootstrapCriterion(nn.Module):
             ours.mul_(momentum).add_(theirs.detach(), alpha=1 - momentum)
         for ours, theirs in zip(self.target.buffers(), online.buffers()):
             ours.copy_(theirs)
+        if self.options.projector:
+            for ours, theirs in zip(self.target_projector.parameters(), self.projector.parameters()):
+                ours.mul_(momentum).add_(theirs.detach(), alpha=1 - momentum)
+            for ours, theirs in zip(self.target_projector.buffers(), self.projector.buffers()):
+                ours.copy_(theirs)
 
 
 class BootstrapScore:
@@ -176,7 +245,10 @@ class SelfSupervised:
         the best candidate as `rating` rates it, BatchNorm calibrated on `rating.calibration_size` images. The rating
         is left out at its defaults, so blocks trained before it was fingerprinted (all at the defaults) resume."""
         rating = self.run.params.rating
-        return digest("ssl", self.options, self.run.params.space, *([rating] if rating != type(rating)() else []))
+        defaults = SslOptions()
+        options = {k: v for k, v in self.options.model_dump(mode="json").items()
+                   if k not in RECIPE_KEYS or v != getattr(defaults, k)}  # blocks trained before these keys resume
+        return digest("ssl", options, self.run.params.space, *([rating] if rating != type(rating)() else []))
 
     def prepare(self) -> None:
         """Nothing to prepare: the targets are made while the blocks train."""
@@ -240,10 +312,14 @@ class SelfSupervised:
     def _views(self, block: int, images: torch.Tensor,
                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
-        scale = self.options.crop_scale
-        front = self.front(block)
-        return self._through(front, crops(images, scale, generator)), self._through(front, crops(images, scale,
-                                                                                                  generator))
+        scale, front = self.options.crop_scale, self.front(block)
+        views = []
+        for view in (0, 1):
+            x = crops(images, scale, generator)
+            if self.options.augment == "byol":
+                x = byol_augment(x, view, generator)
+            views.append(self._through(front, x))
+        return views[0], views[1]
 
     def _rated(self, block: int, x1: torch.Tensor, x2: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +347,12 @@ class SelfSupervised:
         for images, _ in self.data.loader(split, batch_size, shuffle=shuffle, generator=generator, sharded=sharded):
             for _ in range(self.options.rating_views if self.rating else 1):  # a score's mean over every view
                 x1, x2 = self._views(block, images, fixed)
-                yield self._rated(block, x1, x2, fixed) if self.rating else (x1, x2)
+                if self.rating:
+                    yield self._rated(block, x1, x2, fixed)
+                elif self.options.symmetric:  # each view against the other's target, as one batch of both
+                    yield torch.cat([x1, x2]), torch.cat([x2, x1])
+                else:
+                    yield x1, x2
 
     def sample(self, block: int, split: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         fixed = torch.Generator().manual_seed(seed * 1_000 + RATING_SEED)
