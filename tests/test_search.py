@@ -297,7 +297,7 @@ def test_front_table_round_trips():
     assert (tab["score"].diff().dropna() < 0).all()
 
 
-# search.combine: predictor ---------------------------------------------------------------------------------------------
+# search.combine: predictor -----------------------------------------------------------------------------------
 def test_the_search_maximises_the_rank_stages_predictor_when_asked(prepared_run, tmp_path):
     """With a predictor that rewards block 0's rating (weight +1) and ignores block 1's, the search takes block 0's
     worst-rated candidate, which the equal-weight sum never would; no predictor, or one of other blocks, is refused."""
