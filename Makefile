@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The DVC pipeline (dvc.yaml) through the Prefect flows, tracked in MLflow; ends with a registered, promoted model.
+# PRESET=configs/<name>.yaml runs that preset as a DVC experiment (its differences from params.yaml as -S overrides).
 run: setup
-	$(PY) -m flows.pipeline
+	$(PY) -m flows.pipeline $(if $(PRESET),--preset $(PRESET))
 
 test: setup
 	$(VENV)/bin/ruff check .

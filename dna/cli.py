@@ -213,6 +213,22 @@ def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     Console().print(f"whole space: {size:,} networks ({float(size):.2e})")
 
 
+@app.command("params")
+@guarded
+def params_command(preset: Path = typer.Argument(..., help="a params file or a preset (configs/*.yaml)"),
+                   against: Optional[Path] = typer.Option(None, "--against",
+                                                          help="print only what differs from this params file")):
+    """A preset resolved over its base and checked, as a whole params file (`dna params configs/vit.yaml >
+    params.yaml`), or, with --against, the keys that differ from another one (what `dvc exp run -S` would set)."""
+    import yaml
+
+    from dna.config import preset_overrides, read_params
+
+    _load(preset, None, deep=False)
+    raw = read_params(preset) if against is None else preset_overrides(preset, against)
+    sys.stdout.write(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=120))
+
+
 @arch_app.command("cost")
 @guarded
 def arch_cost(arch_file: Path = typer.Argument(..., help="architecture YAML (stem, head, arch)"),

@@ -738,6 +738,24 @@ def read_params(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     return merged(read_params(target, (*seen, path.resolve())), raw)
 
 
+def differences(base: dict, preset: dict, prefix: str = "") -> dict:
+    """The dotted keys whose values `preset` sets otherwise than `base` (mappings compared key by key, anything else
+    whole): what a run of `base` needs overridden to be a run of `preset` (e.g. `dvc exp run -S key=value`)."""
+    out = {}
+    for key, value in preset.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out |= differences(base[key], value, f"{prefix}{key}.")
+        elif key not in base or base[key] != value:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def preset_overrides(preset: str | Path, base: str | Path = "params.yaml") -> dict:
+    """The overrides that make `base` the preset (resolved over its own base); a preset that leaves out a key the base
+    sets keeps the base's value."""
+    return differences(read_params(base), read_params(preset))
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, check_paths: bool = True,
                 deep: bool = True) -> Params:
     raw = read_params(path)

@@ -72,7 +72,8 @@ def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False,
     if overrides:
         cmd += ["exp", "run", *(targets or [])]
         for key, value in overrides.items():
-            text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+            text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True,
+                                                                       width=float("inf")).strip()  # one line
             text = text.removesuffix("\n...").strip()
             plus = "" if raw_params is None or _has_key(raw_params, key) else "+"
             cmd += ["-S", f"{plus}{key}={text}"]
@@ -135,13 +136,29 @@ def project_root(project_dir: str, deployed: bool) -> Path:
     return root
 
 
+def with_preset(root: Path, preset: str | None, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The overrides that make params.yaml the preset (a params file inside the project, which may name its base),
+    then the given overrides over them: a preset runs as a DVC experiment."""
+    from dna.config import preset_overrides
+
+    if not preset:
+        return overrides
+    path = (root / preset).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(f"preset={preset!r} is outside the project ({root})")
+    with working_directory(root):
+        return preset_overrides(path, root / "params.yaml") | (overrides or {}) or None
+
+
 @flow(name="dna-pipeline")
-def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = None, force: bool = False) -> dict:
-    """Reproduce the DVC pipeline in project_dir (an experiment when overrides are given) and report on it; a
-    deployment's run only in the project of this code."""
+def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = None, force: bool = False,
+                  preset: str | None = None) -> dict:
+    """Reproduce the DVC pipeline in project_dir (an experiment when overrides or a preset are given, e.g.
+    preset configs/vit.yaml) and report on it; a deployment's run only in the project of this code."""
     from prefect.runtime import deployment
 
     root = project_root(project_dir, deployed=deployment.id is not None)
+    overrides = with_preset(root, preset, overrides)
     logger = get_run_logger()
     with working_directory(root):  # fail on a bad config before anything runs
         check_dvc_params("params.yaml", overrides)
@@ -180,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project-dir", default=".", help="the DVC project (default: here)")
     parser.add_argument("--set", "-S", dest="sets", action="append", metavar="KEY=VALUE",
                         help="run as a DVC experiment with this params.yaml override (repeatable)")
+    parser.add_argument("--preset", default=None, metavar="FILE",
+                        help="run a preset (e.g. configs/vit.yaml) as a DVC experiment: its differences from "
+                             "params.yaml as overrides, then --set")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
     parser.add_argument("--serve", action="store_true", help="serve a deployment of this flow instead of running it")
     parser.add_argument("--name", default="dna-pipeline-served", help="deployment name with --serve")
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     root = Path(args.project_dir).resolve()
     try:
-        overrides = parse_overrides(args.sets) or None
+        overrides = with_preset(root, args.preset, parse_overrides(args.sets) or None)
         if not overrides and not args.force and up_to_date(root):
             try:
                 text = report(root, {"ran": [], "skipped": [], "metrics": None, "mlflow_run_id": None})
@@ -214,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             params = load_params("params.yaml", overrides, deep=False)
             ensure_experiment(tracking_uri(params, root), params.mlflow.experiment, root)
         with api.reporting():
-            result = pipeline_flow(str(root), overrides, args.force)
+            result = pipeline_flow(str(root), overrides, args.force)  # the preset is in the overrides
     except Exception as exc:
         return report_error(exc)
     print(report(root, result))

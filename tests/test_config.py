@@ -574,3 +574,37 @@ def test_every_preset_resolves_and_validates(preset, monkeypatch):
     params = load_params(preset, check_paths=False)
     raw = yaml.safe_load(preset.read_text())
     assert params.outputs == raw.get("outputs", params.outputs) and "base" not in params.model_dump()
+
+
+def resolved_preset_is_a_dvc_params_file(preset: Path) -> None:
+    """`dna params <preset>` (the preset resolved over its base) spells out every key dvc.yaml tracks, so it runs
+    as params.yaml under `dvc repro`."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from dna.cli import app
+    from flows.entry import check_dvc_params
+
+    result = CliRunner().invoke(app, ["params", str(preset)])
+    assert result.exit_code == 0, result.output
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "params.yaml"
+        path.write_text(result.stdout)
+        check_dvc_params(path)
+        assert load_params(path, check_paths=False) == load_params(preset, check_paths=False)
+
+
+def test_dna_params_prints_a_preset_whole_or_what_differs(monkeypatch):
+    from typer.testing import CliRunner
+
+    from dna.cli import app
+
+    monkeypatch.chdir(ROOT)
+    resolved_preset_is_a_dvc_params_file(ROOT / "configs" / "dna_plus.yaml")
+    result = CliRunner().invoke(app, ["params", "configs/vit.yaml", "--against", "params.yaml"])
+    assert result.exit_code == 0, result.output
+    differs = yaml.safe_load(result.stdout)
+    assert differs["space.kind"] == "vit" and differs["supervision.kind"] == "ssl" and "data.source" not in differs
+    result = CliRunner().invoke(app, ["params", "configs/missing.yaml"])
+    assert result.exit_code == 2 and "configs/missing.yaml" in result.output

@@ -138,3 +138,45 @@ def test_nothing_listens_beyond_loopback_by_default(prefect_api):
     assert worker != os.getpid() and worker in {c.pid for c in listening}  # a Dask worker process, listening
     assert os.getpid() in {c.pid for c in listening}  # the Dask scheduler, in this process
     assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
+
+
+def test_a_preset_runs_as_a_dvc_experiment_of_its_differences(tmp_path):
+    """--preset configs/vit.yaml: the keys where the resolved preset differs from params.yaml become `dvc exp run -S`
+    overrides (given overrides win), so DVC records the experiment's params; a preset outside the project is refused
+    before anything runs."""
+    from dna.config import ConfigError, load_params
+    from flows.pipeline import with_preset
+
+    overrides = with_preset(ROOT, "configs/vit.yaml", {"distill.epochs": 1})
+    assert overrides["space.kind"] == "vit" and overrides["supervision.kind"] == "ssl"
+    assert overrides["distill.epochs"] == 1 and "data.source" not in overrides
+    assert load_params(ROOT / "params.yaml", overrides) == load_params(ROOT / "configs" / "vit.yaml",
+                                                                        {"distill.epochs": 1})
+    cmd = dvc_command(overrides, raw_params=yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert cmd[3:5] == ["exp", "run"] and "space.kind=vit" in cmd and "outputs=outputs/vit" in cmd
+    assert with_preset(ROOT, None, {"a": 1}) == {"a": 1}
+    outside = tmp_path / "preset.yaml"
+    outside.write_text("outputs: elsewhere\n")
+    with pytest.raises(ConfigError, match="preset=.*is outside the project"):
+        with_preset(ROOT, str(outside), None)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                          if "base: ../params.yaml" in p.read_text()
+                                          or "base: dna_plusplus.yaml" in p.read_text()))
+def test_dvc_applies_a_presets_overrides_to_params_yaml_as_the_preset(preset, tmp_path):
+    """DVC's own parser of `dvc exp run -S` (hydra's grammar: lists, mappings, new keys with +) turns params.yaml
+    into the preset, for every preset on the embedded default."""
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from dna.config import load_params
+    from flows.pipeline import with_preset
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cmd = dvc_command(with_preset(ROOT, f"configs/{preset}", None), raw_params=raw)
+    apply_overrides(tmp_path / "params.yaml", [cmd[i + 1] for i, part in enumerate(cmd) if part == "-S"])
+    assert load_params(tmp_path / "params.yaml", check_paths=False) == load_params(
+        ROOT / "configs" / preset, check_paths=False)
