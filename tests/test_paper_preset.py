@@ -157,10 +157,9 @@ def test_retraining_recipe_is_efficientnets(preset):
 
 
 def test_the_dna_plus_and_dna_plusplus_paper_presets_are_the_dna_preset_but_for_rounds_and_supervision(preset):
+    from dna.config import preset_overrides
     from dna.paths import Paths
     from dna.rounds import round_dir, round_params
-
-    from dna.config import preset_overrides
 
     plus = preset_overrides(ROOT / "configs" / "imagenet_dna_plus.yaml", PRESET)
     plusplus = preset_overrides(ROOT / "configs" / "imagenet_dna_plusplus.yaml", PRESET)

@@ -128,12 +128,10 @@ def test_the_dna_plus_preset_teaches_round_two_with_round_one_network_scaled_up(
     network it teaches to find, not that network again."""
     from timm.models._efficientnet_builder import _decode_block_str
 
-    from dna.config import load_params
+    from dna.config import load_params, preset_overrides
     from dna.spaces import build_space
     from dna.teacher import create_teacher, teacher_arch
     from tests.conftest import ROOT
-
-    from dna.config import preset_overrides
 
     # the same data, teacher, space and recipes: only the rounds (and where the outputs go) differ
     differs = preset_overrides(ROOT / "configs" / "dna_plus.yaml", ROOT / "params.yaml")
