@@ -179,8 +179,12 @@ def _report_rounds(rows: list[dict], outputs: Path) -> None:
     Console(soft_wrap=True).print(table)
 
 
-def _add_plugin_commands() -> None:
-    """Commands other installed packages add (entry points of the group `dna.commands`, each a function)."""
+def _add_plugins() -> None:
+    """What other installed packages add: sections of params.yaml (entry points of the group `dna.sections`, such as
+    the pipeline's tracking and orchestration settings) and commands (`dna.commands`, each a function)."""
+    from dna.config import use_sections
+
+    use_sections({entry.name: entry.load() for entry in entry_points(group="dna.sections")})
     for entry in entry_points(group="dna.commands"):
         app.command(entry.name)(guarded(entry.load()))
 
@@ -255,7 +259,7 @@ def arch_cost(arch_file: Path = typer.Argument(..., help="architecture YAML (ste
         raise typer.Exit(1)
 
 
-_add_plugin_commands()
+_add_plugins()
 
 
 def main() -> None:  # pragma: no cover

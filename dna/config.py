@@ -555,7 +555,7 @@ class RoundsConfig(Strict):
 
 
 class CoreParams(Strict):
-    """The sections of the method; other layers add theirs (extension_sections)."""
+    """The sections of the method; an application adds its own (use_sections)."""
 
     added_keys = ("rounds",)
 
@@ -637,27 +637,34 @@ class CoreParams(Strict):
         return Path(self.outputs)
 
 
-def extension_sections() -> dict[str, type[BaseModel]]:
-    """Sections of params.yaml that installed packages own (entry points of the group `dna.sections`), such as the
-    tracking and orchestration settings of the flows; each a pydantic model whose defaults are all set."""
-    from importlib.metadata import entry_points
-
-    return {e.name: e.load() for e in sorted(entry_points(group="dna.sections"), key=lambda e: e.name)}
+Params = CoreParams  # what a params file holds, to the method; an application's schema subclasses it (schema())
+_sections: dict[str, type[BaseModel]] = {}
+_schema: list[type[CoreParams]] = []
 
 
-def _params_model() -> type[CoreParams]:
-    sections = extension_sections()
-    if not sections:
-        return CoreParams
-    fields = {name: (model, model()) for name, model in sections.items()}
-    return create_model("Params", __base__=CoreParams, __module__=__name__, **fields)
+def use_sections(sections: dict[str, type[BaseModel]]) -> None:
+    """Add the sections an application owns to the schema every params file is validated with (e.g. the pipeline's
+    `mlflow` and `orchestration`); each a pydantic model whose defaults are all set. The method reads none of them."""
+    clash = sorted(set(sections) & set(CoreParams.model_fields))
+    if clash:
+        raise ValueError(f"sections {clash} are the method's own")
+    if any(_sections.get(name, model) is not model for name, model in sections.items()):
+        raise ValueError(f"sections {sorted(sections)}: another model is in use under one of these names")
+    _sections.update(sections)
+    _schema.clear()
 
 
-Params = _params_model()
+def schema() -> type[CoreParams]:
+    """The schema params files are validated with: the method's sections and those the application added."""
+    if not _schema:
+        fields = {name: (model, model()) for name, model in sorted(_sections.items())}
+        _schema.append(create_model("Params", __base__=CoreParams, __module__=__name__, **fields) if fields
+                       else CoreParams)
+    return _schema[0]
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
-    model: type = Params
+    model: type = schema()
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -687,7 +694,7 @@ def parse_params(raw: dict, check_paths: bool = True, deep: bool = True) -> Para
     """Validate a raw mapping; check_paths=False skips checks of data and checkpoint paths (to inspect a preset);
     deep=False skips the checks that import the model libraries (see deep_checks)."""
     try:
-        return Params.model_validate(raw, context={"check_paths": check_paths, "deep": deep})
+        return schema().model_validate(raw, context={"check_paths": check_paths, "deep": deep})
     except ValidationError as exc:
         raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
 

@@ -1,6 +1,6 @@
 """The code each DVC stage depends on: every project module its entry point imports, directly or through other
-project modules (imports inside functions too), with the packages' __init__.py, and the modules that dna.config
-loads through the `dna.sections` entry points. A change to a file then reruns every stage it can affect and no other.
+project modules (imports inside functions too), with the packages' __init__.py (flows/__init__.py composes the
+schema with flows/settings.py). A change to a file then reruns every stage it can affect and no other.
 
     python -m flows.code_deps           # what each stage of dvc.yaml misses or lists in vain (exit 1 if anything)
     python -m flows.code_deps --write   # rewrite the code deps of every stage in dvc.yaml, rank/ and rounds/dvc.yaml
@@ -68,16 +68,7 @@ def import_closure(entry: str) -> set[str]:
                 continue
             seen.add(candidate)
             pending.extend(imported_names(path, candidate))
-            if candidate == "dna.config":
-                pending.extend(section_modules())
     return {module_file(name).relative_to(ROOT).as_posix() for name in seen}
-
-
-def section_modules() -> list[str]:
-    """The modules of the `dna.sections` entry points (dna.config imports them to build the schema)."""
-    from importlib.metadata import entry_points
-
-    return [entry.value.split(":")[0] for entry in entry_points(group="dna.sections")]
 
 
 def code_deps(cmd: str) -> list[str] | None:

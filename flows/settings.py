@@ -1,7 +1,8 @@
 """The sections of params.yaml that the pipeline owns, not the method: MLflow tracking and orchestration.
 
-They join the one schema (dna.config.Params) through the `dna.sections` entry points in pyproject.toml, so a
-params file is still validated whole, in one place, before any work.
+The flows add them to the schema when the package is imported (flows/__init__.py: `use_sections(SECTIONS)`), and the
+`dna` command through the `dna.sections` entry points in pyproject.toml, so a params file is still validated whole,
+in one place, before any work; the method itself (dna/) neither reads nor imports them.
 """
 from __future__ import annotations
 
@@ -48,3 +49,6 @@ class OrchestrationConfig(Section):
     task_resources: dict[str, Annotated[float, Field(gt=0)]] = {}
     retries: Annotated[int, Field(ge=0, le=10)] = 1
     nproc: Annotated[int, Field(gt=0)] = 1  # > 1: the teacher, each distill block and retrain train in N processes
+
+
+SECTIONS = {"mlflow": TrackingConfig, "orchestration": OrchestrationConfig}

@@ -15,6 +15,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import flows  # noqa: E402,F401 - the application's schema: params.yaml's mlflow and orchestration sections
+
 
 def tiny_raw(outputs: Path) -> dict:
     """Digits at 16 px, a 2-block space of 2 ops; every stage takes seconds."""
