@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ run: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The inner loop: without the end-to-end (slow) and fault-injection (reliability) tests.
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not reliability"
 
 clean:
 	-[ -x $(PY) ] && $(PY) -m flows.api_server --stop

@@ -118,7 +118,7 @@ def process_group(device: torch.device) -> Iterator[None]:
 
     gloo's processes listen on the address of the machine's host name, which may be a network's; with every process
     on this machine they listen on loopback instead (GLOO_SOCKET_IFNAME, unless set). torchrun's own rendezvous store
-    listens on all interfaces whatever it is asked (see the README's servers section)."""
+    listens on all interfaces whatever it is asked (see docs/servers.md)."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         yield
         return
