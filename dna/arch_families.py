@@ -1,8 +1,8 @@
 """Architecture families: how an architecture's block strings become a network, and the build settings its file states.
 
-A family is one entry of ARCH_FAMILIES: `build` makes the whole network of an Arch, `build_layers` makes one stage of
-layers from block strings with the same settings (search spaces make their candidate layers with it). The families
-read timm's EfficientNet block strings; widths are taken as written (no channel rounding) and the stem width is fixed
+A family is one entry of FAMILIES (dna.registry): `build` makes the whole network of an Arch, `build_layers` makes one
+stage of layers from block strings with the same settings (search spaces make their candidate layers with it). The
+families read timm's EfficientNet block strings; widths are taken as written (no channel rounding) and the stem width is fixed
 (timm's `fix_stem`), so the numbers in the file are the network's.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models._efficientnet_builder import EfficientNetBuilder, decode_arch_def
 from timm.models.efficientnet import EfficientNet
 from torch import nn
+
+from dna.registry import Registry
 
 if TYPE_CHECKING:
     from dna.arch import Arch
@@ -93,21 +95,11 @@ class Family:
     build_layers: Callable[[Sequence[str], int, BuildSettings], nn.Sequential] = build_timm_layers
 
 
-ARCH_FAMILIES: dict[str, Family] = {}
-
-
-def register_family(name: str, family: Family) -> Family:
-    """Add a family under `name` (the `family:` of architecture files); a name is registered once."""
-    if name in ARCH_FAMILIES:
-        raise ValueError(f"arch family {name!r} is already registered")
-    ARCH_FAMILIES[name] = family
-    return family
+FAMILIES: Registry[Family] = Registry("architecture family", "arch: family")  # the `family:` of architecture files
 
 
 def get_family(name: str) -> Family:
-    if name not in ARCH_FAMILIES:
-        raise ValueError(f"arch: family={name!r} is unknown; registered families: {', '.join(sorted(ARCH_FAMILIES))}")
-    return ARCH_FAMILIES[name]
+    return FAMILIES.get(name)
 
 
 def build_efficientnet(arch: Arch, num_classes: int, in_chans: int, drop_rate: float = 0.0,
@@ -118,4 +110,4 @@ def build_efficientnet(arch: Arch, num_classes: int, in_chans: int, drop_rate: f
         **arch.settings.timm_kwargs())
 
 
-register_family(DEFAULT_FAMILY, Family(build=build_efficientnet))
+FAMILIES.register(DEFAULT_FAMILY, Family(build=build_efficientnet))

@@ -36,6 +36,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from dna.checkpoint import digest, load_checkpoint
+from dna.supervision import SUPERVISIONS
 
 if TYPE_CHECKING:
     from dna.pipeline import Run
@@ -215,6 +216,7 @@ class BootstrapScore:
         return {key: s / self.count for key, s in self.sums.items()}
 
 
+@SUPERVISIONS.register("ssl")
 class SelfSupervised:
     """Supervision kind "ssl" (see the module's docstring). `rating`: views and target paths drawn from a fixed seed,
     the training split under eval transforms, and each block's trained criterion loaded from its checkpoint."""

@@ -5,12 +5,15 @@ input, and a target or a second view) and rating (block input, target), defines 
 rating score. params.yaml picks one by `supervision.kind`; the stages see only the `BlockSupervision` protocol.
 Kinds: "teacher" (DNA, dna/targets.py) and "ssl" (DNA++, teacher-free ensemble bootstrapping, dna/self_supervision.py).
 
-Adding a kind takes one module (a class implementing the protocol, with `from_run(run)`) and one entry in
-`_builtin()`; a kind registered with `@register_supervision(kind)` is used the same way.
+Adding a kind takes one module: a class implementing the protocol, with `from_run(run)`, decorated with
+`@SUPERVISIONS.register(kind)` (dna.registry); a kind that ships with dna also has its module in SUPERVISIONS'
+built-in list.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Protocol
+from typing import TYPE_CHECKING, Hashable, Iterator, Protocol
+
+from dna.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -74,36 +77,15 @@ class BlockSupervision(Protocol):
         """The same supervision as rating sees it: the training split (calibration) without augmentation."""
 
 
-_registered: dict[str, type] = {}
+def _built_in() -> None:
+    from dna import self_supervision, targets  # noqa: F401 - each registers its kind (they import torch)
 
 
-def _builtin() -> dict[str, type]:
-    """The kinds that come with dna, one entry each (imported when first asked for: they import torch)."""
-    from dna.self_supervision import SelfSupervised
-    from dna.targets import TeacherTargets
-
-    return {"teacher": TeacherTargets, "ssl": SelfSupervised}
-
-
-def register_supervision(kind: str) -> Callable[[type], type]:
-    """Class decorator: make the class the supervision of `kind` (params.yaml `supervision.kind`)."""
-    def register(cls: type) -> type:
-        if kind in supervision_kinds():
-            raise ValueError(f"supervision kind {kind!r} is already registered")
-        _registered[kind] = cls
-        return cls
-    return register
-
-
-def supervision_kinds() -> list[str]:
-    return sorted({**_builtin(), **_registered})
+SUPERVISIONS: Registry[type] = Registry("block supervision", "supervision.kind", _built_in)
 
 
 def supervision_class(kind: str) -> type:
-    kinds = {**_builtin(), **_registered}
-    if kind not in kinds:
-        raise ValueError(f"supervision.kind={kind!r} is not a block supervision; allowed: {', '.join(sorted(kinds))}")
-    return kinds[kind]
+    return SUPERVISIONS.get(kind)
 
 
 def options_model(kind: str) -> type[BaseModel] | None:

@@ -26,6 +26,7 @@ from dna.checkpoint import checkpoint_digest, digest, file_digest, staged_dir
 from dna.data import Data, eval_view
 from dna.ddp import rank_batches
 from dna.progress import progress
+from dna.supervision import SUPERVISIONS
 
 if TYPE_CHECKING:
     from dna.pipeline import Run
@@ -115,6 +116,7 @@ class RelativeL1Score:
         return {key: s / self.count / std for key, s in self.abs.items()}
 
 
+@SUPERVISIONS.register("teacher")
 class TeacherTargets:
     """`key`: what the features depend on (digested by fingerprint(): it keys the cache)."""
 

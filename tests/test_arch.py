@@ -16,9 +16,8 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from dna import arch_families
 from dna.arch import Arch, build_layers, count_cost, expand_repeats
-from dna.arch_families import ARCH_FAMILIES, BuildSettings, Family, get_family, register_family
+from dna.arch_families import FAMILIES, BuildSettings, Family, get_family
 
 SMALL = Arch(stem=16, head=256, stages=(
     ("ds_r1_k3_s1_c16_se0.25",),
@@ -286,10 +285,10 @@ def _types(model: nn.Module) -> set[type]:
 
 
 @pytest.fixture
-def families(monkeypatch):
-    """A copy of the family registry, so a family registered by a test is gone after it."""
-    monkeypatch.setattr(arch_families, "ARCH_FAMILIES", dict(ARCH_FAMILIES))
-    return arch_families.ARCH_FAMILIES
+def families():
+    """The family registry, scoped: a family registered by a test is gone after it."""
+    with FAMILIES.scoped() as registry:
+        yield registry
 
 
 def test_round_trip_with_family_and_settings(tmp_path):
@@ -382,7 +381,7 @@ def test_non_default_settings_export_to_onnx(tmp_path, settings, op):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"family": "resnet"}, "family='resnet' is unknown; registered families: efficientnet"),
+    ({"family": "resnet"}, "family='resnet' is not an architecture family; allowed: efficientnet"),
     ({"build": {"act": "swishy"}}, "act='swishy' is unknown; allowed: .*hard_swish"),
     ({"build": {"norm": "instance"}}, "norm='instance' is unknown; allowed: batchnorm, groupnorm1, layernorm2d"),
     ({"build": {"se_gate": "relu"}}, "se_gate='relu' is unknown; allowed: sigmoid, hard_sigmoid"),
@@ -399,7 +398,7 @@ def test_unknown_family_or_setting_is_a_clear_error(changes, message):
 def test_settings_and_family_are_checked_on_construction_too():
     with pytest.raises(ValueError, match="act='Swish'"):
         BuildSettings(act="Swish")
-    with pytest.raises(ValueError, match="family='mobilenetv3' is unknown"):
+    with pytest.raises(ValueError, match="family='mobilenetv3' is not an architecture family"):
         _with(SMALL, family="mobilenetv3")
 
 
@@ -411,9 +410,9 @@ def _build_mobilenetv3(arch: Arch, num_classes: int, in_chans: int, drop_rate: f
 
 
 def test_a_family_is_one_registered_entry(families, tmp_path):
-    with pytest.raises(ValueError, match="registered families: efficientnet$"):
+    with pytest.raises(ValueError, match="allowed: efficientnet$"):
         _with(TINY, family="mobilenetv3")
-    register_family("mobilenetv3", Family(build=_build_mobilenetv3))
+    FAMILIES.register("mobilenetv3", Family(build=_build_mobilenetv3))
     arch = _with(TINY, family="mobilenetv3", settings=BuildSettings(act="hard_swish", se_gate="hard_sigmoid"))
     model = arch.build(num_classes=7, in_chans=3)
     assert isinstance(model, MobileNetV3) and not isinstance(model, EfficientNet)
@@ -427,14 +426,14 @@ def test_a_family_is_one_registered_entry(families, tmp_path):
     assert loaded == arch and yaml.safe_load(arch.to_yaml())["family"] == "mobilenetv3"
     assert type(loaded.build(num_classes=7, in_chans=3)) is MobileNetV3
     assert arch != _with(TINY, settings=arch.settings)  # same layers, other family: another network
-    with pytest.raises(ValueError, match="already registered"):
-        register_family("mobilenetv3", Family(build=_build_mobilenetv3))
-    with pytest.raises(ValueError, match="registered families: efficientnet, mobilenetv3"):
+    with pytest.raises(ValueError, match="architecture family 'mobilenetv3' is already registered"):
+        FAMILIES.register("mobilenetv3", Family(build=_build_mobilenetv3))
+    with pytest.raises(ValueError, match="allowed: efficientnet, mobilenetv3"):
         _with(TINY, family="resnet")
 
 
 def test_registered_test_family_is_gone_afterwards():
-    assert "mobilenetv3" not in arch_families.ARCH_FAMILIES and "efficientnet" in arch_families.ARCH_FAMILIES
+    assert FAMILIES.names() == ["efficientnet"]
 
 
 # costs -----------------------------------------------------------------------------------------------------------

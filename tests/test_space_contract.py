@@ -11,7 +11,7 @@ from dna.arch import Arch, count_cost
 from dna.config import ConfigError, SpaceConfig, parse_params
 from dna.distill import build_block
 from dna.export import export_onnx
-from dna.spaces import build_space, register_space, space_class, space_kinds
+from dna.spaces import SPACES, build_space, space_class
 from tests.conftest import tiny_raw
 
 IN_CHANS, IMAGE_SIZE, NUM_CLASSES = 3, 32, 5
@@ -33,7 +33,7 @@ EXAMPLES = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", params=space_kinds())
+@pytest.fixture(scope="module", params=SPACES.names())
 def space(request):
     if request.param not in EXAMPLES:
         pytest.fail(f"space kind {request.param!r} has no example configuration in EXAMPLES")
@@ -47,7 +47,7 @@ def random_choice(space, rng: random.Random):
 
 
 def test_the_spaces_are_registered():
-    assert {"mbconv", "vit", "hybrid", "tiny"} <= set(space_kinds())
+    assert {"mbconv", "vit", "hybrid", "tiny"} <= set(SPACES.names())
     assert space_class("tiny") is tests.tiny_space.TinySpace
 
 
@@ -157,5 +157,5 @@ def test_a_kind_checks_its_own_keys(tmp_path):
 
 
 def test_a_kind_is_registered_once():
-    with pytest.raises(ValueError, match="registered twice"):
-        register_space("tiny")(type("Other", (), {}))
+    with pytest.raises(ValueError, match="search space .tiny. is already registered"):
+        SPACES.register("tiny")(type("Other", (), {}))

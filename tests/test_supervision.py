@@ -5,13 +5,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from dna import supervision
 from dna.checkpoint import digest
 from dna.config import ConfigError, parse_params
 from dna.data import eval_view
 from dna.distill import PairLoss, load_block
 from dna.rate import rate_candidate_naive
-from dna.supervision import build_supervision, register_supervision, supervision_kinds
+from dna.supervision import SUPERVISIONS, build_supervision
 from dna.targets import RelativeL1Score, TeacherTargets, teacher_shapes
 from tests.conftest import tiny_raw
 
@@ -92,10 +91,10 @@ class Projections:
 @pytest.fixture
 def projections(monkeypatch):
     """The Projections supervision registered as kind 'projections' for one test."""
-    monkeypatch.setattr(supervision, "_registered", {})
     monkeypatch.setattr(Projections, "prepared", [])
-    register_supervision("projections")(Projections)
-    return Projections
+    with SUPERVISIONS.scoped():
+        SUPERVISIONS.register("projections")(Projections)
+        yield Projections
 
 
 def _raw(tmp_path, **section):
@@ -118,9 +117,9 @@ def test_options_are_checked_against_the_kinds_own_model(tmp_path, projections):
 
 
 def test_a_kind_is_registered_once():
-    assert supervision_kinds() == ["ssl", "teacher"]
-    with pytest.raises(ValueError, match="'teacher' is already registered"):
-        register_supervision("teacher")(Projections)
+    assert SUPERVISIONS.names() == ["ssl", "teacher"]
+    with pytest.raises(ValueError, match="block supervision 'teacher' is already registered"):
+        SUPERVISIONS.register("teacher")(Projections)
 
 
 def test_the_teacher_kind_is_teacher_features_under_mse(prepared_run):

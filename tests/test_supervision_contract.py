@@ -11,7 +11,7 @@ from dna.config import parse_params
 from dna.distill import build_block
 from dna.pipeline import Run, stage_data, stage_distill, stage_teacher
 from dna.rate import rate_candidate_naive
-from dna.supervision import supervision_class, supervision_kinds
+from dna.supervision import SUPERVISIONS, supervision_class
 from tests.conftest import tiny_raw
 
 EXAMPLES = {"teacher": {"kind": "teacher"}, "ssl": {"kind": "ssl", "ensemble": 1}}
@@ -22,7 +22,7 @@ BLOCK = 1  # block 1: its input is made by block 0 (the teacher's features, or b
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", params=[(k, s) for k in supervision_kinds() for s in SPACES], ids="-".join)
+@pytest.fixture(scope="module", params=[(k, s) for k in SUPERVISIONS.names() for s in SPACES], ids="-".join)
 def run(request, tmp_path_factory):
     """The tiny run in each kind of space with the kind's example options, its teacher made when it reads one and
     block 0 distilled."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from dna.arch import Arch
 from dna.config import SpaceConfig
-from dna.spaces import register_space
+from dna.spaces import SPACES
 from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, extract_pairs
 
 OP = re.compile(r"conv_k([1357])")
@@ -43,7 +43,7 @@ class TinyNet(nn.Module):
         return self.head(x)
 
 
-@register_space("tiny")
+@SPACES.register("tiny")
 class TinySpace(SpaceBase):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:

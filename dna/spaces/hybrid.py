@@ -3,12 +3,12 @@ attention where it pays; the blocks and cells are the MBConv space's."""
 from __future__ import annotations
 
 from dna.config import SpaceConfig
-from dna.spaces import register_space
+from dna.spaces import SPACES
 from dna.spaces.layer_ops import is_attention
 from dna.spaces.mbconv import MBConvSpace
 
 
-@register_space("hybrid")
+@SPACES.register("hybrid")
 class HybridSpace(MBConvSpace):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:

@@ -16,14 +16,14 @@ from torch import nn
 from dna.arch import ACT, DEFAULT_SETTINGS, Arch, build_layers, count_cost, expand_repeats
 from dna.arch_families import DEFAULT_FAMILY
 from dna.config import SpaceConfig
-from dna.spaces import register_space
+from dna.spaces import SPACES
 from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, block_stages, extract_pairs
 from dna.spaces.layer_ops import attention_parts, check_op, is_attention, layer_string, op_layers, op_module
 
 __all__ = ["MBConvSpace", "check_op", "layer_string"]
 
 
-@register_space("mbconv")
+@SPACES.register("mbconv")
 class MBConvSpace(SpaceBase):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:

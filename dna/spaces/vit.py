@@ -4,12 +4,12 @@ stride or width starts with the join (a strided convolution). See dna.spaces.lay
 from __future__ import annotations
 
 from dna.config import SpaceConfig
-from dna.spaces import register_space
+from dna.spaces import SPACES
 from dna.spaces.layer_ops import is_attention
 from dna.spaces.mbconv import MBConvSpace
 
 
-@register_space("vit")
+@SPACES.register("vit")
 class VitSpace(MBConvSpace):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:
