@@ -2,8 +2,8 @@
 
 A family is one entry of FAMILIES (dna.registry): `build` makes the whole network of an Arch, `build_layers` makes one
 stage of layers from block strings with the same settings (search spaces make their candidate layers with it). The
-families read timm's EfficientNet block strings; widths are taken as written (no channel rounding) and the stem width is fixed
-(timm's `fix_stem`), so the numbers in the file are the network's.
+families read timm's EfficientNet block strings; widths are taken as written (no channel rounding) and the stem width
+is fixed (timm's `fix_stem`), so the numbers in the file are the network's.
 """
 from __future__ import annotations
 
