@@ -20,6 +20,9 @@ class Stage:
     params: tuple[str, ...]  # the params.yaml keys that decide its result
     outputs: tuple[str, ...]  # files and folders it writes, under `outputs`
     metrics: str | None = None  # its metrics file under `outputs`
+    inputs: tuple[str, ...] = ()  # files and folders of earlier stages it reads, under `outputs`
+    checkpoints: tuple[str, ...] = ()  # of its outputs, those a rerun resumes from (never deleted before it runs)
+    reports: tuple[str, ...] = ()  # of its outputs, small tables and pictures people read (not versioned as data)
     headline: tuple[str, ...] = ()  # the metrics a report shows
     per_block: bool = False
     prepare: str | None = None  # "module:attribute" run once before a per-block stage's blocks
@@ -62,27 +65,35 @@ STAGES: tuple[Stage, ...] = (
           ("seed", "data", "teacher"),
           ("teacher/teacher.pt", "teacher/history.csv"),  # train_state.pt too when trained here (resumes; not an
           # output DVC tracks, since a teacher taken as it is has none, and never deleted by DVC)
-          metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True),
+          metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True,
+          inputs=("data/splits.json",), reports=("teacher/history.csv",)),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.pipeline:stage_distill",
           ("seed", "data", "teacher.model", "teacher.boundaries", "space", "supervision", "distill"),
-          ("distill",), per_block=True, prepare="dna.pipeline:stage_features", data_parallel=True),
+          ("distill",), per_block=True, prepare="dna.pipeline:stage_features", data_parallel=True,
+          inputs=("data/splits.json", "teacher/teacher.pt"), checkpoints=("distill",)),
     Stage("rate", "Rate every candidate of every cell of each block.", "dna.pipeline:stage_rate",
           ("rating",), ("ratings",), per_block=True, step="distill"),
     Stage("profile", "Time every candidate layer, the stem and the head in ONNX Runtime on this machine.",
           "dna.pipeline:stage_profile", ("data.image_size", "data.channels", "space", "profile"),
-          ("profile/latency.csv", "profile/profile.json"), makes_profile=True),
+          ("profile/latency.csv", "profile/profile.json"), makes_profile=True, inputs=("data/splits.json",),
+          reports=("profile/profile.json",)),
     Stage("search", "Choose the best architecture under the budgets and compute the Pareto front.",
           "dna.pipeline:stage_search", ("data.image_size", "data.channels", "space", "search"),
           ("search/arch.yaml", "search/front.csv", "search/front.png", "search/rating_spread.png"),
-          metrics="search/metrics.json", headline=("score", "params", "macs", "latency_ms")),
+          metrics="search/metrics.json", headline=("score", "params", "macs", "latency_ms"),
+          inputs=("data/splits.json", "ratings", "profile/latency.csv"),
+          reports=("search/front.csv", "search/front.png", "search/rating_spread.png")),
     Stage("retrain", "Train the chosen architecture (from scratch or from the supernets; optionally with KD).",
           "dna.pipeline:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("retrain/model.pt", "retrain/train_state.pt", "retrain/history.csv", "retrain/curves.png"),
-          metrics="retrain/metrics.json", headline=("test_accuracy",), data_parallel=True),
+          metrics="retrain/metrics.json", headline=("test_accuracy",), data_parallel=True,
+          inputs=("data/splits.json", "search/arch.yaml", "teacher/teacher.pt", "distill"),
+          checkpoints=("retrain/train_state.pt",), reports=("retrain/history.csv", "retrain/curves.png")),
     Stage("export", "Export the retrained network to ONNX and check it against PyTorch.", "dna.pipeline:stage_export",
           ("data", "export"), ("export/model.onnx",), metrics="export/metrics.json",
-          headline=("onnx_test_accuracy", "max_abs_diff")),
+          headline=("onnx_test_accuracy", "max_abs_diff"),
+          inputs=("data/splits.json", "retrain/model.pt", "retrain/metrics.json")),
     Stage("rank", "Measure how well the rating ranks networks: train a stratified sample, the searched network and "
           "random networks under the budgets from scratch; rate them with a single-path one-shot supernet too.",
           "dna.rank:stage_rank", ("seed", "data", "space", "supervision", "distill", "rating", "search", "rank"),
@@ -90,12 +101,16 @@ STAGES: tuple[Stage, ...] = (
            "rank/networks.csv", "rank/rank.png"),
           metrics="rank/metrics.json",
           headline=("kendall_tau", "kendall_tau_in_band", "spos_kendall_tau", "seed_kendall_tau",
-                    "rating_seed_kendall_tau", "searched_accuracy", "random_median_accuracy"), default=False),
+                    "rating_seed_kendall_tau", "searched_accuracy", "random_median_accuracy"), default=False,
+          inputs=("data/splits.json", "teacher/teacher.pt", "distill", "ratings", "profile/latency.csv",
+                  "search/arch.yaml"),
+          checkpoints=("rank/networks", "rank/spos", "rank/replicates"),
+          reports=("rank/predictor.json", "rank/plan.csv", "rank/bands.json", "rank/networks.csv", "rank/rank.png")),
     Stage("rounds", "DNA+: rounds 2 to rounds.count after round 1 (the default stages), each every default stage "
           "with the network the round before found and retrained as its teacher.", "dna.rounds:stage_rounds",
           ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "profile", "search", "retrain",
            "export", "rounds"), ("rounds",), metrics="rounds.json", headline=("best_round", "best_test_accuracy"),
-          default=False),
+          default=False, inputs=("search/arch.yaml", "retrain/model.pt"), checkpoints=("rounds",)),
 )
 
 

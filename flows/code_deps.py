@@ -1,23 +1,17 @@
 """The code each DVC stage depends on: every project module its entry point imports, directly or through other
 project modules (imports inside functions too), with the packages' __init__.py (flows/__init__.py composes the
 schema with flows/settings.py). A change to a file then reruns every stage it can affect and no other.
-
-    python -m flows.code_deps           # what each stage of dvc.yaml misses or lists in vain (exit 1 if anything)
-    python -m flows.code_deps --write   # rewrite the code deps of every stage in dvc.yaml, rank/ and rounds/dvc.yaml
+flows/dvc_files.py writes them into the DVC files it makes from the stage table.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import re
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dna", "flows")
 ENTRY = re.compile(r"python -m (flows(?:\.\w+)+)")
-DVC_FILES = ("dvc.yaml", "rank/dvc.yaml", "rounds/dvc.yaml")  # the default pipeline; stages kept out of it
 
 
 def module_file(name: str) -> Path | None:
@@ -74,7 +68,7 @@ def import_closure(entry: str) -> set[str]:
 def code_deps(cmd: str) -> list[str] | None:
     """The code deps of a stage command (its entry module first, then sorted), or None for another command."""
     match = ENTRY.fullmatch(cmd)
-    if match is None:
+    if match is None or module_file(match.group(1)) is None:
         return None
     entry = module_file(match.group(1)).relative_to(ROOT).as_posix()
     return [entry, *sorted(import_closure(match.group(1)) - {entry})]
@@ -82,44 +76,3 @@ def code_deps(cmd: str) -> list[str] | None:
 
 def listed_code(stage: dict) -> list[str]:
     return [dep for dep in stage.get("deps", []) if isinstance(dep, str) and dep.endswith(".py")]
-
-
-def rewrite(text: str, stages: dict) -> str:
-    """dvc.yaml with each stage's .py deps replaced by its code deps, everything else (comments too) kept."""
-    out, stage, in_deps = [], None, False
-    for line in text.splitlines():
-        if re.fullmatch(r"  (\w+):", line):
-            stage, in_deps = line.strip()[:-1], False
-        if in_deps and re.fullmatch(r"      - \S+\.py", line):
-            continue
-        if in_deps and not line.startswith("      "):
-            in_deps = False
-        out.append(line)
-        if line == "    deps:" and stage in stages and (deps := code_deps(stages[stage]["cmd"])):
-            in_deps = True
-            out.extend(f"      - {dep}" for dep in deps)
-    return "\n".join(out) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps")
-    args = parser.parse_args(argv)
-    if args.write:
-        for path in (ROOT / f for f in DVC_FILES):
-            path.write_text(rewrite(path.read_text(), yaml.safe_load(path.read_text())["stages"]))
-        return 0
-    wrong = 0
-    stages = {name: stage for f in DVC_FILES
-              for name, stage in yaml.safe_load((ROOT / f).read_text())["stages"].items()}
-    for name, stage in stages.items():
-        needed = code_deps(stage["cmd"])
-        if needed is not None and set(needed) != set(listed_code(stage)):
-            wrong += 1
-            print(f"{name}: missing {sorted(set(needed) - set(listed_code(stage)))}, "
-                  f"not imported {sorted(set(listed_code(stage)) - set(needed))}")
-    return 1 if wrong else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

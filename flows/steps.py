@@ -24,6 +24,9 @@ class Step:
     outputs: tuple[str, ...]  # under `outputs`, as dvc.yaml lists them (outs)
     metrics: str | None  # under `outputs` (dvc.yaml metrics; logged to MLflow by the pipeline flow)
     headline: tuple[str, ...]
+    inputs: tuple[str, ...] = ()  # under `outputs`: what earlier steps wrote that it reads (dvc.yaml deps)
+    checkpoints: tuple[str, ...] = ()  # outputs a rerun resumes from (persist: true)
+    reports: tuple[str, ...] = ()  # outputs kept out of DVC's cache (cache: false)
 
 
 def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> list[Step]:
@@ -34,19 +37,27 @@ def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> li
         params = tuple(dict.fromkeys(k for s in stages for k in s.params))
         outputs = tuple(o for s in stages for o in s.outputs) + FLOW_OUTPUTS.get(name, ())
         metrics = [s.metrics for s in stages if s.metrics]
+        made = {o for s in stages for o in s.outputs}  # a stage of the step reads what another one wrote
+        inputs = tuple(dict.fromkeys(i for s in stages for i in s.inputs if i not in made)) + FLOW_INPUTS.get(name, ())
         out.append(Step(name, MODULES.get(name, name), params, outputs, metrics[0] if metrics else None,
-                        tuple(h for s in stages for h in s.headline)))
+                        tuple(h for s in stages for h in s.headline), inputs,
+                        tuple(c for s in stages for c in s.checkpoints),
+                        tuple(r for s in stages for r in s.reports) + FLOW_OUTPUTS.get(name, ())))
     return [*out, REGISTER] if default else out
 
 
-# Outputs a step's flow writes beyond its stage functions (for DVC plots and the register step).
+# Outputs a step's flow writes beyond its stage functions (for DVC plots and the register step; small: not cached),
+# and what a step reads of the pipeline's own files.
 FLOW_OUTPUTS = {"search": ("search/chosen.csv",), "export": ("export/logged_model.json",)}
+FLOW_INPUTS = {"rounds": ("register/registration.json",)}
 # The module of a step whose name is a standard-library module (a Prefect worker puts flows/ first on sys.path:
 # flows/profile.py would shadow the `profile` that cProfile, and so torch, imports).
 MODULES = {"profile": "latency_profile"}
 
 REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.promote_metric"), (),
-                "register/registration.json", ("version", "champion", "reason"))
+                "register/registration.json", ("version", "champion", "reason"),
+                inputs=("search/arch.yaml", "retrain/model.pt", "retrain/metrics.json", "export/model.onnx",
+                        "export/metrics.json", "export/logged_model.json"))
 STEPS: list[Step] = steps_of()
 OPTIONAL_STEPS: list[Step] = steps_of(default=False)  # e.g. rank: dvc repro rank/dvc.yaml
 STAGES = [s.name for s in STEPS]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.code_deps import code_deps, import_closure, listed_code, rewrite
+from flows.code_deps import code_deps, import_closure, listed_code
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -15,8 +15,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 def test_the_import_closure_follows_lazy_and_from_imports_packages_and_schema_sections():
     closure = import_closure("flows.search")
-    # flows/__init__.py configures the environment (flows.env); `from dna.pipeline import ...` sits inside the
-    # flow function; `from flows import artifacts` names a module; dna.config loads flows.settings by entry point
+    # flows/__init__.py configures the environment (flows.env) and composes the schema (flows.settings);
+    # `from dna.pipeline import ...` sits inside the flow function; `from flows import artifacts` names a module
     assert {"flows/__init__.py", "flows/env.py", "flows/search.py", "flows/artifacts.py", "dna/__init__.py",
             "dna/pipeline.py", "dna/config.py", "flows/settings.py"} <= closure
     assert "flows/pipeline.py" not in closure and "dna/cli.py" not in closure
@@ -28,14 +28,16 @@ def test_a_stage_depends_on_exactly_the_project_modules_its_entry_point_imports(
     needed, listed = set(code_deps(stage["cmd"])), set(listed_code(stage))
     missing, extra = sorted(needed - listed), sorted(listed - needed)
     assert not missing and not extra, (f"stage {name}: missing from deps {missing}; listed but not imported {extra} "
-                                       "(python -m flows.code_deps --write)")
+                                       "(python -m flows.dvc_files --write)")
 
 
-def test_rewriting_keeps_everything_but_the_code_deps():
-    text = (ROOT / "dvc.yaml").read_text()
-    stale = text.replace("      - dna/config.py\n", "", 1).replace("    deps:\n", "    deps:\n      - dna/gone.py\n", 1)
-    assert stale != text
-    assert rewrite(stale, STAGES) == rewrite(text, STAGES)
-    assert rewrite(text, STAGES) == text, "dvc.yaml's code deps are as the import graph says"
-    fixed = yaml.safe_load(rewrite(stale, STAGES))["stages"]
-    assert all(set(listed_code(s)) == set(code_deps(s["cmd"]) or listed_code(s)) for s in fixed.values())
+def test_the_dvc_files_are_what_the_stage_table_makes():
+    """dvc.yaml, rank/dvc.yaml and rounds/dvc.yaml are made from the stage table, code deps included; a stale file
+    is named by the check and rewritten by --write."""
+    from flows.dvc_files import files, main
+
+    made = files()
+    assert sorted(made) == ["dvc.yaml", "rank/dvc.yaml", "rounds/dvc.yaml"]
+    for name, text in made.items():
+        assert (ROOT / name).read_text() == text, f"{name}: python -m flows.dvc_files --write"
+    assert main([]) == 0

@@ -34,18 +34,30 @@ def test_dvc_yaml_is_the_stage_table_steps_in_order_with_their_params_outputs_an
         assert _paths(stage.get("metrics", [])) == ({f"${{outputs}}/{step.metrics}"} if step.metrics else set())
 
 
-def test_a_new_stage_is_one_table_entry_plus_its_function():
+def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
     from dna.stages import STAGES as TABLE
     from dna.stages import Stage
+    from flows.dvc_files import default_file
     from flows.steps import steps_of
 
     extra = Stage("calibrate", "Re-estimate something.", "dna.pipeline:stage_data", ("seed", "rating"),
-                  ("calibrate/stats.json",), metrics="calibrate/metrics.json", headline=("error",))
+                  ("calibrate/stats.json", "calibrate/state.pt"), metrics="calibrate/metrics.json",
+                  headline=("error",), inputs=("search/arch.yaml",), checkpoints=("calibrate/state.pt",))
     steps = steps_of((*TABLE, extra))
     assert [s.name for s in steps] == [*STAGES[:-1], "calibrate", "register"]
     new = steps[-2]
     assert (new.module, new.params, new.outputs, new.metrics) == (
-        "calibrate", ("seed", "rating"), ("calibrate/stats.json",), "calibrate/metrics.json")
+        "calibrate", ("seed", "rating"), ("calibrate/stats.json", "calibrate/state.pt"), "calibrate/metrics.json")
+    # its DVC stage comes from the same entry: command, what it reads, params, outputs (the checkpoint persists);
+    # its flow module (flows/calibrate.py) is the one file besides the entry and its function
+    with pytest.raises(ValueError, match="flows/calibrate.py does not exist"):
+        default_file(steps)
+    monkeypatch.setattr("flows.dvc_files.code_deps", lambda cmd: [f"flows/{cmd.rsplit('.', 1)[1]}.py"])
+    stage = yaml.safe_load(default_file(steps))["stages"]["calibrate"]
+    assert stage["cmd"] == "python -m flows.calibrate" and "${outputs}/search/arch.yaml" in stage["deps"]
+    assert stage["params"] == ["seed", "rating"] and stage["metrics"] == [
+        {"${outputs}/calibrate/metrics.json": {"cache": False}}]
+    assert stage["outs"] == ["${outputs}/calibrate/stats.json", {"${outputs}/calibrate/state.pt": {"persist": True}}]
     loaded = extra.load()  # the function, run holding the new stage's own lock
     assert loaded.__wrapped__ is __import__("dna.pipeline", fromlist=["stage_data"]).stage_data
     assert loaded.stage_lock == "calibrate"

@@ -27,7 +27,7 @@ def test_rank_dvc_yaml_is_the_optional_step_of_the_stage_table():
     assert stage["params"] == list(step.params)
     assert _paths(stage["outs"]) == {f"${{outputs}}/{o}" for o in step.outputs}
     assert _paths(stage["metrics"]) == {f"${{outputs}}/{step.metrics}"}
-    assert set(listed_code(stage)) == set(code_deps(stage["cmd"])), "python -m flows.code_deps --write"
+    assert set(listed_code(stage)) == set(code_deps(stage["cmd"])), "python -m flows.dvc_files --write"
 
 
 def test_the_default_pipeline_leaves_rank_out():

@@ -32,7 +32,7 @@ def test_rounds_dvc_yaml_is_the_optional_step_of_the_stage_table():
     # round 1's network and its registration come first: DVC runs the default stages before this one
     assert {"${outputs}/search/arch.yaml", "${outputs}/retrain/model.pt",
             "${outputs}/register/registration.json"} <= set(stage["deps"])
-    assert set(listed_code(stage)) == set(code_deps(stage["cmd"])), "python -m flows.code_deps --write"
+    assert set(listed_code(stage)) == set(code_deps(stage["cmd"])), "python -m flows.dvc_files --write"
 
 
 def test_the_rounds_flow_refuses_a_round_without_its_teacher_before_any_work(prefect_api, tmp_path):
