@@ -33,7 +33,10 @@ def overrides(root: str | Path, teacher: str | None) -> dict:
 
 def make_run(root: Path, teacher: str | None = None):
     from dna.config import load_params
-    from dna.pipeline import Run, stage_data, stage_features, stage_teacher
+    from dna.run import Run
+    from dna.stages.data import stage_data
+    from dna.stages.distill import stage_features
+    from dna.stages.teacher import stage_teacher
 
     run = Run(load_params("params.yaml", overrides(root, teacher)))
     if not run.paths.teacher.is_file():
@@ -62,7 +65,7 @@ def distill_once(run, block: int, cached: bool, scratch: Path) -> None:
 def _worker(root: str, block: int, threads: int, scratch: str, teacher: str | None = None) -> float:
     set_threads(threads)
     from dna.config import load_params
-    from dna.pipeline import Run
+    from dna.run import Run
 
     run = Run(load_params("params.yaml", overrides(root, teacher)))
     start = time.perf_counter()

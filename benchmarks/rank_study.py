@@ -51,7 +51,11 @@ def member_params(params, member: str):
 
 def searched_and_rated(run) -> None:
     """Every stage up to the search, each resuming from what it finds."""
-    from dna.pipeline import stage_data, stage_distill, stage_features, stage_rate, stage_search, stage_teacher
+    from dna.stages.data import stage_data
+    from dna.stages.distill import stage_distill, stage_features
+    from dna.stages.rate import stage_rate
+    from dna.stages.search import stage_search
+    from dna.stages.teacher import stage_teacher
 
     stage_data(run)
     stage_teacher(run)
@@ -95,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks._common import load_average
     from dna.arch import Arch
     from dna.config import load_params, parse_overrides
-    from dna.pipeline import Run
     from dna.rank import network_id, replicate_ratings, stage_rank, train_network
     from dna.rank_metrics import shown
+    from dna.run import Run
 
     overrides = parse_overrides(args.sets) | ({"outputs": str(args.outputs)} if args.outputs else {})
     params = load_params(args.params, overrides, check_paths=False)

@@ -23,7 +23,9 @@ from benchmarks._common import load_average
 def distilled(run, setting: str, seed_index: int, root: Path):
     """The run with the setting's distillation, its blocks under root/<setting>/seed_<i>/, distilled and rated."""
     from dna.paths import ReplicatePaths
-    from dna.pipeline import Run, stage_distill, stage_rate
+    from dna.run import Run
+    from dna.stages.distill import stage_distill
+    from dna.stages.rate import stage_rate
 
     sampling, epochs = setting.split(":")
     params = run.params.model_copy(update={"distill": run.params.distill.model_copy(
@@ -46,10 +48,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from dna.config import load_params
-    from dna.pipeline import Run, stage_data, stage_features, stage_teacher
     from dna.rank import network_table
     from dna.rank_metrics import kendall_tau
     from dna.rank_sample import parse_rows
+    from dna.run import Run
+    from dna.stages.data import stage_data
+    from dna.stages.distill import stage_features
+    from dna.stages.teacher import stage_teacher
 
     run = Run(load_params(args.params, {"outputs": args.outputs}))
     stage_data(run)

@@ -1,4 +1,4 @@
-"""The `dna` command: one subcommand per stage (from the stage table, dna/stages.py), `dna run` for all of them in
+"""The `dna` command: one subcommand per stage (from the stage table, dna.stages), `dna run` for all of them in
 order, and tools to inspect spaces and architectures. Commands of other packages (e.g. `dna promote` of the model
 registry) join through the `dna.commands` entry points."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ NprocOpt = typer.Option(1, "--nproc", min=1, help="train in N processes on this 
 
 
 def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True) -> Params:
-    from dna.pipeline import validate
+    from dna.run import validate
 
     params = load_params(params_file, parse_overrides(sets), check_paths=deep)
     if deep:
@@ -61,7 +61,7 @@ def guarded(fn):
 
 
 def _run(params: Params):
-    from dna.pipeline import Run
+    from dna.run import Run
 
     return Run(params)
 

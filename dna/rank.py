@@ -60,7 +60,7 @@ def _write_json(path: Path, value: dict) -> None:
 
 # the networks ------------------------------------------------------------------------------------------------------
 def network_table(run) -> NetworkTable:
-    from dna.pipeline import latency_model, stage_tables
+    from dna.run import latency_model, stage_tables
     from dna.spaces.base import Candidates
 
     ratings = [Candidates.from_frame(pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str}))
@@ -134,7 +134,7 @@ def train_network(run, network: str, arch: Arch, on_epoch=None) -> dict:
     """Train one network from scratch with the rank recipe, rank.seeds times; returns its mean accuracies.
 
     A seed whose result file matches is not redone; one interrupted resumes from its last epoch."""
-    from dna.pipeline import write_json
+    from dna.run import write_json
     from dna.train import train_classifier
 
     p = run.params
@@ -173,7 +173,7 @@ def spos_ratings(run, plan: pd.DataFrame, on_epoch=None) -> dict:
     """Train the one-shot supernet (resumable), then rate every planned network by its hold-out loss with inherited
     weights, BatchNorm re-estimated; writes rank/spos/ratings.csv (loss and accuracy) and history.csv."""
     from dna.data import eval_view
-    from dna.pipeline import write_csv
+    from dna.run import write_csv
     from dna.spos import inherited_scores, train_spos
 
     p, out = run.params, run.paths.rank_dir / "spos"
@@ -200,7 +200,9 @@ def replicate_ratings(run, on_epoch=None) -> dict:
     """Distill and rate every block again from each of rank.rating_seeds - 1 other seeds, on the run's data, teacher
     and feature cache, into rank/replicates/<r>/ (resumable: a block's checkpoint of the same fingerprint resumes).
     How far these ratings agree with the run's own is the rating's reliability."""
-    from dna.pipeline import Run, stage_distill, stage_features, stage_rate
+    from dna.run import Run
+    from dna.stages.distill import stage_distill, stage_features
+    from dna.stages.rate import stage_rate
 
     start, replicates = time.perf_counter(), []
     for replicate in range(1, run.params.rank.rating_seeds):
@@ -223,7 +225,7 @@ def _ratings(run) -> list[pd.DataFrame] | None:
 def rating_reliability(run, plan: pd.DataFrame) -> tuple[dict[int, pd.DataFrame], dict]:
     """Each replicate's ratings of the planned networks (whole networks and per block), and per block the Kendall
     tau between the replicate's and the run's ratings of every candidate."""
-    from dna.pipeline import Run
+    from dna.run import Run
 
     own = _ratings(run)
     networks, per_block = {}, {}
@@ -264,7 +266,7 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
     with its bootstrap 90% interval and beside the noise of both its sides: the ground truth's (two trainings of
     each network) and the rating's (two distillations)."""
     from dna.block_combination import block_columns, fit_predictor, loo_predictions, zscore_rating
-    from dna.pipeline import write_csv, write_json
+    from dna.run import write_csv, write_json
 
     p, out = run.params.rank, run.paths.rank_dir
     frame = plan.copy()

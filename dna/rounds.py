@@ -62,7 +62,7 @@ def run_round(params: Params, round_: int):
     """Every default stage of round `round_` in order; a later round is checked first, now that the round before it
     wrote its network (round 1 is the params as given, checked by the caller). Returns the round's Run and the
     seconds each stage took."""
-    from dna.pipeline import Run, validate
+    from dna.run import Run, validate
     from dna.stages import default_stages, run_stage
 
     config = round_params(params, round_)

@@ -39,7 +39,7 @@ from dna.checkpoint import digest, load_checkpoint
 from dna.supervision import SUPERVISIONS
 
 if TYPE_CHECKING:
-    from dna.pipeline import Run
+    from dna.run import Run
 
 RATING_SEED = 7_919  # views and target paths of rating (and calibration), the same for every candidate
 
@@ -283,8 +283,9 @@ class SelfSupervised:
     def _best_path(self, block: int) -> nn.Module:
         import pandas as pd
 
-        from dna.pipeline import stage_rate, trained_supernet
         from dna.rate import calibrate
+        from dna.stages.distill import trained_supernet
+        from dna.stages.rate import stage_rate
 
         paths = self.run.paths
         if not paths.rating(block).is_file():

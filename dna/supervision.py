@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
 
-    from dna.pipeline import Run
+    from dna.run import Run
 
 
 class Scorer(Protocol):

@@ -29,7 +29,7 @@ from dna.progress import progress
 from dna.supervision import SUPERVISIONS
 
 if TYPE_CHECKING:
-    from dna.pipeline import Run
+    from dna.run import Run
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from flows.hashes import data_hash
 
 @flow(name="dna-data")
 def data_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.pipeline import stage_data
+    from dna.stages.data import stage_data
 
     with step_run("data", params_file, overrides) as step:
         params, run, mlrun = step.params, step.run, step.mlrun

@@ -47,7 +47,7 @@ def block_turn(shared_process: bool):
 
 def curves_dir(params: Params):
     """Per-block distillation curves for `dvc plots` (one CSV per block, so the plot follows the block count)."""
-    from dna.pipeline import Paths
+    from dna.paths import Paths
 
     return Paths(params.out_dir).distill_dir / "curves"
 
@@ -55,7 +55,8 @@ def curves_dir(params: Params):
 @task(name="teacher-features", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)
 def features_task(params: Params) -> None:
     """Run the teacher once over the training and rating splits and store its boundary features (if caching)."""
-    from dna.pipeline import Run, stage_features
+    from dna.run import Run
+    from dna.stages.distill import stage_features
 
     stage_features(Run(params))
 
@@ -69,7 +70,9 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
     With orchestration.nproc > 1 the block trains in that many processes under torchrun (`dna distill --block B`
     with params_file and overrides, the flow's own) and is rated here.
     shared_process: other blocks run in this process too (thread runner): take turns (see block_turn)."""
-    from dna.pipeline import Run, distill_resumes_after, distilled, stage_distill, stage_rate
+    from dna.run import Run
+    from dna.stages.distill import distill_resumes_after, distilled, stage_distill
+    from dna.stages.rate import stage_rate
 
     if threads:
         import torch

@@ -1,10 +1,11 @@
-"""dvc.yaml, rank/dvc.yaml and rounds/dvc.yaml, made from the stage table (dna/stages.py, grouped into pipeline steps by
+"""dvc.yaml, rank/dvc.yaml and rounds/dvc.yaml, made from the stage table (dna.stages, grouped into pipeline steps by
 flows/steps.py): each step's command, its code deps (every project module its entry point imports: flows/code_deps.py),
 what it reads of earlier steps, the params it declares, its outputs (checkpoints persist, reports are not cached) and
 its metrics; plus DVC's plots. Nothing in these files is written by hand: a new stage is one table entry.
 
     python -m flows.dvc_files           # check: exit 1 naming every file that differs from what the table makes
     python -m flows.dvc_files --write   # write them
+    python -m flows.dvc_files --reruns  # for each dna/ module, the stages a change to it reruns (a markdown table)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_HEADER = """\
 # The DNA pipeline, made from the stage table by `python -m flows.dvc_files --write` (do not edit by hand; a test
-# checks it): one stage per pipeline step (dna/stages.py, grouped into steps by flows/steps.py), each a Prefect flow
+# checks it): one stage per pipeline step (dna.stages, grouped into steps by flows/steps.py), each a Prefect flow
 # (`python -m flows.<step>`), run with `dvc repro` or `dvc exp run -S key=value`.
 #
 # A stage reruns only when its code, the params.yaml keys it reads (`params`) or an upstream output changed. Device,
@@ -149,10 +150,29 @@ def files(steps: list[Step] = STEPS, optional: list[Step] = OPTIONAL_STEPS) -> d
     return {"dvc.yaml": default_file(steps), **{f"{step.name}/dvc.yaml": optional_file(step) for step in optional}}
 
 
+def reruns(made: dict[str, str] | None = None) -> str:
+    """For each dna/ module, the stages whose code deps hold it (what editing it reruns), grouped, as markdown."""
+    import yaml
+
+    deps = {name: set(stage["deps"]) for text in (made or files()).values()
+            for name, stage in yaml.safe_load(text)["stages"].items()}
+    modules = sorted({d for ds in deps.values() for d in ds if d.startswith("dna/")})
+    groups: dict[str, list[str]] = {}
+    for module in modules:
+        hit = [name for name in deps if module in deps[name]]
+        groups.setdefault("every stage" if len(hit) == len(deps) else ", ".join(hit), []).append(module)
+    rows = [f"| {stages} | {len(mods)} | {' '.join(f'`{m}`' for m in mods)} |" for stages, mods in groups.items()]
+    return "\n".join(["| a change reruns | modules | which |", "|---|---|---|", *rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="write the DVC files the stage table makes")
+    parser.add_argument("--reruns", action="store_true", help="print which stages a change to each dna/ module reruns")
     args = parser.parse_args(argv)
+    if args.reruns:
+        print(reruns())
+        return 0
     stale = []
     for name, text in files().items():
         path = ROOT / name

@@ -53,7 +53,7 @@ def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
          checks: Checks | None = None) -> Params:
     """Load and validate the config (raises ConfigError, one line naming the key, before any work): every check
     by default; check_profile=False for the stage that makes the latency profile; a step's own Checks.of(step)."""
-    from dna.pipeline import validate
+    from dna.run import validate
 
     checks = checks or Checks(profile=check_profile)
     key = _key(params_file, overrides, checks)
@@ -159,7 +159,7 @@ class StepRun:
 def step_run(step: str, params_file: str | Path, overrides: dict | None, *,
              absolute_outputs: bool = False) -> Iterator[StepRun]:
     """Load and check the config (before any work), then the step's MLflow run with the params it reads."""
-    from dna.pipeline import Run
+    from dna.run import Run
     from flows.tracking import stage_run
 
     params = load(params_file, overrides, checks=Checks.of(step))

@@ -20,7 +20,7 @@ SAMPLE_IMAGES = 8
 def export_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.checkpoint import atomic_write_text, file_digest
     from dna.export import read_metadata
-    from dna.pipeline import stage_export
+    from dna.stages.export import stage_export
 
     with step_run("export", params_file, overrides) as step:
         run, mlrun, out = step.run, step.mlrun, step.run.paths.export_dir

@@ -20,7 +20,7 @@ def slowest_layers(table: pd.DataFrame, n: int = 10) -> list[dict]:
 
 @flow(name="dna-profile")
 def profile_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.pipeline import stage_profile
+    from dna.stages.latency_profile import stage_profile
 
     with step_run("profile", params_file, overrides) as step:
         params, run, mlrun = step.params, step.run, step.mlrun

@@ -49,8 +49,8 @@ def _threads(threads: int | None) -> None:
 def network_task(params: Params, network: str, tracking: Tracking, threads: int | None = None,
                  shared_process: bool = False) -> dict:
     """Train one planned network from scratch with the rank recipe; a nested MLflow run holds its curve."""
-    from dna.pipeline import Run
     from dna.rank import arch_of, read_plan, train_network
+    from dna.run import Run
 
     _threads(threads)
     run = Run(params)
@@ -64,8 +64,8 @@ def network_task(params: Params, network: str, tracking: Tracking, threads: int 
 @task(name="rank-spos", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)
 def spos_task(params: Params, tracking: Tracking, threads: int | None = None, shared_process: bool = False) -> dict:
     """Train the one-shot supernet and rate every planned network with inherited weights."""
-    from dna.pipeline import Run
     from dna.rank import read_plan, spos_ratings
+    from dna.run import Run
 
     _threads(threads)
     run = Run(params)
@@ -80,8 +80,8 @@ def spos_task(params: Params, tracking: Tracking, threads: int | None = None, sh
 def replicate_task(params: Params, tracking: Tracking, threads: int | None = None,
                    shared_process: bool = False) -> dict:
     """Distill and rate every block again from other seeds: the rating's own noise."""
-    from dna.pipeline import Run
     from dna.rank import replicate_ratings
+    from dna.run import Run
 
     _threads(threads)
     with _turn(shared_process), child_run(tracking, "replicate", {STAGE_TAG: "rank"}) as mlrun:
@@ -92,8 +92,8 @@ def replicate_task(params: Params, tracking: Tracking, threads: int | None = Non
 
 @flow(name="dna-rank")
 def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.pipeline import Run
     from dna.rank import RankFailure, plan_networks, summarize
+    from dna.run import Run
 
     params = with_absolute_outputs(load(params_file, overrides))
     orch = params.orchestration

@@ -14,7 +14,7 @@ from flows.tracking import EpochLog
 @flow(name="dna-retrain")
 def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.arch import Arch
-    from dna.pipeline import stage_retrain
+    from dna.stages.retrain import stage_retrain
 
     with step_run("retrain", params_file, overrides) as step:
         run, mlrun, epochs = step.run, step.mlrun, step.params.retrain.train.epochs

@@ -38,7 +38,8 @@ def arch_markdown(arch, metrics: dict, axis: str) -> str:
 @flow(name="dna-search")
 def search_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.arch import Arch
-    from dna.pipeline import stage_search, write_csv
+    from dna.run import write_csv
+    from dna.stages.search import stage_search
 
     with step_run("search", params_file, overrides) as step:
         params, run, mlrun, out = step.params, step.run, step.mlrun, step.run.paths.search_dir

@@ -1,5 +1,5 @@
 """The pipeline's steps (each a DVC stage and a Prefect flow, `python -m flows.<module>`), made from the stage table
-(dna/stages.py) plus the step only the pipeline has, registration in MLflow. dvc.yaml is checked against this by
+(dna.stages) plus the step only the pipeline has, registration in MLflow. dvc.yaml is checked against this by
 tests; each step's MLflow run logs the params it reads.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ from flows.tracking import EpochLog
 
 @flow(name="dna-teacher")
 def teacher_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.pipeline import stage_teacher
+    from dna.stages.teacher import stage_teacher
 
     with step_run("teacher", params_file, overrides) as step:
         params, run, mlrun, epochs = step.params, step.run, step.mlrun, step.params.teacher.train.epochs

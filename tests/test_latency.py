@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dna.checkpoint import digest
 from dna.config import ConfigError, parse_params
 from dna.latency import COLUMN, LatencyTable, fingerprint, pieces, write_profile
-from dna.pipeline import Run, digest, latency_model, stage_profile, stage_tables, validate
+from dna.pipeline import Run, latency_model, stage_profile, stage_tables, validate
 from dna.search import best_under, pareto_front
 from tests.conftest import tiny_raw
 

@@ -16,11 +16,12 @@ pytestmark = pytest.mark.reliability
 
 
 def flaky_stage_distill(monkeypatch, failing_block: int, times: int) -> list[int]:
-    """Make dna.pipeline.stage_distill fail for one block the first `times` calls, right after the block's first
-    epoch is checkpointed (as a worker lost mid-block would); returns the blocks of every call, in order."""
-    import dna.pipeline
+    """Make the distill stage (dna.stages.distill.stage_distill) fail for one block the first `times` calls, right
+    after the block's first epoch is checkpointed (as a worker lost mid-block would); returns the blocks of every
+    call, in order."""
+    import dna.stages.distill
 
-    real, calls = dna.pipeline.stage_distill, []
+    real, calls = dna.stages.distill.stage_distill, []
 
     def stage_distill(run, block, on_epoch=None):
         calls.append(block)
@@ -34,7 +35,7 @@ def flaky_stage_distill(monkeypatch, failing_block: int, times: int) -> list[int
 
         return real(run, block, on_epoch=fail_after_first_epoch)
 
-    monkeypatch.setattr(dna.pipeline, "stage_distill", stage_distill)
+    monkeypatch.setattr(dna.stages.distill, "stage_distill", stage_distill)
     return calls
 
 

@@ -1,0 +1,41 @@
+"""The teacher stage: train, download or load the teacher; its test accuracy."""
+from __future__ import annotations
+
+import logging
+
+from dna.checkpoint import save_checkpoint
+from dna.ddp import is_main
+from dna.locks import locked
+from dna.run import EpochHook, Run, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+HISTORY_COLUMNS = ["epoch", "loss", "train_accuracy", "rate_accuracy", "lr"]  # of a classifier's training
+
+
+@locked("teacher")
+def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
+    import pandas as pd
+
+    from dna.teacher import make_teacher, teacher_name
+
+    out = run.paths.teacher_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if not run.params.uses_teacher():  # DNA++: no teacher is built, trained or downloaded
+        kind = run.params.supervision.kind
+        metrics = {"test_accuracy": None, "epochs": 0, "model": None, "supervision": kind}
+        if is_main():  # teacher.pt records that there is none (what the distill stage depends on in DVC)
+            save_checkpoint(out / "teacher.pt", {"teacher": None, "supervision": kind})
+            write_csv(out / "history.csv", pd.DataFrame(columns=HISTORY_COLUMNS))
+            write_json(out / "metrics.json", metrics)
+        return metrics
+    _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,
+                             run.teacher_fingerprint(), on_epoch=on_epoch)
+    metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history),
+               "model": teacher_name(run.params.teacher)}
+    if is_main():
+        history = pd.DataFrame(result.history, columns=None if result.history else HISTORY_COLUMNS)
+        write_csv(out / "history.csv", history)  # a teacher taken as it is: the header alone
+        write_json(out / "metrics.json", metrics)
+    return metrics
