@@ -21,10 +21,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def front(table: pd.DataFrame, axis: str, chosen, path: Path) -> Path:
+def front(table: pd.DataFrame, axis: str, chosen: pd.Series, path: Path) -> Path:
+    """The Pareto front (search/front.csv) of rating against `axis`, and the chosen network (its row) on it."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.step(table[axis], table["score"], where="post", marker=".", label="Pareto front")
-    ax.scatter([chosen.costs[axis]], [chosen.score], color="crimson", zorder=3, s=60, label="chosen")
+    ax.scatter([chosen[axis]], [chosen["score"]], color="crimson", zorder=3, s=60, label="chosen")
     ax.set_xlabel(axis)
     ax.set_ylabel("rating (sum of block scores, lower is better)")
     ax.set_title("Rating versus cost")

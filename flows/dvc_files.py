@@ -123,7 +123,8 @@ def stage_lines(step: Step, wdir: str | None = None) -> list[str]:
         raise ValueError(f"step {step.name}: flows/{step.module}.py does not exist (each step is a flow module)")
     lines += [f"    cmd: {cmd}", "    deps:", *(f"      - {dep}" for dep in deps)]
     lines += [f"      - ${{outputs}}/{path}" for path in step.inputs]
-    lines += ["    params:", *(f"      - {key}" for key in step.params)]
+    if step.params:
+        lines += ["    params:", *(f"      - {key}" for key in step.params)]
     if step.outputs:
         lines.append("    outs:")
         for path in step.outputs:

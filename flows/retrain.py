@@ -1,6 +1,6 @@
 """Retrain stage: train the chosen architecture (resuming from outputs/retrain/train_state.pt) and test it.
 
-Writes outputs/retrain/ (model.pt, train_state.pt, history.csv, curves.png, metrics.json).
+Writes outputs/retrain/ (model.pt, train_state.pt, history.csv, metrics.json); the figures stage draws its curves.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None
         metrics = step.train("retrain", stage_retrain, "retrain", run.paths.retrain_dir / "metrics.json", epochs_log)
         epochs_log.backfill(run.paths.retrain_dir / "history.csv")
         mlrun.metrics(metrics)
-        for name in ("history.csv", "curves.png", "metrics.json"):
+        for name in ("history.csv", "metrics.json"):
             mlrun.artifact(run.paths.retrain_dir / name)
         mlrun.artifact(run.paths.arch)
     progress.done(f"test accuracy {metrics['test_accuracy']:.4f}")

@@ -1,6 +1,6 @@
 """Search stage: the best architecture under the budgets and the Pareto front, from the block ratings.
 
-Writes outputs/search/ (arch.yaml, front.csv, chosen.csv, front.png, rating_spread.png, metrics.json).
+Writes outputs/search/ (arch.yaml, front.csv, chosen.csv, metrics.json); the figures stage draws its pictures.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def search_flow(params_file: str = "params.yaml", overrides: dict | None = None)
         mlrun.metrics({k: metrics[k] for k in ("score", "params", "macs", "latency_ms", "front_size") if k in metrics}
                       | {f"{b}.best": v["best"] for b, v in metrics["ratings"].items()})
         mlrun.tags({"dna.arch": arch.tag()})
-        for name in ("arch.yaml", "front.csv", "front.png", "rating_spread.png", "metrics.json"):
+        for name in ("arch.yaml", "front.csv", "metrics.json"):
             mlrun.artifact(out / name)
     axis = params.search.front_axis
     artifacts.table("pareto-front", front[["score", *cost_columns(front), "chosen", "arch"]].to_dict("records"),

@@ -49,7 +49,8 @@ WARM_MODULES = ("torch", "timm", "onnx", "prefect", "mlflow", "sklearn", "matplo
                 "prefect.flow_engine", "prefect.task_engine", "prefect.artifacts", "prefect.telemetry.run_telemetry",
                 "prefect.utilities.visualization", "dna.data", "dna.loading",
                 "dna.pipeline", "dna.cli", "flows.data", "flows.teacher", "flows.distill", "flows.latency_profile",
-                "flows.search", "flows.retrain", "flows.export", "flows.register", "flows.rank", "flows.pipeline")
+                "flows.search", "flows.retrain", "flows.figures", "flows.export", "flows.register", "flows.rank",
+                "flows.pipeline")
 
 
 REQUEST_TIMEOUT_S = 10.0  # a command sends its request as soon as it connects

@@ -170,3 +170,27 @@ def test_rand_augment_of_a_recipe_reaches_only_the_training_split_it_trains_on(t
     data = run.data_for(run.params.retrain.train)
     assert rand_augmented(data.train) and not rand_augmented(data.rate) and not rand_augmented(data.test)
     assert data.train.indices == run.data.train.indices, "the same split"
+
+
+def test_the_figures_stage_draws_every_picture_from_the_tables_alone(finished, monkeypatch):
+    """The search and retrain stages write tables; the figures stage draws the front (the chosen network marked), the
+    rating spread and the curves from them, without building a model or touching what trained."""
+    import matplotlib.pyplot as plt
+
+    from dna.stages.figures import stage_figures
+
+    run, output, _ = finished
+    pictures = [run.paths.search_dir / "front.png", run.paths.search_dir / "rating_spread.png",
+                run.paths.retrain_dir / "curves.png"]
+    assert all(p.is_file() for p in pictures)  # `dna run` ran the figures stage
+    trained = {p: p.stat().st_mtime_ns for p in (run.paths.model, run.paths.arch)}
+    for p in pictures:
+        p.unlink()
+    marked = []
+    real = plt.Axes.scatter
+    monkeypatch.setattr(plt.Axes, "scatter", lambda ax, x, y, **kw: marked.append((x, y)) or real(ax, x, y, **kw))
+    assert stage_figures(run)["figures"] == [str(p) for p in pictures]
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in pictures)
+    chosen = json.loads((run.paths.search_dir / "metrics.json").read_text())
+    assert marked == [([chosen[chosen["front_axis"]]], [chosen["score"]])]  # the chosen network on the front
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained

@@ -50,7 +50,6 @@ def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
 def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
-    from dna import plots
     from dna.arch import Arch, count_cost
     from dna.teacher import load_teacher
     from dna.train import train_classifier
@@ -72,6 +71,5 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     if is_main():
         save_checkpoint(run.paths.model, {"model": model.state_dict(), "arch": arch.to_yaml()})
         write_csv(out / "history.csv", pd.DataFrame(result.history))
-        plots.curves(pd.DataFrame(result.history), out / "curves.png")
         write_json(out / "metrics.json", metrics)
     return metrics

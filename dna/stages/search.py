@@ -38,7 +38,6 @@ def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...
 def stage_search(run: Run) -> dict:
     import pandas as pd
 
-    from dna import plots
     from dna.search import BudgetError, best_under, front_table, near_best, pareto_front
     from dna.spaces.base import Candidates
 
@@ -66,12 +65,10 @@ def stage_search(run: Run) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     arch.save(run.paths.arch)
     write_csv(out / "front.csv", table)
-    plots.front(table, p.front_axis, best, out / "front.png")
-    plots.rating_spread(ratings, out / "rating_spread.png")
     metrics = {"score": best.score, **{k: float(v) for k, v in best.costs.items()}, "front_size": len(front),
                "tie_tolerance": p.tie_tolerance, "within_tolerance": len(near),
                "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings),
-               "combine": p.combine}
+               "combine": p.combine, "front_axis": p.front_axis}
     if predictor is not None:
         metrics |= {"predicted_accuracy": predictor["intercept"] - best.score,
                     "predictor_kendall_tau_loo": predictor["kendall_tau_loo"], "predictor_digest": predictor["digest"]}

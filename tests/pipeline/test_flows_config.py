@@ -28,7 +28,7 @@ def test_dvc_yaml_is_the_stage_table_steps_in_order_with_their_params_outputs_an
     for step in STEPS:
         stage = DVC["stages"][step.name]
         assert stage["cmd"] == f"python -m flows.{STAGE_MODULES[step.name]}"
-        assert stage["params"] == STAGE_PARAMS[step.name] == list(step.params), step.name
+        assert stage.get("params", []) == STAGE_PARAMS[step.name] == list(step.params), step.name
         assert f"flows/{STAGE_MODULES[step.name]}.py" in stage["deps"], step.name
         assert _paths(stage.get("outs", [])) == {f"${{outputs}}/{o}" for o in step.outputs}, step.name
         assert _paths(stage.get("metrics", [])) == ({f"${{outputs}}/{step.metrics}"} if step.metrics else set())

@@ -62,7 +62,7 @@ def test_second_repro_runs_nothing(runs, repo):
 
 def test_a_retraining_parameter_reruns_only_retrain_and_what_follows(runs, repo):
     _, _, third, kept, after = runs
-    assert third["ran"] == ["retrain", "export", "register"]
+    assert third["ran"] == ["retrain", "figures", "export", "register"]
     assert third["skipped"] == ["data", "teacher", "distill", "profile", "search"]
     for path in ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/arch.yaml"):
         assert after[path] == kept[path], f"{path} was rewritten"
