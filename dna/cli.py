@@ -230,7 +230,8 @@ def params_command(preset: Path = typer.Argument(..., help="a params file or a p
 
     _load(preset, None, deep=False)
     raw = read_params(preset) if against is None else preset_overrides(preset, against)
-    sys.stdout.write(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=120))
+    sys.stdout.write(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None if against is None else False,
+                                    width=120))
 
 
 @arch_app.command("cost")
