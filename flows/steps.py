@@ -96,5 +96,6 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def stage_params(params: Params, step: str) -> dict[str, str]:
-    keys = STAGE_PARAMS.get(step) or next(list(s.params) for s in OPTIONAL_STEPS if s.name == step)
+    keys = STAGE_PARAMS[step] if step in STAGE_PARAMS else next(list(s.params) for s in OPTIONAL_STEPS
+                                                                 if s.name == step)
     return flatten(pick(params, keys))

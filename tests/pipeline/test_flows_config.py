@@ -192,3 +192,14 @@ def test_dvc_applies_a_presets_overrides_to_params_yaml_as_the_preset(preset, tm
     apply_overrides(tmp_path / "params.yaml", [cmd[i + 1] for i, part in enumerate(cmd) if part == "-S"])
     assert load_params(tmp_path / "params.yaml", check_paths=False) == load_params(
         ROOT / "configs" / preset, check_paths=False)
+
+
+def test_every_step_logs_the_params_it_declares_even_none():
+    """A step's MLflow run logs exactly its declared params; a step that declares none (figures) logs none."""
+    from flows.steps import OPTIONAL_STEPS, stage_params
+
+    params = parse_params(tiny_raw(), check_paths=False)
+    for step in (*STEPS, *OPTIONAL_STEPS):
+        logged = stage_params(params, step.name)
+        assert {key.split(".")[0] for key in logged} == {key.split(".")[0] for key in step.params}, step.name
+    assert stage_params(params, "figures") == {}
