@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from prefect import flow
 
-from flows import artifacts, distill, export, latency_profile, register, retrain, search, teacher
+from flows import artifacts, distill, export, figures, latency_profile, register, retrain, search, teacher
 from flows import data as data_step
 from flows.entry import cli, load
 from flows.steps import STEPS
@@ -27,7 +27,7 @@ from flows.tracking import PARENT_ENV, STAGE_TAG, Tracking, child_run, ensure_ex
 
 FLOWS = {"data": data_step.data_flow, "teacher": teacher.teacher_flow, "distill": distill.distill_flow,
          "profile": latency_profile.profile_flow, "search": search.search_flow, "retrain": retrain.retrain_flow,
-         "export": export.export_flow, "register": register.register_flow}
+         "figures": figures.figures_flow, "export": export.export_flow, "register": register.register_flow}
 
 
 @contextlib.contextmanager
