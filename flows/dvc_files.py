@@ -46,7 +46,7 @@ OPTIONAL_HEADERS = {
     "rounds": """\
 # The rounds stage of DNA+ (rounds.count > 1), kept out of the default pipeline (`dvc repro` reproduces ../dvc.yaml,
 # which is round 1), made from the stage table by `python -m flows.dvc_files --write`:
-#   dvc repro rounds/dvc.yaml   # reproduces the default stages it needs first (round 1), then rounds 2 to count
+#   dvc repro dvc.yaml rounds/dvc.yaml   # the default stages (round 1), then rounds 2 to count
 # Each later round runs every default step, registration included, with the network the round before found and
 # retrained as its teacher (dna/rounds.py, flows/rounds.py). The rounds' outputs persist, so a round stopped half-way
 # resumes inside its stages; DVC versions them as one folder. It runs from the project root (wdir), so its paths,

@@ -39,7 +39,8 @@ from flows.tracking import PARENT_ENV, ensure_experiment, stage_run, tracking_ur
 
 RAN = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
-ROUNDS_DVC = "rounds/dvc.yaml"  # with rounds.count > 1 (DNA+): the default stages, then the later rounds
+# with rounds.count > 1 (DNA+): every default stage (round 1, its figures too), then the later rounds
+ROUNDS_DVC = ["dvc.yaml", "rounds/dvc.yaml"]
 PROJECT = Path(__file__).resolve().parents[1]  # the project that holds this code
 
 
@@ -164,7 +165,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
         check_dvc_params("params.yaml", overrides)
         params = load("params.yaml", overrides)
     cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
-                      [ROUNDS_DVC] if params.rounds.count > 1 else None)
+                      ROUNDS_DVC if params.rounds.count > 1 else None)
     raw = params.model_dump(mode="json")
     with stage_run(params, "pipeline", flatten({k: raw[k] for k in RESULT_SECTIONS}), root=root) as (mlrun, _):
         env = dict(os.environ)

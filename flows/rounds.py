@@ -7,7 +7,7 @@ registry, and promotion keeps the best. A round stopped half-way resumes inside 
 Writes <outputs>/rounds.json (every round's teacher, network, accuracy and cost, and the best round).
 
     python -m flows.rounds [--params FILE] [-S KEY=VALUE ...]
-    dvc repro rounds/dvc.yaml      # the default stages first where they are not up to date, then the later rounds
+    dvc repro dvc.yaml rounds/dvc.yaml   # every default stage where it is not up to date, then the later rounds
 """
 from __future__ import annotations
 
