@@ -49,21 +49,16 @@ def member_params(params, member: str):
     return params
 
 
-def searched_and_rated(run) -> None:
-    """Every stage up to the search, each resuming from what it finds."""
-    from dna.stages.data import stage_data
-    from dna.stages.distill import stage_distill, stage_features
-    from dna.stages.rate import stage_rate
-    from dna.stages.search import stage_search
-    from dna.stages.teacher import stage_teacher
+SEARCH_STAGES = ("data", "teacher", "distill", "rate", "search")  # no latency budget: the profile is not needed
 
-    stage_data(run)
-    stage_teacher(run)
-    stage_features(run)
-    for block in range(run.space.num_blocks):
-        stage_distill(run, block)
-        stage_rate(run, block)
-    stage_search(run)
+
+def searched_and_rated(run) -> None:
+    """The stages of the table up to the search, each resuming from what it finds."""
+    from dna.stages import default_stages, run_stage
+
+    for stage in default_stages():
+        if stage.name in SEARCH_STAGES:
+            run_stage(stage, run)
 
 
 def member_taus(run, plan: pd.DataFrame, ranked: pd.DataFrame) -> dict:
