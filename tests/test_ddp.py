@@ -23,6 +23,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 # ranks' gradients; one process sums a batch at once). Measured once after the runs below: the classifier's weights
 # differed by at most 5e-8 and the rows' metrics by 3e-8 relative; the tolerance leaves a margin for other CPUs.
 SAME_RESULT = {"rtol": 1e-5, "atol": 1e-6}
+# Adam divides each weight's step by its own gradient scale, so the rounding of summing a batch's gradient in two
+# halves (all-reduce) rather than whole reaches the weights of a distilled block at 1e-5 on some CPUs
+SAME_ADAM_RESULT = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _env() -> dict:
@@ -97,7 +100,7 @@ def test_two_processes_distill_a_block_like_one(worker_runs):
     weights = [load_checkpoint(worker_runs[n]["out"] / "block.pt")["model"] for n in (1, 2)]
     assert weights[0].keys() == weights[1].keys()
     for name, weight in weights[0].items():
-        torch.testing.assert_close(weights[1][name], weight, **SAME_RESULT)
+        torch.testing.assert_close(weights[1][name], weight, **SAME_ADAM_RESULT)
 
 
 @pytest.mark.slow
