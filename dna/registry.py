@@ -54,9 +54,6 @@ class Registry(Generic[T]):
         self._load()
         return name in self._entries
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
     @contextmanager
     def scoped(self) -> Iterator[Registry[T]]:
         """Entries registered inside the block are gone after it (tests that register one of their own)."""
