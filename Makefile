@@ -37,6 +37,4 @@ test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not reliability"
 
 clean:
-	-[ -x $(PY) ] && $(PY) -m flows.api_server --stop
-	-[ -x $(PY) ] && $(PY) -m flows.warm_host --stop
 	rm -rf outputs mlflow.db mlruns .prefect .cache dvc.lock

@@ -235,8 +235,9 @@ def main() -> None:
 def stop_servers(home: Path) -> None:
     """Stop the shared Prefect server and the warm hosts the runs left in the temporary Prefect home."""
     try:
-        from flows.prefect_api import stop_shared_server
         from flows.warm_host import stop_hosts
+
+        from flows.prefect_api import stop_shared_server
     except ImportError:
         return
     stop_shared_server(home / "prefect")

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dna.config import ConfigError, Params, load_params, parse_overrides
-from dna.stages import STAGES, Stage, accuracy_line, default_stages, run_stage
+from dna.stages import STAGES, Stage, accuracy_line, checks, default_stages, run_stage, step_keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 arch_app = typer.Typer(no_args_is_help=True, help="Inspect architecture files.")
@@ -30,12 +30,15 @@ NprocOpt = typer.Option(1, "--nproc", min=1, help="train in N processes on this 
                         "CUDA); batch sizes stay global")
 
 
-def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True) -> Params:
+def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True,
+          stage: Stage | None = None) -> Params:
+    """The config, checked before any work: for a stage, what its step reads (the data stage imports no timm)."""
     from dna.run import validate
 
-    params = load_params(params_file, parse_overrides(sets), check_paths=deep)
+    flags = checks(step_keys(stage), stage.makes_profile) if stage else {"check_profile": check_profile}
+    params = load_params(params_file, parse_overrides(sets), deep=flags.get("models", True), check_paths=deep)
     if deep:
-        validate(params, check_profile=check_profile)
+        validate(params, **flags)
     return params
 
 
@@ -87,7 +90,7 @@ def _stage_command(stage: Stage):
     """The stage's `dna <stage>` command: --params and -S, --block for a per-block stage, --nproc for a stage that
     trains data-parallel."""
     def command(params: Path, set_: list[str] | None, block: Optional[int] = None, nproc: int = 1):
-        cfg = _load(params, set_, check_profile=not stage.makes_profile)
+        cfg = _load(params, set_, stage=stage)
         if nproc > 1:
             _exec_torchrun(stage, params, set_ or [], block, nproc)
         run = _run(cfg)

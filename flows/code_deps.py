@@ -1,17 +1,18 @@
-"""The code each DVC stage depends on: every project module its entry point imports, directly or through other
-project modules (imports inside functions too), with the packages' __init__.py (flows/__init__.py composes the
-schema with flows/settings.py). A change to a file then reruns every stage it can affect and no other.
-flows/dvc_files.py writes them into the DVC files it makes from the stage table.
+"""The code each DVC stage depends on: the `dna` command's own module, and every project module its commands run,
+directly or through other project modules (imports inside functions too), with the packages' __init__.py: a stage's
+functions (dna.stages), the config checks (dna.run) and the schema's sections that other packages add (the
+`dna.sections` entry points), or a command another package adds (`dna.commands`). A change to a file then reruns
+every stage it can affect and no other. flows/dvc_files.py writes them into the DVC files it makes from the table.
 """
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dna", "flows")
-ENTRY = re.compile(r"python -m (flows(?:\.\w+)+)")
+COMMAND = "dna/cli.py"  # the `dna` command: it only dispatches, its imports are the stage's
+CHECKS = ("dna.logs", "dna.run", "dna.stages")  # what every stage command runs to log and check its config
 
 
 def module_file(name: str) -> Path | None:
@@ -65,13 +66,29 @@ def import_closure(entry: str) -> set[str]:
     return {module_file(name).relative_to(ROOT).as_posix() for name in seen}
 
 
-def code_deps(cmd: str) -> list[str] | None:
-    """The code deps of a stage command (its entry module first, then sorted), or None for another command."""
-    match = ENTRY.fullmatch(cmd)
-    if match is None or module_file(match.group(1)) is None:
-        return None
-    entry = module_file(match.group(1)).relative_to(ROOT).as_posix()
-    return [entry, *sorted(import_closure(match.group(1)) - {entry})]
+def command_modules(command: str) -> list[str]:
+    """The modules `dna <name>` runs: a stage's function (and preparation) with the config checks and the sections
+    of the schema, or the module of a command another package adds; ValueError for any other command."""
+    from importlib.metadata import entry_points
+
+    from dna.stages import STAGES
+
+    program, _, name = command.partition(" ")
+    stage = next((s for s in STAGES if s.name == name), None)
+    if program == "dna" and stage is not None:
+        functions = [spec.partition(":")[0] for spec in (stage.function, stage.prepare) if spec]
+        sections = [entry.module for entry in entry_points(group="dna.sections")]
+        return [*functions, *CHECKS, *sections]
+    added = {entry.name: entry.module for entry in entry_points(group="dna.commands")}
+    if program == "dna" and name in added:
+        return [added[name]]
+    raise ValueError(f"{command!r}: not a `dna` stage command nor a command of the dna.commands entry points")
+
+
+def code_deps(commands: tuple[str, ...] | list[str]) -> list[str]:
+    """The code deps of a stage's commands: the `dna` command's module first, then the rest sorted."""
+    files = set().union(*(import_closure(m) for command in commands for m in command_modules(command)))
+    return [COMMAND, *sorted(files - {COMMAND})]
 
 
 def listed_code(stage: dict) -> list[str]:

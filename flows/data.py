@@ -24,8 +24,11 @@ def data_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
     return summary
 
 
+STEP = data_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: data_flow(path, sets), __doc__, argv, step="data")
+    return cli(STEP, __doc__, argv, step="data")
 
 
 if __name__ == "__main__":

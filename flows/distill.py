@@ -190,8 +190,11 @@ def run_distill(params_file: str = "params.yaml", overrides: dict | None = None,
     return distill_flow.with_options(task_runner=runner)(params_file, overrides)
 
 
+STEP = run_distill  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(run_distill, __doc__, argv, step="distill")
+    return cli(STEP, __doc__, argv, step="distill")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_HEADER = """\
 # The DNA pipeline, made from the stage table by `python -m flows.dvc_files --write` (do not edit by hand; a test
-# checks it): one stage per pipeline step (dna.stages, grouped into steps by flows/steps.py), each a Prefect flow
-# (`python -m flows.<step>`), run with `dvc repro` or `dvc exp run -S key=value`.
+# checks it): one stage per pipeline step (dna.stages, grouped into steps by flows/steps.py), each its plain `dna`
+# commands, run with `dvc repro` or `dvc exp run -S key=value`. The Prefect pipeline flow (`python -m flows.pipeline`,
+# `make run`) runs the same steps as tasks in one process and records each in dvc.lock, so after either the other
+# finds everything up to date.
 #
 # A stage reruns only when its code, the params.yaml keys it reads (`params`) or an upstream output changed. Device,
 # MLflow and orchestration settings are deliberately not listed: they change where a stage runs or logs, not what it
-# computes. A stage's code deps are every project module its entry point imports, directly or through other project
-# modules (imports inside functions too), with the packages' __init__.py.
+# computes. A stage's code deps are the modules its commands run (its functions, the config checks, the schema's
+# sections), directly or through other project modules (imports inside functions too), with the packages'
+# __init__.py.
 # Checkpoints that resuming needs are `persist: true`, so DVC does not delete them before a stage reruns; the
 # training code then skips or resumes work whose fingerprint (config, teacher, data) matches. Reports (histories,
 # tables, pictures) are `cache: false`. The teacher's training state (teacher/train_state.pt) is no output: a teacher
@@ -47,14 +50,14 @@ OPTIONAL_HEADERS = {
 # The rounds stage of DNA+ (rounds.count > 1), kept out of the default pipeline (`dvc repro` reproduces ../dvc.yaml,
 # which is round 1), made from the stage table by `python -m flows.dvc_files --write`:
 #   dvc repro dvc.yaml rounds/dvc.yaml   # the default stages (round 1), then rounds 2 to count
-# Each later round runs every default step, registration included, with the network the round before found and
-# retrained as its teacher (dna/rounds.py, flows/rounds.py). The rounds' outputs persist, so a round stopped half-way
-# resumes inside its stages; DVC versions them as one folder. It runs from the project root (wdir), so its paths,
-# params and code deps read as in ../dvc.yaml.
+# Each later round runs every default stage with the network the round before found and retrained as its teacher
+# (`dna rounds`, dna/rounds.py); the pipeline flow (flows/rounds.py) registers every round's network too. The
+# rounds' outputs persist, so a round stopped half-way resumes inside its stages; DVC versions them as one folder.
+# It runs from the project root (wdir), so its paths, params and code deps read as in ../dvc.yaml.
 """,
 }
 
-NOTES = {"distill": "the teacher-feature cache once, then one task per block (train, then rate its candidates)"}
+NOTES = {"distill": "the teacher-feature cache once, then every block's training, then every block's rating"}
 
 DEFAULT_PLOTS = """\
 plots:
@@ -112,16 +115,14 @@ plots:  # paths from this folder (a stage's wdir does not apply to plots)
 
 
 def stage_lines(step: Step, wdir: str | None = None) -> list[str]:
-    cmd = f"python -m flows.{step.module}"
     lines = [f"  {step.name}:"]
     if step.name in NOTES:
         lines.append(f"    # {NOTES[step.name]}")
     if wdir:
         lines.append(f"    wdir: {wdir}")
-    deps = code_deps(cmd)
-    if deps is None:
-        raise ValueError(f"step {step.name}: flows/{step.module}.py does not exist (each step is a flow module)")
-    lines += [f"    cmd: {cmd}", "    deps:", *(f"      - {dep}" for dep in deps)]
+    cmd = [f"    cmd: {step.commands[0]}"] if len(step.commands) == 1 else \
+        ["    cmd:", *(f"      - {command}" for command in step.commands)]
+    lines += [*cmd, "    deps:", *(f"      - {dep}" for dep in code_deps(step.commands))]
     lines += [f"      - ${{outputs}}/{path}" for path in step.inputs]
     if step.params:
         lines += ["    params:", *(f"      - {key}" for key in step.params)]

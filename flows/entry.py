@@ -1,8 +1,8 @@
 """A step's entry point: the config loaded and checked before any work, and the command line
 `python -m flows.<module> [--params FILE] [--set KEY=VALUE ...]` with dna's one exit-code policy (dna/errors.py).
 
-The command line checks the config while the Prefect API it reports to starts (when it has to: flows/prefect_api.py),
-then runs the step's flow, which takes that checked config over instead of checking it again.
+The command line checks the config before Prefect starts the flow (and, without PREFECT_API_URL, its temporary
+server), then runs the step's flow, which takes that checked config over instead of checking it again.
 """
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ import yaml
 from dna.config import ConfigError, Params, load_params, parse_overrides
 from flows.steps import MAKES_PROFILE, STAGE_PARAMS, stage_params
 
-# The sections whose checks build the teacher or the space (and so import timm, torchvision and torch.fx): a step
-# that reads none of them checks the schema of the whole file, and its own keys, without them.
-MODEL_SECTIONS = ("teacher", "space", "supervision", "search")
-
 
 @dataclass(frozen=True)
 class Checks:
@@ -35,9 +31,12 @@ class Checks:
 
     @classmethod
     def of(cls, step: str) -> Checks:
-        sections = {key.split(".")[0] for key in STAGE_PARAMS[step]}
-        return cls(data="data" in sections, models=bool(sections & set(MODEL_SECTIONS)),
-                   profile=step not in MAKES_PROFILE)
+        """A step that reads neither the teacher nor the space checks the whole file's schema and its own keys
+        without importing timm (dna.stages.checks)."""
+        from dna.stages import checks
+
+        flags = checks(tuple(STAGE_PARAMS[step]), step in MAKES_PROFILE)
+        return cls(data=flags["data"], models=flags["models"], profile=flags["check_profile"])
 
 
 _checked: dict[tuple, Params] = {}  # a config the command line checked, for its flow to take over (once)
@@ -174,10 +173,9 @@ def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | Non
     """Exit 0; 2 with one line on a bad config; 1 with one line on a detected fault (corrupt checkpoint, diverging
     loss, failed ONNX parity, missing input, failed blocks).
 
-    With `step`, its config is checked while the Prefect API starts, before the flow runs."""
+    With `step`, its config is checked before the flow runs (a wrong key first, then the step's deep checks)."""
     from dna.errors import report
     from dna.logs import setup_logging
-    from flows.prefect_api import start_api
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", "-p", default="params.yaml", help="params file (default: params.yaml)")
@@ -188,12 +186,9 @@ def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | Non
     try:
         overrides = parse_overrides(args.sets)
         if step is not None:
-            load_params(args.params, overrides, deep=False)  # a wrong key: fail before starting a server
-        api = start_api()
-        if step is not None:
+            load_params(args.params, overrides, deep=False)  # a wrong key: fail before the deep checks
             check_first(step, args.params, overrides)
-        with api.reporting():
-            run(args.params, overrides)
+        run(args.params, overrides)
     except Exception as exc:
         return report(exc)
     finally:

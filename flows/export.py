@@ -40,8 +40,11 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None)
     return metrics | {"model_uri": info.model_uri}
 
 
+STEP = export_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: export_flow(path, sets), __doc__, argv, step="export")
+    return cli(STEP, __doc__, argv, step="export")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ def figures_flow(params_file: str = "params.yaml", overrides: dict | None = None
     return result
 
 
+STEP = figures_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: figures_flow(path, sets), __doc__, argv, step="figures")
+    return cli(STEP, __doc__, argv, step="figures")
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ def profile_flow(params_file: str = "params.yaml", overrides: dict | None = None
     return summary
 
 
+STEP = profile_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: profile_flow(path, sets), __doc__, argv, step="profile")
+    return cli(STEP, __doc__, argv, step="profile")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
-"""The whole pipeline as one Prefect flow: `dvc repro` (or `dvc exp run -S key=value ...`) under one MLflow run.
+"""The whole pipeline as one Prefect flow, in one process: each step of dvc.yaml that DVC finds out of date runs as
+a task (its step's flow, blocks fanned out on the configured task runner) under one MLflow run, and is recorded in
+dvc.lock as `dvc repro` would record it (flows/dvc_stages.py). So `dvc repro` after this flow finds nothing to do, and
+this flow after `dvc repro` runs nothing. With overrides (-S) or a preset it is an experiment: the overrides are
+applied to params.yaml as `dvc exp run -S` applies them, and the workspace is saved as a DVC experiment.
 
-DVC decides what reruns; each stage it runs is its own flow in its own process (python -m flows.<module>, its cmd
-in dvc.yaml), reporting to the same Prefect server and nesting its MLflow run under this flow's run (through the
-environment variable DNA_MLFLOW_PARENT_RUN_ID). The register stage of dvc.yaml registers and promotes the model.
-
-    python -m flows.pipeline                          # dvc repro
-    python -m flows.pipeline -S retrain.train.epochs=30   # dvc exp run -S retrain.train.epochs=30
+    python -m flows.pipeline                          # the out-of-date steps of dvc.yaml
+    python -m flows.pipeline -S retrain.train.epochs=30   # an experiment (`dvc exp show` lists it)
     python -m flows.pipeline --serve --cron "0 3 * * *"   # a deployment served from this process
 
-With rounds.count > 1 (DNA+) it reproduces rounds/dvc.yaml: the default stages (round 1), then the later rounds.
+With rounds.count > 1 (DNA+) the rounds step of rounds/dvc.yaml follows the default steps (round 1).
 
-A deployment's run (prefect.yaml, --serve) reproduces only the project that holds this code: `dvc repro` runs any
-dvc.yaml's commands, and whoever can reach the Prefect API can set a run's parameters.
+A deployment's run (prefect.yaml, --serve) runs only the project that holds this code: whoever can reach the Prefect
+API can set a run's parameters.
 """
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,16 +29,11 @@ from prefect import flow, get_run_logger
 
 from dna.config import ConfigError
 from dna.logs import setup_logging
-from flows import artifacts
+from flows import artifacts, dvc_stages
 from flows.entry import check_dvc_params, check_first, load
-from flows.prefect_api import prefect_api_url, start_api
-from flows.steps import METRIC_FILES, RESULT_SECTIONS, STEPS, flatten
-from flows.tracking import PARENT_ENV, ensure_experiment, stage_run, tracking_uri
+from flows.steps import METRIC_FILES, OPTIONAL_STEPS, RESULT_SECTIONS, STEPS, Step, flatten
+from flows.tracking import ensure_experiment, nested_under, stage_run, tracking_uri
 
-RAN = re.compile(r"Running stage '([^']+)'")
-SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
-# with rounds.count > 1 (DNA+): every default stage (round 1, its figures too), then the later rounds
-ROUNDS_DVC = ["dvc.yaml", "rounds/dvc.yaml"]
 PROJECT = Path(__file__).resolve().parents[1]  # the project that holds this code
 
 
@@ -65,8 +58,9 @@ def _has_key(raw: dict, dotted: str) -> bool:
 
 def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False,
                 raw_params: dict | None = None, targets: list[str] | None = None) -> list[str]:
-    """`dvc repro`, or `dvc exp run -S key=value ...` when there are overrides (an experiment DVC records); of the
-    given targets (e.g. rounds/dvc.yaml) rather than dvc.yaml.
+    """The DVC command that does what the flow does: `dvc repro`, or `dvc exp run -S key=value ...` when there are
+    overrides (an experiment DVC records); of the given targets (e.g. rounds/dvc.yaml) rather than dvc.yaml. The flow
+    applies the same `-S` values (set_values).
 
     A key that params.yaml does not have yet is passed as `+key=value` (DVC's syntax for adding a key)."""
     cmd = [sys.executable, "-m", "dvc"]
@@ -85,25 +79,17 @@ def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False,
     return cmd
 
 
-def stream(cmd: list[str], cwd: Path, env: dict[str, str], logger) -> tuple[int, list[str]]:
-    """Run cmd, sending each line of its output to the logger as it comes; returns (exit code, lines)."""
-    lines: list[str] = []
-    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1, errors="replace") as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            for line in raw.replace("\r", "\n").splitlines():
-                if line.strip():
-                    lines.append(line)
-                    logger.info(line)
-    return proc.returncode, lines
+def set_values(cmd: list[str]) -> list[str]:
+    """The `-S` values of a DVC command."""
+    return [cmd[i + 1] for i, part in enumerate(cmd) if part == "-S"]
 
 
-def stages_run(lines: list[str]) -> tuple[list[str], list[str]]:
-    """The stages DVC ran and those it skipped as unchanged, in order, from its output."""
-    ran = [m.group(1) for line in lines if (m := RAN.search(line))]
-    skipped = [m.group(1) for line in lines if (m := SKIPPED.search(line))]
-    return ran, skipped
+def pipeline_steps(params) -> list[tuple[str, Step]]:
+    """The steps in run order, each with its DVC address: dvc.yaml's, then (rounds.count > 1) rounds/dvc.yaml's."""
+    steps = [(step.name, step) for step in STEPS]
+    if params.rounds.count > 1:
+        steps += [(f"{step.name}/dvc.yaml:{step.name}", step) for step in OPTIONAL_STEPS if step.name == "rounds"]
+    return steps
 
 
 def read_metrics(outputs: Path) -> dict[str, dict]:
@@ -116,7 +102,7 @@ def read_metrics(outputs: Path) -> dict[str, dict]:
 
 
 def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics: dict, run_id: str) -> str:
-    lines = ["### DNA pipeline", "", f"`{' '.join(['dvc', *cmd[3:]])}`", "",
+    lines = ["### DNA pipeline", "", f"as `{' '.join(['dvc', *cmd[3:]])}`", "",
              f"ran: {', '.join(ran) or 'nothing (all stages up to date)'}",
              f"up to date: {', '.join(skipped) or '-'}", "", f"MLflow run `{run_id}`", "",
              "| stage | metric | value |", "| --- | --- | --- |"]
@@ -154,40 +140,52 @@ def with_preset(root: Path, preset: str | None, overrides: dict[str, Any] | None
 @flow(name="dna-pipeline")
 def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = None, force: bool = False,
                   preset: str | None = None) -> dict:
-    """Reproduce the DVC pipeline in project_dir (an experiment when overrides or a preset are given, e.g.
-    preset configs/vit.yaml) and report on it; a deployment's run only in the project of this code."""
+    """Run the out-of-date steps of the DVC pipeline in project_dir (every step with force; an experiment when
+    overrides or a preset are given, e.g. preset configs/vit.yaml) and report on it; a deployment's run only in the
+    project of this code."""
     from prefect.runtime import deployment
 
     root = project_root(project_dir, deployed=deployment.id is not None)
     overrides = with_preset(root, preset, overrides)
     logger = get_run_logger()
-    with working_directory(root):  # fail on a bad config before anything runs
+    with working_directory(root):  # fail on a bad config before anything runs or is written
         check_dvc_params("params.yaml", overrides)
         params = load("params.yaml", overrides)
+    steps = pipeline_steps(params)
     cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
-                      ROUNDS_DVC if params.rounds.count > 1 else None)
+                      ["dvc.yaml", "rounds/dvc.yaml"] if len(steps) > len(STEPS) else None)
+    shown = " ".join(["dvc", *cmd[3:]])
+    if overrides:
+        dvc_stages.apply_overrides(root, set_values(cmd))
     raw = params.model_dump(mode="json")
-    with stage_run(params, "pipeline", flatten({k: raw[k] for k in RESULT_SECTIONS}), root=root) as (mlrun, _):
-        env = dict(os.environ)
-        env[PARENT_ENV] = mlrun.run_id
-        env["TQDM_DISABLE"] = "1"  # progress bars would flood the log; progress is in Prefect artifacts
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        api = prefect_api_url()  # the stage flows report to the server this flow reports to (no server each)
-        if api:
-            env["PREFECT_API_URL"] = api
-        logger.info("running %s in %s", " ".join(["dvc", *cmd[3:]]), root)
-        code, lines = stream(cmd, root, env, logger)
-        ran, skipped = stages_run(lines)
-        mlrun.tags({"dna.stages_ran": ",".join(ran), "dna.dvc_command": " ".join(["dvc", *cmd[3:]])})
-        if code != 0:
-            tail = "\n".join(lines[-20:])
-            raise RuntimeError(f"{' '.join(['dvc', *cmd[3:]])} failed with exit code {code}:\n{tail}")
+    ran, skipped, experiment = [], [], None
+    logged = flatten({k: raw[k] for k in RESULT_SECTIONS})
+    with working_directory(root), stage_run(params, "pipeline", logged, root=root, active=False) as (mlrun, _), \
+            nested_under(mlrun.run_id):
+        mlrun.tags({"dna.dvc_command": shown})
+        for address, step in steps:
+            changes = ["forced"] if force else dvc_stages.out_of_date(root, address)
+            if not changes:
+                logger.info("step %s is up to date", step.name)
+                skipped.append(step.name)
+                continue
+            logger.info("step %s: %s", step.name, "; ".join(changes))
+            dvc_stages.remove_outputs(root, address)
+            step.flow()("params.yaml", None)
+            dvc_stages.record(root, address)
+            ran.append(step.name)
+            mlrun.tags({"dna.stages_ran": ",".join(ran)})
+        if overrides:
+            experiment = dvc_stages.save_experiment(root, ["dvc.lock", "rounds/dvc.lock", *(
+                f"{params.outputs}/{path}" for path in METRIC_FILES.values())])
+            mlrun.tags({"dna.dvc_experiment": str(experiment)})
         metrics = read_metrics(root / params.outputs)
         for stage, values in metrics.items():
             mlrun.metrics(values, prefix=f"{stage}.")
     artifacts.markdown("pipeline-summary", summary_markdown(cmd, ran, skipped, metrics, mlrun.run_id),
-                       "what DVC ran and the headline metrics")
-    return {"ran": ran, "skipped": skipped, "metrics": metrics, "mlflow_run_id": mlrun.run_id}
+                       "what ran, what was up to date, and the headline metrics")
+    return {"ran": ran, "skipped": skipped, "metrics": metrics, "mlflow_run_id": mlrun.run_id,
+            "experiment": experiment}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,16 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                 print("dvc status: every stage is up to date; nothing to run (no Prefect flow run, no MLflow run)")
                 print(text)
                 return 0
-        with working_directory(root):
+        with working_directory(root):  # before Prefect starts: a wrong key, the whole config, the MLflow store
             check_dvc_params("params.yaml", overrides)
-            load_params("params.yaml", overrides, deep=False)  # a wrong key: fail before starting a server
-        api = start_api()
-        with working_directory(root):  # while the Prefect server starts: the whole config, the MLflow store
+            load_params("params.yaml", overrides, deep=False)
             check_first(None, "params.yaml", overrides)
             params = load_params("params.yaml", overrides, deep=False)
             ensure_experiment(tracking_uri(params, root), params.mlflow.experiment, root)
-        with api.reporting():
-            result = pipeline_flow(str(root), overrides, args.force)  # the preset is in the overrides
+        result = pipeline_flow(str(root), overrides, args.force)  # the preset is in the overrides
     except Exception as exc:
         return report_error(exc)
     print(report(root, result))
@@ -243,15 +238,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def up_to_date(root: Path) -> bool:
-    """Whether `dvc status` finds every stage up to date: a second's check before starting any server or run (none
-    without a dvc.lock: nothing has run)."""
+    """Whether DVC finds every step up to date: a second's check before Prefect or MLflow start (never without a
+    dvc.lock: nothing has run)."""
     if not (root / "dvc.lock").is_file():
         return False
+    raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    rounds = (raw.get("rounds") or {}).get("count", 1)
+    addresses = [step.name for step in STEPS] + (["rounds/dvc.yaml:rounds"] if rounds > 1 else [])
     try:
-        done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
-                              text=True, timeout=600, check=False)
-        return done.returncode == 0 and json.loads((done.stdout.strip().splitlines() or ["null"])[-1]) == {}
-    except (OSError, subprocess.SubprocessError, ValueError):
+        return not any(dvc_stages.out_of_date(root, address) for address in addresses)
+    except Exception:  # noqa: BLE001 - anything DVC cannot read: the full run says what is wrong
         return False
 
 

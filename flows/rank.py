@@ -163,8 +163,11 @@ def run_rank(params_file: str = "params.yaml", overrides: dict | None = None,
     return rank_flow.with_options(task_runner=runner)(params_file, overrides)
 
 
+STEP = run_rank  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(run_rank, __doc__, argv)
+    return cli(STEP, __doc__, argv)
 
 
 if __name__ == "__main__":

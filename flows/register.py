@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from prefect import flow
+from typer import Option as typer_option
 
 from dna.errors import needed
 from flows import artifacts
@@ -79,8 +81,9 @@ def logged_model_uri(client, record_file: Path, onnx_digest: str) -> str | None:
     return record["model_uri"]
 
 
-@flow(name="dna-register")
-def register_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+def register_model(params_file: str | Path = "params.yaml", overrides: dict | None = None) -> dict:
+    """Register the exported model and promote it (MLflow only: what `dna register`, dvc.yaml's register stage,
+    runs); returns the registry's decision, also written to register/registration.json."""
     from mlflow.tracking import MlflowClient
 
     from dna.checkpoint import atomic_write_text, file_digest
@@ -114,17 +117,40 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
                                  "promoted": int(result.promoted)}
     out = run.paths.root / "register"
     atomic_write_text(out / "registration.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
-    artifacts.markdown("registration", "\n".join([
-        f"### {name} version {version}", "",
-        f"**{'champion' if result.promoted else 'not promoted'}**: {result.reason}",
-        "", f"champion now: version {result.champion}", "", f"load it with `models:/{name}@champion`"]) + "\n",
-        "model registry decision")
     print(result.summary())
     return record
 
 
+@flow(name="dna-register")
+def register_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    record = register_model(params_file, overrides)
+    name = record["name"]
+    artifacts.markdown("registration", "\n".join([
+        f"### {name} version {record['version']}", "",
+        f"**{'champion' if record['promoted'] else 'not promoted'}**: {record['reason']}",
+        "", f"champion now: version {record['champion']}", "", f"load it with `models:/{name}@champion`"]) + "\n",
+        "model registry decision")
+    return record
+
+
+def register_command(params: Path = typer_option(Path("params.yaml"), "--params", "-p", help="params file"),
+                     set_: Optional[list[str]] = typer_option(None, "--set", "-S",
+                                                              help="override a key, e.g. -S mlflow.experiment=x")):
+    """Register the exported model in MLflow's registry and promote it if it qualifies (the pipeline's last step;
+    dvc.yaml's register stage)."""
+    from dna.config import parse_overrides
+    from flows.entry import check_first
+
+    overrides = parse_overrides(set_)
+    check_first("register", params, overrides)
+    register_model(params, overrides)
+
+
+STEP = register_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: register_flow(path, sets), __doc__, argv, step="register")
+    return cli(STEP, __doc__, argv, step="register")
 
 
 if __name__ == "__main__":

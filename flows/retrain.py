@@ -35,8 +35,11 @@ def retrain_flow(params_file: str = "params.yaml", overrides: dict | None = None
     return metrics
 
 
+STEP = retrain_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: retrain_flow(path, sets), __doc__, argv, step="retrain")
+    return cli(STEP, __doc__, argv, step="retrain")
 
 
 if __name__ == "__main__":

@@ -7,41 +7,29 @@ registry, and promotion keeps the best. A round stopped half-way resumes inside 
 Writes <outputs>/rounds.json (every round's teacher, network, accuracy and cost, and the best round).
 
     python -m flows.rounds [--params FILE] [-S KEY=VALUE ...]
-    dvc repro dvc.yaml rounds/dvc.yaml   # every default stage where it is not up to date, then the later rounds
+    python -m flows.pipeline             # with rounds.count > 1: the default steps (round 1), then this step
+
+`dvc repro dvc.yaml rounds/dvc.yaml` runs the later rounds as `dna rounds`: their stages, without the registry.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 from prefect import flow
 
-from flows import artifacts, distill, export, figures, latency_profile, register, retrain, search, teacher
-from flows import data as data_step
+from flows import artifacts
 from flows.entry import cli, load
 from flows.steps import STEPS
-from flows.tracking import PARENT_ENV, STAGE_TAG, Tracking, child_run, ensure_experiment, parent_run_id, tracking_uri
-
-FLOWS = {"data": data_step.data_flow, "teacher": teacher.teacher_flow, "distill": distill.distill_flow,
-         "profile": latency_profile.profile_flow, "search": search.search_flow, "retrain": retrain.retrain_flow,
-         "figures": figures.figures_flow, "export": export.export_flow, "register": register.register_flow}
-
-
-@contextlib.contextmanager
-def nested_under(run_id: str) -> Iterator[None]:
-    """Stage runs started meanwhile (in this process or those it starts) nest under run_id."""
-    previous = os.environ.get(PARENT_ENV)
-    os.environ[PARENT_ENV] = run_id
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(PARENT_ENV, None)
-        else:
-            os.environ[PARENT_ENV] = previous
+from flows.tracking import (
+    STAGE_TAG,
+    Tracking,
+    child_run,
+    ensure_experiment,
+    nested_under,
+    parent_run_id,
+    tracking_uri,
+)
 
 
 def write_round_params(params, round_: int) -> Path:
@@ -71,9 +59,6 @@ def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None)
 
     params = load(params_file, overrides)
     all_rounds(params)  # every later round is valid before any work
-    missing = [step.name for step in STEPS if step.name not in FLOWS]
-    if missing:
-        raise RuntimeError(f"flows/rounds.py has no flow for the pipeline steps {', '.join(missing)}")
     uri = tracking_uri(params)
     experiment = ensure_experiment(uri, params.mlflow.experiment)
     with child_run(Tracking(uri, experiment, parent_run_id(uri)), "rounds", {STAGE_TAG: "rounds"}) as mlrun:
@@ -84,7 +69,7 @@ def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None)
                            {STAGE_TAG: "round", "dna.round": str(round_)}) as round_run, nested_under(round_run.run_id):
                 round_run.artifact(path)
                 for step in STEPS:
-                    FLOWS[step.name](str(path), None)
+                    step.flow()(str(path), None)
         rows = write_summary(params)
         result = summary(rows)
         for row in rows:
@@ -96,8 +81,11 @@ def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None)
     return result
 
 
+STEP = rounds_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: rounds_flow(path, sets), __doc__, argv)
+    return cli(STEP, __doc__, argv)
 
 
 if __name__ == "__main__":

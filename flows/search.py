@@ -11,11 +11,6 @@ from flows import artifacts
 from flows.entry import cli, step_run
 
 
-def chosen_point(front: pd.DataFrame) -> pd.DataFrame:
-    """The chosen architecture's row of the front (for the Pareto plot's highlighted point)."""
-    return front.loc[front["chosen"].astype(str) == "True", ["score", *cost_columns(front)]]
-
-
 def cost_columns(front: pd.DataFrame) -> list[str]:
     """params and macs, and latency_ms when the run has a latency profile."""
     return [c for c in ("params", "macs", "latency_ms") if c in front.columns]
@@ -38,14 +33,12 @@ def arch_markdown(arch, metrics: dict, axis: str) -> str:
 @flow(name="dna-search")
 def search_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     from dna.arch import Arch
-    from dna.run import write_csv
     from dna.stages.search import stage_search
 
     with step_run("search", params_file, overrides) as step:
         params, run, mlrun, out = step.params, step.run, step.mlrun, step.run.paths.search_dir
         metrics = step.task(stage_search, "search")(run)
         front = pd.read_csv(out / "front.csv")
-        write_csv(out / "chosen.csv", chosen_point(front))
         arch = Arch.load(run.paths.arch)
         mlrun.metrics({k: metrics[k] for k in ("score", "params", "macs", "latency_ms", "front_size") if k in metrics}
                       | {f"{b}.best": v["best"] for b, v in metrics["ratings"].items()})
@@ -59,8 +52,11 @@ def search_flow(params_file: str = "params.yaml", overrides: dict | None = None)
     return metrics
 
 
+STEP = search_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: search_flow(path, sets), __doc__, argv, step="search")
+    return cli(STEP, __doc__, argv, step="search")
 
 
 if __name__ == "__main__":

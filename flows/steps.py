@@ -1,10 +1,13 @@
-"""The pipeline's steps (each a DVC stage and a Prefect flow, `python -m flows.<module>`), made from the stage table
-(dna.stages) plus the step only the pipeline has, registration in MLflow. dvc.yaml is checked against this by
-tests; each step's MLflow run logs the params it reads.
+"""The pipeline's steps, made from the stage table (dna.stages) plus the step only the pipeline has, registration in
+MLflow. Each step is a DVC stage that runs its plain `dna` commands (dvc.yaml, made from this by flows/dvc_files.py)
+and a Prefect flow (`python -m flows.<module>`, its module's STEP) that the pipeline flow runs in its own process;
+each step's MLflow run logs the params it reads.
 """
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +15,7 @@ from dna.stages import STAGES as STAGE_TABLE
 from dna.stages import Stage
 from dna.stages import steps as stage_steps
 
-if TYPE_CHECKING:  # the warm host's command side reads the steps before anything heavy is imported (flows/warm.py)
+if TYPE_CHECKING:
     from dna.config import Params
 
 
@@ -27,6 +30,11 @@ class Step:
     inputs: tuple[str, ...] = ()  # under `outputs`: what earlier steps wrote that it reads (dvc.yaml deps)
     checkpoints: tuple[str, ...] = ()  # outputs a rerun resumes from (persist: true)
     reports: tuple[str, ...] = ()  # outputs kept out of DVC's cache (cache: false)
+    commands: tuple[str, ...] = ()  # the `dna` commands DVC runs, in order (`dna <stage>` for each of its stages)
+
+    def flow(self) -> Callable[[str, dict | None], dict]:
+        """The step's Prefect flow (its module's STEP: a flow, or a function that runs it on its task runner)."""
+        return importlib.import_module(f"flows.{self.module}").STEP
 
 
 def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> list[Step]:
@@ -35,21 +43,18 @@ def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> li
     out = []
     for name, stages in stage_steps(table, default).items():
         params = tuple(dict.fromkeys(k for s in stages for k in s.params))
-        outputs = tuple(o for s in stages for o in s.outputs) + FLOW_OUTPUTS.get(name, ())
+        outputs = tuple(o for s in stages for o in s.outputs)
         metrics = [s.metrics for s in stages if s.metrics]
         made = {o for s in stages for o in s.outputs}  # a stage of the step reads what another one wrote
-        inputs = tuple(dict.fromkeys(i for s in stages for i in s.inputs if i not in made)) + FLOW_INPUTS.get(name, ())
+        inputs = tuple(dict.fromkeys(i for s in stages for i in s.inputs if i not in made))
         out.append(Step(name, MODULES.get(name, name), params, outputs, metrics[0] if metrics else None,
                         tuple(h for s in stages for h in s.headline), inputs,
                         tuple(c for s in stages for c in s.checkpoints),
-                        tuple(r for s in stages for r in s.reports) + FLOW_OUTPUTS.get(name, ())))
+                        tuple(r for s in stages for r in s.reports),
+                        tuple(f"dna {s.name}" for s in stages)))
     return [*out, REGISTER] if default else out
 
 
-# Outputs a step's flow writes beyond its stage functions (for DVC plots and the register step; small: not cached),
-# and what a step reads of the pipeline's own files.
-FLOW_OUTPUTS = {"search": ("search/chosen.csv",), "export": ("export/logged_model.json",)}
-FLOW_INPUTS = {"rounds": ("register/registration.json",)}
 # The module of a step whose name is a standard-library module (a Prefect worker puts flows/ first on sys.path:
 # flows/profile.py would shadow the `profile` that cProfile, and so torch, imports).
 MODULES = {"profile": "latency_profile"}
@@ -57,7 +62,7 @@ MODULES = {"profile": "latency_profile"}
 REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.promote_metric"), (),
                 "register/registration.json", ("version", "champion", "reason"),
                 inputs=("search/arch.yaml", "retrain/model.pt", "retrain/metrics.json", "export/model.onnx",
-                        "export/metrics.json", "export/logged_model.json"))
+                        "export/metrics.json"), commands=("dna register",))
 STEPS: list[Step] = steps_of()
 OPTIONAL_STEPS: list[Step] = steps_of(default=False)  # e.g. rank: dvc repro rank/dvc.yaml
 STAGES = [s.name for s in STEPS]

@@ -29,8 +29,11 @@ def teacher_flow(params_file: str = "params.yaml", overrides: dict | None = None
     return metrics
 
 
+STEP = teacher_flow  # what the pipeline flow runs for this step (flows/steps.py)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli(lambda path, sets: teacher_flow(path, sets), __doc__, argv, step="teacher")
+    return cli(STEP, __doc__, argv, step="teacher")
 
 
 if __name__ == "__main__":

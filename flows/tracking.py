@@ -171,10 +171,10 @@ def _prefect_tags() -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, logged_params: dict[str, str] | None = None,
-              root: str | Path | None = None) -> Iterator[tuple[RunLog, Tracking]]:
-    """The stage's MLflow run, active in this thread (so mlflow.* fluent calls log to it), nested under the
-    pipeline's run when DNA_MLFLOW_PARENT_RUN_ID names one. Yields the run and a Tracking for its child runs.
-    Ends FINISHED, or FAILED if the body raises."""
+              root: str | Path | None = None, active: bool = True) -> Iterator[tuple[RunLog, Tracking]]:
+    """The stage's MLflow run, active in this thread (so mlflow.* fluent calls log to it; active=False: not, for
+    a run that others nest under in the same thread), nested under the pipeline's run when DNA_MLFLOW_PARENT_RUN_ID
+    names one. Yields the run and a Tracking for its child runs. Ends FINISHED, or FAILED if the body raises."""
     import mlflow
 
     from flows.hashes import git_commit, params_hash
@@ -187,11 +187,31 @@ def stage_run(params: Params, stage: str, logged_params: dict[str, str] | None =
     commit = git_commit(root)
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if not active:
+        with child_run(Tracking(uri, experiment_id, parent), stage, tags) as run:
+            if logged_params:
+                run.params(logged_params)
+            yield run, Tracking(uri, experiment_id, run.run_id)
+        return
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags) as active:
         run = RunLog(uri, active.info.run_id)
         if logged_params:
             run.params(logged_params)
         yield run, Tracking(uri, experiment_id, active.info.run_id)
+
+
+@contextlib.contextmanager
+def nested_under(run_id: str) -> Iterator[None]:
+    """Stage runs started meanwhile (in this process or those it starts) nest under run_id."""
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous
 
 
 def nested_runs(uri: str, parent_run_id: str) -> list:

@@ -81,10 +81,10 @@ STAGES: tuple[Stage, ...] = (
           reports=("profile/profile.json",)),
     Stage("search", "Choose the best architecture under the budgets and compute the Pareto front.",
           "dna.stages.search:stage_search", ("data.image_size", "data.channels", "space", "search"),
-          ("search/arch.yaml", "search/front.csv"),
+          ("search/arch.yaml", "search/front.csv", "search/chosen.csv"),
           metrics="search/metrics.json", headline=("score", "params", "macs", "latency_ms"),
           inputs=("data/splits.json", "ratings", "profile/latency.csv"),
-          reports=("search/front.csv",)),
+          reports=("search/front.csv", "search/chosen.csv")),
     Stage("retrain", "Train the chosen architecture (from scratch or from the supernets; optionally with KD).",
           "dna.stages.retrain:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("retrain/model.pt", "retrain/train_state.pt", "retrain/history.csv"),
@@ -129,6 +129,23 @@ def run_stage(stage: Stage, run, blocks: list[int] | None = None) -> list:
     if prepare := stage.load_prepare():
         prepare(run)
     return [stage.load()(run, b) for b in (range(run.space.num_blocks) if blocks is None else blocks)]
+
+
+# The sections whose checks build the teacher or the space (and so import timm, torchvision and torch.fx).
+MODEL_SECTIONS = ("teacher", "space", "supervision", "search")
+
+
+def step_keys(stage: Stage, table: tuple[Stage, ...] = STAGES) -> tuple[str, ...]:
+    """The params keys of the stage's pipeline step (every stage that runs with it)."""
+    return tuple(dict.fromkeys(k for s in table if s.pipeline_step == stage.pipeline_step for k in s.params))
+
+
+def checks(keys: tuple[str, ...], makes_profile: bool = False) -> dict[str, bool]:
+    """What to check of a config before work that reads these keys (dna.run.validate's flags): the data when it
+    reads data, the models when it reads the teacher or the space, the latency profile unless it makes it."""
+    sections = {key.split(".")[0] for key in keys}
+    return {"data": "data" in sections, "models": bool(sections & set(MODEL_SECTIONS)),
+            "check_profile": not makes_profile}
 
 
 def default_stages(table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:

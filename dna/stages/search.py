@@ -65,6 +65,8 @@ def stage_search(run: Run) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     arch.save(run.paths.arch)
     write_csv(out / "front.csv", table)
+    costs_shown = [c for c in ("params", "macs", "latency_ms") if c in table.columns]
+    write_csv(out / "chosen.csv", table.loc[table["chosen"], ["score", *costs_shown]])  # for DVC's front plot
     metrics = {"score": best.score, **{k: float(v) for k, v in best.costs.items()}, "front_size": len(front),
                "tie_tolerance": p.tie_tolerance, "within_tolerance": len(near),
                "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings),

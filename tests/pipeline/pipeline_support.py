@@ -26,9 +26,10 @@ for _key, _value in {
     "DVC_NO_ANALYTICS": "1",
     "GIT_PYTHON_REFRESH": "quiet",
     "TQDM_DISABLE": "1",
-    "DNA_WARM_IDLE_S": "20",  # warm hosts (flows/warm_host.py) of finished tests' projects do not linger
 }.items():
     os.environ.setdefault(_key, _value)
+# the `dna` command that dvc.yaml's stages run: this interpreter's
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

@@ -25,7 +25,7 @@ def imported(importtime_log: str) -> set[str]:
 
 
 def run_stage(module: str, project, api: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(ROOT), "DNA_WARM": "0"}  # its own imports
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-X", "importtime", "-m", f"flows.{module}"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -1,0 +1,70 @@
+"""DVC's view of the pipeline's stages, through DVC's own Python API, for the pipeline flow that runs the stages in
+its own process: whether a stage is out of date (`dvc status`), its outputs removed as `dvc repro` removes them
+before a stage runs (checkpoints, `persist: true`, are kept), its run recorded in dvc.lock and the cache (`dvc commit
+--force`), the `-S` overrides applied to params.yaml (as `dvc exp run -S` applies them) and the workspace saved as
+an experiment (`dvc exp save`). So `dvc repro` after the flow, or the flow after `dvc repro`, finds every stage up to
+date.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def dvc_repo(root: Path) -> Iterator:
+    """The DVC repository at root, with root as the working directory (DVC resolves outputs from it)."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root):
+        repo = Repo(str(root))
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+
+def out_of_date(root: Path, address: str) -> list[str]:
+    """What `dvc status` finds changed in the stage (e.g. "changed deps", "changed outs"); [] when it is up to
+    date."""
+    with dvc_repo(root) as repo:
+        found = repo.status(targets=[address])
+    changes = []
+    for entries in found.values():
+        for entry in entries:
+            changes += [f"{kind} {', '.join(map(str, what))}" if isinstance(what, dict) else str(entry)
+                        for kind, what in (entry.items() if isinstance(entry, dict) else [(entry, None)])]
+    return changes
+
+
+def remove_outputs(root: Path, address: str) -> None:
+    """Remove the stage's outputs as `dvc repro` does before it runs the stage, keeping those that persist."""
+    from dvc.repo import lock_repo
+
+    with dvc_repo(root) as repo, lock_repo(repo):
+        for stage in repo.stage.collect(address):
+            stage.remove_outs(ignore_remove=False, force=False)
+
+
+def record(root: Path, address: str) -> None:
+    """Record the stage's deps, params and outputs in dvc.lock and its outputs in the cache (`dvc commit --force`)."""
+    with dvc_repo(root) as repo:
+        repo.commit(address, force=True)
+
+
+def apply_overrides(root: Path, overrides: list[str]) -> None:
+    """Write `key=value` overrides into params.yaml with DVC's own parser (what `dvc exp run -S` does)."""
+    from dvc.utils.hydra import apply_overrides as apply
+
+    apply(root / "params.yaml", overrides)
+
+
+def save_experiment(root: Path, files: list[str]) -> str | None:
+    """The workspace as a DVC experiment (`dvc exp save`), with the given files (lock files, metrics: what `dvc exp
+    run` records too) even where git does not track them; its name, listed by `dvc exp show`."""
+    with dvc_repo(root) as repo:
+        rev = repo.experiments.save(force=True, include_untracked=[f for f in files if (root / f).is_file()])
+        if rev is None:
+            return None
+        return repo.experiments.get_exact_name([rev]).get(rev) or rev
