@@ -5,6 +5,7 @@ each step's MLflow run logs the params it reads.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from collections.abc import Callable
@@ -33,8 +34,16 @@ class Step:
     commands: tuple[str, ...] = ()  # the `dna` commands DVC runs, in order (`dna <stage>` for each of its stages)
 
     def flow(self) -> Callable[[str, dict | None], dict]:
-        """The step's Prefect flow (its module's STEP: a flow, or a function that runs it on its task runner)."""
-        return importlib.import_module(f"flows.{self.module}").STEP
+        """The step's Prefect flow: its module's STEP (a flow, or a function that runs one on its task runner), or,
+        for a step without a module of its own, the generic step flow (flows/step_flow.py)."""
+        try:
+            return importlib.import_module(f"flows.{self.module}").STEP
+        except ModuleNotFoundError as exc:
+            if exc.name != f"flows.{self.module}":
+                raise
+        from flows.step_flow import step_flow
+
+        return functools.partial(step_flow, self.name)
 
 
 def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> list[Step]:
@@ -76,6 +85,14 @@ MAKES_PROFILE = frozenset(step for step, stages in stage_steps(STAGE_TABLE).item
 # Sections that determine the trained network; their hash tags a registered model version.
 RESULT_SECTIONS = ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "search", "profile",
                    "retrain", "export")
+
+
+def step_named(name: str) -> Step:
+    """The step of that name, of the default pipeline or run only when asked (KeyError naming the steps)."""
+    found = {step.name: step for step in (*STEPS, *OPTIONAL_STEPS)}
+    if name not in found:
+        raise KeyError(f"no step {name!r}; the steps are {', '.join(found)}")
+    return found[name]
 
 
 def pick(params: Params, keys: list[str]) -> dict[str, Any]:

@@ -8,11 +8,13 @@ import yaml
 from pipeline_support import ROOT, tiny_raw
 
 from dna.config import parse_params
+from dna.stages import STAGES as TABLE
+from flows.code_deps import code_deps
 from flows.entry import missing_dvc_params
 from flows.env import configure_environment, environment_defaults
-from flows.pipeline import dvc_command, stages_run
+from flows.pipeline import dvc_command, set_values
 from flows.settings import OrchestrationConfig
-from flows.steps import STAGE_MODULES, STAGE_PARAMS, STAGES, STEPS, pick
+from flows.steps import STAGE_PARAMS, STAGES, STEPS, pick
 from flows.task_runners import make_task_runner
 from flows.tracking import artifact_location, tracking_uri
 
@@ -27,17 +29,18 @@ def test_dvc_yaml_is_the_stage_table_steps_in_order_with_their_params_outputs_an
     assert list(DVC["stages"]) == STAGES
     for step in STEPS:
         stage = DVC["stages"][step.name]
-        assert stage["cmd"] == f"python -m flows.{STAGE_MODULES[step.name]}"
+        commands = [f"dna {s.name}" for s in TABLE if s.pipeline_step == step.name] or ["dna register"]
+        assert stage["cmd"] == (commands[0] if len(commands) == 1 else commands), step.name  # plain `dna` commands
         assert stage.get("params", []) == STAGE_PARAMS[step.name] == list(step.params), step.name
-        assert f"flows/{STAGE_MODULES[step.name]}.py" in stage["deps"], step.name
+        assert [d for d in stage["deps"] if d.endswith(".py")] == code_deps(commands), step.name
         assert _paths(stage.get("outs", [])) == {f"${{outputs}}/{o}" for o in step.outputs}, step.name
         assert _paths(stage.get("metrics", [])) == ({f"${{outputs}}/{step.metrics}"} if step.metrics else set())
 
 
 def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
-    from dna.stages import STAGES as TABLE
     from dna.stages import Stage
     from flows.dvc_files import default_file
+    from flows.step_flow import step_flow
     from flows.steps import steps_of
 
     extra = Stage("calibrate", "Re-estimate something.", "dna.pipeline:stage_data", ("seed", "rating"),
@@ -48,13 +51,15 @@ def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
     new = steps[-2]
     assert (new.module, new.params, new.outputs, new.metrics) == (
         "calibrate", ("seed", "rating"), ("calibrate/stats.json", "calibrate/state.pt"), "calibrate/metrics.json")
-    # its DVC stage comes from the same entry: command, what it reads, params, outputs (the checkpoint persists);
-    # its flow module (flows/calibrate.py) is the one file besides the entry and its function
-    with pytest.raises(ValueError, match="flows/calibrate.py does not exist"):
-        default_file(steps)
-    monkeypatch.setattr("flows.dvc_files.code_deps", lambda cmd: [f"flows/{cmd.rsplit('.', 1)[1]}.py"])
+    # its DVC stage comes from the same entry: command, code, what it reads, params, outputs (the checkpoint
+    # persists); its Prefect flow is the generic step flow (no flows/calibrate.py)
+    with pytest.raises(ValueError, match="'dna calibrate': not a `dna` stage command"):
+        default_file(steps)  # a command the table does not have
+    monkeypatch.setattr("dna.stages.STAGES", (*TABLE, extra))
     stage = yaml.safe_load(default_file(steps))["stages"]["calibrate"]
-    assert stage["cmd"] == "python -m flows.calibrate" and "${outputs}/search/arch.yaml" in stage["deps"]
+    assert stage["cmd"] == "dna calibrate" and "${outputs}/search/arch.yaml" in stage["deps"]
+    assert "dna/pipeline.py" in stage["deps"] and stage["deps"][0] == "dna/cli.py"  # its function's module, and `dna`
+    assert new.flow().func is step_flow and new.flow().args == ("calibrate",)
     assert stage["params"] == ["seed", "rating"] and stage["metrics"] == [
         {"${outputs}/calibrate/metrics.json": {"cache": False}}]
     assert stage["outs"] == ["${outputs}/calibrate/stats.json", {"${outputs}/calibrate/state.pt": {"persist": True}}]
@@ -103,12 +108,6 @@ def test_dvc_command_repro_or_experiment_with_set_params():
                       raw_params={"retrain": {"train": {"epochs": 1}}, "search": {"budgets": {"macs": 1}}})
     assert cmd[-6:] == ["exp", "run", "-S", "retrain.train.epochs=5", "-S", "+search.budgets.params=2000000.0"]
     assert dvc_command(force=True)[-2:] == ["repro", "--force"]
-
-
-def test_stages_run_and_skipped_are_read_from_dvc_output():
-    lines = ["Stage 'data' didn't change, skipping", "Running stage 'retrain':", "> python -m flows.retrain",
-             "Running stage 'export':", "Updating lock file 'dvc.lock'"]
-    assert stages_run(lines) == (["retrain", "export"], ["data"])
 
 
 def test_default_tracking_is_an_absolute_sqlite_file_with_absolute_artifacts(tmp_path):
@@ -189,7 +188,7 @@ def test_dvc_applies_a_presets_overrides_to_params_yaml_as_the_preset(preset, tm
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     cmd = dvc_command(with_preset(ROOT, f"configs/{preset}", None), raw_params=raw)
-    apply_overrides(tmp_path / "params.yaml", [cmd[i + 1] for i, part in enumerate(cmd) if part == "-S"])
+    apply_overrides(tmp_path / "params.yaml", set_values(cmd))  # what the pipeline flow applies
     assert load_params(tmp_path / "params.yaml", check_paths=False) == load_params(
         ROOT / "configs" / preset, check_paths=False)
 

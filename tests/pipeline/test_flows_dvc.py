@@ -1,7 +1,7 @@
-"""The DVC pipeline end to end on the tiny configuration, driven by the pipeline flow: a full `dvc repro`, a second
-one that runs nothing, then `dvc exp run -S` on a retraining parameter that reruns only retrain and what follows.
-Every stage is its own Python process reporting to the session's Prefect test server. A DVC remote (a local folder)
-takes a run's data and checkpoints with `dvc push` and gives them back with `dvc pull`."""
+"""The DVC pipeline end to end on the tiny configuration, driven by the pipeline flow in this process: every step,
+then again (nothing runs), then an experiment on a retraining parameter that reruns only retrain and what follows;
+`dvc repro` after the flow finds everything up to date, and the flow after `dvc repro` runs nothing. A DVC remote (a
+local folder) takes a run's data and checkpoints with `dvc push` and gives them back with `dvc pull`."""
 from __future__ import annotations
 
 import json
@@ -58,6 +58,7 @@ def test_second_repro_runs_nothing(runs, repo):
     second = runs[1]
     assert second["ran"] == [] and second["skipped"] == STAGES
     assert "up to date" in dvc(repo, "status")
+    assert "Data and pipelines are up to date" in dvc(repo, "repro")  # the flow recorded every step as DVC would
 
 
 def test_a_retraining_parameter_reruns_only_retrain_and_what_follows(runs, repo):
@@ -69,7 +70,11 @@ def test_a_retraining_parameter_reruns_only_retrain_and_what_follows(runs, repo)
     for path in ("retrain/model.pt", "export/model.onnx"):
         assert after[path] != kept[path], f"{path} was not rebuilt"
     assert third["metrics"]["register"]["version"] == 2
-    assert "retrain.train.lr" in dvc(repo, "exp", "show", "--no-pager", "--csv")
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    saved = next(exp["revs"][0]["data"] for base in shown for exp in base["experiments"] or []
+                 if exp["revs"][0]["name"] == third["experiment"])  # a DVC experiment: its params and metrics
+    assert saved["params"]["params.yaml"]["data"]["retrain"]["train"]["lr"] == 0.004
+    assert saved["metrics"]["outputs/export/metrics.json"]["data"] == third["metrics"]["export"]
 
 
 def test_one_mlflow_run_per_pipeline_run_with_a_nested_run_per_stage_that_ran(runs, repo):
@@ -241,3 +246,7 @@ print(json.dumps({"max_diff": diff, "arch": read_metadata(run.paths.onnx)["arch"
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["max_diff"] < 1e-5 and Arch.from_dict(json.loads(out["arch"])) == arch
     assert "Data and pipelines are up to date" in dvc(repo, "repro")
+    from flows.pipeline import pipeline_flow
+
+    after = pipeline_flow(str(repo))  # the Prefect flow finds what `dvc repro` recorded
+    assert after["ran"] == [] and after["skipped"] == STAGES
