@@ -91,6 +91,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device of `device` in params.yaml; of several processes on one machine, each gets its own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(torch.device(name))
+
+
 def local_device(device: torch.device) -> torch.device:
     """The device of this process: its own GPU (LOCAL_RANK) when several processes share a machine's GPUs."""
     if device.type == "cuda" and device.index is None and launched():

@@ -55,7 +55,7 @@ class Run:
 
     @cached_property
     def device(self) -> torch.device:
-        from dna.train import resolve_device
+        from dna.ddp import resolve_device
 
         return resolve_device(self.params.device)
 

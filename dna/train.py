@@ -12,19 +12,12 @@ from torch import nn
 
 from dna.config import TrainConfig
 from dna.data import Data
-from dna.ddp import local_device, wrap
+from dna.ddp import wrap
 from dna.engine import Engine, unwrap
 from dna.engine import NonFiniteLoss as NonFiniteLoss  # raised by training; detected_faults() imports it from here
 from dna.recipe import make_ema, make_scheduler, scaled_lr, updates_per_epoch
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "momentum", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsproptf"}
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device of `device` in params.yaml; of several processes on one machine, each gets its own GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return local_device(torch.device(name))
 
 
 @torch.no_grad()

@@ -71,12 +71,13 @@ def command_modules(command: str) -> list[str]:
     of the schema, or the module of a command another package adds; ValueError for any other command."""
     from importlib.metadata import entry_points
 
-    from dna.stages import STAGES
+    from dna.stages import STAGES, default_stages
 
     program, _, name = command.partition(" ")
     stage = next((s for s in STAGES if s.name == name), None)
     if program == "dna" and stage is not None:
-        functions = [spec.partition(":")[0] for spec in (stage.function, stage.prepare) if spec]
+        ran = (stage, *(default_stages(STAGES) if stage.runs_default_stages else ()))
+        functions = [spec.partition(":")[0] for s in ran for spec in (s.function, s.prepare) if spec]
         sections = [entry.module for entry in entry_points(group="dna.sections")]
         return [*functions, *CHECKS, *sections]
     added = {entry.name: entry.module for entry in entry_points(group="dna.commands")}

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from prefect import flow
-from typer import Option as typer_option
 
 from dna.errors import needed
 from flows import artifacts
@@ -131,19 +129,6 @@ def register_flow(params_file: str = "params.yaml", overrides: dict | None = Non
         "", f"champion now: version {record['champion']}", "", f"load it with `models:/{name}@champion`"]) + "\n",
         "model registry decision")
     return record
-
-
-def register_command(params: Path = typer_option(Path("params.yaml"), "--params", "-p", help="params file"),
-                     set_: Optional[list[str]] = typer_option(None, "--set", "-S",
-                                                              help="override a key, e.g. -S mlflow.experiment=x")):
-    """Register the exported model in MLflow's registry and promote it if it qualifies (the pipeline's last step;
-    dvc.yaml's register stage)."""
-    from dna.config import parse_overrides
-    from flows.entry import check_first
-
-    overrides = parse_overrides(set_)
-    check_first("register", params, overrides)
-    register_model(params, overrides)
 
 
 STEP = register_flow  # what the pipeline flow runs for this step (flows/steps.py)

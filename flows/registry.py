@@ -15,9 +15,6 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
-
-from typer import Option as typer_option
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -317,19 +314,6 @@ def promote_cli(params_file: str | Path = "params.yaml", version: int | None = N
         return 2
     print(result.summary())
     return 0 if result.promoted else 1
-
-
-def promote_command(
-        params: Path = typer_option(Path("params.yaml"), "--params", "-p", help="params file"),
-        version: Optional[int] = typer_option(None, "--version", "-v",
-                                              help="registered version (default: the newest)"),
-        withdraw: Optional[int] = typer_option(None, "--withdraw", metavar="VERSION",
-                                               help="take a version out of the running for champion (rollback)")):
-    """Alias a registered version `challenger` if it passes ONNX parity and was trained on the champion's data; move
-    `champion` to it if it also beats the champion."""
-    import typer
-
-    raise typer.Exit(promote_cli(params, version, withdraw))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class Stage:
     step: str | None = None  # the pipeline step (DVC stage, Prefect flow) it runs in, when not one of its own
     data_parallel: bool = False  # trains in several processes when asked (`--nproc N`: torchrun, dna/ddp.py)
     default: bool = True  # part of `dna run` and of the default pipeline (dvc.yaml); False: run only when asked
+    runs_default_stages: bool = False  # its function runs every default stage (its code deps hold theirs)
 
     def files(self) -> tuple[str, ...]:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
@@ -118,7 +119,8 @@ STAGES: tuple[Stage, ...] = (
           "with the network the round before found and retrained as its teacher.", "dna.rounds:stage_rounds",
           ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "profile", "search", "retrain",
            "export", "rounds"), ("rounds",), metrics="rounds.json", headline=("best_round", "best_test_accuracy"),
-          default=False, inputs=("search/arch.yaml", "retrain/model.pt"), checkpoints=("rounds",)),
+          default=False, inputs=("search/arch.yaml", "retrain/model.pt"), checkpoints=("rounds",),
+          runs_default_stages=True),
 )
 
 

@@ -8,21 +8,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_support import tiny_raw, working_directory, write_params
+import yaml
+from pipeline_support import ROOT, tiny_raw, working_directory, write_params
 
+from flows.code_deps import module_file
 from flows.entry import Checks, _checked, check_first, load
 from flows.steps import STAGES
 
 MODEL_LIBRARIES = ("timm", "torchvision")
 
 
+def modules(importtime_log: str) -> set[str]:
+    """The modules a `python -X importtime` run imported."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
 def imported(importtime_log: str) -> set[str]:
     """The top-level packages a `python -X importtime` run imported."""
-    names = set()
-    for line in importtime_log.splitlines():
-        if line.startswith("import time:") and line.count("|") == 2:
-            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
-    return names
+    return {name.split(".")[0] for name in modules(importtime_log)}
 
 
 def run_stage(stage: str, project) -> subprocess.CompletedProcess:
@@ -47,6 +51,9 @@ def test_the_data_stage_runs_without_timm_or_torchvision_and_the_teacher_stage_c
     assert not imported(data.stderr) & set(MODEL_LIBRARIES), sorted(imported(data.stderr) & set(MODEL_LIBRARIES))
     assert "torch" in imported(data.stderr)  # what the stage does need
     assert not imported(data.stderr) & {"prefect", "mlflow", "dvc"}  # a plain stage: no orchestration, no tracking
+    deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["data"]["deps"])
+    ran = {module_file(name).relative_to(ROOT).as_posix() for name in modules(data.stderr) if module_file(name)}
+    assert {"dna/run.py", "flows/settings.py"} <= ran and ran - {"dna/cli.py"} <= deps, sorted(ran - deps)
 
     write_params(tmp_path / "params.yaml", tiny_raw() | {"search": {"budgets": {"macs": 1000}, "front_axis": "macs"}})
     teacher = run_stage("teacher", tmp_path)  # a budget below the smallest network: checked, exit 2

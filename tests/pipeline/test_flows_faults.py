@@ -295,23 +295,34 @@ def test_a_bad_config_stops_the_pipeline_before_any_work(prefect_api, tmp_path, 
 ])
 def test_a_bad_config_stops_every_stage_that_checks_it_before_any_work(prefect_api, tmp_path, capsys, change, key,
                                                                        stages):
-    """Each stage's own entry point (what `dvc repro` runs): exit 2, one line naming the key, nothing written.
-    The schema of the whole file is checked by every stage; the checks that build the teacher or the space (and
-    so import timm) by the stages that read the teacher, the space, the supervision or the search."""
+    """Each stage's `dna` commands (what `dvc repro` runs) and each step's flow (`python -m flows.<step>`): exit 2,
+    one line naming the key, nothing written. The schema of the whole file is checked by every stage; the checks
+    that build the teacher or the space (and so import timm) by the stages that read the teacher, the space, the
+    supervision or the search."""
     import importlib
+    import subprocess
+    import sys
+    from pathlib import Path
 
     from flows.entry import Checks
-    from flows.steps import STAGE_MODULES, STAGES
+    from flows.steps import STAGES, STEPS
 
     raw = bad_project(tmp_path, change)
     if stages is not None:
         assert [s for s in STAGES if Checks.of(s).models] == stages
+    dna = str(Path(sys.executable).parent / "dna")
     with working_directory(tmp_path):
-        for stage in stages or STAGES:
-            module = importlib.import_module(f"flows.{STAGE_MODULES[stage]}")
-            assert module.main(["--params", "params.yaml"]) == 2, stage
+        for step in (s for s in STEPS if s.name in (stages or STAGES)):
+            for command in step.commands:
+                done = subprocess.run([dna, *command.split()[1:], "--params", "params.yaml"], capture_output=True,
+                                      text=True, timeout=300)
+                lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+                assert done.returncode == 2 and len(lines) == 1 and key in lines[0], (command, done.stderr[-2000:])
+            flow_main = importlib.import_module(f"flows.{step.module}").main if step.name != "figures" else \
+                importlib.import_module("flows.step_flow").main
+            assert flow_main(["figures"] * (step.name == "figures") + ["--params", "params.yaml"]) == 2, step.name
             lines = error_lines(capsys)
-            assert len(lines) == 1 and key in lines[0], (stage, lines)
+            assert len(lines) == 1 and key in lines[0], (step.name, lines)
     assert_nothing_written(tmp_path, raw)
 
 

@@ -23,11 +23,11 @@ def _paths(entries: list) -> set[str]:
 def test_rank_dvc_yaml_is_the_optional_step_of_the_stage_table():
     assert list(RANK["stages"]) == ["rank"]
     step, stage = next(s for s in OPTIONAL_STEPS if s.name == "rank"), RANK["stages"]["rank"]
-    assert stage["wdir"] == ".." and stage["cmd"] == "python -m flows.rank"
+    assert stage["wdir"] == ".." and stage["cmd"] == "dna rank"
     assert stage["params"] == list(step.params)
     assert _paths(stage["outs"]) == {f"${{outputs}}/{o}" for o in step.outputs}
     assert _paths(stage["metrics"]) == {f"${{outputs}}/{step.metrics}"}
-    assert set(listed_code(stage)) == set(code_deps(stage["cmd"])), "python -m flows.dvc_files --write"
+    assert set(listed_code(stage)) == set(code_deps([stage["cmd"]])), "python -m flows.dvc_files --write"
 
 
 def test_the_default_pipeline_leaves_rank_out():

@@ -25,14 +25,13 @@ def _paths(entries: list) -> set[str]:
 def test_rounds_dvc_yaml_is_the_optional_step_of_the_stage_table():
     step, stage = next(s for s in OPTIONAL_STEPS if s.name == "rounds"), ROUNDS["stages"]["rounds"]
     assert list(ROUNDS["stages"]) == ["rounds"] and "rounds" not in STAGES
-    assert stage["wdir"] == ".." and stage["cmd"] == "python -m flows.rounds"
+    assert stage["wdir"] == ".." and stage["cmd"] == "dna rounds"
     assert stage["params"] == list(step.params)
     assert _paths(stage["outs"]) == {f"${{outputs}}/{o}" for o in step.outputs}
     assert _paths(stage["metrics"]) == {f"${{outputs}}/{step.metrics}"}
-    # round 1's network and its registration come first: DVC runs the default stages before this one
-    assert {"${outputs}/search/arch.yaml", "${outputs}/retrain/model.pt",
-            "${outputs}/register/registration.json"} <= set(stage["deps"])
-    assert set(listed_code(stage)) == set(code_deps(stage["cmd"])), "python -m flows.dvc_files --write"
+    # round 1's network comes first: DVC runs the default stages before this one
+    assert {"${outputs}/search/arch.yaml", "${outputs}/retrain/model.pt"} <= set(stage["deps"])
+    assert set(listed_code(stage)) == set(code_deps([stage["cmd"]])), "python -m flows.dvc_files --write"
 
 
 def test_the_rounds_flow_refuses_a_round_without_its_teacher_before_any_work(prefect_api, tmp_path):
