@@ -1,4 +1,4 @@
-# Two commands do all set-up: `make run` (install, then `dvc repro` of the whole pipeline on the embedded dataset)
+# Two commands do all set-up: `make run` (install, then the whole pipeline on the embedded dataset)
 # and `make test` (install, then the test suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import dna.cli, timm, onnxruntime, prefect, mlflow, dvc"
 	touch $@
 
-# The DVC pipeline (dvc.yaml) through the Prefect flows, tracked in MLflow; ends with a registered, promoted model.
+# The pipeline (dvc.yaml's steps, as tasks of one Prefect flow, recorded in dvc.lock), tracked in MLflow; ends with a
+# registered, promoted model.
 # PRESET=configs/<name>.yaml runs that preset as a DVC experiment (its differences from params.yaml as -S overrides).
 run: setup
 	$(PY) -m flows.pipeline $(if $(PRESET),--preset $(PRESET))
