@@ -201,3 +201,7 @@ def main() -> None:
             print(f"kept {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ fails is named, and the others are kept.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -383,24 +384,15 @@ class RankFailure(StageFailure):
 
 def stage_rank(run) -> dict:
     """The whole stage in this process: plan, train every network, the one-shot baseline, then the report."""
+    from dna.fan_out import each
+
     plan = plan_networks(run)
-    results, failed = {}, {}
-    for network in plan["id"]:
-        try:
-            results[network] = train_network(run, network, arch_of(plan, network))
-        except Exception as exc:  # noqa: BLE001 - a network's failure is reported with the others below
-            log.error("rank: network %s failed: %s: %s", network, type(exc).__name__, exc)
-            failed[network] = f"{type(exc).__name__}: {exc}"
-    try:
-        spos = spos_ratings(run, plan)
-    except Exception as exc:  # noqa: BLE001
-        log.error("rank: the one-shot baseline failed: %s: %s", type(exc).__name__, exc)
-        spos, failed["spos"] = None, f"{type(exc).__name__}: {exc}"
-    try:
-        replicate_ratings(run)
-    except Exception as exc:  # noqa: BLE001
-        log.error("rank: distilling the blocks again failed: %s: %s", type(exc).__name__, exc)
-        failed["replicate"] = f"{type(exc).__name__}: {exc}"
+    jobs = {network: functools.partial(train_network, run, network, arch_of(plan, network)) for network in plan["id"]}
+    jobs |= {"spos": functools.partial(spos_ratings, run, plan), "replicate": functools.partial(replicate_ratings, run)}
+    results, errors = each(jobs, "rank: job")
+    spos = results.pop("spos", None)
+    results.pop("replicate", None)
+    failed = {key: f"{type(exc).__name__}: {exc}" for key, exc in errors.items()}
     metrics = summarize(run, plan, results, failed, spos)
     if failed:
         raise RankFailure(failed, len(results))

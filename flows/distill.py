@@ -10,39 +10,26 @@ Writes outputs/distill/ (checkpoints, histories, feature cache, curves/) and out
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
 
 from dna.config import Params
 from dna.errors import StageFailure, fails_alike
 from dna.supervision import supervision_class
 from flows import artifacts
 from flows.entry import Checks, StepRun, cli, load, with_absolute_outputs
+from flows.fan_out import Job, fan_out, turn, use_threads
 from flows.prefect_api import share_prefect_api, worth_retrying
 from flows.steps import stage_params
 from flows.task_runners import make_task_runner
 from flows.tracking import STAGE_TAG, EpochLog, Tracking, child_run, stage_run
 
 BEST_PER_BLOCK = 3
-# Blocks in one process share torch's global random state. The core seeds it per block and then draws the
-# block's initial weights from it, and building a teacher (to distill or to rate) draws from it too; with blocks
-# running concurrently in threads, a block's weights would depend on thread timing. So with the thread runner
-# the blocks' work takes turns (still as concurrent tasks); process and Dask workers each have their own random
-# state and work on blocks in parallel.
-_TURN = threading.Lock()
-
-
-def block_turn(shared_process: bool):
-    """The lock that blocks of one process take turns with (a module function, so tasks pickle without it)."""
-    return _TURN if shared_process else contextlib.nullcontext()
 
 
 def curves_dir(params: Params):
@@ -63,21 +50,19 @@ def features_task(params: Params) -> None:
 
 @task(name="distill-block", task_run_name="block-{block}", cache_policy=NO_CACHE,
       retry_condition_fn=worth_retrying)
-def block_task(params: Params, block: int, tracking: Tracking, threads: int | None = None,
-               shared_process: bool = False, params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+def block_task(params: Params, block: int, tracking: Tracking, params_file: str = "params.yaml",
+               overrides: dict | None = None, *, threads: int | None = None, shared_process: bool = False) -> dict:
     """Distill one block, then rate its candidates; logs a nested MLflow run and a Prefect progress artifact.
 
     With orchestration.nproc > 1 the block trains in that many processes under torchrun (`dna distill --block B`
     with params_file and overrides, the flow's own) and is rated here.
-    shared_process: other blocks run in this process too (thread runner): take turns (see block_turn)."""
+    threads, shared_process: its share of the cores, and whether other blocks run in this process too (the thread
+    runner: they take turns), as flows/fan_out.py gives them."""
     from dna.run import Run
     from dna.stages.distill import distill_resumes_after, distilled, stage_distill
     from dna.stages.rate import stage_rate
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    use_threads(threads)
     run = Run(params)
     cfg = params.space.blocks[block]
     epochs = params.distill.epochs
@@ -85,7 +70,7 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
     progress = artifacts.Progress(f"distill-block-{block}", epochs,
                                   f"block {block}: {len(cells)} cells ({', '.join(cells)}), {epochs} epochs")
     # the turn is taken first: the fingerprint loads the block's targets, which may draw from the random state
-    with block_turn(shared_process), child_run(tracking, f"block_{block}", {
+    with turn(shared_process), child_run(tracking, f"block_{block}", {
             STAGE_TAG: "distill", "dna.block": str(block),
             "dna.block_fingerprint": run.block_fingerprint(block)}) as mlrun:
         mlrun.params({"block": block, "stride": cfg.stride, "cells": json.dumps(cells), "epochs": epochs})
@@ -117,37 +102,20 @@ def block_task(params: Params, block: int, tracking: Tracking, threads: int | No
             "best": [{"block": block, **{c: row[c] for c in columns}} for row in best.to_dict("records")]}
 
 
-def _threads_per_task(params: Params) -> int:
-    workers = min(params.orchestration.max_workers, len(params.space.blocks))
-    return max(1, (os.cpu_count() or 1) // max(workers, 1))
-
-
 @flow(name="dna-distill")
 def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     params = with_absolute_outputs(load(params_file, overrides, checks=Checks.of("distill")))
     orch = params.orchestration
-    threads = _threads_per_task(params)
     blocks = range(len(params.space.blocks))
     with stage_run(params, "distill", stage_params(params, "distill")) as (mlrun, tracking):
         mlrun.tags({"dna.task_runner": orch.task_runner})
         features_task.with_options(retries=orch.retries)(params)
-        block = block_task.with_options(retries=orch.retries, retry_delay_seconds=1)
-        shared = orch.task_runner == "threads"  # blocks share this process (and its torch thread pool)
         # the blocks' own command lines (orchestration.nproc > 1) read the same file and write to the same outputs
         own = str(Path(params_file).resolve()), {**(overrides or {}), "outputs": params.outputs}
         progressive = supervision_class(params.supervision.kind).progressive  # block i needs blocks before it
-        futures = []
-        for b in blocks:
-            after = futures[-1:] if progressive else []
-            futures.append(block.submit(params, b, tracking, None if shared else threads, shared, *own,
-                                        wait_for=after))
-        wait(futures)
-        results, failed = [], {}
-        for b, future in zip(blocks, futures):
-            try:
-                results.append(future.result())
-            except Exception as exc:  # any failure of a block, after its retries: reported with the others below
-                failed[b] = exc
+        gathered = fan_out(orch, [Job(b, block_task, (params, b, tracking, *own)) for b in blocks],
+                           chained=progressive)
+        results, failed = [gathered.results[b] for b in blocks if b in gathered.results], gathered.failed
         for r in results:
             mlrun.metrics({"final_loss": r["final_loss"], "best_score": r["best"][0]["score"],
                            "trained_epochs": r["trained_epochs"], "candidates": r["candidates"]},

@@ -25,11 +25,11 @@ def dvc_repo(root: Path) -> Iterator:
             repo.close()
 
 
-def out_of_date(root: Path, address: str) -> list[str]:
-    """What `dvc status` finds changed in the stage (e.g. "changed deps", "changed outs"); [] when it is up to
+def out_of_date(root: Path, *addresses: str) -> list[str]:
+    """What `dvc status` finds changed in the stages (e.g. "changed deps", "changed outs"); [] when they are up to
     date."""
     with dvc_repo(root) as repo:
-        found = repo.status(targets=[address])
+        found = repo.status(targets=list(addresses))
     changes = []
     for entries in found.values():
         for entry in entries:

@@ -176,6 +176,7 @@ def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | Non
     With `step`, its config is checked before the flow runs (a wrong key first, then the step's deep checks)."""
     from dna.errors import report
     from dna.logs import setup_logging
+    from flows.prefect_api import start_in_background
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", "-p", default="params.yaml", help="params file (default: params.yaml)")
@@ -186,8 +187,11 @@ def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | Non
     try:
         overrides = parse_overrides(args.sets)
         if step is not None:
-            load_params(args.params, overrides, deep=False)  # a wrong key: fail before the deep checks
+            load_params(args.params, overrides, deep=False)  # a wrong key: fail before anything starts
+        server_ready = start_in_background()  # Prefect's temporary server starts while the step's checks run
+        if step is not None:
             check_first(step, args.params, overrides)
+        server_ready()
         run(args.params, overrides)
     except Exception as exc:
         return report(exc)

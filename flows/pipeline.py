@@ -31,6 +31,7 @@ from dna.config import ConfigError
 from dna.logs import setup_logging
 from flows import artifacts, dvc_stages
 from flows.entry import check_dvc_params, check_first, load
+from flows.prefect_api import start_in_background
 from flows.steps import METRIC_FILES, OPTIONAL_STEPS, RESULT_SECTIONS, STEPS, Step, flatten
 from flows.tracking import ensure_experiment, nested_under, stage_run, tracking_uri
 
@@ -224,12 +225,15 @@ def main(argv: list[str] | None = None) -> int:
                 print("dvc status: every stage is up to date; nothing to run (no Prefect flow run, no MLflow run)")
                 print(text)
                 return 0
-        with working_directory(root):  # before Prefect starts: a wrong key, the whole config, the MLflow store
+        with working_directory(root):  # a wrong key stops here, before anything starts
             check_dvc_params("params.yaml", overrides)
             load_params("params.yaml", overrides, deep=False)
+        server_ready = start_in_background()  # Prefect's temporary server starts while the checks below run
+        with working_directory(root):  # the whole config, the MLflow store
             check_first(None, "params.yaml", overrides)
             params = load_params("params.yaml", overrides, deep=False)
             ensure_experiment(tracking_uri(params, root), params.mlflow.experiment, root)
+        server_ready()
         result = pipeline_flow(str(root), overrides, args.force)  # the preset is in the overrides
     except Exception as exc:
         return report_error(exc)
@@ -246,7 +250,7 @@ def up_to_date(root: Path) -> bool:
     rounds = (raw.get("rounds") or {}).get("count", 1)
     addresses = [step.name for step in STEPS] + (["rounds/dvc.yaml:rounds"] if rounds > 1 else [])
     try:
-        return not any(dvc_stages.out_of_date(root, address) for address in addresses)
+        return not dvc_stages.out_of_date(root, *addresses)
     except Exception:  # noqa: BLE001 - anything DVC cannot read: the full run says what is wrong
         return False
 

@@ -6,7 +6,23 @@ local server Prefect starts for the process (on the loopback interface, gone wit
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
+
+
+def start_in_background() -> Callable[[], None]:
+    """Without PREFECT_API_URL, start now, in a thread, the temporary server that Prefect would start for this
+    process when its first flow runs (Prefect's own, on 127.0.0.1), so that it starts while the caller imports and
+    checks its config; returns a function that waits until it answers."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread.join
 
 
 def share_prefect_api() -> str:

@@ -10,66 +10,47 @@ predictor.json).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
 
 from dna.config import Params
 from dna.locks import stage_lock
 from dna.rank_metrics import shown
 from flows import artifacts
 from flows.entry import cli, load, with_absolute_outputs
+from flows.fan_out import Job, fan_out, turn, use_threads
 from flows.prefect_api import share_prefect_api, worth_retrying
 from flows.steps import stage_params
 from flows.task_runners import make_task_runner
 from flows.tracking import STAGE_TAG, EpochLog, Tracking, child_run, stage_run
 
-# Tasks in one process share torch's global random state, which seeds each network's initial weights: with the
-# thread runner they take turns (see flows/distill.py).
-_TURN = threading.Lock()
-
-
-def _turn(shared_process: bool):
-    return _TURN if shared_process else contextlib.nullcontext()
-
-
-def _threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
 
 @task(name="rank-network", task_run_name="network-{network}", cache_policy=NO_CACHE,
       retry_condition_fn=worth_retrying)
-def network_task(params: Params, network: str, tracking: Tracking, threads: int | None = None,
+def network_task(params: Params, network: str, tracking: Tracking, *, threads: int | None = None,
                  shared_process: bool = False) -> dict:
     """Train one planned network from scratch with the rank recipe; a nested MLflow run holds its curve."""
     from dna.rank import arch_of, read_plan, train_network
     from dna.run import Run
 
-    _threads(threads)
+    use_threads(threads)
     run = Run(params)
     arch = arch_of(read_plan(run), network)
-    with _turn(shared_process), child_run(tracking, network, {STAGE_TAG: "rank", "dna.arch": arch.tag()}) as mlrun:
+    with turn(shared_process), child_run(tracking, network, {STAGE_TAG: "rank", "dna.arch": arch.tag()}) as mlrun:
         result = train_network(run, network, arch, on_epoch=EpochLog(mlrun))
         mlrun.metrics({k: v for k, v in result.items() if k != "test_accuracies"})
     return result
 
 
 @task(name="rank-spos", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)
-def spos_task(params: Params, tracking: Tracking, threads: int | None = None, shared_process: bool = False) -> dict:
+def spos_task(params: Params, tracking: Tracking, *, threads: int | None = None, shared_process: bool = False) -> dict:
     """Train the one-shot supernet and rate every planned network with inherited weights."""
     from dna.rank import read_plan, spos_ratings
     from dna.run import Run
 
-    _threads(threads)
+    use_threads(threads)
     run = Run(params)
-    with _turn(shared_process), child_run(tracking, "spos", {STAGE_TAG: "rank"}) as mlrun:
+    with turn(shared_process), child_run(tracking, "spos", {STAGE_TAG: "rank"}) as mlrun:
         result = spos_ratings(run, read_plan(run), on_epoch=EpochLog(mlrun))
         mlrun.metrics(result)
         mlrun.artifact(run.paths.rank_dir / "spos" / "ratings.csv")
@@ -77,14 +58,14 @@ def spos_task(params: Params, tracking: Tracking, threads: int | None = None, sh
 
 
 @task(name="rank-replicate", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)
-def replicate_task(params: Params, tracking: Tracking, threads: int | None = None,
+def replicate_task(params: Params, tracking: Tracking, *, threads: int | None = None,
                    shared_process: bool = False) -> dict:
     """Distill and rate every block again from other seeds: the rating's own noise."""
     from dna.rank import replicate_ratings
     from dna.run import Run
 
-    _threads(threads)
-    with _turn(shared_process), child_run(tracking, "replicate", {STAGE_TAG: "rank"}) as mlrun:
+    use_threads(threads)
+    with turn(shared_process), child_run(tracking, "replicate", {STAGE_TAG: "rank"}) as mlrun:
         result = replicate_ratings(Run(params), on_epoch=EpochLog(mlrun))
         mlrun.metrics({"seconds": result["seconds"]})
     return result
@@ -103,27 +84,13 @@ def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
         mlrun.tags({"dna.task_runner": orch.task_runner})
         plan = plan_networks(run)
         mlrun.artifact(run.paths.rank_dir / "plan.csv")
-        shared = orch.task_runner == "threads"
-        threads = None if shared else max(1, (os.cpu_count() or 1) // max(orch.max_workers, 1))
-        spos = spos_task.with_options(retries=orch.retries).submit(params, tracking, threads, shared)
-        replicate = replicate_task.with_options(retries=orch.retries).submit(params, tracking, threads, shared)
-        network = network_task.with_options(retries=orch.retries, retry_delay_seconds=1)
-        futures = {n: network.submit(params, n, tracking, threads, shared) for n in plan["id"]}
-        wait([spos, replicate, *futures.values()])
-        results, failed = {}, {}
-        for name, future in futures.items():
-            try:
-                results[name] = future.result()
-            except Exception as exc:  # noqa: BLE001 - a network's failure is named with the others below
-                failed[name] = f"{type(exc).__name__}: {exc}"
-        try:
-            spos_result = spos.result()
-        except Exception as exc:  # noqa: BLE001
-            spos_result, failed["spos"] = None, f"{type(exc).__name__}: {exc}"
-        try:
-            replicate.result()
-        except Exception as exc:  # noqa: BLE001
-            failed["replicate"] = f"{type(exc).__name__}: {exc}"
+        gathered = fan_out(orch, [Job("spos", spos_task, (params, tracking)),
+                                  Job("replicate", replicate_task, (params, tracking)),
+                                  *(Job(n, network_task, (params, n, tracking)) for n in plan["id"])])
+        spos_result = gathered.results.pop("spos", None)
+        gathered.results.pop("replicate", None)
+        results = gathered.results
+        failed = {name: f"{type(exc).__name__}: {exc}" for name, exc in gathered.failed.items()}
         metrics = summarize(run, plan, results, failed, spos_result)
         mlrun.metrics(interval_bounds(metrics))
         mlrun.metrics(metrics.get("spos") or {}, prefix="spos.")
