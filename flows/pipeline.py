@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -257,7 +258,6 @@ def up_to_date(root: Path) -> bool:
 
 def report(root: Path, result: dict) -> str:
     """Where every output went, and the headline figures, for the end of a run."""
-    from dna.config import schema
     from dna.paths import Paths
     from dna.rounds import summary_rows
     from dna.stages import accuracy_line
@@ -267,7 +267,8 @@ def report(root: Path, result: dict) -> str:
     # config was checked in full by the run that made these results
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
     mlflow_cfg = TrackingConfig.model_validate(raw.get("mlflow") or {})
-    params = schema().model_construct(outputs=str(raw.get("outputs", "outputs")), mlflow=mlflow_cfg)
+    params = SimpleNamespace(outputs=str(raw.get("outputs", "outputs")), mlflow=mlflow_cfg)  # no schema defaults:
+    # constructing them loads the supervisions, which import torch
     p = Paths(root / params.outputs)
     m = result["metrics"] if result["metrics"] is not None else read_metrics(p.root)
     lines = [f"stages run: {', '.join(result['ran']) or 'none (everything up to date)'}", "outputs:"]
