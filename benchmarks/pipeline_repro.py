@@ -157,12 +157,15 @@ def main() -> None:
     ap.add_argument("--noop-repeats", type=int, default=3)
     ap.add_argument("--data-repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the temporary repository")
+    ap.add_argument("--prefect-api", default=None, metavar="URL", help="report to this running Prefect server (e.g. "
+                    "`prefect server start`'s http://127.0.0.1:4200/api) instead of a temporary one per run")
     args = ap.parse_args()
     print(load_average())
     home = Path(args.repo).resolve().parent if args.repo else Path(tempfile.mkdtemp(prefix="bench-repro-"))
     try:
         repo = Path(args.repo).resolve() if args.repo else make_repo(Path(args.params).resolve(), home)
-        env = environment(home)
+        env = environment(home) | ({"PREFECT_API_URL": args.prefect_api} if args.prefect_api else {})
+        print(f"Prefect API: {args.prefect_api or 'a temporary server per run (Prefect without PREFECT_API_URL)'}")
         pipeline = [sys.executable, "-m", "flows.pipeline", "--project-dir", str(repo)]
         if "cold" not in args.skip:
             print(f"cold `python -m flows.pipeline` (every step as a task in one process) in {repo}:")
