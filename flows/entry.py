@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from dna.config import ConfigError, Params, load_params, parse_overrides
-from flows.steps import MAKES_PROFILE, STAGE_PARAMS, stage_params
+from flows import steps as table
+from flows.steps import stage_params
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Checks:
         without importing timm (dna.stages.checks)."""
         from dna.stages import checks
 
-        flags = checks(tuple(STAGE_PARAMS[step]), step in MAKES_PROFILE)
+        flags = checks(tuple(table.STAGE_PARAMS[step]), step in table.MAKES_PROFILE)
         return cls(data=flags["data"], models=flags["models"], profile=flags["check_profile"])
 
 
@@ -79,7 +80,7 @@ def missing_dvc_params(raw: dict) -> list[str]:
     """Keys dvc.yaml tracks (or interpolates) that a params mapping lacks; DVC needs them written out, defaults
     are not enough."""
     missing = []
-    for key in sorted({k for keys in STAGE_PARAMS.values() for k in keys} | {"outputs", "search.front_axis"}):
+    for key in sorted({k for keys in table.STAGE_PARAMS.values() for k in keys} | {"outputs", "search.front_axis"}):
         node = raw
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:

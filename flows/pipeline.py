@@ -31,9 +31,10 @@ from prefect import flow, get_run_logger
 from dna.config import ConfigError
 from dna.logs import setup_logging
 from flows import artifacts, dvc_stages
+from flows import steps as table
 from flows.entry import check_dvc_params, check_first, load
 from flows.prefect_api import start_in_background
-from flows.steps import METRIC_FILES, OPTIONAL_STEPS, RESULT_SECTIONS, STEPS, Step, flatten
+from flows.steps import RESULT_SECTIONS, Step, flatten
 from flows.tracking import ensure_experiment, nested_under, stage_run, tracking_uri
 
 PROJECT = Path(__file__).resolve().parents[1]  # the project that holds this code
@@ -88,15 +89,15 @@ def set_values(cmd: list[str]) -> list[str]:
 
 def pipeline_steps(params) -> list[tuple[str, Step]]:
     """The steps in run order, each with its DVC address: dvc.yaml's, then (rounds.count > 1) rounds/dvc.yaml's."""
-    steps = [(step.name, step) for step in STEPS]
+    steps = [(step.name, step) for step in table.STEPS]
     if params.rounds.count > 1:
-        steps += [(f"{step.name}/dvc.yaml:{step.name}", step) for step in OPTIONAL_STEPS if step.name == "rounds"]
+        steps += [(f"{step.name}/dvc.yaml:{step.name}", step) for step in table.OPTIONAL_STEPS if step.name == "rounds"]
     return steps
 
 
 def read_metrics(outputs: Path) -> dict[str, dict]:
     out = {}
-    for stage, rel in METRIC_FILES.items():
+    for stage, rel in table.METRIC_FILES.items():
         path = outputs / rel
         if path.is_file():
             out[stage] = json.loads(path.read_text())
@@ -108,7 +109,7 @@ def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics
              f"ran: {', '.join(ran) or 'nothing (all stages up to date)'}",
              f"up to date: {', '.join(skipped) or '-'}", "", f"MLflow run `{run_id}`", "",
              "| stage | metric | value |", "| --- | --- | --- |"]
-    for step in STEPS:
+    for step in table.STEPS:
         for key in step.headline:
             if key in metrics.get(step.name, {}):
                 lines.append(f"| {step.name} | {key} | {metrics[step.name][key]} |")
@@ -155,7 +156,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
         params = load("params.yaml", overrides)
     steps = pipeline_steps(params)
     cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
-                      ["dvc.yaml", "rounds/dvc.yaml"] if len(steps) > len(STEPS) else None)
+                      ["dvc.yaml", "rounds/dvc.yaml"] if len(steps) > len(table.STEPS) else None)
     shown = " ".join(["dvc", *cmd[3:]])
     if overrides:
         dvc_stages.apply_overrides(root, set_values(cmd))
@@ -179,7 +180,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
             mlrun.tags({"dna.stages_ran": ",".join(ran)})
         if overrides:
             experiment = dvc_stages.save_experiment(root, ["dvc.lock", "rounds/dvc.lock", *(
-                f"{params.outputs}/{path}" for path in METRIC_FILES.values())])
+                f"{params.outputs}/{path}" for path in table.METRIC_FILES.values())])
             mlrun.tags({"dna.dvc_experiment": str(experiment)})
         metrics = read_metrics(root / params.outputs)
         for stage, values in metrics.items():
@@ -249,7 +250,7 @@ def up_to_date(root: Path) -> bool:
         return False
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
     rounds = (raw.get("rounds") or {}).get("count", 1)
-    addresses = [step.name for step in STEPS] + (["rounds/dvc.yaml:rounds"] if rounds > 1 else [])
+    addresses = [step.name for step in table.STEPS] + (["rounds/dvc.yaml:rounds"] if rounds > 1 else [])
     try:
         return not dvc_stages.out_of_date(root, *addresses)
     except Exception:  # noqa: BLE001 - anything DVC cannot read: the full run says what is wrong
@@ -272,7 +273,7 @@ def report(root: Path, result: dict) -> str:
     p = Paths(root / params.outputs)
     m = result["metrics"] if result["metrics"] is not None else read_metrics(p.root)
     lines = [f"stages run: {', '.join(result['ran']) or 'none (everything up to date)'}", "outputs:"]
-    for step in STEPS:
+    for step in table.STEPS:
         files = step.outputs + ((step.metrics,) if step.metrics else ())
         lines.append(f"  {step.name:<8} " + "  ".join(os.path.relpath(p.root / f, root) for f in files))
     run_id = result["mlflow_run_id"]

@@ -19,8 +19,8 @@ import yaml
 from prefect import flow
 
 from flows import artifacts
+from flows import steps as table
 from flows.entry import cli, load
-from flows.steps import STEPS
 from flows.tracking import (
     STAGE_TAG,
     Tracking,
@@ -68,7 +68,7 @@ def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None)
             with child_run(Tracking(uri, experiment, mlrun.run_id), f"round {round_}",
                            {STAGE_TAG: "round", "dna.round": str(round_)}) as round_run, nested_under(round_run.run_id):
                 round_run.artifact(path)
-                for step in STEPS:
+                for step in table.STEPS:
                     step.flow()(str(path), None)
         rows = write_summary(params)
         result = summary(rows)

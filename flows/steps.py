@@ -5,10 +5,11 @@ each step's MLflow run logs the params it reads.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,15 +73,40 @@ REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.prom
                 "register/registration.json", ("version", "champion", "reason"),
                 inputs=("search/arch.yaml", "retrain/model.pt", "retrain/metrics.json", "export/model.onnx",
                         "export/metrics.json"), commands=("dna register",))
-STEPS: list[Step] = steps_of()
-OPTIONAL_STEPS: list[Step] = steps_of(default=False)  # e.g. rank: dvc repro rank/dvc.yaml
-STAGES = [s.name for s in STEPS]
-STAGE_PARAMS: dict[str, list[str]] = {s.name: list(s.params) for s in STEPS}
-STAGE_MODULES: dict[str, str] = {s.name: s.module for s in STEPS}
-METRIC_FILES: dict[str, str] = {s.name: s.metrics for s in STEPS if s.metrics}
-# Steps that make the latency profile (checked without it).
-MAKES_PROFILE = frozenset(step for step, stages in stage_steps(STAGE_TABLE).items()
-                          if any(s.makes_profile for s in stages))
+
+
+def _derived(table: tuple[Stage, ...]) -> dict:
+    steps = steps_of(table)
+    return {"STEPS": steps,
+            "OPTIONAL_STEPS": steps_of(table, default=False),  # e.g. rank: dvc repro rank/dvc.yaml
+            "STAGES": [s.name for s in steps],
+            "STAGE_PARAMS": {s.name: list(s.params) for s in steps},
+            "STAGE_MODULES": {s.name: s.module for s in steps},
+            "METRIC_FILES": {s.name: s.metrics for s in steps if s.metrics},
+            # steps that make the latency profile (checked without it)
+            "MAKES_PROFILE": frozenset(step for step, stages in stage_steps(table).items()
+                                       if any(s.makes_profile for s in stages))}
+
+
+# read them as steps.X where a scoped table (below) must show
+STEPS, OPTIONAL_STEPS, STAGES, STAGE_PARAMS, STAGE_MODULES, METRIC_FILES, MAKES_PROFILE = _derived(STAGE_TABLE).values()
+
+
+@contextlib.contextmanager
+def scoped_table(table: tuple[Stage, ...]) -> Iterator[None]:
+    """Meanwhile, the stage table is `table` (dna.stages.STAGES) and the steps are its: a stage added without editing
+    dna/stages, as a test adds one."""
+    import dna.stages
+
+    previous = dna.stages.STAGES
+    dna.stages.STAGES = table
+    globals().update(_derived(table))
+    try:
+        yield
+    finally:
+        dna.stages.STAGES = previous
+        globals().update(_derived(previous))
+
 
 # Sections that determine the trained network; their hash tags a registered model version.
 RESULT_SECTIONS = ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "search", "profile",

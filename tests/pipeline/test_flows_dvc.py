@@ -250,3 +250,36 @@ print(json.dumps({"max_diff": diff, "arch": read_metadata(run.paths.onnx)["arch"
 
     after = pipeline_flow(str(repo))  # the Prefect flow finds what `dvc repro` recorded
     assert after["ran"] == [] and after["skipped"] == STAGES
+
+
+def test_a_new_stage_is_one_table_entry_and_runs_through_the_flow_and_dvc_records_it(prefect_api, tmp_path):
+    """A stage added to the table (its function in another module; no flows/ module, no hand-written DVC stage):
+    dvc.yaml made from the table holds it, the pipeline flow runs it after what it reads (its generic step flow, with
+    an MLflow run and its metrics), and DVC records it like every other step."""
+    from dna.stages import STAGES as TABLE
+    from dna.stages import Stage
+    from flows.dvc_files import default_file
+    from flows.pipeline import pipeline_flow
+    from flows.steps import scoped_table, steps_of
+
+    extra = Stage("calibrate", "The chosen network's layers per stage.", "pipeline_support:stage_calibrate",
+                  ("seed",), ("calibrate/layers.json",), metrics="calibrate/metrics.json", headline=("layers",),
+                  inputs=("search/arch.yaml",))
+    table = (*TABLE, extra)
+    repo = git_dvc_project(tmp_path / "repo")
+    with scoped_table(table):
+        (repo / "dvc.yaml").write_text(default_file(steps_of(table)))
+        first = pipeline_flow(str(repo))
+        assert first["ran"] == [*STAGES[:-1], "calibrate", "register"]
+        arch = Arch.load(repo / "outputs" / "search" / "arch.yaml")
+        assert first["metrics"]["calibrate"] == {"layers": sum(len(stage) for stage in arch.stages)}
+        assert "up to date" in dvc(repo, "status")  # recorded in dvc.lock, with its output cached
+        assert "calibrate" in json.dumps(__import__("yaml").safe_load((repo / "dvc.lock").read_text())["stages"])
+        assert pipeline_flow(str(repo))["ran"] == []
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import nested_runs
+
+    runs = {r.info.run_name: r for r in nested_runs(f"sqlite:///{repo / 'mlflow.db'}", first["mlflow_run_id"])}
+    assert runs["calibrate"].data.metrics["layers"] == first["metrics"]["calibrate"]["layers"]
+    assert MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").list_artifacts(runs["calibrate"].info.run_id)
