@@ -30,12 +30,14 @@ def out_of_date(root: Path, *addresses: str) -> list[str]:
     date."""
     with dvc_repo(root) as repo:
         found = repo.status(targets=list(addresses))
-    changes = []
-    for entries in found.values():
-        for entry in entries:
-            changes += [f"{kind} {', '.join(map(str, what))}" if isinstance(what, dict) else str(entry)
-                        for kind, what in (entry.items() if isinstance(entry, dict) else [(entry, None)])]
-    return changes
+    return [text for entries in found.values() for entry in entries for text in _described(entry)]
+
+
+def _described(entry) -> list[str]:
+    """One entry of `dvc status`: {"changed deps": {path: state}} or a word such as "always changed"."""
+    if isinstance(entry, dict):
+        return [f"{kind} {', '.join(map(str, what))}" for kind, what in entry.items()]
+    return [str(entry)]
 
 
 def remove_outputs(root: Path, address: str) -> None:

@@ -87,10 +87,10 @@ def set_values(cmd: list[str]) -> list[str]:
     return [cmd[i + 1] for i, part in enumerate(cmd) if part == "-S"]
 
 
-def pipeline_steps(params) -> list[tuple[str, Step]]:
+def pipeline_steps(rounds: int) -> list[tuple[str, Step]]:
     """The steps in run order, each with its DVC address: dvc.yaml's, then (rounds.count > 1) rounds/dvc.yaml's."""
     steps = [(step.name, step) for step in table.STEPS]
-    if params.rounds.count > 1:
+    if rounds > 1:
         steps += [(f"{step.name}/dvc.yaml:{step.name}", step) for step in table.OPTIONAL_STEPS if step.name == "rounds"]
     return steps
 
@@ -154,7 +154,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
     with working_directory(root):  # fail on a bad config before anything runs or is written
         check_dvc_params("params.yaml", overrides)
         params = load("params.yaml", overrides)
-    steps = pipeline_steps(params)
+    steps = pipeline_steps(params.rounds.count)
     cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
                       ["dvc.yaml", "rounds/dvc.yaml"] if len(steps) > len(table.STEPS) else None)
     shown = " ".join(["dvc", *cmd[3:]])
@@ -249,8 +249,7 @@ def up_to_date(root: Path) -> bool:
     if not (root / "dvc.lock").is_file():
         return False
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    rounds = (raw.get("rounds") or {}).get("count", 1)
-    addresses = [step.name for step in table.STEPS] + (["rounds/dvc.yaml:rounds"] if rounds > 1 else [])
+    addresses = [address for address, _ in pipeline_steps((raw.get("rounds") or {}).get("count", 1))]
     try:
         return not dvc_stages.out_of_date(root, *addresses)
     except Exception:  # noqa: BLE001 - anything DVC cannot read: the full run says what is wrong
