@@ -16,15 +16,21 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from dna.errors import DetectedFault
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MAGIC = b"DNACKPT1"
 _DIGEST_SIZE = hashlib.sha256().digest_size
 HEADER_SIZE = len(MAGIC) + _DIGEST_SIZE
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, DetectedFault):
     """A checkpoint file is missing, damaged, or not a checkpoint."""
 
 
@@ -116,6 +122,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, value: dict) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
 
 
 def save_checkpoint(path: str | Path, state: dict) -> str:

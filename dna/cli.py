@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dna.config import ConfigError, Params, load_params, parse_overrides
+from dna.config import Params, load_params, parse_overrides
+from dna.errors import ConfigError
 from dna.stages import STAGES, Stage, accuracy_line, checks, default_stages, run_stage, step_keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)

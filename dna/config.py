@@ -20,13 +20,11 @@ from pydantic import (
     model_validator,
 )
 
+from dna.errors import ConfigError
+
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 DEFAULT_OPS = [f"ir_k{k}_e{e}_se0.25" for e in (3, 6) for k in (3, 5, 7)]
-
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message names the key, the value and what is allowed."""
 
 
 def deep_checks(info: ValidationInfo) -> bool:

@@ -7,6 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,8 +15,11 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dna.checkpoint import atomic_write_text
-from dna.config import ConfigError, DataConfig
+from dna.errors import ConfigError
 from dna.loading import Batches, Decoded, Loading
+
+if TYPE_CHECKING:
+    from dna.config import DataConfig
 
 SPLITS = ("train", "rate", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,12 +11,15 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from dna.checkpoint import load_checkpoint
-from dna.config import ConfigError, DistillConfig
 from dna.ddp import rank_and_world, wrap
 from dna.engine import Engine
+from dna.errors import ConfigError
 from dna.recipe import scaled_lr
 from dna.spaces.base import Cell, SearchSpace
-from dna.targets import TargetSource
+
+if TYPE_CHECKING:
+    from dna.config import DistillConfig
+    from dna.targets import TargetSource
 
 CellLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PathSampler = Callable[[torch.Generator, Cell, int], tuple[int, ...]]

@@ -36,6 +36,7 @@ from torch import nn
 
 from dna.checkpoint import load_checkpoint, save_checkpoint
 from dna.ddp import rank_and_world, unwrap
+from dna.errors import DetectedFault
 from dna.progress import progress
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Step = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RuntimeError, DetectedFault):
     """Training produced a NaN or infinite loss; the last good checkpoint is left in place."""
+    fails_alike = True  # a retry resumes at the same epoch
 
 
 def channels_last(batch):

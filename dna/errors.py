@@ -8,14 +8,26 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 from pathlib import Path
-
-from dna.config import ConfigError
+from typing import ClassVar
 
 CONFIG_ERROR, DETECTED_FAULT = 2, 1
 
 
-class MissingInput(FileNotFoundError):
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the key, the value and what is allowed."""
+
+
+class DetectedFault(Exception):
+    """A fault a run detects and describes in one line (exit code 1). `fails_alike`: it fails the same way on every
+    try, so that retrying only repeats it."""
+
+    fails_alike: ClassVar[bool] = False
+
+
+class MissingInput(FileNotFoundError, DetectedFault):
     """A file that an earlier stage writes is not there; the message names the stage to run."""
+
+    fails_alike = True
 
 
 def needed(path: str | Path, stage: str) -> Path:
@@ -25,25 +37,13 @@ def needed(path: str | Path, stage: str) -> Path:
     return Path(path)
 
 
-def detected_faults() -> tuple[type[Exception], ...]:
-    """Imported when asked: the modules that raise them import torch."""
-    from dna.checkpoint import CheckpointError
-    from dna.export import ParityError
-    from dna.train import NonFiniteLoss
-
-    return CheckpointError, NonFiniteLoss, ParityError, MissingInput, StageFailure
-
-
 def fails_alike(exc: BaseException) -> bool:
     """Whether an error fails the same way on every try, so that retrying it only repeats it: a config that cannot
     be used, a missing input, a diverging loss (a retry resumes at the same epoch), a failed parity check."""
-    from dna.export import ParityError
-    from dna.train import NonFiniteLoss
-
-    return isinstance(exc, (ConfigError, MissingInput, NonFiniteLoss, ParityError))
+    return isinstance(exc, ConfigError) or isinstance(exc, DetectedFault) and exc.fails_alike
 
 
-class StageFailure(RuntimeError):
+class StageFailure(RuntimeError, DetectedFault):
     """A stage that failed in a way it detected and described (e.g. blocks that kept failing); the others' work
     is kept."""
 
@@ -52,7 +52,7 @@ def exit_code(exc: BaseException) -> int | None:
     """The exit code for an error reported in one line, or None for one that should keep its traceback."""
     if isinstance(exc, ConfigError):
         return CONFIG_ERROR
-    if isinstance(exc, detected_faults()):
+    if isinstance(exc, DetectedFault):
         return DETECTED_FAULT
     return None
 

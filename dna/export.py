@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 
 from dna.checkpoint import staged_file
+from dna.errors import DetectedFault
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -34,8 +35,9 @@ class ExportReport:
     num_images: int
 
 
-class ParityError(RuntimeError):
+class ParityError(RuntimeError, DetectedFault):
     """ONNX Runtime outputs differ from the PyTorch model by more than the tolerance."""
+    fails_alike = True
 
     def __init__(self, message: str, max_abs_diff: float):
         super().__init__(message)

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from dna.arch import Arch
-from dna.config import ProfileConfig
 from dna.spaces.base import Candidates, Piece, SearchSpace
+
+if TYPE_CHECKING:
+    from dna.config import ProfileConfig
 
 COLUMN = "latency_ms"
 KINDS = ("overhead", "stem", "layer", "head")

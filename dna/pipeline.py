@@ -1,5 +1,6 @@
 """Every stage function and the run they share, in one namespace (for scripts and tests). The stages live one
 module each in dna/stages/ and the run in dna/run.py; code that should not depend on every stage imports those."""
+from dna.checkpoint import write_csv, write_json  # noqa: F401
 from dna.run import (  # noqa: F401
     EVAL_BATCH_SIZE,
     EpochHook,
@@ -9,8 +10,6 @@ from dna.run import (  # noqa: F401
     latency_model,
     stage_tables,
     validate,
-    write_csv,
-    write_json,
 )
 from dna.stages.data import stage_data  # noqa: F401
 from dna.stages.distill import (  # noqa: F401

@@ -32,8 +32,7 @@ import pandas as pd
 from dna import plots
 from dna.arch import Arch
 from dna.checkpoint import atomic_write_text, digest, file_digest
-from dna.config import ConfigError
-from dna.errors import StageFailure, needed
+from dna.errors import ConfigError, StageFailure, needed
 from dna.rank_metrics import (
     bootstrap_interval,
     kendall_tau,
@@ -135,7 +134,7 @@ def train_network(run, network: str, arch: Arch, on_epoch=None) -> dict:
     """Train one network from scratch with the rank recipe, rank.seeds times; returns its mean accuracies.
 
     A seed whose result file matches is not redone; one interrupted resumes from its last epoch."""
-    from dna.run import write_json
+    from dna.checkpoint import write_json
     from dna.train import train_classifier
 
     p = run.params
@@ -173,8 +172,8 @@ def train_network(run, network: str, arch: Arch, on_epoch=None) -> dict:
 def spos_ratings(run, plan: pd.DataFrame, on_epoch=None) -> dict:
     """Train the one-shot supernet (resumable), then rate every planned network by its hold-out loss with inherited
     weights, BatchNorm re-estimated; writes rank/spos/ratings.csv (loss and accuracy) and history.csv."""
+    from dna.checkpoint import write_csv
     from dna.data import eval_view
-    from dna.run import write_csv
     from dna.spos import inherited_scores, train_spos
 
     p, out = run.params, run.paths.rank_dir / "spos"
@@ -267,7 +266,7 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
     with its bootstrap 90% interval and beside the noise of both its sides: the ground truth's (two trainings of
     each network) and the rating's (two distillations)."""
     from dna.block_combination import block_columns, fit_predictor, loo_predictions, zscore_rating
-    from dna.run import write_csv, write_json
+    from dna.checkpoint import write_csv, write_json
 
     p, out = run.params.rank, run.paths.rank_dir
     frame = plan.copy()

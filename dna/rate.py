@@ -6,7 +6,7 @@ BatchNorm statistics depend only on its own prefix, so this equals rating each c
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dna.progress import progress as progress_of
 from dna.spaces.base import Candidates, CellSupernet, SearchSpace
-from dna.supervision import BlockSupervision, Scorer
+
+if TYPE_CHECKING:
+    from dna.supervision import BlockSupervision, Scorer
 
 Path_ = tuple[int, ...]
 STACK_BYTES = 64 * 2**20  # rating batches are stacked into chunks of up to this many bytes

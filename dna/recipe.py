@@ -3,14 +3,16 @@ or per optimizer step) and the weight EMA, built from a TrainConfig for the Engi
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from dna.config import TrainConfig
+if TYPE_CHECKING:
+    from dna.config import TrainConfig
+
 
 
 def scaled_lr(lr: float, batch_size: int, lr_batch: int | None) -> float:

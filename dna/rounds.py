@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from dna.config import ConfigError, Params, parse_params
+from dna.config import Params, parse_params
+from dna.errors import ConfigError
 from dna.paths import Paths
 
 SUMMARY = "rounds.json"

@@ -8,15 +8,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from dna.checkpoint import atomic_write_text, digest, file_digest
-from dna.config import ConfigError, Params, TrainConfig
-from dna.errors import needed
+from dna.checkpoint import digest, file_digest
+from dna.errors import ConfigError, needed
 from dna.paths import Paths, ReplicatePaths
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+    from dna.config import Params, TrainConfig
     from dna.data import Data
     from dna.spaces.base import Candidates, SearchSpace
     from dna.supervision import BlockSupervision
@@ -27,14 +27,6 @@ log = logging.getLogger(__name__)
 
 EpochHook = Callable[[dict], None] | None
 EVAL_BATCH_SIZE = 256  # images per batch when evaluating a whole split (the test split may not fit in memory)
-
-
-def write_json(path: Path, value: dict) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    atomic_write_text(path, frame.to_csv(index=False))
 
 
 class Run:
@@ -98,6 +90,23 @@ class Run:
         from dna.supervision import build_supervision
 
         return build_supervision(self)
+
+    # what a progressive supervision reads of the blocks before the one it trains
+    def rating(self, block: int) -> pd.DataFrame:
+        """The block's rating (the rate stage's table), made now when it is not yet."""
+        import pandas as pd
+
+        from dna.stages.rate import stage_rate
+
+        if not self.paths.rating(block).is_file():
+            stage_rate(self, block)
+        return pd.read_csv(self.paths.rating(block), dtype={"path": str})
+
+    def trained_supernet(self, block: int, shapes: list[tuple[int, int, int]]) -> torch.nn.Module:
+        """The block's supernet as the distill stage of these settings left it (dna.stages.distill)."""
+        from dna.stages.distill import trained_supernet
+
+        return trained_supernet(self, block, shapes)
 
     # fingerprints: what determines each stage's result, so a checkpoint of another configuration is not resumed
     def teacher_fingerprint(self) -> str:

@@ -36,10 +36,9 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from dna.checkpoint import digest, load_checkpoint
-from dna.supervision import SUPERVISIONS
 
 if TYPE_CHECKING:
-    from dna.run import Run
+    from dna.supervision import SupervisionContext
 
 RATING_SEED = 7_919  # views and target paths of rating (and calibration), the same for every candidate
 
@@ -216,7 +215,6 @@ class BootstrapScore:
         return {key: s / self.count for key, s in self.sums.items()}
 
 
-@SUPERVISIONS.register("ssl")
 class SelfSupervised:
     """Supervision kind "ssl" (see the module's docstring). `rating`: views and target paths drawn from a fixed seed,
     the training split under eval transforms, and each block's trained criterion loaded from its checkpoint."""
@@ -225,7 +223,7 @@ class SelfSupervised:
     uses_teacher = False
     progressive = True
 
-    def __init__(self, run: Run, rating: bool = False):
+    def __init__(self, run: SupervisionContext, rating: bool = False):
         from dna.data import eval_view
 
         self.run, self.rating = run, rating
@@ -236,7 +234,7 @@ class SelfSupervised:
         self._criteria: dict[int, BootstrapCriterion] = {}
 
     @classmethod
-    def from_run(cls, run: Run) -> SelfSupervised:
+    def from_run(cls, run: SupervisionContext) -> SelfSupervised:
         return cls(run)
 
     def for_rating(self) -> SelfSupervised:
@@ -281,19 +279,12 @@ class SelfSupervised:
         return self._fronts[block]
 
     def _best_path(self, block: int) -> nn.Module:
-        import pandas as pd
-
         from dna.rate import calibrate
-        from dna.stages.distill import trained_supernet
-        from dna.stages.rate import stage_rate
 
-        paths = self.run.paths
-        if not paths.rating(block).is_file():
-            stage_rate(self.run, block)
-        table = pd.read_csv(paths.rating(block), dtype={"path": str})
+        table = self.run.rating(block)
         best = table.loc[table["score"].idxmin()]
         ops = tuple(int(o) for o in str(best["path"]).split("-"))
-        supernet = trained_supernet(self.run, block, self.shapes())
+        supernet = self.run.trained_supernet(block, self.shapes())
         cell = supernet[best["cell"]]
         path = nn.Sequential(*[choices[i] for choices, i in zip(cell.layers, cell.full_path(ops))], cell.adapter)
         path = path.to(self.device)

@@ -17,19 +17,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from dna.config import Params
 from dna.data import Data
 from dna.engine import Engine
 from dna.rate import calibrate
 from dna.spaces.base import Cell, Choice, Piece, SearchSpace
 from dna.train import OPTIMIZERS
+
+if TYPE_CHECKING:
+    from dna.config import Params
 
 
 def layer_key(block: int, index: int, piece: Piece) -> str:

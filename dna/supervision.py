@@ -6,8 +6,8 @@ rating score. params.yaml picks one by `supervision.kind`; the stages see only t
 Kinds: "teacher" (DNA, dna/targets.py) and "ssl" (DNA++, teacher-free ensemble bootstrapping, dna/self_supervision.py).
 
 Adding a kind takes one module: a class implementing the protocol, with `from_run(run)`, decorated with
-`@SUPERVISIONS.register(kind)` (dna.registry); a kind that ships with dna also has its module in SUPERVISIONS'
-built-in list.
+`@SUPERVISIONS.register(kind)` (dna.registry); a kind that ships with dna is registered in `_built_in` instead, so
+that its module imports nothing of this one.
 """
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ from typing import TYPE_CHECKING, Hashable, Iterator, Protocol
 from dna.registry import Registry
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
     from pydantic import BaseModel
 
-    from dna.run import Run
+    from dna.config import Params
+    from dna.data import Data
+    from dna.paths import Paths
+    from dna.spaces.base import SearchSpace
 
 
 class Scorer(Protocol):
@@ -34,11 +38,28 @@ class Scorer(Protocol):
     def result(self) -> dict[Hashable, float]: ...
 
 
+class SupervisionContext(Protocol):
+    """What a supervision may use of the run it serves (dna.run.Run is one): it reads the blocks before the one it
+    trains through `rating` and `trained_supernet`, never by running a stage itself."""
+
+    params: Params
+    paths: Paths
+    data: Data
+    device: torch.device
+    space: SearchSpace
+
+    def rating(self, block: int) -> pd.DataFrame:
+        """The block's rating (one row per candidate: cell, path, score), made when it is not yet."""
+
+    def trained_supernet(self, block: int, shapes: list[tuple[int, int, int]]) -> torch.nn.Module:
+        """The block's supernet as these settings' distillation left it."""
+
+
 class BlockSupervision(Protocol):
     """What the features, distill and rate stages need of a block supervision.
 
-    Built by `from_run(run)` (a classmethod), which may use anything the run holds: params, paths, data, device,
-    the search space, the block checkpoints of earlier stages.
+    Built by `from_run(run)` (a classmethod) from a SupervisionContext: params, paths, data, device, the search
+    space, and the blocks of earlier stages.
 
     Class attributes: `uses_teacher` (False: the teacher stage builds, trains and downloads nothing) and
     `progressive` (True: block i needs blocks 0..i-1 trained and rated, so blocks run one after the other).
@@ -78,7 +99,11 @@ class BlockSupervision(Protocol):
 
 
 def _built_in() -> None:
-    from dna import self_supervision, targets  # noqa: F401 - each registers its kind (they import torch)
+    from dna.self_supervision import SelfSupervised
+    from dna.targets import TeacherTargets
+
+    SUPERVISIONS.register("teacher", TeacherTargets)
+    SUPERVISIONS.register("ssl", SelfSupervised)
 
 
 SUPERVISIONS: Registry[type] = Registry("block supervision", "supervision.kind", _built_in)
@@ -93,5 +118,5 @@ def options_model(kind: str) -> type[BaseModel] | None:
     return getattr(supervision_class(kind), "Options", None)
 
 
-def build_supervision(run: Run) -> BlockSupervision:
+def build_supervision(run: SupervisionContext) -> BlockSupervision:
     return supervision_class(run.params.supervision.kind).from_run(run)

@@ -26,10 +26,9 @@ from dna.checkpoint import checkpoint_digest, digest, file_digest, staged_dir
 from dna.data import Data, eval_view
 from dna.ddp import rank_batches
 from dna.progress import progress
-from dna.supervision import SUPERVISIONS
 
 if TYPE_CHECKING:
-    from dna.run import Run
+    from dna.supervision import SupervisionContext
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,6 @@ class RelativeL1Score:
         return {key: s / self.count / std for key, s in self.abs.items()}
 
 
-@SUPERVISIONS.register("teacher")
 class TeacherTargets:
     """`key`: what the features depend on (digested by fingerprint(): it keys the cache)."""
 
@@ -133,7 +131,7 @@ class TeacherTargets:
         self._warned = False  # about a cache that is there but cannot be read
 
     @classmethod
-    def from_run(cls, run: Run) -> TeacherTargets:
+    def from_run(cls, run: SupervisionContext) -> TeacherTargets:
         """The run's teacher (the teacher stage's checkpoint) at teacher.boundaries, cached under distill/features
         unless distill.cache_features is off or the training images are augmented (then computed on the fly)."""
         from dna.teacher import load_teacher

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -11,10 +12,13 @@ from torch import nn
 
 from dna.arch import Arch
 from dna.checkpoint import load_checkpoint, save_checkpoint
-from dna.config import ConfigError, Params, TeacherConfig
 from dna.data import Data
 from dna.ddp import is_main
+from dna.errors import ConfigError
 from dna.train import TrainResult, accuracy, train_classifier
+
+if TYPE_CHECKING:
+    from dna.config import Params, TeacherConfig
 
 log = logging.getLogger(__name__)
 

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from dna.config import TrainConfig
 from dna.data import Data
 from dna.ddp import wrap
 from dna.engine import Engine, unwrap
 from dna.engine import NonFiniteLoss as NonFiniteLoss  # raised by training; detected_faults() imports it from here
 from dna.recipe import make_ema, make_scheduler, scaled_lr, updates_per_epoch
+
+if TYPE_CHECKING:
+    from dna.config import TrainConfig
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "momentum", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsproptf"}
 

@@ -27,11 +27,15 @@ def module_file(name: str) -> Path | None:
 
 
 def imported_names(path: Path, module: str) -> set[str]:
-    """Every module name an import statement anywhere in the file may load, `from a import b` giving both a and
-    a.b (b may be a submodule); relative imports resolved against the module's package."""
+    """Every module name an import statement anywhere in the file may load (outside `if TYPE_CHECKING:`), `from a
+    import b` giving both a and a.b (b may be a submodule); relative imports resolved against the module's package."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {id(node) for block in ast.walk(tree) if _type_checking(block) for node in ast.walk(block)}
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -43,6 +47,11 @@ def imported_names(path: Path, module: str) -> set[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
+
+
+def _type_checking(node: ast.AST) -> bool:
+    """An `if TYPE_CHECKING:` block: its imports are read by type checkers, never run."""
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
 def with_parents(name: str) -> list[str]:

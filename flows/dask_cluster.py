@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import dask
 from prefect_dask import DaskTaskRunner
 
-from dna.config import ConfigError
+from dna.errors import ConfigError
 
 
 def missing_resources(workers: Mapping[str, dict], needed: Mapping[str, float]) -> str | None:

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from dna.config import ConfigError, Params, load_params, parse_overrides
+from dna.config import Params, load_params, parse_overrides
+from dna.errors import ConfigError
 from flows import steps as table
 from flows.steps import stage_params
 

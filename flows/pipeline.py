@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
-from dna.config import ConfigError
+from dna.errors import ConfigError
 from dna.logs import setup_logging
 from flows import artifacts, dvc_stages
 from flows import steps as table

@@ -26,7 +26,7 @@ import ray
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
-from dna.config import ConfigError
+from dna.errors import ConfigError
 
 
 def ray_options(resources: Mapping[str, float]) -> dict:

@@ -287,7 +287,8 @@ def promote_cli(params_file: str | Path = "params.yaml", version: int | None = N
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from dna.config import ConfigError, load_params
+    from dna.config import load_params
+    from dna.errors import ConfigError
     from flows.tracking import tracking_uri
 
     try:

@@ -5,11 +5,10 @@ each step's MLflow run logs the params it reads.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,24 +87,7 @@ def _derived(table: tuple[Stage, ...]) -> dict:
                                        if any(s.makes_profile for s in stages))}
 
 
-# read them as steps.X where a scoped table (below) must show
 STEPS, OPTIONAL_STEPS, STAGES, STAGE_PARAMS, STAGE_MODULES, METRIC_FILES, MAKES_PROFILE = _derived(STAGE_TABLE).values()
-
-
-@contextlib.contextmanager
-def scoped_table(table: tuple[Stage, ...]) -> Iterator[None]:
-    """Meanwhile, the stage table is `table` (dna.stages.STAGES) and the steps are its: a stage added without editing
-    dna/stages, as a test adds one."""
-    import dna.stages
-
-    previous = dna.stages.STAGES
-    dna.stages.STAGES = table
-    globals().update(_derived(table))
-    try:
-        yield
-    finally:
-        dna.stages.STAGES = previous
-        globals().update(_derived(previous))
 
 
 # Sections that determine the trained network; their hash tags a registered model version.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from dna.config import ConfigError
+from dna.errors import ConfigError
 from flows.settings import OrchestrationConfig
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dna.config import ConfigError, Params, load_params, parse_params
+from dna.config import Params, load_params, parse_params
+from dna.errors import ConfigError
 from dna.pipeline import stage_tables, validate
 from dna.search import min_cost
 from dna.spaces.mbconv import MBConvSpace

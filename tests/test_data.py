@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dna.config import ConfigError, DataConfig
+from dna.config import DataConfig
 from dna.data import class_count, has_images, load_data, make_splits, write_splits
+from dna.errors import ConfigError
 
 SPLITS = ("train", "rate", "test")
 

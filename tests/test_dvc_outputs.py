@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dna.config import ConfigError, parse_params
+from dna.config import parse_params
+from dna.errors import ConfigError
 from flows.entry import check_dvc_params, load
 from tests.conftest import tiny_raw
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dna.config import ConfigError
-from dna.errors import DETECTED_FAULT, exit_code, report
+from dna.errors import DETECTED_FAULT, ConfigError, exit_code, report
 
 
 def test_a_file_not_found_by_a_bug_keeps_its_traceback():

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from dna.checkpoint import digest
-from dna.config import ConfigError, parse_params
+from dna.config import parse_params
+from dna.errors import ConfigError
 from dna.latency import COLUMN, LatencyTable, fingerprint, pieces, write_profile
 from dna.pipeline import Run, latency_model, stage_profile, stage_tables, validate
 from dna.search import best_under, pareto_front

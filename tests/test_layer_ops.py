@@ -5,7 +5,8 @@ import torch
 from timm.models._efficientnet_builder import _decode_block_str
 
 from dna.arch import build_layers, count_cost
-from dna.config import ConfigError, SpaceConfig, parse_params
+from dna.config import SpaceConfig, parse_params
+from dna.errors import ConfigError
 from dna.spaces import build_space
 from dna.spaces.base import Cell
 from dna.spaces.layer_ops import check_op, op_layers, op_module

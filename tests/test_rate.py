@@ -100,7 +100,7 @@ def _rating_clone(prepared_run, root, **distill):
 
 def test_a_half_trained_or_stale_supernet_is_refused_naming_the_block(prepared_run, tmp_path):
     from dna.checkpoint import load_checkpoint, save_checkpoint
-    from dna.config import ConfigError
+    from dna.errors import ConfigError
     from dna.pipeline import stage_rate
 
     run = _rating_clone(prepared_run, tmp_path / "fresh")

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from dna.checkpoint import load_checkpoint
 from dna.cli import app
-from dna.config import ConfigError, parse_params
+from dna.config import parse_params
 from dna.engine import Engine
+from dna.errors import ConfigError
 from dna.paths import Paths
 from dna.rounds import all_rounds, round_dir, round_params, summary_rows
 from tests.conftest import tiny_raw

@@ -13,7 +13,8 @@ PROBE = """
 import json, os, sys
 before = dict(os.environ)
 import dna.config
-from dna.config import ConfigError, load_params, use_sections
+from dna.config import load_params, use_sections
+from dna.errors import ConfigError
 out = {"flows": sorted(m for m in sys.modules if m.startswith("flows")),
        "environment": sorted(k for k in os.environ if before.get(k) != os.environ[k])}
 try:

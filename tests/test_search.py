@@ -307,7 +307,7 @@ def test_the_search_maximises_the_rank_stages_predictor_when_asked(prepared_run,
     import pandas as pd
 
     from dna.arch import Arch
-    from dna.config import ConfigError
+    from dna.errors import ConfigError
     from dna.pipeline import Run, stage_rate, stage_search, stage_tables
     from dna.rank_sample import NetworkTable
     from dna.spaces.base import Candidates

@@ -8,8 +8,9 @@ import yaml
 from typer.testing import CliRunner
 
 from dna.checkpoint import load_checkpoint
-from dna.config import ConfigError, parse_params
+from dna.config import parse_params
 from dna.distill import build_block, distill_block, load_block
+from dna.errors import ConfigError
 from dna.pipeline import Run, stage_data, stage_distill, stage_rate
 from dna.rate import rate_candidate_naive
 from dna.self_supervision import BootstrapCriterion, SelfSupervised, SslOptions, crops

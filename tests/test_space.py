@@ -523,7 +523,8 @@ def test_a_stride_where_the_block_has_none_is_outside(down_space):
     ({"stride": 2, "depths": [2], "widths": [16], "down_positions": [1, 1]}, "distinct layer positions"),
 ])
 def test_wrong_stride_positions_name_the_key(tmp_path, block, problem):
-    from dna.config import ConfigError, parse_params
+    from dna.config import parse_params
+    from dna.errors import ConfigError
     from tests.conftest import tiny_raw
 
     raw = tiny_raw(tmp_path)

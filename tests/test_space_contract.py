@@ -8,8 +8,9 @@ import torch
 
 import tests.tiny_space
 from dna.arch import Arch, count_cost
-from dna.config import ConfigError, SpaceConfig, parse_params
+from dna.config import SpaceConfig, parse_params
 from dna.distill import build_block
+from dna.errors import ConfigError
 from dna.export import export_onnx
 from dna.spaces import SPACES, build_space, space_class
 from tests.conftest import tiny_raw

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 
 from dna.checkpoint import digest
-from dna.config import ConfigError, parse_params
+from dna.config import parse_params
 from dna.data import eval_view
 from dna.distill import PairLoss, load_block
+from dna.errors import ConfigError
 from dna.rate import rate_candidate_naive
 from dna.supervision import SUPERVISIONS, build_supervision
 from dna.targets import RelativeL1Score, TeacherTargets, teacher_shapes

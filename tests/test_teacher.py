@@ -174,7 +174,7 @@ def test_arch_teacher_blocks_end_where_the_space_blocks_end_when_a_stride_sits_i
 def test_arch_teacher_weights_that_do_not_fit_are_a_config_error_before_any_work(arch_teacher, tmp_path):
     from dna.arch import Arch
     from dna.checkpoint import save_checkpoint
-    from dna.config import ConfigError
+    from dna.errors import ConfigError
     from dna.pipeline import validate
 
     run, arch, saved, raw = arch_teacher
@@ -235,7 +235,7 @@ def test_a_scaled_arch_teacher_is_the_wider_deeper_network_trained_here(arch_tea
      r"scale a network of teacher.source 'arch', not of source 'train'"),
 ])
 def test_multipliers_are_checked_before_any_work(arch_teacher, teacher, message):
-    from dna.config import ConfigError
+    from dna.errors import ConfigError
 
     _, _, _, raw = arch_teacher
     with pytest.raises(ConfigError, match=message):

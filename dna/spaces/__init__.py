@@ -1,6 +1,6 @@
 """Search spaces by kind (`space.kind` in params.yaml), in the registry SPACES (dna.registry): a new kind is one module
-that defines a space class (see dna.spaces.base.SearchSpace) decorated with `@SPACES.register(kind)`, plus its
-module in SPACES' built-in list when it ships with dna.
+that defines a space class (see dna.spaces.base.SearchSpace) decorated with `@SPACES.register(kind)`; a kind that
+ships with dna is registered in `_built_in` instead, so that its module imports nothing of this one.
 
 Importing this module loads no space (nor torch); the spaces that ship with dna are imported when first asked for.
 """
@@ -20,7 +20,12 @@ def _named(kind: str, cls: type) -> None:
 
 
 def _built_in() -> None:
-    from dna.spaces import hybrid, mbconv, vit  # noqa: F401 - each registers its space
+    from dna.spaces.hybrid import HybridSpace
+    from dna.spaces.mbconv import MBConvSpace
+    from dna.spaces.vit import VitSpace
+
+    for kind, cls in (("mbconv", MBConvSpace), ("hybrid", HybridSpace), ("vit", VitSpace)):
+        SPACES.register(kind, cls)
 
 
 SPACES: Registry[type[SearchSpace]] = Registry("search space", "space.kind", _built_in, on_register=_named)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from dna.arch import Arch, count_cost
-from dna.config import SpaceConfig
+
+if TYPE_CHECKING:
+    from dna.config import SpaceConfig
 
 Ops = tuple[int, ...]
 

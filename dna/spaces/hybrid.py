@@ -2,13 +2,15 @@
 attention where it pays; the blocks and cells are the MBConv space's."""
 from __future__ import annotations
 
-from dna.config import SpaceConfig
-from dna.spaces import SPACES
+from typing import TYPE_CHECKING
+
 from dna.spaces.layer_ops import is_attention
 from dna.spaces.mbconv import MBConvSpace
 
+if TYPE_CHECKING:
+    from dna.config import SpaceConfig
 
-@SPACES.register("hybrid")
+
 class HybridSpace(MBConvSpace):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from functools import cached_property
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from timm.layers import create_classifier, create_conv2d, get_act_layer, get_norm_act_layer
@@ -15,15 +15,15 @@ from torch import nn
 
 from dna.arch import ACT, DEFAULT_SETTINGS, Arch, build_layers, count_cost, expand_repeats
 from dna.arch_families import DEFAULT_FAMILY
-from dna.config import SpaceConfig
-from dna.spaces import SPACES
 from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, block_stages, extract_pairs
 from dna.spaces.layer_ops import attention_parts, check_op, is_attention, layer_string, op_layers, op_module
+
+if TYPE_CHECKING:
+    from dna.config import SpaceConfig
 
 __all__ = ["MBConvSpace", "check_op", "layer_string"]
 
 
-@SPACES.register("mbconv")
 class MBConvSpace(SpaceBase):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:

@@ -3,13 +3,15 @@
 stride or width starts with the join (a strided convolution). See dna.spaces.layer_ops."""
 from __future__ import annotations
 
-from dna.config import SpaceConfig
-from dna.spaces import SPACES
+from typing import TYPE_CHECKING
+
 from dna.spaces.layer_ops import is_attention
 from dna.spaces.mbconv import MBConvSpace
 
+if TYPE_CHECKING:
+    from dna.config import SpaceConfig
 
-@SPACES.register("vit")
+
 class VitSpace(MBConvSpace):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:

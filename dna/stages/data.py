@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from dna.locks import locked
-from dna.run import Run
+
+if TYPE_CHECKING:
+    from dna.run import Run
 
 log = logging.getLogger(__name__)
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from dna.config import ConfigError
+from dna.checkpoint import write_csv
 from dna.ddp import is_main, main_first
+from dna.errors import ConfigError
 from dna.locks import locked
-from dna.run import EpochHook, Run, write_csv
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
+
+    from dna.run import EpochHook, Run
 
 
 

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
-from dna.checkpoint import checkpoint_digest
+from dna.checkpoint import checkpoint_digest, write_json
 from dna.errors import needed
 from dna.locks import locked
-from dna.run import EVAL_BATCH_SIZE, Run, write_json
+from dna.run import EVAL_BATCH_SIZE
+
+if TYPE_CHECKING:
+    from dna.run import Run
 
 log = logging.getLogger(__name__)
 

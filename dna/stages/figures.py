@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from dna.errors import needed
 from dna.locks import locked
-from dna.run import Run
+
+if TYPE_CHECKING:
+    from dna.run import Run
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from dna.checkpoint import digest
 from dna.locks import locked
-from dna.run import Run
+
+if TYPE_CHECKING:
+    from dna.run import Run
 
 log = logging.getLogger(__name__)
 

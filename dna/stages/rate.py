@@ -4,12 +4,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from dna.checkpoint import write_csv
 from dna.locks import locked
-from dna.run import Run, write_csv
 from dna.stages.distill import trained_supernet
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from dna.run import Run
 
 
 

@@ -5,16 +5,16 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from dna.checkpoint import file_digest
-from dna.config import ConfigError
-from dna.errors import needed
+from dna.checkpoint import file_digest, write_csv, write_json
+from dna.errors import ConfigError, needed
 from dna.locks import locked
-from dna.run import Run, latency_model, stage_tables, write_csv, write_json
+from dna.run import latency_model, stage_tables
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from dna.arch import Arch
+    from dna.run import Run
     from dna.spaces.base import Candidates, SearchSpace
 
 

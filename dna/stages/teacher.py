@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from dna.checkpoint import save_checkpoint
+from dna.checkpoint import save_checkpoint, write_csv, write_json
 from dna.ddp import is_main
 from dna.locks import locked
-from dna.run import EpochHook, Run, write_csv, write_json
+
+if TYPE_CHECKING:
+    from dna.run import EpochHook, Run
 
 log = logging.getLogger(__name__)
 

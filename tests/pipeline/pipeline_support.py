@@ -122,15 +122,3 @@ def git_dvc_project(repo: Path, files: tuple[str, ...] = ("dvc.yaml", ".gitignor
                  ["git", "commit", "-q", "-m", "tiny project"]):
         subprocess.run(args, cwd=repo, check=True, capture_output=True, text=True)
     return repo
-
-
-def stage_calibrate(run) -> dict:
-    """The function of a stage that a test adds to the stage table: the chosen network's layers per stage."""
-    from dna.arch import Arch
-    from dna.run import write_json
-
-    stages = [len(stage) for stage in Arch.load(run.paths.arch).stages]
-    write_json(run.paths.root / "calibrate" / "layers.json", {"stages": stages})
-    metrics = {"layers": sum(stages)}
-    write_json(run.paths.root / "calibrate" / "metrics.json", metrics)
-    return metrics

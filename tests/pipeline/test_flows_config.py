@@ -155,7 +155,8 @@ def test_a_preset_runs_as_a_dvc_experiment_of_its_differences(tmp_path):
     """--preset configs/vit.yaml: the keys where the resolved preset differs from params.yaml become `dvc exp run -S`
     overrides (given overrides win), so DVC records the experiment's params; a preset outside the project is refused
     before anything runs."""
-    from dna.config import ConfigError, load_params
+    from dna.config import load_params
+    from dna.errors import ConfigError
     from flows.pipeline import with_preset
 
     overrides = with_preset(ROOT, "configs/vit.yaml", {"distill.epochs": 1})

@@ -8,7 +8,7 @@ import time
 import pytest
 from server_support import dask_cluster
 
-from dna.config import ConfigError
+from dna.errors import ConfigError
 from flows.dask_cluster import missing_resources
 from flows.settings import OrchestrationConfig
 from flows.task_runners import make_task_runner

@@ -139,7 +139,7 @@ def test_a_server_on_postgresql_runs_a_deployed_stage_flow_on_a_process_worker(t
 def test_a_deployments_run_reproduces_only_its_own_project(tmp_path, monkeypatch, capsys):
     """A run's parameters come from whoever can reach the Prefect API: a deployment's run (prefect.yaml, --serve)
     refuses a project_dir other than the project of its code, before running anything there."""
-    from dna.config import ConfigError
+    from dna.errors import ConfigError
     from flows import pipeline
 
     elsewhere = tmp_path / "elsewhere"

@@ -252,30 +252,72 @@ print(json.dumps({"max_diff": diff, "arch": read_metadata(run.paths.onnx)["arch"
     assert after["ran"] == [] and after["skipped"] == STAGES
 
 
-def test_a_new_stage_is_one_table_entry_and_runs_through_the_flow_and_dvc_records_it(prefect_api, tmp_path):
-    """A stage added to the table (its function in another module; no flows/ module, no hand-written DVC stage):
-    dvc.yaml made from the table holds it, the pipeline flow runs it after what it reads (its generic step flow, with
-    an MLflow run and its metrics), and DVC records it like every other step."""
-    from dna.stages import STAGES as TABLE
-    from dna.stages import Stage
-    from flows.dvc_files import default_file
-    from flows.pipeline import pipeline_flow
-    from flows.steps import scoped_table, steps_of
+NEW_STAGE_MODULE = '''"""The calibrate stage: the chosen network's layers per stage."""
+from __future__ import annotations
 
-    extra = Stage("calibrate", "The chosen network's layers per stage.", "pipeline_support:stage_calibrate",
-                  ("seed",), ("calibrate/layers.json",), metrics="calibrate/metrics.json", headline=("layers",),
-                  inputs=("search/arch.yaml",))
-    table = (*TABLE, extra)
+from dna.arch import Arch
+from dna.checkpoint import write_json
+
+
+def stage_calibrate(run) -> dict:
+    stages = [len(stage) for stage in Arch.load(run.paths.arch).stages]
+    write_json(run.paths.root / "calibrate" / "layers.json", {"stages": stages})
+    metrics = {"layers": sum(stages)}
+    write_json(run.paths.root / "calibrate" / "metrics.json", metrics)
+    return metrics
+'''
+NEW_STAGE_ENTRY = '''    Stage("calibrate", "The chosen network's layers.", "dna.stages.calibrate:stage_calibrate",
+          ("seed",), ("calibrate/layers.json",), metrics="calibrate/metrics.json", headline=("layers",),
+          inputs=("search/arch.yaml",)),
+'''
+FLOW_RUN = """
+import json
+from flows.pipeline import pipeline_flow
+result = pipeline_flow(".")
+print(json.dumps({k: result.get(k) for k in ("ran", "metrics", "mlflow_run_id")}))
+"""
+
+
+def test_a_new_stage_is_one_module_plus_one_table_entry_and_runs_through_the_flow_and_dvc_repro(prefect_api,
+                                                                                              tmp_path):
+    """A copy of the project gets one module (dna/stages/calibrate.py) and one entry in the stage table, nothing else:
+    its DVC files made by `python -m flows.dvc_files --write` hold the stage; the pipeline flow runs it after what it
+    reads (the generic step flow, with an MLflow run and its metrics) and DVC records it; `dvc repro` after a change
+    to its module reruns it and nothing else; the flow after that runs nothing."""
     repo = git_dvc_project(tmp_path / "repo")
-    with scoped_table(table):
-        (repo / "dvc.yaml").write_text(default_file(steps_of(table)))
-        first = pipeline_flow(str(repo))
-        assert first["ran"] == [*STAGES[:-1], "calibrate", "register"]
-        arch = Arch.load(repo / "outputs" / "search" / "arch.yaml")
-        assert first["metrics"]["calibrate"] == {"layers": sum(len(stage) for stage in arch.stages)}
-        assert "up to date" in dvc(repo, "status")  # recorded in dvc.lock, with its output cached
-        assert "calibrate" in json.dumps(__import__("yaml").safe_load((repo / "dvc.lock").read_text())["stages"])
-        assert pipeline_flow(str(repo))["ran"] == []
+    (repo / "dna" / "stages" / "calibrate.py").write_text(NEW_STAGE_MODULE)
+    table = repo / "dna" / "stages" / "__init__.py"
+    text = table.read_text()
+    end = text.index("\n)\n", text.index("STAGES: tuple[Stage, ...] = (")) + 1
+    table.write_text(text[:end] + NEW_STAGE_ENTRY + text[end:])
+    env = {**os.environ, "PYTHONPATH": str(repo), "PREFECT_API_URL": prefect_api}  # the copy's dna, not this one
+
+    def python(*args) -> str:
+        done = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    python("-m", "flows.dvc_files", "--write")
+    stage = __import__("yaml").safe_load((repo / "dvc.yaml").read_text())["stages"]["calibrate"]
+    assert stage["cmd"] == "dna calibrate" and "dna/stages/calibrate.py" in stage["deps"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+
+    first = json.loads(python("-c", FLOW_RUN).strip().splitlines()[-1])
+    assert first["ran"] == [*STAGES[:-1], "calibrate", "register"]
+    arch = Arch.load(repo / "outputs" / "search" / "arch.yaml")
+    assert first["metrics"]["calibrate"] == {"layers": sum(len(stage) for stage in arch.stages)}
+    assert "up to date" in python("-m", "dvc", "status", "dvc.yaml")  # the flow recorded it, its output cached
+
+    with open(repo / "dna" / "stages" / "calibrate.py", "a") as module:
+        module.write("# a change to the stage's own module\n")
+    (repo / "outputs" / "calibrate" / "layers.json").unlink()
+    repro = python("-m", "dvc", "repro")
+    assert [line for line in repro.splitlines() if line.startswith("Running stage")] == ["Running stage 'calibrate':"]
+    assert json.loads((repo / "outputs" / "calibrate" / "layers.json").read_text())["stages"] == \
+        [len(stage) for stage in arch.stages]
+    assert json.loads(python("-c", FLOW_RUN).strip().splitlines()[-1])["ran"] == []
+
     from mlflow.tracking import MlflowClient
 
     from flows.tracking import nested_runs

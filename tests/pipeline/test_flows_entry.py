@@ -74,7 +74,7 @@ def test_a_config_checked_first_is_taken_over_once_by_the_flow(tmp_path):
 
 @pytest.mark.parametrize("step", ["data", "register"])
 def test_a_light_step_still_rejects_a_wrong_key_anywhere_in_the_file(tmp_path, step):
-    from dna.config import ConfigError
+    from dna.errors import ConfigError
 
     raw = tiny_raw()
     raw["space"]["blocks"][0]["widths"] = ["wide"]

@@ -328,8 +328,7 @@ def test_a_bad_config_stops_every_stage_that_checks_it_before_any_work(prefect_a
 
 
 def _alike_errors():
-    from dna.config import ConfigError
-    from dna.errors import MissingInput
+    from dna.errors import ConfigError, MissingInput
     from dna.export import ParityError
     from dna.train import NonFiniteLoss
 

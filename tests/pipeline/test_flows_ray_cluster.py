@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from server_support import ray_cluster
 
-from dna.config import ConfigError
+from dna.errors import ConfigError
 from flows.ray_cluster import ResourceRayTaskRunner, missing_resources, ray_options
 from flows.settings import OrchestrationConfig
 from flows.task_runners import make_task_runner

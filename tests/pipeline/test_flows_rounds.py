@@ -35,7 +35,7 @@ def test_rounds_dvc_yaml_is_the_optional_step_of_the_stage_table():
 
 
 def test_the_rounds_flow_refuses_a_round_without_its_teacher_before_any_work(prefect_api, tmp_path):
-    from dna.config import ConfigError
+    from dna.errors import ConfigError
     from flows.rounds import rounds_flow
 
     raw = tiny_raw() | {"rounds": {"count": 2}}
