@@ -4,7 +4,7 @@ original code's traversal (candidates sorted by score, nested loops pruned by th
     python -m benchmarks.search_speed                  # everything below
     python -m benchmarks.search_speed --baseline-limit 120 --instances 300
 
-1. Paper space: configs/imagenet.yaml's space (blocks of 288, 1548, 1548, 2808, 16848 and 6 candidates, two input
+1. Paper space: configs/imagenet.yaml's space (blocks of 288, 1548, 1548, 2808, 18144 and 6 candidates, two input
    widths where the block before has two widths, ~2e17 networks) with its real per-candidate parameters and
    multiply-adds from MBConvSpace.candidate_table, and scores drawn to fall with cost (plus noise).
 2. The same with a single width per block (synthetic random costs), as the earlier version of this script timed.
@@ -27,7 +27,7 @@ import pandas as pd
 from benchmarks._common import interleaved, load_average
 from dna.search import best_under, min_cost, pareto_front
 
-ROWS = [288, 1548, 1548, 2808, 16848, 6]
+ROWS = [288, 1548, 1548, 2808, 18144, 6]
 CACHE = Path("outputs/benchmarks")
 
 

@@ -1,6 +1,7 @@
 """The paper's ImageNet preset: its space, its class count, EfficientNet-B0 against it, and one of its blocks at
 full width, trained and rated at low resolution."""
 import logging
+import re
 
 import pytest
 import timm
@@ -49,8 +50,9 @@ def test_classes_come_from_the_config_when_imagenet_is_absent(preset, tmp_path):
 
 def test_space_size_is_the_papers(preset):
     space = build_space(preset.space, 3, 224, 1000)
-    assert [space.block_size(b) for b in range(space.num_blocks)] == [288, 1548, 1548, 2808, 16848, 6]
-    assert space.size() == 288 * 1548 * 1548 * 2808 * 16848 * 6
+    assert [space.block_size(b) for b in range(space.num_blocks)] == [288, 1548, 1548, 2808, 18144, 6]
+    # the paper's count, 16,848 in block 4, plus the 4-layer cell of 192 channels that its DNA-c has
+    assert space.size() == 288 * 1548 * 1548 * 2808 * (16848 + 6 ** 4) * 6
 
 
 def test_teacher_boundaries_are_b7_stage_ends(preset):
@@ -60,7 +62,7 @@ def test_teacher_boundaries_are_b7_stage_ends(preset):
 
 
 def test_full_width_block_learns_and_its_rating_prefers_the_trained_path(preset):
-    """The largest block (160/192 channels, 4-5 layers, 16,848 candidates) at full width on 8x8 maps: training one
+    """The largest block (160/192 channels, 4-5 layers, 18,144 candidates) at full width on 8x8 maps: training one
     path on a fixed target lowers its loss, and rating then scores that path better than an untrained one, with the
     prefix-reuse walk equal to rating each candidate on its own."""
     torch.manual_seed(0)
@@ -100,17 +102,34 @@ def test_arch_cost_of_efficientnet_b0(cli, tmp_path):
     assert f"{params:,} parameters" in result.stdout and "at 3x224x224 (1000 classes)" in result.stdout
     lines = [line.strip() for line in result.stdout.splitlines()]
     assert "not in the configured search space:" in lines and result.exit_code == 1
-    # the preset has no 3-layer cell of 112 channels and no 4-layer cell of 192: those two stages, nothing else
+    # the preset has no 3-layer cell of 112 channels: that stage, nothing else
     assert [line for line in lines if line.startswith("NO")] == [
         "NO  block 3: depth 3 width 112 is not a cell of this block "
-        "(cells: d3_w96, d4_w96, d4_w112; widths [96, 112])",
-        "NO  block 4: depth 4 width 192 is not a cell of this block "
-        "(cells: d4_w160, d5_w160, d5_w192; widths [160, 192])"]
+        "(cells: d3_w96, d4_w96, d4_w112; widths [96, 112])"]
     assert "ok  first stage: ['ds_r1_k3_s1_e1_c16_se0.25'] builds the space's ['ds_r1_k3_s1_c16_se0.25']" in lines
     assert "ok  block 0: depth 2 width 24 is cell d2_w24" in lines
     assert "ok  block 0 layer 1: 'ir_r1_k3_s1_e6_c24_se0.25' is op ir_k3_e6_se0.25" in lines  # the repeat, stride 1
     assert "ok  block 4 layer 3: 'ir_r1_k5_s1_e6_c192_se0.25' is op ir_k5_e6_se0.25" in lines
     assert sum(" layer " in line for line in lines) == 15  # every searched layer of B0 has its line
+
+
+# The paper's four networks (its Table 2; their arch_def as the authors' retraining code builds them), with the
+# parameters and multiply-adds the paper reports.
+PUBLISHED = {"dna_a": (4.2e6, 348e6), "dna_b": (4.9e6, 394e6), "dna_c": (5.3e6, 466e6), "dna_d": (6.4e6, 611e6)}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_the_published_networks_are_members_of_the_preset_space_with_the_papers_parameters(cli, name):
+    """Each of DNA-a to DNA-d is in the preset's space (every block's cell and every layer's op), and its parameter
+    count rounds to the paper's; its multiply-adds are within 5% of the paper's (its counter also counts what is not
+    a multiply-add: activations, the squeeze-excitation pooling)."""
+    result = cli("arch", "cost", str(ROOT / "configs" / "archs" / f"{name}.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "member of the configured search space:" in result.stdout and "NO " not in result.stdout
+    params, macs = (int(n.replace(",", "")) for n in re.search(r"([\d,]+) parameters, ([\d,]+) multiply-adds",
+                                                                 result.stdout).groups())
+    assert round(params / 1e5) * 1e5 == PUBLISHED[name][0]
+    assert abs(macs - PUBLISHED[name][1]) / PUBLISHED[name][1] < 0.05
 
 
 def test_arch_cost_of_a_member_written_with_repeats(cli, tmp_path):
