@@ -4,9 +4,12 @@ them, so a stage keeps what finished and names what did not."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
+
+from dna.errors import StageFailure, exit_code, fails_alike
 
 log = logging.getLogger(__name__)
+NOT_RETRIED = " (not retried: it fails the same way on every try)"
 
 
 def each(jobs: dict[Hashable, Callable[[], object]], what: str) -> tuple[dict, dict[Hashable, BaseException]]:
@@ -19,3 +22,30 @@ def each(jobs: dict[Hashable, Callable[[], object]], what: str) -> tuple[dict, d
             log.error("%s %s failed: %s: %s", what, key, type(exc).__name__, exc)
             failed[key] = exc
     return results, failed
+
+
+class Unfinished(StageFailure):
+    """Some of a stage's jobs failed (after their retries, none for an error that fails alike on every try); the
+    others finished and are kept, and running the stage again redoes only the failed ones."""
+
+    def __init__(self, stage: str, what: str, failed: dict[Hashable, BaseException], kept: Iterable[Hashable],
+                 retries: int | None = None):
+        self.failed, self.kept = failed, list(kept)
+        causes = "; ".join(f"{what} {key}: {type(exc).__name__}: {exc}"
+                           + (NOT_RETRIED if retries and fails_alike(exc) else "") for key, exc in failed.items())
+        tries = "" if retries is None else f" after {retries} retr{'y' if retries == 1 else 'ies'}"
+        names = ", ".join(map(str, self.kept)) if len(self.kept) <= 8 else f"({len(self.kept)})"
+        done = f"{what}s {names} finished and are kept" if self.kept else f"no {what} finished"
+        super().__init__(f"{stage}: {len(failed)} {what}(s) failed{tries} ({causes}); {done}: running the stage again "
+                         f"redoes only the failed {what}s")
+
+
+def raise_unfinished(stage: str, what: str, failed: dict[Hashable, BaseException], kept: Iterable[Hashable]) -> None:
+    """After every job ran: nothing when none failed; a lone failure as it was raised (its exit code and, for a bug,
+    its traceback kept); a bug among several failures as it was raised (the others are logged); else Unfinished."""
+    if not failed:
+        return
+    bugs = [exc for exc in failed.values() if exit_code(exc) is None]
+    if len(failed) == 1 or bugs:
+        raise (bugs or list(failed.values()))[0]
+    raise Unfinished(stage, what, failed, kept)

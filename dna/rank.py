@@ -32,7 +32,7 @@ import pandas as pd
 from dna import plots
 from dna.arch import Arch
 from dna.checkpoint import atomic_write_text, digest, file_digest
-from dna.errors import ConfigError, StageFailure, needed
+from dna.errors import ConfigError, needed
 from dna.rank_metrics import (
     bootstrap_interval,
     kendall_tau,
@@ -371,19 +371,9 @@ def headline(metrics: dict) -> str:
     return "; ".join(f"{n} {shown(metrics, n)}" for n in names) + f" over {metrics['networks']} networks"
 
 
-class RankFailure(StageFailure):
-    """Some networks (or the one-shot baseline) failed; the others' results are kept and reported."""
-
-    def __init__(self, failed: dict[str, str], kept: int):
-        self.failed = failed
-        causes = "; ".join(f"{name}: {why}" for name, why in failed.items())
-        super().__init__(f"rank: {len(failed)} failed ({causes}); {kept} network(s) trained and kept: running the "
-                         "stage again redoes only what failed")
-
-
 def stage_rank(run) -> dict:
     """The whole stage in this process: plan, train every network, the one-shot baseline, then the report."""
-    from dna.fan_out import each
+    from dna.fan_out import Unfinished, each
 
     plan = plan_networks(run)
     jobs = {network: functools.partial(train_network, run, network, arch_of(plan, network)) for network in plan["id"]}
@@ -394,7 +384,7 @@ def stage_rank(run) -> dict:
     failed = {key: f"{type(exc).__name__}: {exc}" for key, exc in errors.items()}
     metrics = summarize(run, plan, results, failed, spos)
     if failed:
-        raise RankFailure(failed, len(results))
+        raise Unfinished("rank", "job", errors, results)
     log.info("rank: %s; searched %s, random median %s", headline(metrics), metrics["searched_accuracy"],
              metrics["random_median_accuracy"])
     return metrics

@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from dna.config import Params
-from dna.errors import StageFailure, fails_alike
+from dna.fan_out import Unfinished
 from dna.supervision import supervision_class
 from flows import artifacts
 from flows.entry import Checks, StepRun, cli, load, with_absolute_outputs
@@ -126,24 +126,8 @@ def distill_flow(params_file: str = "params.yaml", overrides: dict | None = None
                             f"the {BEST_PER_BLOCK} best-rated candidates of each block (score: lower is better)")
         if failed:
             mlrun.tags({"dna.failed_blocks": ",".join(map(str, failed))})
-            raise BlockFailure(failed, orch.retries, [r["block"] for r in results])
+            raise Unfinished("distill", "block", failed, [r["block"] for r in results], orch.retries)
     return {"blocks": results, "task_runner": orch.task_runner}
-
-
-NOT_RETRIED = " (not retried: it fails the same way on every try)"
-
-
-class BlockFailure(StageFailure):
-    """Some blocks failed after their retries (none for an error that fails alike on every try); the others
-    finished and their checkpoints and ratings are kept."""
-
-    def __init__(self, failed: dict[int, BaseException], retries: int, kept: list[int]):
-        self.failed, self.kept = failed, kept
-        causes = "; ".join(f"block {b}: {type(e).__name__}: {e}" + (NOT_RETRIED if fails_alike(e) else "")
-                           for b, e in failed.items())
-        done = f"blocks {', '.join(map(str, kept))} finished and are kept" if kept else "no block finished"
-        super().__init__(f"distill: {len(failed)} block(s) failed after {retries} retr{'y' if retries == 1 else 'ies'}"
-                         f" ({causes}); {done}: running the stage again redoes only the failed blocks")
 
 
 def run_distill(params_file: str = "params.yaml", overrides: dict | None = None,

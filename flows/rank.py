@@ -73,7 +73,8 @@ def replicate_task(params: Params, tracking: Tracking, *, threads: int | None = 
 
 @flow(name="dna-rank")
 def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.rank import RankFailure, plan_networks, summarize
+    from dna.fan_out import Unfinished
+    from dna.rank import plan_networks, summarize
     from dna.run import Run
 
     params = with_absolute_outputs(load(params_file, overrides))
@@ -99,7 +100,7 @@ def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
                 mlrun.artifact(run.paths.rank_dir / name)
         if failed:
             mlrun.tags({"dna.failed_networks": ",".join(failed)})
-            raise RankFailure(failed, len(results))
+            raise Unfinished("rank", "job", gathered.failed, results, orch.retries)
     shown_metrics = {k: shown(metrics, k) if f"{k}_ci" in metrics else v for k, v in metrics.items()
                      if not k.endswith("_ci")}
     artifacts.markdown("rank-summary", artifacts.metrics_markdown("Does the rating rank networks?", shown_metrics),

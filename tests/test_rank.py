@@ -11,8 +11,9 @@ from scipy import stats
 
 import dna.train
 from dna.config import parse_params
+from dna.fan_out import Unfinished
 from dna.pipeline import Run, stage_data, stage_distill, stage_features, stage_rate, stage_search, stage_teacher
-from dna.rank import RankFailure, arch_of, plan_networks, stage_rank, train_network
+from dna.rank import arch_of, plan_networks, stage_rank, train_network
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_a_failed_network_is_named_the_others_kept_and_a_rerun_trains_only_it(ru
     assert plan["sampled"].sum() == 4 and plan["searched"].sum() == 1 and plan["random"].sum() == 2
     assert plan["id"].is_unique
     monkeypatch.setattr(dna.train, "train_classifier", failing)
-    with pytest.raises(RankFailure, match=f"{victim}: RuntimeError: out of memory"):
+    with pytest.raises(Unfinished, match=f"{victim}: RuntimeError: out of memory"):
         stage_rank(run)
     assert len(trained) == 2 * (len(plan) - 1)  # two seeds each
     networks = pd.read_csv(run.paths.rank_dir / "networks.csv")

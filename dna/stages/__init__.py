@@ -125,12 +125,23 @@ STAGES: tuple[Stage, ...] = (
 
 
 def run_stage(stage: Stage, run, blocks: list[int] | None = None) -> list:
-    """Run one stage of the table on a run: once, or per block (after its preparation); returns its results."""
+    """Run one stage of the table on a run: once, or per block (after its preparation), every block even when one
+    fails (dna.fan_out; in several processes the first failure stops them all); returns its results."""
     if not stage.per_block:
         return [stage.load()(run)]
+    import functools
+
+    from dna.ddp import rank_and_world
+    from dna.fan_out import each, raise_unfinished
+
     if prepare := stage.load_prepare():
         prepare(run)
-    return [stage.load()(run, b) for b in (range(run.space.num_blocks) if blocks is None else blocks)]
+    function, blocks = stage.load(), list(range(run.space.num_blocks) if blocks is None else blocks)
+    if rank_and_world()[1] > 1:  # a rank that went on after a failure would wait for the others forever
+        return [function(run, b) for b in blocks]
+    results, failed = each({b: functools.partial(function, run, b) for b in blocks}, f"{stage.name}: block")
+    raise_unfinished(stage.name, "block", failed, results)
+    return [results[b] for b in blocks]
 
 
 # The sections whose checks build the teacher or the space (and so import timm, torchvision and torch.fx).

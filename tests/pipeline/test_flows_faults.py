@@ -76,12 +76,13 @@ def test_a_block_that_keeps_failing_fails_the_stage_naming_it_and_keeps_the_othe
                                                                                  tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from flows.distill import BlockFailure, run_distill
+    from dna.fan_out import Unfinished
+    from flows.distill import run_distill
     from flows.tracking import nested_runs
 
     calls = flaky_stage_distill(monkeypatch, failing_block=1, times=99)
     root = clone_project(tiny_project, tmp_path / "project")
-    with working_directory(root), pytest.raises(BlockFailure) as failure:
+    with working_directory(root), pytest.raises(Unfinished) as failure:
         run_distill("params.yaml")
     message = str(failure.value)
     assert "block 1: ConnectionError: injected" in message and "blocks 0 finished and are kept" in message
