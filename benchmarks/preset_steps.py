@@ -78,11 +78,10 @@ def block_step(params, block: int, batch: int, device, precision: str = "fp32"):
     """One distillation step of a block: each cell one sampled path, MSE to the target, Adam."""
     import torch
     import torch.nn.functional as F
-    from timm.optim import create_optimizer_v2
 
     from dna.distill import build_block, uniform_path
     from dna.engine import autocast
-    from dna.recipe import scaled_lr
+    from dna.recipe import make_optimizer
     from dna.spaces import build_space
     from dna.targets import teacher_shapes
 
@@ -90,8 +89,7 @@ def block_step(params, block: int, batch: int, device, precision: str = "fp32"):
     space = build_space(params.space, 3, size, 1000)
     shapes = teacher_shapes(params.teacher.model, 3, size, params.teacher.boundaries)
     supernet = build_block(space, block, shapes, 3).to(device, memory_format=torch.channels_last).train()
-    optimizer = create_optimizer_v2(supernet, opt="adam", lr=scaled_lr(d.lr, d.batch_size, d.lr_batch),
-                                    weight_decay=d.weight_decay)
+    optimizer = make_optimizer(supernet, d, d.batch_size)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     x_shape = (3, size, size) if block == 0 else shapes[block - 1]
     x = torch.randn(batch, *x_shape, device=device).contiguous(memory_format=torch.channels_last)
@@ -115,21 +113,17 @@ def retrain_step(params, batch: int, device, precision: str = "fp32"):
     """One retraining step of the representative network with the preset's recipe."""
     import torch
     import torch.nn.functional as F
-    from timm.optim import create_optimizer_v2
 
     from dna.arch import Arch
     from dna.engine import autocast
-    from dna.recipe import make_ema, scaled_lr
+    from dna.recipe import make_ema, make_optimizer
     from dna.spaces import build_space
-    from dna.train import OPTIMIZERS
 
     t, size = params.retrain.train, params.data.image_size
     space = build_space(params.space, 3, size, 1000)
     model = space.build(Arch.from_dict(RETRAINED), drop_rate=t.drop_rate, drop_path_rate=t.drop_path_rate)
     model = model.to(device, memory_format=torch.channels_last).train()
-    eps = {"eps": t.optimizer_eps} if t.optimizer_eps is not None else {}
-    optimizer = create_optimizer_v2(model, opt=OPTIMIZERS[t.optimizer], lr=scaled_lr(t.lr, t.batch_size, t.lr_batch),
-                                    weight_decay=t.weight_decay, **eps)
+    optimizer = make_optimizer(model, t, t.batch_size)
     ema = make_ema(model, t)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)

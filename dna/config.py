@@ -4,23 +4,22 @@ from __future__ import annotations
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializationInfo,
     ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from dna.errors import ConfigError
+from dna.fingerprint_keys import Fingerprinted
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -33,24 +32,8 @@ def deep_checks(info: ValidationInfo) -> bool:
     return (info.context or {}).get("deep", True)
 
 
-class Strict(BaseModel):
+class Strict(Fingerprinted):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # a budget of inf is no budget
-    # keys added after configs were first fingerprinted: left out of dumps while at their defaults, so a config that
-    # does not set them dumps (and fingerprints, and resumes its checkpoints) as before the key existed
-    added_keys: ClassVar[tuple[str, ...]] = ()
-    # keys that change no result (how, not what): left out of fingerprints (dumps with context {"fingerprint": True})
-    unfingerprinted_keys: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler, info: SerializationInfo) -> dict:
-        out = handler(self)
-        for key in self.added_keys:
-            if getattr(self, key) == type(self).model_fields[key].default:
-                out.pop(key, None)
-        if (info.context or {}).get("fingerprint"):
-            for key in self.unfingerprinted_keys:
-                out.pop(key, None)
-        return out
 
 
 MAX_IMAGE_SIZE = 1024  # the largest ImageNet-style inputs are 600-800 px (EfficientNet-B7, -L2)
@@ -58,7 +41,6 @@ LOADING_KEYS = ("num_workers", "cache_mb")  # how the data are loaded, not which
 
 
 class DataConfig(Strict):
-    added_keys = ("num_classes", "verify")
     unfingerprinted_keys = (*LOADING_KEYS, "verify")
     source: Literal["digits", "torchvision", "imagefolder"] = "digits"
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10
@@ -104,7 +86,6 @@ class DataConfig(Strict):
 
 
 class Precision(Strict):
-    added_keys = ("precision",)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a gradient scaler)
 
 
@@ -112,11 +93,17 @@ LrBatch = Annotated[int, Field(gt=0)] | None  # `lr` is per this many images, sc
 RAND_AUGMENT = re.compile(r"rand(-(m|n|mmax|inc)\d+|-(mstd|p)\d+(\.\d*)?|-t\w+)*")
 
 
-class TrainConfig(Precision):
-    added_keys = ("precision", "optimizer_eps", "lr_batch", "decay_epochs", "warmup_lr", "lr_updates",
-                  "drop_path_rate", "ema_decay", "ema_warmup", "rand_augment")
+Optimizer = Literal["sgd", "momentum", "adam", "adamw", "rmsprop"]  # rmsprop: timm's rmsproptf
+
+
+class Recipe(Precision):
+    """How weights train: the optimizer, the lr (per lr_batch images), weight decay and the lr schedule. The one recipe
+    of every training loop, each section with its own defaults: the teacher and retraining (TrainConfig), the block
+    supernets (DistillConfig: Adam, x lr_decay per epoch, as the paper) and the one-shot baseline (SposConfig);
+    dna/recipe.py builds the optimizer and the schedule from it."""
+
     epochs: Annotated[int, Field(ge=0)] = 30
-    optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"  # rmsprop: timm's rmsproptf
+    optimizer: Optimizer = "adamw"
     optimizer_eps: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # None: timm's default for the optimizer
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
     lr_batch: LrBatch = None  # None: `lr` as given, whatever the batch
@@ -128,13 +115,6 @@ class TrainConfig(Precision):
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
     warmup_lr: Annotated[float, Field(ge=0.0, le=10.0)] = 1e-6  # step: the lr warmup starts from
     lr_updates: Literal["epoch", "step"] = "epoch"  # step: the lr is updated after every optimizer step
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth, deepest layer's rate
-    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # weight EMA (timm's ModelEmaV3), evaluated
-    ema_warmup: bool = False  # timm's EMA warmup: the decay grows towards ema_decay over the first steps
-    rand_augment: str | None = None  # timm's RandAugment of the training images, e.g. rand-m9-mstd0.5
-    batch_size: PositiveInt = 64
 
     @field_validator("lr_updates")
     @classmethod
@@ -143,6 +123,16 @@ class TrainConfig(Precision):
             raise ValueError(f"updates per optimizer step need schedule 'step' (timm's scheduler); schedule "
                              f"{info.data.get('schedule')!r} updates once per epoch (allowed: epoch)")
         return updates
+
+
+class TrainConfig(Recipe):
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # stochastic depth, deepest layer's rate
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # weight EMA (timm's ModelEmaV3), evaluated
+    ema_warmup: bool = False  # timm's EMA warmup: the decay grows towards ema_decay over the first steps
+    rand_augment: str | None = None  # timm's RandAugment of the training images, e.g. rand-m9-mstd0.5
+    batch_size: PositiveInt = 64
 
     @field_validator("rand_augment")
     @classmethod
@@ -210,7 +200,6 @@ Multiplier = Annotated[float, Field(ge=1.0, le=8.0)]
 
 
 class TeacherConfig(Strict):
-    added_keys = ("output_stride", "arch", "width_multiplier", "depth_multiplier")
     # train: `model` trained here; timm: `model` with timm's pretrained weights; checkpoint: `model` with the weights
     # of `checkpoint`; arch: the network of the architecture file `arch` (as the search stage writes arch.yaml),
     # built as the retrain stage builds it, with the weights of `checkpoint` (as the retrain stage writes model.pt)
@@ -405,13 +394,13 @@ class SpaceConfig(Strict):
         return self
 
 
-class DistillConfig(Precision):
-    added_keys = ("precision", "lr_batch", "sampling")
+class DistillConfig(Recipe):
     epochs: PositiveInt = 8
+    optimizer: Optimizer = "adam"
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 3e-3
-    lr_batch: LrBatch = None  # None: `lr` as given, whatever the batch
-    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    schedule: Literal["cosine", "exponential", "constant", "step"] = "exponential"  # x lr_decay per epoch
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
     batch_size: PositiveInt = 64
     cache_features: bool = True
     # the path a cell trains at a step: uniform (each op of each layer at random), fair (FairNAS: every op of a
@@ -460,7 +449,6 @@ CostAxis = Literal["params", "macs", "latency_ms"]  # latency_ms needs a profile
 
 
 class SearchConfig(Strict):
-    added_keys = ("tie_tolerance", "combine")
     budgets: dict[CostAxis, Annotated[float, Field(gt=0)]] = {}
     front_axis: CostAxis = "macs"
     # > 0: of the networks under the budgets rated within this much of the best (the rating's own noise: the rank
@@ -499,16 +487,15 @@ class ExportConfig(Strict):
     atol: Annotated[float, Field(gt=0.0, le=1e-2)] = 1e-4
 
 
-class SposConfig(Strict):
+class SposConfig(Recipe):
     """The single-path one-shot baseline: one supernet of whole networks, one uniformly sampled path per step.
 
     epochs: None gives it the training compute of the block supernets: distill.epochs x (cells of all blocks) /
     (blocks) epochs at distill.batch_size, so it trains as many (block path, batch) pairs as distillation does."""
 
     epochs: Annotated[int, Field(gt=0)] | None = None
-    optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop"] = "adamw"
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
 
 
@@ -516,7 +503,6 @@ class RankConfig(Strict):
     """The ranking-quality stage (`dna rank`): K networks sampled over rating and cost, plus the searched one and
     random networks under the search budgets, each trained from scratch with one short recipe."""
 
-    added_keys = ("rating_seeds", "bootstrap")
     networks: Annotated[int, Field(ge=3)] = 12  # K, stratified over cost bands and, within a band, over rating
     cost_axis: CostAxis = "macs"  # the cost that bands are made on
     cost_bands: PositiveInt = 3
@@ -546,7 +532,6 @@ class RoundsConfig(Strict):
     arch, and writes under <outputs>/rounds/round_<r> (dna/rounds.py). With a width or depth multiplier above 1, that
     network is scaled up by them and trained from scratch as the teacher (teacher.train) instead of taken as it is."""
 
-    added_keys = ("width_multiplier", "depth_multiplier")
     count: Annotated[int, Field(ge=1, le=10)] = 1
     width_multiplier: Multiplier = 1.0
     depth_multiplier: Multiplier = 1.0
@@ -555,7 +540,6 @@ class RoundsConfig(Strict):
 class CoreParams(Strict):
     """The sections of the method; an application adds its own (use_sections)."""
 
-    added_keys = ("rounds",)
 
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's and scikit-learn's seeds are 32-bit
     outputs: str = "outputs"

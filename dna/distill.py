@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 from torch import nn
 
 from dna.checkpoint import load_checkpoint
 from dna.ddp import rank_and_world, wrap
 from dna.engine import Engine
 from dna.errors import ConfigError
-from dna.recipe import scaled_lr
+from dna.recipe import make_optimizer, make_scheduler, step_updates, updates_per_epoch
 from dna.spaces.base import Cell, SearchSpace
 
 if TYPE_CHECKING:
@@ -93,7 +92,7 @@ class DistillResult:
 
 
 def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: DistillConfig, ckpt_path: str | Path, *,
-                  in_chans: int, seed: int, fingerprint: str, device: torch.device,
+                  in_chans: int, seed: int, fingerprint: str, device: torch.device, train_images: int | None = None,
                   on_epoch: Callable[[dict], None] | None = None, loss: CellLoss | None = None,
                   sample_path: PathSampler | None = None) -> DistillResult:
     """Train one block's cells; every step each cell trains one sampled path on the same batch.
@@ -104,8 +103,9 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     PairLoss). `sample_path` picks the path a cell trains at a step (by default the sampler `cfg.sampling` names) from a
     generator reseeded every epoch (and its `reset()`, if it has one, called).
     Cells share no weights, so this equals training each cell on its own, with one pass over the data.
-    Checkpoints every epoch; a checkpoint with the same fingerprint is resumed from. `cfg.batch_size` is the global
-    batch; with several processes each trains on its part of it (dna.ddp).
+    Checkpoints every epoch; a checkpoint with the same fingerprint is resumed from. `cfg` is the recipe (the paper's:
+    Adam, x lr_decay per epoch); `cfg.batch_size` is the global batch, of `train_images` a pass (for a schedule
+    updated per optimizer step); with several processes each trains on its part of it (dna.ddp).
     """
     torch.manual_seed(seed * 1009 + block)
     cells = space.cells(block)
@@ -115,9 +115,10 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
         raise ConfigError("distillation in several processes trains only the cells data-parallel; this supervision "
                           "trains weights of its own too: distill it in one process (nproc 1)")
     trained = nn.ModuleDict({"cells": supernet, "criterion": criterion})  # parameters in the cells' order first
-    optimizer = create_optimizer_v2(trained, opt="adam", lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch),
-                                    weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
+    optimizer = make_optimizer(trained, cfg, cfg.batch_size)
+    if cfg.lr_updates == "step" and not train_images:
+        raise ConfigError("distill.lr_updates='step' needs the training images a pass holds (train_images)")
+    scheduler = make_scheduler(optimizer, cfg, updates_per_epoch(train_images or 0, cfg.batch_size))
     num_ops = [len(supernet[c.name].layers[-1]) for c in cells]
     paths = torch.Generator()  # seeded alike on every process: all ranks train the same paths at a step
     sample_path = sample_path or SAMPLERS[cfg.sampling]()
@@ -142,6 +143,6 @@ def distill_block(space: SearchSpace, targets: TargetSource, block: int, cfg: Di
     fitted = Engine(net, optimizer, scheduler, batches, step, epochs=cfg.epochs, checkpoint=Path(ckpt_path),
                     fingerprint=fingerprint, seed=seed * 100_003 + block * 1_009, device=device, name=f"block {block}",
                     precision=cfg.precision, end_of_epoch=mean_cell_loss, on_epoch=on_epoch,
-                    after_step=[criterion.after_step],
+                    after_step=[*step_updates(scheduler, cfg), criterion.after_step],
                     states={"criterion": criterion} if criterion.state_dict() else {}).fit()
     return DistillResult(fitted.history, fitted.resumed_from)

@@ -12,14 +12,17 @@ log = logging.getLogger(__name__)
 NOT_RETRIED = " (not retried: it fails the same way on every try)"
 
 
-def each(jobs: dict[Hashable, Callable[[], object]], what: str) -> tuple[dict, dict[Hashable, BaseException]]:
-    """Run every job in order: (results, failures), both keyed as the jobs are."""
+def each(jobs: dict[Hashable, Callable[[], object]], what: str,
+         log_failures: bool = True) -> tuple[dict, dict[Hashable, BaseException]]:
+    """Run every job in order: (results, failures), both keyed as the jobs are; each failure logged when it happens
+    (log_failures), or only in what the caller raises at the end."""
     results, failed = {}, {}
     for key, job in jobs.items():
         try:
             results[key] = job()
         except Exception as exc:  # noqa: BLE001 - gathered: the caller names every failure at the end
-            log.error("%s %s failed: %s: %s", what, key, type(exc).__name__, exc)
+            if log_failures:
+                log.error("%s %s failed: %s: %s", what, key, type(exc).__name__, exc)
             failed[key] = exc
     return results, failed
 
@@ -47,5 +50,8 @@ def raise_unfinished(stage: str, what: str, failed: dict[Hashable, BaseException
         return
     bugs = [exc for exc in failed.values() if exit_code(exc) is None]
     if len(failed) == 1 or bugs:
+        for key, exc in failed.items():
+            if exc is not (bugs or list(failed.values()))[0]:
+                log.error("%s: %s %s failed too: %s: %s", stage, what, key, type(exc).__name__, exc)
         raise (bugs or list(failed.values()))[0]
     raise Unfinished(stage, what, failed, kept)

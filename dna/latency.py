@@ -154,8 +154,9 @@ def profile_space(space: SearchSpace, cfg: ProfileConfig, progress: Callable[[in
 
 def fingerprint(space: SearchSpace, cfg: ProfileConfig) -> dict:
     """What a profile depends on: the space, the input, and the timing settings (and, for the record, the host)."""
-    return {"space": space.cfg.model_dump(mode="json"), "in_chans": space.in_chans, "image_size": space.image_size,
-            "num_classes": space.num_classes, "profile": cfg.model_dump(mode="json")}
+    seen = {"mode": "json", "context": {"fingerprint": True}}
+    return {"space": space.cfg.model_dump(**seen), "in_chans": space.in_chans, "image_size": space.image_size,
+            "num_classes": space.num_classes, "profile": cfg.model_dump(**seen)}
 
 
 def host() -> dict:

@@ -1,18 +1,22 @@
-"""The parts of a training recipe that timm implements: the lr scaled to the global batch, the lr schedule (per epoch
-or per optimizer step) and the weight EMA, built from a TrainConfig for the Engine."""
+"""A training recipe (dna.config.Recipe) made into what the Engine drives, from timm's parts: the optimizer (weight
+decay not on norms and biases), the lr scaled to the global batch, the lr schedule (per epoch or per optimizer step),
+and the weight EMA. Every training loop builds them here: classifiers (train.py), block supernets (distill.py) and
+the one-shot baseline (spos.py)."""
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
 if TYPE_CHECKING:
-    from dna.config import TrainConfig
+    from dna.config import Recipe, TrainConfig
 
+OPTIMIZERS = {"sgd": "sgd", "momentum": "momentum", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsproptf"}
 
 
 def scaled_lr(lr: float, batch_size: int, lr_batch: int | None) -> float:
@@ -27,13 +31,22 @@ def updates_per_epoch(samples: int, batch_size: int) -> int:
     return math.ceil(samples / batch_size)
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """The per-epoch factor of the cosine, exponential and constant schedules."""
+def make_optimizer(model: nn.Module, cfg: Recipe, batch_size: int) -> torch.optim.Optimizer:
+    """timm's optimizer of the recipe, its lr scaled to the global batch `batch_size`."""
+    eps = {"eps": cfg.optimizer_eps} if cfg.optimizer_eps is not None else {}
+    return create_optimizer_v2(model, opt=OPTIMIZERS[cfg.optimizer], weight_decay=cfg.weight_decay,
+                               lr=scaled_lr(cfg.lr, batch_size, cfg.lr_batch), **eps)
+
+
+def lr_lambda(cfg: Recipe, epochs: int | None = None) -> Callable[[int], float]:
+    """The per-epoch factor of the cosine, exponential and constant schedules over `epochs` (default cfg.epochs)."""
+    epochs = cfg.epochs if epochs is None else epochs
+
     def factor(epoch: int) -> float:
         if epoch < cfg.warmup_epochs:
             return (epoch + 1) / (cfg.warmup_epochs + 1)
         if cfg.schedule == "cosine":
-            span = max(1, cfg.epochs - cfg.warmup_epochs)
+            span = max(1, epochs - cfg.warmup_epochs)
             return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
         if cfg.schedule == "exponential":
             return cfg.lr_decay ** (epoch - cfg.warmup_epochs)
@@ -69,17 +82,36 @@ class TimmSchedule:
         self.scheduler.step_update(self.updates)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """The configured schedule: torch's LambdaLR per epoch for cosine, exponential and constant, timm's step
-    scheduler (decay by lr_decay every decay_epochs, linear warmup from warmup_lr) per epoch or per step."""
+class EpochFactorLR(torch.optim.lr_scheduler.LambdaLR):
+    """torch's LambdaLR that also resumes from the state of the ExponentialLR and CosineAnnealingLR that block
+    supernets and the one-shot baseline were trained with before they took a recipe: the same lr at every epoch, so
+    only the epoch count and the base lrs carry over."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "lr_lambdas" not in state_dict:
+            state_dict = {k: state_dict[k] for k in ("base_lrs", "last_epoch", "_last_lr") if k in state_dict}
+            state_dict["lr_lambdas"] = [None] * len(self.lr_lambdas)
+        super().load_state_dict(state_dict)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Recipe, steps_per_epoch: int, epochs: int | None = None):
+    """The configured schedule over `epochs` (default cfg.epochs): a LambdaLR per epoch for cosine, exponential and
+    constant, timm's step scheduler (decay by lr_decay every decay_epochs, linear warmup from warmup_lr) per epoch or
+    per step."""
+    epochs = cfg.epochs if epochs is None else epochs
     if cfg.schedule != "step":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        return EpochFactorLR(optimizer, lr_lambda(cfg, epochs))
     per_step = cfg.lr_updates == "step"
-    scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+    scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=epochs, decay_epochs=cfg.decay_epochs,
                                        decay_rate=cfg.lr_decay, warmup_lr=cfg.warmup_lr,
                                        warmup_epochs=cfg.warmup_epochs, step_on_epochs=not per_step,
                                        updates_per_epoch=steps_per_epoch if per_step else 0)
     return TimmSchedule(scheduler)
+
+
+def step_updates(scheduler, cfg: Recipe) -> list[Callable[[int], None]]:
+    """What the Engine calls after every optimizer step for the schedule: its per-step update, if it has one."""
+    return [scheduler.step_update] if cfg.lr_updates == "step" else []
 
 
 def make_ema(model: nn.Module, cfg: TrainConfig) -> ModelEmaV3 | None:

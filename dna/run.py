@@ -116,7 +116,8 @@ class Run:
 
     def block_fingerprint(self, block: int) -> str:
         p = self.params
-        space = p.space.model_dump(exclude={"blocks"}) | {"block": p.space.blocks[block].model_dump()}
+        seen = {"context": {"fingerprint": True}}
+        space = p.space.model_dump(exclude={"blocks"}, **seen) | {"block": p.space.blocks[block].model_dump(**seen)}
         return digest(self.distill_seed, p.data, file_digest(self.paths.splits), p.supervision,
                       self.supervision.fingerprint(), space, p.distill, block)
 

@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Hashable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 from torchvision.ops import roi_align
 
 from dna.checkpoint import digest, load_checkpoint
+from dna.fingerprint_keys import Fingerprinted
 
 if TYPE_CHECKING:
     from dna.supervision import SupervisionContext
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 RATING_SEED = 7_919  # views and target paths of rating (and calibration), the same for every candidate
 
 
-class SslOptions(BaseModel):
+class SslOptions(Fingerprinted):
     model_config = ConfigDict(extra="forbid", frozen=True)
     momentum: float = Field(0.99, gt=0.0, lt=1.0)  # of the EMA copy, per optimizer step
     ensemble: int = Field(2, ge=1, le=16)  # sampled paths of each cell of the EMA copy in a target
@@ -60,8 +61,6 @@ class SslOptions(BaseModel):
     symmetric: bool = False  # both views through the online cells, each against the other's target (BYOL's loss)
     augment: Literal["crop", "byol"] = "crop"  # crop: random resized crops only; byol: and BYOL's augmentations
 
-
-RECIPE_KEYS = ("projector", "projection", "symmetric", "augment")  # left out of fingerprints at their defaults
 
 # BYOL's augmentations after the crop, per view (Grill et al. 2020, table 6): jitter, blur and solarisation chances
 BYOL_VIEWS = ({"blur": 1.0, "solarize": 0.0}, {"blur": 0.1, "solarize": 0.2})
@@ -245,10 +244,7 @@ class SelfSupervised:
         the best candidate as `rating` rates it, BatchNorm calibrated on `rating.calibration_size` images. The rating
         is left out at its defaults, so blocks trained before it was fingerprinted (all at the defaults) resume."""
         rating = self.run.params.rating
-        defaults = SslOptions()
-        options = {k: v for k, v in self.options.model_dump(mode="json").items()
-                   if k not in RECIPE_KEYS or v != getattr(defaults, k)}  # blocks trained before these keys resume
-        return digest("ssl", options, self.run.params.space, *([rating] if rating != type(rating)() else []))
+        return digest("ssl", self.options, self.run.params.space, *([rating] if rating != type(rating)() else []))
 
     def prepare(self) -> None:
         """Nothing to prepare: the targets are made while the blocks train."""

@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 from torch import nn
 
 from dna.data import Data
 from dna.engine import Engine
 from dna.rate import calibrate
+from dna.recipe import make_optimizer, make_scheduler, step_updates, updates_per_epoch
 from dna.spaces.base import Cell, Choice, Piece, SearchSpace
-from dna.train import OPTIMIZERS
 
 if TYPE_CHECKING:
     from dna.config import Params
@@ -110,8 +109,8 @@ def train_spos(space: SearchSpace, data: Data, params: Params, ckpt_path: str | 
     batch_size, epochs = params.distill.batch_size, training_epochs(params, space)
     torch.manual_seed(seed * 7919 + 17)
     supernet = SposSupernet(space).to(device, memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(supernet, opt=OPTIMIZERS[cfg.optimizer], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    optimizer = make_optimizer(supernet, cfg, batch_size)
+    scheduler = make_scheduler(optimizer, cfg, updates_per_epoch(len(data.train), batch_size), epochs=epochs)
     paths = torch.Generator()
 
     def batches(epoch: int, generator: torch.Generator):
@@ -126,7 +125,7 @@ def train_spos(space: SearchSpace, data: Data, params: Params, ckpt_path: str | 
 
     fitted = Engine(supernet, optimizer, scheduler, batches, step, epochs=epochs, checkpoint=Path(ckpt_path),
                     fingerprint=fingerprint, seed=seed * 100_003 + 7, device=device, name="spos",
-                    on_epoch=on_epoch).fit()
+                    precision=cfg.precision, after_step=step_updates(scheduler, cfg), on_epoch=on_epoch).fit()
     steps = epochs * math.ceil(len(data.train) / batch_size)
     return supernet, SposResult(fitted.history, fitted.resumed_from, epochs, steps)
 

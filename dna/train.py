@@ -7,19 +7,17 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 from torch import nn
 
 from dna.data import Data
 from dna.ddp import wrap
 from dna.engine import Engine, unwrap
 from dna.engine import NonFiniteLoss as NonFiniteLoss  # raised by training; detected_faults() imports it from here
-from dna.recipe import make_ema, make_scheduler, scaled_lr, updates_per_epoch
+from dna.recipe import make_ema, make_optimizer, make_scheduler, step_updates, updates_per_epoch
 
 if TYPE_CHECKING:
     from dna.config import TrainConfig
 
-OPTIMIZERS = {"sgd": "sgd", "momentum": "momentum", "adam": "adam", "adamw": "adamw", "rmsprop": "rmsproptf"}
 
 
 @torch.no_grad()
@@ -59,12 +57,10 @@ def train_classifier(model: nn.Module, data: Data, cfg: TrainConfig, ckpt_path: 
     evaluated every epoch and end up in `model`; the checkpoint holds both.
     """
     model.to(device, memory_format=torch.channels_last)
-    eps = {"eps": cfg.optimizer_eps} if cfg.optimizer_eps is not None else {}
-    optimizer = create_optimizer_v2(model, opt=OPTIMIZERS[cfg.optimizer], weight_decay=cfg.weight_decay,
-                                    lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch), **eps)
+    optimizer = make_optimizer(model, cfg, cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, updates_per_epoch(len(data.train), cfg.batch_size))
     ema = make_ema(unwrap(model), cfg)
-    after_step = [scheduler.step_update] if cfg.lr_updates == "step" else []
+    after_step = step_updates(scheduler, cfg)
     if ema is not None:
         after_step.append(lambda updates: ema.update(unwrap(model), step=updates))
     evaluated = ema.module if ema is not None else model

@@ -19,6 +19,7 @@ DEFAULT = ROOT / "params.yaml"
 IMAGENET = ROOT / "configs" / "imagenet.yaml"
 DEFAULT_RAW = yaml.safe_load(DEFAULT.read_text())
 TINY_OPS = ["ir_k3_e3_se0.25", "ir_k5_e6_se0.25"]
+FINGERPRINT = {"fingerprint": True}  # a dump as a fingerprint sees it (dna.fingerprint_keys)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,7 +75,7 @@ def test_default_teacher_is_dilated_to_match_the_blocks_at_stride_one():
         validate(undilated, check_profile=False)
     with pytest.raises(ConfigError, match=r"teacher\.output_stride=4: Input should be 8, 16 or 32"):
         load_params(DEFAULT, {"teacher.output_stride": 4})
-    assert "output_stride" not in undilated.teacher.model_dump()  # 32 dumps (and fingerprints) as before the key
+    assert "output_stride" not in undilated.teacher.model_dump(context=FINGERPRINT)  # 32: as before the key
 
 
 def test_imagenet_preset_loads_without_path_checks():
@@ -99,7 +100,8 @@ def test_fingerprints_leave_out_how_the_data_are_loaded():
     assert digest(base.data) == digest(loaded_otherwise.data) != digest(other_data.data)
     assert digest(base) == digest(loaded_otherwise)
     assert loaded_otherwise.model_dump()["data"]["num_workers"] == 4
-    assert loaded_otherwise.model_dump()["data"]["verify"] is False and "verify" not in base.model_dump()["data"]
+    assert loaded_otherwise.model_dump()["data"]["verify"] is False
+    assert "verify" not in base.model_dump(context=FINGERPRINT)["data"]
 
 
 def test_overrides_set_nested_keys(tmp_path):
@@ -270,13 +272,14 @@ def test_recipe_keys_at_their_defaults_leave_dumps_and_fingerprints_as_before():
     from dna.checkpoint import digest
 
     params = load_params(DEFAULT)
-    dumped = params.model_dump(mode="json")
+    dumped = params.model_dump(mode="json", context=FINGERPRINT)
     assert sorted(dumped["retrain"]["train"]) == sorted(dumped["teacher"]["train"]) == TRAIN_KEYS
-    assert sorted(dumped["data"]) == DATA_KEYS
+    assert sorted(dumped["data"]) == [k for k in DATA_KEYS if k not in ("cache_mb", "num_workers")]  # how, not what
     # params.yaml sets distill.sampling: fair, not the schema's default: it is dumped (and fingerprinted)
     assert sorted(dumped["distill"]) == ["batch_size", "cache_features", "epochs", "lr", "lr_decay", "sampling",
                                          "weight_decay"]
-    uniform = load_params(DEFAULT, overrides={"distill.sampling": "uniform"}).model_dump(mode="json")
+    uniform = load_params(DEFAULT, overrides={"distill.sampling": "uniform"})
+    uniform = uniform.model_dump(mode="json", context=FINGERPRINT)
     assert "sampling" not in uniform["distill"], "at its default the key leaves the dump as before it existed"
     changed = load_params(DEFAULT, overrides={"retrain.train.ema_decay": 0.999, "distill.lr_batch": 256})
     assert changed.model_dump()["retrain"]["train"]["ema_decay"] == 0.999
@@ -334,7 +337,7 @@ def test_arch_teacher_needs_no_timm_model_name(tmp_path):
 
 
 def test_a_teacher_without_an_arch_dumps_as_before_the_key():
-    assert "arch" not in load_params(DEFAULT).teacher.model_dump()
+    assert "arch" not in load_params(DEFAULT).teacher.model_dump(context=FINGERPRINT)
 
 
 @pytest.mark.parametrize("arch_text, changes, expected", [
@@ -609,3 +612,37 @@ def test_dna_params_prints_a_preset_whole_or_what_differs(monkeypatch):
     assert differs["space.kind"] == "vit" and differs["supervision.kind"] == "ssl" and "data.source" not in differs
     result = CliRunner().invoke(app, ["params", "configs/missing.yaml"])
     assert result.exit_code == 2 and "configs/missing.yaml" in result.output
+
+
+def test_a_key_added_to_a_section_stays_out_of_its_fingerprint_until_set_and_needs_no_list():
+    """A section that gains a key (here DistillConfig and `new_knob`) fingerprints as before while the key is at its
+    default, so its checkpoints resume; set, the key is in the fingerprint. Plain dumps hold every key."""
+    from pydantic import create_model
+
+    from dna.checkpoint import digest
+    from dna.config import DistillConfig
+
+    grown = create_model("DistillConfig", __base__=DistillConfig, new_knob=(int, 3))
+    assert digest(grown()) == digest(DistillConfig())
+    assert digest(grown(new_knob=4)) != digest(DistillConfig())
+    assert "new_knob" in grown().model_dump() and "sampling" in DistillConfig().model_dump()
+    assert "sampling" not in DistillConfig().model_dump(context={"fingerprint": True})  # added after the first
+    assert digest(DistillConfig(sampling="fair")) != digest(DistillConfig())
+
+
+def test_the_first_fingerprinted_keys_name_sections_and_keys_that_exist():
+    """FIRST_KEYS is frozen; a key in it that a section lost or renamed would silently leave fingerprints."""
+    import flows.settings  # noqa: F401 - the pipeline's sections too
+    from dna.config import Strict
+    from dna.fingerprint_keys import FIRST_KEYS
+    from dna.self_supervision import SslOptions
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    models = {cls.__name__: cls for cls in (*subclasses(Strict), SslOptions)}
+    for name, keys in FIRST_KEYS.items():
+        assert name in models, name
+        assert keys <= set(models[name].model_fields), (name, keys - set(models[name].model_fields))

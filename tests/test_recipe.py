@@ -124,3 +124,55 @@ def test_ema_is_made_only_when_asked_and_averages_the_weights():
         model.weight.add_(1.0)
     ema.update(model, step=2)  # step 1 would copy the weights (timm's first update)
     assert torch.allclose(ema.module.weight, start + 0.5)
+
+
+def test_every_training_loop_takes_one_recipe_and_the_distill_and_spos_defaults_are_their_old_recipes():
+    """DistillConfig and SposConfig are Recipes: at their defaults they build what distillation (Adam, x lr_decay per
+    epoch) and the one-shot baseline (AdamW, cosine over its epochs) were hand-built with, and dump (so fingerprint)
+    as before the recipe keys joined them; any other optimizer or schedule is theirs to choose."""
+    from dna.config import DistillConfig, SposConfig
+    from dna.recipe import make_optimizer
+
+    model = nn.Linear(2, 2)
+    distill = DistillConfig()
+    optimizer = make_optimizer(model, distill, distill.batch_size)
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 1e-4]  # none on the bias
+    old = torch.optim.lr_scheduler.ExponentialLR(torch.optim.Adam(nn.Linear(2, 2).parameters(), lr=distill.lr),
+                                                 gamma=distill.lr_decay)
+    new = make_scheduler(optimizer, distill, 10)
+    for _ in range(5):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(old.get_last_lr()[0])
+        old.step(), new.step()
+    fingerprinted = {"context": {"fingerprint": True}}
+    assert set(distill.model_dump(**fingerprinted)) == {"epochs", "lr", "lr_decay", "weight_decay", "batch_size",
+                                                        "cache_features"}
+    spos = SposConfig()
+    assert set(spos.model_dump(**fingerprinted)) == {"epochs", "optimizer", "lr", "weight_decay", "label_smoothing"}
+    optimizer = make_optimizer(model, spos, 64)
+    old = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=spos.lr),
+                                                     T_max=6)
+    new = make_scheduler(optimizer, spos, 10, epochs=6)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    for _ in range(6):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(old.get_last_lr()[0])
+        old.step(), new.step()
+    sgd = DistillConfig(optimizer="sgd", schedule="cosine", warmup_epochs=1, epochs=4)
+    assert isinstance(make_optimizer(model, sgd, 64), torch.optim.SGD)
+    assert {"optimizer", "schedule", "warmup_epochs"} <= set(sgd.model_dump(**fingerprinted))
+
+
+def test_a_supernet_checkpointed_under_torchs_exponential_schedule_resumes_at_the_same_lr():
+    from dna.config import DistillConfig
+
+    cfg = DistillConfig(lr_decay=0.5)
+    params = nn.Linear(2, 2).parameters()
+    old = torch.optim.lr_scheduler.ExponentialLR(torch.optim.Adam(params, lr=cfg.lr), gamma=cfg.lr_decay)
+    for _ in range(3):
+        old.step()
+    optimizer = torch.optim.Adam(nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    new = make_scheduler(optimizer, cfg, 10)
+    new.load_state_dict(old.state_dict())
+    new.step()
+    old.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(old.get_last_lr()[0]) == pytest.approx(cfg.lr / 16)

@@ -139,7 +139,8 @@ def run_stage(stage: Stage, run, blocks: list[int] | None = None) -> list:
     function, blocks = stage.load(), list(range(run.space.num_blocks) if blocks is None else blocks)
     if rank_and_world()[1] > 1:  # a rank that went on after a failure would wait for the others forever
         return [function(run, b) for b in blocks]
-    results, failed = each({b: functools.partial(function, run, b) for b in blocks}, f"{stage.name}: block")
+    results, failed = each({b: functools.partial(function, run, b) for b in blocks}, f"{stage.name}: block",
+                           log_failures=False)  # a lone failure is reported once, as it is raised
     raise_unfinished(stage.name, "block", failed, results)
     return [results[b] for b in blocks]
 

@@ -38,7 +38,7 @@ def stage_distill(run: Run, block: int, on_epoch: EpochHook = None) -> dict:
 
     result = distill_block(run.space, run.supervision, block, run.params.distill, run.paths.supernet(block),
                            in_chans=run.data.in_chans, seed=run.distill_seed, fingerprint=run.block_fingerprint(block),
-                           device=run.device, on_epoch=on_epoch)
+                           device=run.device, on_epoch=on_epoch, train_images=len(run.data.train))
     history = pd.DataFrame(result.history)
     if is_main():
         write_csv(run.paths.distill_history(block), history)
