@@ -374,7 +374,10 @@ def headline(metrics: dict) -> str:
 def stage_rank(run) -> dict:
     """The whole stage in this process: plan, train every network, the one-shot baseline, then the report."""
     from dna.fan_out import Unfinished, each
+    from dna.spaces.base import require
 
+    for capability in ("networks", "supernets"):
+        require(run.space, capability, "the rank stage")
     plan = plan_networks(run)
     jobs = {network: functools.partial(train_network, run, network, arch_of(plan, network)) for network in plan["id"]}
     jobs |= {"spos": functools.partial(spos_ratings, run, plan), "replicate": functools.partial(replicate_ratings, run)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dna.arch import Arch, count_cost
+from dna.errors import ConfigError
 
 if TYPE_CHECKING:
     from dna.config import SpaceConfig
@@ -226,8 +227,10 @@ class Candidates:
                    tuple(frame["ops"].astype(str)), latency)
 
 
-class SearchSpace(Protocol):
-    """What the pipeline, rating, latency and the search ask of a space (see `SpaceBase` for the derived parts)."""
+@runtime_checkable
+class SpaceCells(Protocol):
+    """What a space's candidates are: its blocks' cells, each cell's candidates (one op per layer), the widths a
+    block's input may have and the resolutions of the blocks' inputs."""
 
     kind: str
     cfg: SpaceConfig
@@ -241,28 +244,72 @@ class SearchSpace(Protocol):
     def check_config(cls, cfg: SpaceConfig) -> None:
         """Raise ValueError, naming the key, for a configuration this kind of space cannot build."""
 
-    # candidates
     def cells(self, block: int) -> list[Cell]: ...
     def candidates(self, cell: Cell) -> Iterable[Ops]: ...
     def in_widths(self, block: int) -> list[int]: ...
-    def block_size(self, block: int) -> int: ...
-    def size(self) -> int: ...
     def block_resolutions(self) -> list[int]: ...
 
-    # architectures
-    def arch(self, choice: Choice) -> Arch: ...
-    def membership(self, arch: Arch) -> list[tuple[bool, str]]: ...
-    def outside(self, arch: Arch) -> list[str]: ...
-    def parse(self, arch: Arch) -> Choice: ...
-    def build(self, arch: Arch, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module: ...
-    def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction: ...
-    def build_cell(self, cell: Cell, in_chs: int, target_chs: int) -> CellSupernet: ...
 
-    # pieces and what they cost
+@runtime_checkable
+class SpacePieces(Protocol):
+    """What a network of the space is made of, piece by piece, and how to build each piece: the cost tables, the
+    latency profile and the search follow from it (SpaceBase)."""
+
     def stem_piece(self) -> Piece: ...
     def layer_pieces(self, cell: Cell, ops: Ops, in_width: int) -> list[Piece]: ...
     def head_piece(self, in_width: int) -> Piece: ...
     def piece_module(self, piece: Piece) -> nn.Module: ...
+
+
+@runtime_checkable
+class SpaceNetworks(Protocol):
+    """Whole networks: the architecture of a choice and back, whether an architecture is a member, and the network
+    it builds (retraining, export, the rank stage)."""
+
+    def arch(self, choice: Choice) -> Arch: ...
+    def parse(self, arch: Arch) -> Choice: ...
+    def membership(self, arch: Arch) -> list[tuple[bool, str]]: ...
+    def build(self, arch: Arch, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module: ...
+
+
+@runtime_checkable
+class SpaceSupernets(Protocol):
+    """Block supernets: a cell's supernet, trained by distillation and rated, and a network's weights taken from the
+    trained supernets (retrain.init: supernet)."""
+
+    def build_cell(self, cell: Cell, in_chs: int, target_chs: int) -> CellSupernet: ...
+    def extract(self, arch: Arch, supernets: list[dict[str, torch.Tensor]], model: nn.Module) -> Extraction: ...
+
+
+CAPABILITIES: dict[str, type] = {"cells": SpaceCells, "pieces": SpacePieces, "networks": SpaceNetworks,
+                                 "supernets": SpaceSupernets}
+
+
+def capability_members(capability: str) -> list[str]:
+    proto = CAPABILITIES[capability]
+    return [name for name, value in vars(proto).items() if not name.startswith("_") and callable(value)
+            or isinstance(value, classmethod)] + list(vars(proto).get("__annotations__", {}))
+
+
+def offers(space: object) -> list[str]:
+    return [name for name, proto in CAPABILITIES.items() if isinstance(space, proto)]
+
+
+def require(space: object, capability: str, needed_by: str) -> None:
+    """Raise ConfigError, before any work, when the space's kind lacks a capability that `needed_by` needs."""
+    if not isinstance(space, CAPABILITIES[capability]):
+        missing = [name for name in capability_members(capability) if not hasattr(space, name)]
+        raise ConfigError(f"space.kind={getattr(space, 'kind', '?')!r} has no {capability} ({', '.join(missing)}), "
+                          f"which {needed_by} needs; it offers {', '.join(offers(space)) or 'nothing'}")
+
+
+class SearchSpace(SpaceCells, SpacePieces, SpaceNetworks, SpaceSupernets, Protocol):
+    """Everything a space can offer, with what SpaceBase derives from it: a kind implements the capabilities it
+    offers (cells and pieces at least: they make the cost tables every search reads), each a small protocol above."""
+
+    def block_size(self, block: int) -> int: ...
+    def size(self) -> int: ...
+    def outside(self, arch: Arch) -> list[str]: ...
     def pieces(self) -> list[Piece]: ...
     def chain(self, choice: Choice) -> list[Piece]: ...
     def candidate_table(self, block: int) -> Candidates: ...

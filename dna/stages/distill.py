@@ -8,6 +8,7 @@ from dna.checkpoint import write_csv
 from dna.ddp import is_main, main_first
 from dna.errors import ConfigError
 from dna.locks import locked
+from dna.spaces.base import require
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 def stage_features(run: Run) -> None:
     """Prepare the block targets once for all blocks (teacher: cache its boundary features); run before distilling.
     Of several processes, rank 0 prepares them while the others wait."""
+    require(run.space, "supernets", "distillation")
     with main_first() as preparing:
         if preparing:
             run.supervision.prepare()

@@ -26,7 +26,9 @@ def stage_export(run: Run) -> dict:
     from dna.arch import Arch
     from dna.checkpoint import load_checkpoint
     from dna.export import CHECKPOINT_DIGEST, export_onnx, onnx_accuracy
+    from dna.spaces.base import require
 
+    require(run.space, "networks", "the export")
     for previous in (run.paths.export_dir / "metrics.json", run.paths.onnx):
         previous.unlink(missing_ok=True)
     # the digest before the weights: a model.pt replaced in between leaves the old digest, which registration refuses

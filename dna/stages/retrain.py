@@ -8,6 +8,7 @@ from dna.checkpoint import checkpoint_digest, digest, save_checkpoint, write_csv
 from dna.ddp import is_main
 from dna.errors import needed
 from dna.locks import locked
+from dna.spaces.base import require
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +56,9 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     from dna.train import train_classifier
 
     p, out = run.params.retrain, run.paths.retrain_dir
+    require(run.space, "networks", "retraining")
+    if p.init == "supernet":
+        require(run.space, "supernets", "retrain.init: supernet")
     out.mkdir(parents=True, exist_ok=True)
     arch = Arch.load(needed(run.paths.arch, "search"))
     model = build_student(run, arch)

@@ -9,6 +9,7 @@ from dna.checkpoint import file_digest, write_csv, write_json
 from dna.errors import ConfigError, needed
 from dna.locks import locked
 from dna.run import latency_model, stage_tables
+from dna.spaces.base import require
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,6 +42,7 @@ def stage_search(run: Run) -> dict:
     from dna.search import BudgetError, best_under, front_table, near_best, pareto_front
     from dna.spaces.base import Candidates
 
+    require(run.space, "networks", "the search (it writes the chosen network)")
     p, out = run.params.search, run.paths.search_dir
     ratings = [pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str})
                for b in range(run.space.num_blocks)]
