@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dna import plots
+from dna import rank_plot
 from dna.arch import Arch
 from dna.checkpoint import atomic_write_text, digest, file_digest
 from dna.errors import ConfigError, needed
@@ -361,7 +361,8 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
                 metrics["searched_minus_random_median"] > metrics["seed_accuracy_noise"])
     write_csv(out / "networks.csv", frame)
     write_json(out / "metrics.json", metrics)
-    plots.ranking(frame, {name: shown(metrics, name) for name in metrics if f"{name}_ci" in metrics}, out / "rank.png")
+    shown_taus = {name: shown(metrics, name) for name in metrics if f"{name}_ci" in metrics}
+    rank_plot.ranking(frame, shown_taus, out / "rank.png")
     return metrics
 
 

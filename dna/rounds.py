@@ -60,17 +60,17 @@ def all_rounds(params: Params) -> list[Params]:
 
 
 def run_round(params: Params, round_: int):
-    """Every default stage of round `round_` in order; a later round is checked first, now that the round before it
-    wrote its network (round 1 is the params as given, checked by the caller). Returns the round's Run and the
-    seconds each stage took."""
+    """Every default stage of round `round_` in order (of a later round, all but the pictures: later_round_stages); a
+    later round is checked first, now that the round before it wrote its network (round 1 is the params as given,
+    checked by the caller). Returns the round's Run and the seconds each stage took."""
     from dna.run import Run, validate
-    from dna.stages import default_stages, run_stage
+    from dna.stages import default_stages, later_round_stages, run_stage
 
     config = round_params(params, round_)
     if round_ > 1:
         validate(config, check_profile=False)  # its profile stage makes its profile
     run, times = Run(config), {}
-    for stage in default_stages():
+    for stage in default_stages() if round_ == 1 else later_round_stages():
         start = time.perf_counter()
         run_stage(stage, run)
         times[stage.name] = time.perf_counter() - start

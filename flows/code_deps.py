@@ -80,12 +80,12 @@ def command_modules(command: str) -> list[str]:
     of the schema, or the module of a command another package adds; ValueError for any other command."""
     from importlib.metadata import entry_points
 
-    from dna.stages import STAGES, default_stages
+    from dna.stages import STAGES, later_round_stages
 
     program, _, name = command.partition(" ")
     stage = next((s for s in STAGES if s.name == name), None)
     if program == "dna" and stage is not None:
-        ran = (stage, *(default_stages(STAGES) if stage.runs_default_stages else ()))
+        ran = (stage, *(later_round_stages(STAGES) if stage.runs_default_stages else ()))
         functions = [spec.partition(":")[0] for s in ran for spec in (s.function, s.prepare) if spec]
         sections = [entry.module for entry in entry_points(group="dna.sections")]
         return [*functions, *CHECKS, *sections]

@@ -42,6 +42,14 @@ def write_round_params(params, round_: int) -> Path:
     return path
 
 
+def later_round_steps() -> list:
+    """The steps of a round after the first: every default step but those whose stages only draw pictures."""
+    from dna.stages import STAGES, later_round_stages
+
+    kept = {s.pipeline_step for s in later_round_stages(STAGES)} | {table.REGISTER.name}
+    return [step for step in table.STEPS if step.name in kept]
+
+
 def rounds_markdown(rows: list[dict], best: int | None) -> str:
     lines = ["### DNA+ rounds", "", "| round | teacher | teacher accuracy | network | accuracy | ONNX accuracy | "
              "parameters | multiply-adds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -68,7 +76,7 @@ def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None)
             with child_run(Tracking(uri, experiment, mlrun.run_id), f"round {round_}",
                            {STAGE_TAG: "round", "dna.round": str(round_)}) as round_run, nested_under(round_run.run_id):
                 round_run.artifact(path)
-                for step in table.STEPS:
+                for step in later_round_steps():
                     step.flow()(str(path), None)
         rows = write_summary(params)
         result = summary(rows)

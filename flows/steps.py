@@ -56,17 +56,13 @@ def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> li
         metrics = [s.metrics for s in stages if s.metrics]
         made = {o for s in stages for o in s.outputs}  # a stage of the step reads what another one wrote
         inputs = tuple(dict.fromkeys(i for s in stages for i in s.inputs if i not in made))
-        out.append(Step(name, MODULES.get(name, name), params, outputs, metrics[0] if metrics else None,
+        out.append(Step(name, name, params, outputs, metrics[0] if metrics else None,
                         tuple(h for s in stages for h in s.headline), inputs,
                         tuple(c for s in stages for c in s.checkpoints),
                         tuple(r for s in stages for r in s.reports),
                         tuple(f"dna {s.name}" for s in stages)))
     return [*out, REGISTER] if default else out
 
-
-# The module of a step whose name is a standard-library module (a Prefect worker puts flows/ first on sys.path:
-# flows/profile.py would shadow the `profile` that cProfile, and so torch, imports).
-MODULES = {"profile": "latency_profile"}
 
 REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.promote_metric"), (),
                 "register/registration.json", ("version", "champion", "reason"),

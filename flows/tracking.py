@@ -6,7 +6,7 @@ directory of whoever logs them). A server URI (http://...) works the same; the s
 artifacts go.
 
 Nesting: the pipeline flow creates the parent run and passes its id to the stage processes in the environment
-variable DNA_MLFLOW_PARENT_RUN_ID; a stage started on its own (python -m flows.teacher, or dvc repro) makes a
+variable DNA_MLFLOW_PARENT_RUN_ID; a stage started on its own (python -m flows.step_flow teacher, or dvc repro) makes a
 top-level run. Block runs are made through MlflowClient with explicit run ids, so they can be logged from any
 thread, process or Dask worker.
 """

@@ -15,11 +15,11 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def test_the_import_closure_follows_lazy_and_from_imports_packages_and_schema_sections():
-    closure = import_closure("flows.search")
+    closure = import_closure("flows.step_flow")
     # flows/__init__.py configures the environment (flows.env) and composes the schema (flows.settings);
-    # `from dna.pipeline import ...` sits inside the flow function; `from flows import artifacts` names a module
-    assert {"flows/__init__.py", "flows/env.py", "flows/search.py", "flows/artifacts.py", "dna/__init__.py",
-            "dna/stages/search.py", "dna/run.py", "dna/config.py", "flows/settings.py"} <= closure
+    # `from dna.stages import ...` sits inside the flow function; `from flows import artifacts` names a module
+    assert {"flows/__init__.py", "flows/env.py", "flows/step_flow.py", "flows/artifacts.py", "dna/__init__.py",
+            "dna/stages/__init__.py", "dna/run.py", "dna/config.py", "flows/settings.py"} <= closure
     assert "flows/pipeline.py" not in closure and "dna/cli.py" not in closure and "dna/pipeline.py" not in closure
 
 
@@ -54,3 +54,18 @@ def test_the_dvc_files_are_what_the_stage_table_makes():
     for name, text in made.items():
         assert (ROOT / name).read_text() == text, f"{name}: python -m flows.dvc_files --write"
     assert main([]) == 0
+
+
+def test_how_pictures_look_reruns_no_stage_that_trains():
+    """dna/plots.py (the figures stage's pictures) is in the figures stage's code deps alone: a round after the first
+    leaves the figures out (dna.stages.later_round_stages), and the rank stage draws its own (dna/rank_plot.py)."""
+    from dna.stages import STAGES as TABLE
+    from dna.stages import default_stages, later_round_stages
+
+    deps = {name: set(code_deps(commands(stage))) for name, stage in
+            {**STAGES, **{f"{d}/{n}": s for d in ("rank", "rounds")
+                          for n, s in yaml.safe_load((ROOT / d / "dvc.yaml").read_text())["stages"].items()}}.items()}
+    assert [name for name, files in deps.items() if "dna/plots.py" in files] == ["figures"]
+    assert "dna/rank_plot.py" in deps["rank/rank"] and "dna/stages/teacher.py" in deps["rounds/rounds"]
+    assert [s.name for s in later_round_stages()] == [s.name for s in default_stages() if s.name != "figures"]
+    assert [s.name for s in TABLE if s.pictures] == ["figures"]

@@ -29,8 +29,14 @@ class Stage:
     makes_profile: bool = False  # validated without the latency profile, which it makes
     step: str | None = None  # the pipeline step (DVC stage, Prefect flow) it runs in, when not one of its own
     data_parallel: bool = False  # trains in several processes when asked (`--nproc N`: torchrun, dna/ddp.py)
+    # the params key of its epoch count: it trains epoch by epoch (its function takes on_epoch, called with each
+    # epoch's row) and writes a history (its report named history.csv)
+    epochs: str | None = None
     default: bool = True  # part of `dna run` and of the default pipeline (dvc.yaml); False: run only when asked
-    runs_default_stages: bool = False  # its function runs every default stage (its code deps hold theirs)
+    runs_default_stages: bool = False  # its function runs the stages of a later round (its code deps hold theirs)
+    # draws pictures of other stages' files and nothing else: a round after the first leaves it out (a later round's
+    # pictures: `dna <stage> -S outputs=<that round's outputs>`), so that how pictures look reruns no round
+    pictures: bool = False
 
     def files(self) -> tuple[str, ...]:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
@@ -61,13 +67,15 @@ def _attribute(spec: str) -> Callable:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "Make the fixed train / rate / test splits.", "dna.stages.data:stage_data",
-          ("seed", "data"), ("data/splits.json",)),
+          ("seed", "data"), ("data/splits.json",), metrics="data/metrics.json",
+          headline=("train_images", "rate_images", "test_images", "num_classes")),
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.",
           "dna.stages.teacher:stage_teacher",
           ("seed", "data", "teacher"),
           ("teacher/teacher.pt", "teacher/history.csv"),  # train_state.pt too when trained here (resumes; not an
           # output DVC tracks, since a teacher taken as it is has none, and never deleted by DVC)
           metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True,
+          epochs="teacher.train.epochs",
           inputs=("data/splits.json",), reports=("teacher/history.csv",)),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.stages.distill:stage_distill",
@@ -90,6 +98,7 @@ STAGES: tuple[Stage, ...] = (
           "dna.stages.retrain:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("retrain/model.pt", "retrain/train_state.pt", "retrain/history.csv"),
           metrics="retrain/metrics.json", headline=("test_accuracy",), data_parallel=True,
+          epochs="retrain.train.epochs",
           inputs=("data/splits.json", "search/arch.yaml", "teacher/teacher.pt", "distill"),
           checkpoints=("retrain/train_state.pt",), reports=("retrain/history.csv",)),
     Stage("figures", "Draw the run's pictures: the Pareto front with the chosen network, every block's rating spread "
@@ -97,7 +106,7 @@ STAGES: tuple[Stage, ...] = (
           "dna.stages.figures:stage_figures", (),
           ("search/front.png", "search/rating_spread.png", "retrain/curves.png"),
           inputs=("search/front.csv", "search/metrics.json", "ratings", "retrain/history.csv"),
-          reports=("search/front.png", "search/rating_spread.png", "retrain/curves.png")),
+          reports=("search/front.png", "search/rating_spread.png", "retrain/curves.png"), pictures=True),
     Stage("export", "Export the retrained network to ONNX and check it against PyTorch.",
           "dna.stages.export:stage_export",
           ("data", "export"), ("export/model.onnx",), metrics="export/metrics.json",
@@ -165,6 +174,11 @@ def checks(keys: tuple[str, ...], makes_profile: bool = False) -> dict[str, bool
 def default_stages(table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
     """The stages of `dna run` and of the default pipeline, in run order."""
     return tuple(s for s in table if s.default)
+
+
+def later_round_stages(table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
+    """The stages of a DNA+ round after the first: the default stages but those that only draw pictures."""
+    return tuple(s for s in default_stages(table) if not s.pictures)
 
 
 def steps(table: tuple[Stage, ...] = STAGES, default: bool = True) -> dict[str, list[Stage]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from dna.checkpoint import write_json
 from dna.locks import locked
 
 if TYPE_CHECKING:
@@ -18,4 +19,6 @@ def stage_data(run: Run) -> dict:
 
     summary = write_splits(run.params.data, run.params.seed, run.paths.splits)
     log.info("data: %s", summary["sizes"])
-    return summary
+    metrics = {f"{split}_images": n for split, n in summary["sizes"].items()} | {"num_classes": summary["num_classes"]}
+    write_json(run.paths.root / "data" / "metrics.json", metrics)
+    return metrics | summary

@@ -109,7 +109,8 @@ def test_the_nightly_deployment_runs_the_pipeline_on_a_process_worker(tmp_path, 
 
 def test_a_server_on_postgresql_runs_a_deployed_stage_flow_on_a_process_worker(tmp_path, project, shell_env):
     """About a minute here: `prefect server start` with PREFECT_SERVER_DATABASE_CONNECTION_URL on a new
-    PostgreSQL database, a process work pool, `prefect deploy` of the data stage's flow, a worker that runs it."""
+    PostgreSQL database, a process work pool, `prefect deploy` of the generic step flow, a worker that runs it for
+    the data step."""
     (project / "prefect.yaml").unlink()  # its nightly deployment's parameters would be given to this flow too
     with postgres_database("prefect", extensions=("pg_trgm",)) as database:
         env = shell_env | {"PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres_url(database, "asyncpg")}
@@ -120,12 +121,12 @@ def test_a_server_on_postgresql_runs_a_deployed_stage_flow_on_a_process_worker(t
                         server_log) as server:
             wait_healthy(api, server, server_log, timeout=240)
             prefect(env, project, "work-pool", "create", "dna-process", "--type", "process")
-            deployed = prefect(env, project, "--no-prompt", "deploy", "flows/data.py:data_flow", "--name", "team",
+            deployed = prefect(env, project, "--no-prompt", "deploy", "flows/step_flow.py:step_flow", "--name", "team",
                                "--pool", "dna-process")
-            assert "dna-data/team" in deployed, deployed
+            assert "dna-step/team" in deployed, deployed
             with background(["prefect", "worker", "start", "--pool", "dna-process"], project, env,
                             worker_log) as worker:
-                started = prefect(env, project, "deployment", "run", "dna-data/team")
+                started = prefect(env, project, "deployment", "run", "dna-step/team", "--param", 'step="data"')
                 flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
                 state = wait_finished(api, flow_run_id, worker, worker_log)
             assert state["type"] == "COMPLETED", f"{state.get('name')}: {state.get('message')}\n{tail(worker_log)}"

@@ -89,7 +89,8 @@ def test_two_rounds_through_dvc_nest_in_mlflow_and_both_networks_are_registry_ca
     rounds_run = stages[-1]
     (round_two,) = nested_runs(uri, rounds_run.info.run_id)
     assert round_two.info.run_name == "round 2" and round_two.data.tags["dna.round"] == "2"
-    assert [r.info.run_name for r in nested_runs(uri, round_two.info.run_id)] == STAGES
+    # a later round runs every step but the figures, which only draw pictures
+    assert [r.info.run_name for r in nested_runs(uri, round_two.info.run_id)] == [s for s in STAGES if s != "figures"]
     assert all(r.info.status == "FINISHED" for r in (rounds_run, round_two))
     assert rounds_run.data.metrics["best_round"] == json.loads((one.root / "rounds.json").read_text())["best_round"]
 
