@@ -126,6 +126,7 @@ def test_ema_is_made_only_when_asked_and_averages_the_weights():
     assert torch.allclose(ema.module.weight, start + 0.5)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no training here
 def test_every_training_loop_takes_one_recipe_and_the_distill_and_spos_defaults_are_their_old_recipes():
     """DistillConfig and SposConfig are Recipes: at their defaults they build what distillation (Adam, x lr_decay per
     epoch) and the one-shot baseline (AdamW, cosine over its epochs) were hand-built with, and dump (so fingerprint)
@@ -162,6 +163,7 @@ def test_every_training_loop_takes_one_recipe_and_the_distill_and_spos_defaults_
     assert {"optimizer", "schedule", "warmup_epochs"} <= set(sgd.model_dump(**fingerprinted))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no training here
 def test_a_supernet_checkpointed_under_torchs_exponential_schedule_resumes_at_the_same_lr():
     from dna.config import DistillConfig
 
