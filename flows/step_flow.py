@@ -1,4 +1,4 @@
-"""The flow of a step that has no module of its own (`flows/<step>.py`): its stages run as tasks in table order (a
+"""The flow of a step without work of its own in the pipeline (no `flows/<step>.py`): its stages run as tasks in table order (a
 per-block stage once per block, after its preparation; a training stage, one that declares its epochs, with one
 MLflow metric row and one Prefect progress update per epoch, in several processes under torchrun with
 orchestration.nproc > 1) under the step's MLflow run, which logs the params the step reads, the numbers of its
