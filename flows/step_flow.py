@@ -1,7 +1,7 @@
-"""The flow of a step without work of its own in the pipeline (no `flows/<step>.py`): its stages run as tasks in table order (a
-per-block stage once per block, after its preparation; a training stage, one that declares its epochs, with one
-MLflow metric row and one Prefect progress update per epoch, in several processes under torchrun with
-orchestration.nproc > 1) under the step's MLflow run, which logs the params the step reads, the numbers of its
+"""The flow of a step without work of its own in the pipeline (no `flows/<step>.py`): its stages run as tasks in
+table order (a per-block stage once per block, after its preparation; a training stage, one that declares its
+epochs, with one MLflow metric row and one Prefect progress update per epoch, in several processes under torchrun
+with orchestration.nproc > 1) under the step's MLflow run, which logs the params the step reads, the numbers of its
 metrics file, the architecture it reads or writes (tag dna.arch), and what people read as artifacts: its reports,
 its metrics file and its small text outputs. Prefect shows its metrics, each table it wrote and each small YAML file.
 A new stage so needs only its table entry and its function.
