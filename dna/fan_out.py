@@ -49,9 +49,10 @@ def raise_unfinished(stage: str, what: str, failed: dict[Hashable, BaseException
     if not failed:
         return
     bugs = [exc for exc in failed.values() if exit_code(exc) is None]
-    if len(failed) == 1 or bugs:
-        for key, exc in failed.items():
-            if exc is not (bugs or list(failed.values()))[0]:
-                log.error("%s: %s %s failed too: %s: %s", stage, what, key, type(exc).__name__, exc)
-        raise (bugs or list(failed.values()))[0]
-    raise Unfinished(stage, what, failed, kept)
+    if len(failed) > 1 and not bugs:
+        raise Unfinished(stage, what, failed, kept)
+    raised = (bugs or list(failed.values()))[0]
+    for key, exc in failed.items():
+        if exc is not raised:
+            log.error("%s: %s %s failed too: %s: %s", stage, what, key, type(exc).__name__, exc)
+    raise raised

@@ -31,7 +31,6 @@ def step_flow(step: str, params_file: str = "params.yaml", overrides: dict | Non
     from flows.steps import step_named
 
     spec = step_named(step)
-    root = None
     with step_run(step, params_file, overrides) as s:
         root = s.run.paths.root
         for stage in (st for st in STAGES if st.pipeline_step == step):
@@ -74,14 +73,15 @@ def describe_epoch(row: dict) -> str:
 
 
 def shown_files(root: Path, spec) -> list[Path]:
-    """What people read of a step: its reports and metrics file, and its small .csv, .json and .yaml outputs."""
+    """What people read of a step: its reports and metrics file, and its small .csv, .json, .yaml and .png
+    outputs."""
     paths = [root / rel for rel in (*spec.reports, *([spec.metrics] if spec.metrics else []), *spec.outputs)]
     small = [p for p in paths if p.is_file() and (p.suffix in (".csv", ".json", ".yaml", ".png") and
                                                  p.stat().st_size <= SHOWN_BYTES)]
     return list(dict.fromkeys(small))
 
 
-def publish(step: str, root: Path | None, shown: list[Path], metrics: dict) -> None:
+def publish(step: str, root: Path, shown: list[Path], metrics: dict) -> None:
     """Prefect artifacts of a step: its metrics, each table it wrote (its first rows) and each YAML file."""
     import pandas as pd
     import yaml
@@ -91,7 +91,7 @@ def publish(step: str, root: Path | None, shown: list[Path], metrics: dict) -> N
                            f"the {step} step's metrics (MLflow artifacts of its run)")
     for path in shown:
         key = f"{step}-{path.stem}".replace("_", "-").lower()
-        where = path.relative_to(root) if root else path
+        where = path.relative_to(root)
         if path.suffix == ".csv":
             frame = pd.read_csv(path)
             artifacts.table(key, frame.head(SHOWN_ROWS).to_dict("records"),

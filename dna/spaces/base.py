@@ -287,8 +287,9 @@ CAPABILITIES: dict[str, type] = {"cells": SpaceCells, "pieces": SpacePieces, "ne
 
 def capability_members(capability: str) -> list[str]:
     proto = CAPABILITIES[capability]
-    return [name for name, value in vars(proto).items() if not name.startswith("_") and callable(value)
-            or isinstance(value, classmethod)] + list(vars(proto).get("__annotations__", {}))
+    methods = [name for name, value in vars(proto).items()
+               if not name.startswith("_") and (callable(value) or isinstance(value, classmethod))]
+    return methods + list(vars(proto).get("__annotations__", {}))
 
 
 def offers(space: object) -> list[str]:
