@@ -219,6 +219,49 @@ def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     Console().print(table)
     size = s.size()
     Console().print(f"whole space: {size:,} networks ({float(size):.2e})")
+    if any(t.budgets() for t in cfg.search.named_targets().values()):
+        Console().print(_targets_table(cfg, s))
+
+
+def _targets_table(cfg: Params, s) -> Table:
+    """Each target's network from the exact search over the run's ratings, or, before any rating, over a synthetic
+    one (every candidate's score falls with its multiply-adds, with noise), and the time the search took."""
+    import time
+
+    import numpy as np
+
+    from dna.paths import Paths
+    from dna.run import stage_tables
+    from dna.search import BudgetError, best_under
+    from dna.spaces.base import Candidates
+
+    paths = Paths(cfg.out_dir)
+    rated = all(paths.rating(b).is_file() for b in range(s.num_blocks))
+    if rated:
+        import pandas as pd
+
+        ratings = [Candidates.from_frame(pd.read_csv(paths.rating(b), dtype={"path": str}))
+                   for b in range(s.num_blocks)]
+    else:
+        rng = np.random.default_rng(cfg.seed)  # noise as a real rating has: exactly monotone, every network would be
+        # on the Pareto front (the exact search's worst case, a minute on the paper's space)
+        ratings = [t.with_scores(-np.log1p(t.macs) + rng.normal(0, 0.05, len(t.macs)))
+                   for t in (s.candidate_table(b) for b in range(s.num_blocks))]
+    costs = [t.costs() for t in stage_tables(s, ratings)]
+    table = Table(title=f"targets, on {'the run' if rated else 'a synthetic'} rating")
+    for col in ("target", "budgets", "params", "macs", "search"):
+        table.add_column(col)
+    for name, target in cfg.search.named_targets().items():
+        budgets = {k: v for k, v in target.budgets().items() if k != "latency_ms"}  # latency needs a profile
+        start = time.perf_counter()
+        try:
+            best = best_under(costs, budgets)
+        except BudgetError as exc:
+            table.add_row(name, str(budgets), "-", "-", str(exc))
+            continue
+        table.add_row(name, ", ".join(f"{k} {v:,.0f}" for k, v in budgets.items()), f"{best.costs['params']:,.0f}",
+                      f"{best.costs['macs']:,.0f}", f"{time.perf_counter() - start:.3f} s")
+    return table
 
 
 @app.command("params")

@@ -448,8 +448,36 @@ class RatingConfig(Strict):
 CostAxis = Literal["params", "macs", "latency_ms"]  # latency_ms needs a profile of the machine (dna profile)
 
 
+Budget = Annotated[float, Field(gt=0)]
+TARGET_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")  # a folder, a DVC stage key (no "-": DVC -S), a model name part
+DEFAULT_TARGET = "default"  # the one target that search.budgets makes
+
+
+class TargetConfig(Strict):
+    """One deployment target: its budgets, and where its latency is measured (a profile a device wrote from
+    `dna profile --device-kit`; none: this machine's profile, outputs/profile)."""
+
+    params: Budget | None = None
+    macs: Budget | None = None
+    latency_ms: Budget | None = None
+    latency_profile: str | None = None  # a device's latency.csv, inside the project
+
+    def budgets(self) -> dict[str, float]:
+        return {axis: getattr(self, axis) for axis in ("params", "macs", "latency_ms") if getattr(self, axis)}
+
+    @field_validator("latency_profile")
+    @classmethod
+    def _inside_project(cls, value: str | None) -> str | None:
+        if value is not None and (Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError(f"{value!r} must be a path inside the project, relative to it")
+        return value
+
+
 class SearchConfig(Strict):
-    budgets: dict[CostAxis, Annotated[float, Field(gt=0)]] = {}
+    budgets: dict[CostAxis, Budget] = {}
+    # named deployment targets, each its own budgets (and device): one network per target from the one rating,
+    # each retrained, exported and registered on its own; search.budgets is the one target "default"
+    targets: dict[str, TargetConfig] = {}
     front_axis: CostAxis = "macs"
     # > 0: of the networks under the budgets rated within this much of the best (the rating's own noise: the rank
     # stage's rating_seed_noise), the cheapest on front_axis is chosen
@@ -458,10 +486,36 @@ class SearchConfig(Strict):
     # stage fitted from block ratings to trained accuracy, rank/predictor.json; the search maximises its prediction)
     combine: Literal["sum", "predictor"] = "sum"
 
-    def latency_keys(self) -> list[str]:
-        """The keys that ask for latency (and so need a latency profile)."""
-        keys = [f"search.budgets.{a}" for a in self.budgets if a == "latency_ms"]
-        return keys + (["search.front_axis"] if self.front_axis == "latency_ms" else [])
+    @field_validator("targets")
+    @classmethod
+    def _target_names(cls, value: dict) -> dict:
+        for name in value:
+            if not TARGET_NAME.fullmatch(name):
+                raise ValueError(f"target name {name!r}: lower-case letters, digits and '_' (at most 40), starting "
+                                 "with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _budgets_or_targets(self):
+        if self.budgets and self.targets:
+            raise ValueError("set search.budgets (one target) or search.targets (named targets), not both")
+        return self
+
+    def named_targets(self) -> dict[str, TargetConfig]:
+        """Every target by name, in order (the first is the primary: DNA+ rounds and the rank stage use its network);
+        search.budgets alone is the one target "default"."""
+        return dict(self.targets) or {DEFAULT_TARGET: TargetConfig(**self.budgets)}
+
+    def target_key(self, name: str) -> str:
+        """The params key of a target's budgets, for messages."""
+        return f"search.targets.{name}" if self.targets else "search.budgets"
+
+    def latency_keys(self, local: bool = True) -> list[str]:
+        """The keys that ask for latency (and so need a latency profile): with local, those measured on this
+        machine (outputs/profile); without, those measured on a device (a target's latency_profile)."""
+        keys = [f"{self.target_key(n)}.latency_ms" for n, t in self.named_targets().items()
+                if t.latency_ms and (t.latency_profile is None) == local]
+        return keys + (["search.front_axis"] if local and self.front_axis == "latency_ms" else [])
 
 
 class ProfileConfig(Strict):
@@ -692,11 +746,18 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
-def merged(base: dict, overlay: dict) -> dict:
-    """overlay over base: mappings merge key by key, anything else (values, lists) is replaced."""
+TARGET_KEYS = ("budgets", "targets")  # of search: a preset that sets either chooses its targets as a whole
+
+
+def merged(base: dict, overlay: dict, prefix: str = "") -> dict:
+    """overlay over base: mappings merge key by key, anything else (values, lists) is replaced; but the targets are
+    chosen as a whole: an overlay that sets search.budgets or search.targets replaces the base's targets."""
     out = dict(base)
+    if prefix == "search." and any(k in overlay for k in TARGET_KEYS):
+        out = {k: v for k, v in out.items() if k not in TARGET_KEYS}
     for key, value in overlay.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merged(out[key], value, f"{prefix}{key}.") if isinstance(value, dict) and \
+            isinstance(out.get(key), dict) else value
     return out
 
 

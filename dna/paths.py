@@ -28,6 +28,9 @@ class Paths:
     def search_dir(self) -> Path: return self.root / "search"
     @property
     def arch(self) -> Path: return self.search_dir / "arch.yaml"
+    def target_arch(self, target: str) -> Path: return self.search_dir / "targets" / target / "arch.yaml"
+    @property
+    def targets_table(self) -> Path: return self.search_dir / "targets.csv"
     @property
     def retrain_dir(self) -> Path: return self.root / "retrain"
     @property

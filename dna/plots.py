@@ -9,15 +9,24 @@ import pandas as pd
 from dna.figure_files import plt, save_figure
 
 
-def front(table: pd.DataFrame, axis: str, chosen: pd.Series, path: Path) -> Path:
-    """The Pareto front (search/front.csv) of rating against `axis`, and the chosen network (its row) on it."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.step(table[axis], table["score"], where="post", marker=".", label="Pareto front")
-    ax.scatter([chosen[axis]], [chosen["score"]], color="crimson", zorder=3, s=60, label="chosen")
+def front(table: pd.DataFrame, axis: str, targets: pd.DataFrame, path: Path,
+          accuracy: dict[str, float] | None = None) -> Path:
+    """The Pareto front (search/front.csv) of rating against `axis`, and every target's network (search/targets.csv)
+    with its budget on `axis` and, once exported, its test accuracy in ONNX Runtime (`accuracy`, by target)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.step(table[axis], table["score"], where="post", marker=".", color="tab:blue", label="Pareto front")
+    for i, row in enumerate(targets.itertuples(index=False)):
+        color = f"C{(i + 1) % 10}"
+        ax.scatter([getattr(row, axis)], [row.score], color=color, zorder=3, s=60,
+                   label=row.target + (f": accuracy {accuracy[row.target]:.4f}" if accuracy and row.target in
+                                       accuracy else ""))
+        budget = getattr(row, f"budget_{axis}", None)
+        if budget is not None and budget == budget:  # a budget on this axis (NaN: none)
+            ax.axvline(budget, color=color, linestyle=":", linewidth=1)
     ax.set_xlabel(axis)
     ax.set_ylabel("rating (sum of block scores, lower is better)")
-    ax.set_title("Rating versus cost")
-    ax.legend()
+    ax.set_title("Rating versus cost: each target's network and budget (dotted)")
+    ax.legend(fontsize="small")
     return save_figure(fig, path)
 
 

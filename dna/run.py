@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from dna.config import Params, TrainConfig
+    from dna.config import Params, TargetConfig, TrainConfig
     from dna.data import Data
     from dna.spaces.base import Candidates, SearchSpace
     from dna.supervision import BlockSupervision
@@ -149,17 +149,19 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
     elif params.retrain.kd_alpha > 0:
         raise ConfigError(f"retrain.kd_alpha={params.retrain.kd_alpha:g} distils from the teacher, but "
                           f"supervision.kind={params.supervision.kind!r} has none; set retrain.kd_alpha: 0")
-    latency = latency_model(run) if check_profile else None
-    if params.search.budgets:
-        stages = [s.costs() for s in stage_tables(run.space, scored=False, latency=latency)]
-        for axis, budget in params.search.budgets.items():
+    local = latency_model(run) if check_profile else None
+    for name, target in params.search.named_targets().items():
+        latency = target_latency(run, target, local) if check_profile else None
+        stages = [s.costs() for s in stage_tables(run.space, scored=False, latency=latency)] if target.budgets() \
+            else []
+        for axis, budget in target.budgets().items():
             if axis == "latency_ms" and latency is None:
                 continue
             smallest = min_cost(stages, axis)
             if budget < smallest:
                 shown = f"{smallest:.0f}" if float(smallest).is_integer() else f"{smallest:.6g}"
-                raise ConfigError(f"search.budgets.{axis}={budget:g} is below the smallest network in the space "
-                                  f"({axis}={shown})")
+                raise ConfigError(f"{params.search.target_key(name)}.{axis}={budget:g} is below the smallest network "
+                                  f"in the space ({axis}={shown})")
 
 
 def check_teacher(params: Params, run: Run) -> None:
@@ -222,6 +224,16 @@ def latency_model(run: Run):
         log.warning("latency profile %s is stale (another space or settings): not used", path)
         return None
     return LatencyTable.load(path)
+
+
+def target_latency(run: Run, target: TargetConfig, local):
+    """A target's latency model: the profile its device wrote (target.latency_profile), or this machine's (`local`,
+    from latency_model)."""
+    if target.latency_profile is None:
+        return local
+    from dna.latency import device_profile
+
+    return device_profile(Path(target.latency_profile), run.space)
 
 
 

@@ -256,6 +256,24 @@ def up_to_date(root: Path) -> bool:
         return False
 
 
+def target_lines(table: Path) -> list[str]:
+    """One line per search target: its budgets and the network chosen for it (search/targets.csv)."""
+    import csv
+
+    if not table.is_file():
+        return []
+    with table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = []
+    for r in rows:
+        budgets = ", ".join(f"{k.removeprefix('budget_')} <= {float(v):,.0f}" for k, v in r.items()
+                            if k.startswith("budget_") and v)
+        shared = f", the network of {r['same_as']}" if r.get("same_as") and r["same_as"] != r["target"] else ""
+        lines.append(f"target {r['target']} ({budgets or 'no budget'}): rating {float(r['score']):.4f}, "
+                     f"{float(r['params']):,.0f} parameters, {float(r['macs']):,.0f} multiply-adds{shared}")
+    return lines
+
+
 def report(root: Path, result: dict) -> str:
     """Where every output went, and the headline figures, for the end of a run."""
     from dna.paths import Paths
@@ -280,6 +298,7 @@ def report(root: Path, result: dict) -> str:
     if {"teacher", "export"} <= m.keys():
         lines.append(f"{accuracy_line(m['teacher'], m['export'])}; "
                      f"ONNX parity max |diff| {m['export']['max_abs_diff']:.2e}")
+    lines += target_lines(p.targets_table)
     registration = m.get("register")
     for row in summary_rows(p.root):  # DNA+: every round registered its network; the last decision is the latest
         registered = root / row["outputs"] / "register" / "registration.json"

@@ -27,7 +27,8 @@ def stage_figures(run: Run) -> dict:
     axis = json.loads(needed(search / "metrics.json", "search").read_text())["front_axis"]
     ratings = [pd.read_csv(needed(paths.rating(b), "rate"), dtype={"path": str}) for b in range(run.space.num_blocks)]
     history = pd.read_csv(needed(paths.retrain_dir / "history.csv", "retrain"))
-    drawn = [plots.front(front, axis, front[front["chosen"].astype(str) == "True"].iloc[0], search / "front.png"),
+    targets = pd.read_csv(needed(paths.targets_table, "search"))
+    drawn = [plots.front(front, axis, targets, search / "front.png"),
              plots.rating_spread(ratings, search / "rating_spread.png"),
              plots.curves(history, paths.retrain_dir / "curves.png")]
     log.info("figures: %s", ", ".join(str(p) for p in drawn))

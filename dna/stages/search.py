@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from dna.checkpoint import file_digest, write_csv, write_json
 from dna.errors import ConfigError, needed
 from dna.locks import locked
-from dna.run import latency_model, stage_tables
+from dna.run import latency_model, stage_tables, target_latency
+from dna.search import front_table, pareto_front
 from dna.spaces.base import require
 
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
     from dna.arch import Arch
     from dna.run import Run
+    from dna.search import Selection
     from dna.spaces.base import Candidates, SearchSpace
 
 
@@ -37,9 +39,10 @@ def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...
 
 @locked("search")
 def stage_search(run: Run) -> dict:
+    """One network per target (search.targets, or search.budgets as the one target "default") from the one rating,
+    the Pareto front on search.front_axis, and the family table (search/targets.csv)."""
     import pandas as pd
 
-    from dna.search import BudgetError, best_under, front_table, near_best, pareto_front
     from dna.spaces.base import Candidates
 
     require(run.space, "networks", "the search (it writes the chosen network)")
@@ -47,38 +50,78 @@ def stage_search(run: Run) -> dict:
     ratings = [pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str})
                for b in range(run.space.num_blocks)]
     predictor = predictor_of(run) if p.combine == "predictor" else None
-    scored = ratings if predictor is None else predicted_scores(ratings, predictor)
-    stages = stage_tables(run.space, [Candidates.from_frame(r) for r in scored], latency=latency_model(run))
+    scores = ratings if predictor is None else predicted_scores(ratings, predictor)
+    scored = [Candidates.from_frame(r) for r in scores]
+    local = latency_model(run)
+    stages = stage_tables(run.space, scored, latency=local)
+    chosen = {name: choose(run, stages if t.latency_profile is None else
+                           stage_tables(run.space, scored, latency=target_latency(run, t, local)), name)
+              for name, t in p.named_targets().items()}
     costs = [s.costs() for s in stages]
-    try:
-        best = best_under(costs, dict(p.budgets))
-        near = near_best(costs, dict(p.budgets), p.front_axis, p.tie_tolerance)
-    except BudgetError as exc:
-        raise ConfigError(str(exc)) from None
-    if p.tie_tolerance > 0:
-        best = near[0]
-        log.info("search: %d networks under the budgets are rated within search.tie_tolerance=%g of the best; "
-                 "chose the cheapest on %s", len(near), p.tie_tolerance, p.front_axis)
-    arch = choice_of(run.space, stages, best.rows)
     front = pareto_front(costs, p.front_axis)
     table = front_table(costs, front)
     table["arch"] = [choice_of(run.space, stages, sel.rows).tag() for sel in front]
-    table["chosen"] = [sel.rows == best.rows for sel in front]
+    primary = next(iter(chosen.values()))
+    table["chosen"] = [sel.rows == primary.rows for sel in front]
+    table["targets"] = [" ".join(n for n, c in chosen.items() if c.rows == sel.rows) for sel in front]
+    family = targets_table(run, chosen, stages)
     out.mkdir(parents=True, exist_ok=True)
-    arch.save(run.paths.arch)
+    for name, selection in chosen.items():
+        arch = choice_of(run.space, stages, selection.rows)
+        run.paths.target_arch(name).parent.mkdir(parents=True, exist_ok=True)
+        arch.save(run.paths.target_arch(name))
+    choice_of(run.space, stages, primary.rows).save(run.paths.arch)
     write_csv(out / "front.csv", table)
-    costs_shown = [c for c in ("params", "macs", "latency_ms") if c in table.columns]
-    write_csv(out / "chosen.csv", table.loc[table["chosen"], ["score", *costs_shown]])  # for DVC's front plot
-    metrics = {"score": best.score, **{k: float(v) for k, v in best.costs.items()}, "front_size": len(front),
-               "tie_tolerance": p.tie_tolerance, "within_tolerance": len(near),
-               "space_size": str(run.space.size()), "budgets": dict(p.budgets), "ratings": rating_summary(ratings),
-               "combine": p.combine, "front_axis": p.front_axis}
+    write_csv(run.paths.targets_table, family)
+    costs_shown = [c for c in ("params", "macs", "latency_ms") if c in family.columns]
+    write_csv(out / "chosen.csv", family[["target", "score", *costs_shown]])  # for DVC's front plot
+    metrics = {"score": primary.score, **{k: float(v) for k, v in primary.costs.items()}, "front_size": len(front),
+               "tie_tolerance": p.tie_tolerance, "space_size": str(run.space.size()),
+               "budgets": next(iter(p.named_targets().values())).budgets(), "ratings": rating_summary(ratings),
+               "combine": p.combine, "front_axis": p.front_axis,
+               "targets": {n: {"score": c.score, **{k: float(v) for k, v in c.costs.items()}}
+                           for n, c in chosen.items()}}
     if predictor is not None:
-        metrics |= {"predicted_accuracy": predictor["intercept"] - best.score,
+        metrics |= {"predicted_accuracy": predictor["intercept"] - primary.score,
                     "predictor_kendall_tau_loo": predictor["kendall_tau_loo"], "predictor_digest": predictor["digest"]}
     write_json(out / "metrics.json", metrics)
-    log.info("search: chose score %.4f, %s", best.score, {k: float(f"{v:.4g}") for k, v in best.costs.items()})
+    for name, c in chosen.items():
+        log.info("search: target %s: score %.4f, %s", name, c.score, {k: float(f"{v:.4g}") for k, v in c.costs.items()})
     return metrics
+
+
+def choose(run: Run, stages: list[Candidates], name: str) -> Selection:
+    """The best network under one target's budgets: with search.tie_tolerance, the cheapest on search.front_axis of
+    those rated within it of the best."""
+    from dna.search import BudgetError, best_under, near_best
+
+    p = run.params.search
+    budgets = p.named_targets()[name].budgets()
+    costs = [s.costs() for s in stages]
+    try:
+        if p.tie_tolerance <= 0:
+            return best_under(costs, budgets)
+        near = near_best(costs, budgets, p.front_axis, p.tie_tolerance)
+    except BudgetError as exc:
+        raise ConfigError(f"{p.target_key(name)}: {exc}") from None
+    log.info("search: target %s: %d networks under its budgets are rated within search.tie_tolerance=%g of the best; "
+             "chose the cheapest on %s", name, len(near), p.tie_tolerance, p.front_axis)
+    return near[0]
+
+
+def targets_table(run: Run, chosen: dict[str, Selection], stages: list[Candidates]) -> pd.DataFrame:
+    """One row per target: its budgets, the chosen network's rating and costs, and the first target that chose the
+    same network (`same_as`: one retraining serves both)."""
+    import pandas as pd
+
+    targets, rows, first = run.params.search.named_targets(), [], {}
+    for name, c in chosen.items():
+        first.setdefault(c.rows, name)
+        rows.append({"target": name, "score": c.score, **{k: float(v) for k, v in c.costs.items()},
+                     **{f"budget_{axis}": v for axis, v in targets[name].budgets().items()},
+                     "latency_profile": targets[name].latency_profile or "",
+                     "arch": choice_of(run.space, stages, c.rows).tag(), "same_as": first[c.rows]})
+    return pd.DataFrame(rows)
 
 
 def predictor_of(run: Run) -> dict:
