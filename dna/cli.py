@@ -264,6 +264,24 @@ def _targets_table(cfg: Params, s) -> Table:
     return table
 
 
+@app.command("device-kit")
+@guarded
+def device_kit(directory: Path = typer.Argument(..., help="a new or empty folder to write the kit into"),
+               params: Path = ParamsOpt, set_: list[str] = SetOpt):
+    """What a device must time to profile the space there (ONNX pieces and time_pieces.py, which needs only
+    onnxruntime and numpy): run it on the device and name its latency.csv as a target's latency_profile."""
+    from dna.latency import write_device_kit
+
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError(f"{directory}: exists and is not an empty folder; name a new one")
+    cfg = _load(params, set_, deep=False)
+    script = write_device_kit(_space(cfg), cfg.profile.batch_size, directory)
+    Console().print(f"{directory}: {len(list((directory / 'pieces').iterdir()))} pieces. Copy the folder to the "
+                    f"device and run there:\n  python {script.name} --threads {cfg.profile.threads}\nthen bring back "
+                    "latency.csv and profile.json and set search.targets.<name>.latency_profile to that latency.csv",
+                    soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command("params")
 @guarded
 def params_command(preset: Path = typer.Argument(..., help="a params file or a preset (configs/*.yaml)"),

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -123,21 +123,29 @@ def pieces(space: SearchSpace) -> list[dict]:
     return [p.row() for p in space.pieces()]
 
 
-def piece_sessions(space: SearchSpace, cfg: ProfileConfig,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], list[Timed]]:
-    """The pieces of the space (`pieces`, after an `overhead` row) and an exported, ready session for each."""
+def exported_pieces(space: SearchSpace, batch_size: int,
+                    progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[dict, bytes, tuple]]:
+    """Every row of a profile (the `overhead` row, then `pieces`) with its graph in ONNX and its input shape."""
     torch.manual_seed(0)
-    shape = (cfg.batch_size, space.in_chans, space.image_size, space.image_size)
-    rows = [{"kind": "overhead", "block": -1, "position": 0, "op": -1, "op_name": "overhead",
-             "in_width": space.in_chans, "width": space.in_chans, "stride": 1, "resolution": space.image_size}]
-    timed = [Timed.of(session(overhead_graph(shape), cfg.threads), shape)]
+    shape = (batch_size, space.in_chans, space.image_size, space.image_size)
+    yield ({"kind": "overhead", "block": -1, "position": 0, "op": -1, "op_name": "overhead",
+            "in_width": space.in_chans, "width": space.in_chans, "stride": 1, "resolution": space.image_size},
+           overhead_graph(shape), shape)
     todo = space.pieces()
     for i, piece in enumerate(todo):
-        shape = piece.input_shape(cfg.batch_size)
-        rows.append(piece.row())
-        timed.append(Timed.of(session(onnx_bytes(space.piece_module(piece), shape), cfg.threads), shape))
+        shape = piece.input_shape(batch_size)
+        yield piece.row(), onnx_bytes(space.piece_module(piece), shape), shape
         if progress:
             progress(i + 1, len(todo))
+
+
+def piece_sessions(space: SearchSpace, cfg: ProfileConfig,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], list[Timed]]:
+    """The pieces of the space (`exported_pieces`) and a ready session for each."""
+    rows, timed = [], []
+    for row, graph, shape in exported_pieces(space, cfg.batch_size, progress):
+        rows.append(row)
+        timed.append(Timed.of(session(graph, cfg.threads), shape))
     return rows, timed
 
 
@@ -152,11 +160,56 @@ def profile_space(space: SearchSpace, cfg: ProfileConfig, progress: Callable[[in
     return profile_table(rows, time_sessions(timed, cfg))
 
 
-def fingerprint(space: SearchSpace, cfg: ProfileConfig) -> dict:
-    """What a profile depends on: the space, the input, and the timing settings (and, for the record, the host)."""
+def space_fingerprint(space: SearchSpace) -> dict:
+    """What the pieces of a profile are: the space and its input."""
     seen = {"mode": "json", "context": {"fingerprint": True}}
     return {"space": space.cfg.model_dump(**seen), "in_chans": space.in_chans, "image_size": space.image_size,
-            "num_classes": space.num_classes, "profile": cfg.model_dump(**seen)}
+            "num_classes": space.num_classes}
+
+
+def fingerprint(space: SearchSpace, cfg: ProfileConfig) -> dict:
+    """What a profile depends on: the space, the input, and the timing settings."""
+    return space_fingerprint(space) | {"profile": cfg.model_dump(mode="json", context={"fingerprint": True})}
+
+
+# a device's profile -----------------------------------------------------------------------------------------------
+def write_device_kit(space: SearchSpace, batch_size: int, directory: Path) -> Path:
+    """What a device must time to profile the space there: every piece as an ONNX file (pieces/), the table of them
+    (pieces.csv), the space's fingerprint (kit.json) and time_pieces.py (dna/device_timing.py: onnxruntime and numpy
+    only), which writes the device's latency.csv and profile.json."""
+    import shutil
+
+    from dna.checkpoint import digest
+
+    (directory / "pieces").mkdir(parents=True)
+    rows = []
+    for i, (row, graph, shape) in enumerate(exported_pieces(space, batch_size)):
+        (directory / "pieces" / f"{i:04d}.onnx").write_bytes(graph)
+        rows.append({**row, "file": f"{i:04d}.onnx", "shape": "x".join(map(str, shape))})
+    pd.DataFrame(rows).to_csv(directory / "pieces.csv", index=False)
+    kit = {"space_fingerprint": digest(space_fingerprint(space)), "batch_size": batch_size, "pieces": len(rows)}
+    (directory / "kit.json").write_text(json.dumps(kit, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(Path(__file__).with_name("device_timing.py"), directory / "time_pieces.py")
+    return directory / "time_pieces.py"
+
+
+def device_profile(path: Path, space: SearchSpace) -> LatencyTable:
+    """The profile a device wrote (its latency.csv, profile.json beside it) for this space; ConfigError naming the
+    path when it is missing, unreadable or of another space or input."""
+    from dna.checkpoint import digest
+    from dna.errors import ConfigError
+
+    meta_path = path.parent / "profile.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"latency_profile {path}: not a device's profile ({exc}); write one with `dna device-kit` "
+                          "and the kit's time_pieces.py on the device") from None
+    if meta.get("space_fingerprint") != digest(space_fingerprint(space)) or list(table.columns) != TABLE_COLUMNS:
+        raise ConfigError(f"latency_profile {path}: measured for another space or input size; make a new kit "
+                          "(`dna device-kit`) and time it on the device")
+    return LatencyTable(table)
 
 
 def host() -> dict:
