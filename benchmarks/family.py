@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, preset in (("DNA++", "dna_plusplus"), ("DNA++, transformer space", "vit"),
                          ("DNA++, hybrid space", "hybrid")):
         members.append((name, load_params(ROOT / "configs" / f"{preset}.yaml", {"outputs": str(outputs / preset)}), 1))
-    budgets = {json.dumps(params.search.budgets, sort_keys=True) for _, params, _ in members}
+    budgets = {json.dumps({n: t.budgets() for n, t in params.search.named_targets().items()}, sort_keys=True)
+               for _, params, _ in members}
     if len(budgets) != 1 or len({params.data.model_dump_json() for _, params, _ in members}) != 1:
         raise SystemExit(f"the members must share data and budget; budgets: {sorted(budgets)}")
     rows = []

@@ -27,6 +27,7 @@ console = Console(stderr=True)
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
 SetOpt = typer.Option(None, "--set", "-S", help="override a key, e.g. -S retrain.train.epochs=5")
 BlockOpt = typer.Option(None, "--block", "-b", help="only this block (default: all)")
+TargetOpt = typer.Option(None, "--target", "-t", help="only this search target (default: all, in order)")
 NprocOpt = typer.Option(1, "--nproc", min=1, help="train in N processes on this machine (torchrun, one GPU each on "
                         "CUDA); batch sizes stay global")
 
@@ -78,6 +79,15 @@ def _blocks(run, block: Optional[int]) -> list[int]:
     return [block]
 
 
+def _targets(cfg: Params, target: Optional[str]) -> list[str]:
+    names = list(cfg.search.named_targets())
+    if target is None:
+        return names
+    if target not in names:
+        raise ConfigError(f"--target {target}: the search targets are {', '.join(names)}")
+    return [target]
+
+
 def _show(stage: Stage, run, result) -> str:
     if stage.per_block and hasattr(result, "columns"):  # a rating table
         block = int(result["block"].iloc[0])
@@ -90,22 +100,26 @@ def _show(stage: Stage, run, result) -> str:
 def _stage_command(stage: Stage):
     """The stage's `dna <stage>` command: --params and -S, --block for a per-block stage, --nproc for a stage that
     trains data-parallel."""
-    def command(params: Path, set_: list[str] | None, block: Optional[int] = None, nproc: int = 1):
+    def command(params: Path, set_: list[str] | None, block: Optional[int] = None, nproc: int = 1,
+                target: Optional[str] = None):
         cfg = _load(params, set_, stage=stage)
+        targets = _targets(cfg, target) if stage.per_target else None
         if nproc > 1:
-            _exec_torchrun(stage, params, set_ or [], block, nproc)
+            _exec_torchrun(stage, params, set_ or [], block, nproc, target)
         run = _run(cfg)
         blocks = _blocks(run, block) if stage.per_block else None
         from dna.ddp import is_main, process_group
 
         with process_group(run.device):
-            for result in run_stage(stage, run, blocks):
+            for result in run_stage(stage, run, blocks, targets):
                 if is_main():
                     console.print(_show(stage, run, result), soft_wrap=True, markup=False, highlight=False)
 
     options = [("params", Path, ParamsOpt), ("set_", list[str], SetOpt)]
     if stage.per_block:
         options.append(("block", Optional[int], BlockOpt))
+    if stage.per_target:
+        options.append(("target", Optional[str], TargetOpt))
     if stage.data_parallel:
         options.append(("nproc", int, NprocOpt))
     command.__signature__ = inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
@@ -115,7 +129,8 @@ def _stage_command(stage: Stage):
     return command
 
 
-def _exec_torchrun(stage: Stage, params: Path, sets: list[str], block: Optional[int], nproc: int) -> None:
+def _exec_torchrun(stage: Stage, params: Path, sets: list[str], block: Optional[int], nproc: int,
+                   target: Optional[str] = None) -> None:
     """Replace this process by torchrun running the same command in `nproc` processes (once the config is checked:
     a wrong key stops here, before any process starts)."""
     import logging
@@ -126,7 +141,7 @@ def _exec_torchrun(stage: Stage, params: Path, sets: list[str], block: Optional[
     if launched():
         raise ConfigError(f"--nproc {nproc}: this process is already one of {os.environ['WORLD_SIZE']} that torchrun "
                           "started; leave --nproc out under torchrun")
-    command = stage_command(stage.name, nproc, params, sets, block)
+    command = stage_command(stage.name, nproc, params, sets, block, target)
     logging.getLogger("dna.cli").info("%s in %d processes: %s", stage.name, nproc, shown(command))
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -159,16 +174,18 @@ def _report(run, times: dict, heading: str = "") -> None:
 
     out = Console(soft_wrap=True)
     out.print(f"[bold]dna run{': ' + heading if heading else ''}: where everything went[/]")
-    metrics = {}
+    metrics, targets = {}, list(run.params.search.named_targets())
     for stage in default_stages():
-        files = "  ".join(str(run.paths.root / f) for f in stage.files() if (run.paths.root / f).exists())
-        out.print(f"  {stage.name:<8} {times.get(stage.name, 0):6.1f} s  {files}",
-                  markup=False, highlight=False)
-        if stage.metrics:
-            metrics[stage.name] = json.loads((run.paths.root / stage.metrics).read_text())
-    teacher, retrain, export = metrics["teacher"], metrics["retrain"], metrics["export"]
-    out.print(f"{accuracy_line(teacher, export)}, {retrain['params']:,} parameters, {retrain['macs']:,} "
-              f"multiply-adds; ONNX parity max |diff| {export['max_abs_diff']:.2e}")
+        shown = {t: stage.at(t) for t in targets} if stage.per_target else {None: stage}
+        files = "  ".join(str(run.paths.root / f) for s in shown.values() for f in s.files()
+                          if (run.paths.root / f).exists())
+        out.print(f"  {stage.name:<8} {times.get(stage.name, 0):6.1f} s  {files}", markup=False, highlight=False)
+        metrics |= {(stage.name, t): json.loads((run.paths.root / s.metrics).read_text())
+                    for t, s in shown.items() if s.metrics}
+    for target in targets:
+        retrain, export = metrics["retrain", target], metrics["export", target]
+        out.print(f"target {target}: {accuracy_line(metrics['teacher', None], export)}, {retrain['params']:,} "
+                  f"parameters, {retrain['macs']:,} multiply-adds; ONNX parity max |diff| {export['max_abs_diff']:.2e}")
 
 
 def _report_rounds(rows: list[dict], outputs: Path) -> None:

@@ -20,6 +20,7 @@ from pydantic import (
 
 from dna.errors import ConfigError
 from dna.fingerprint_keys import Fingerprinted
+from dna.paths import DEFAULT_TARGET
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -450,7 +451,6 @@ CostAxis = Literal["params", "macs", "latency_ms"]  # latency_ms needs a profile
 
 Budget = Annotated[float, Field(gt=0)]
 TARGET_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")  # a folder, a DVC stage key (no "-": DVC -S), a model name part
-DEFAULT_TARGET = "default"  # the one target that search.budgets makes
 
 
 class TargetConfig(Strict):
@@ -735,10 +735,17 @@ def parse_params(raw: dict, check_paths: bool = True, deep: bool = True) -> Para
         raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
 
 
+REMOVED = "~"  # an override key that starts with it removes the key (DVC's and Hydra's `-S ~key`)
+
+
 def parse_overrides(items: list[str] | None) -> dict:
-    """Command-line `-S key=value` items as an overrides mapping (values parsed as YAML: 0.004, [2, 3], null)."""
+    """Command-line `-S key=value` items as an overrides mapping (values parsed as YAML: 0.004, [2, 3], null); `-S
+    ~key` removes the key."""
     out = {}
     for item in items or []:
+        if item.startswith(REMOVED) and "=" not in item:
+            out[item.strip()] = None
+            continue
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
@@ -790,8 +797,14 @@ def read_params(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def differences(base: dict, preset: dict, prefix: str = "") -> dict:
     """The dotted keys whose values `preset` sets otherwise than `base` (mappings compared key by key, anything else
-    whole): what a run of `base` needs overridden to be a run of `preset` (e.g. `dvc exp run -S key=value`)."""
+    whole): what a run of `base` needs overridden to be a run of `preset` (e.g. `dvc exp run -S key=value`). The
+    base's search targets that the preset does not have are removed (`~key`: the preset chose its targets whole)."""
     out = {}
+    if prefix == "search." and any(k in preset for k in TARGET_KEYS):
+        kept = preset.get("targets") or {}
+        out |= {f"{REMOVED}search.targets.{name}": None for name in base.get("targets") or {} if name not in kept}
+        if base.get("budgets") and not preset.get("budgets"):
+            out[f"{REMOVED}search.budgets"] = None
     for key, value in preset.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             out |= differences(base[key], value, f"{prefix}{key}.")
@@ -810,6 +823,14 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
                 deep: bool = True) -> Params:
     raw = read_params(path)
     for dotted, value in (overrides or {}).items():
+        if dotted.startswith(REMOVED):
+            *parents, leaf = dotted[len(REMOVED):].split(".")
+            node = raw
+            for part in parents:
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+            continue
         node = raw
         *parents, leaf = dotted.split(".")
         for depth, part in enumerate(parents):

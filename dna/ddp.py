@@ -167,16 +167,18 @@ def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
 
 
 def stage_command(stage: str, nproc: int, params_file: str | os.PathLike, sets: Sequence[str] = (),
-                  block: int | None = None) -> list[str]:
+                  block: int | None = None, target: str | None = None) -> list[str]:
     """The torchrun line of `dna <stage> --nproc N`: the same command, without --nproc, in N processes."""
     args = [stage, "--params", str(params_file), *(x for item in sets for x in ("-S", item))]
     if block is not None:
         args += ["--block", str(block)]
+    if target is not None:
+        args += ["--target", target]
     return torchrun_command(nproc, "dna.cli", args)
 
 
 def run_in_processes(stage: str, nproc: int, params_file: str | os.PathLike, overrides: dict | None = None,
-                     block: int | None = None) -> None:
+                     block: int | None = None, target: str | None = None) -> None:
     """Run `dna <stage>` in `nproc` processes under torchrun and wait for them, from a process that stays out of the
     process group (a Prefect flow, which then logs what rank 0 wrote). Raises StageFailure when they fail."""
     import json
@@ -185,7 +187,7 @@ def run_in_processes(stage: str, nproc: int, params_file: str | os.PathLike, ove
     from dna.errors import StageFailure
 
     sets = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
-    command = stage_command(stage, nproc, params_file, sets, block)
+    command = stage_command(stage, nproc, params_file, sets, block, target)
     log.info("%s in %d processes: %s", stage, nproc, shown(command))
     code = subprocess.run(command).returncode
     if code != 0:

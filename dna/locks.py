@@ -81,9 +81,11 @@ def holder(fd: int) -> str:
         return "which did not record itself yet"
 
 
-def locked(stage: str, per_block: bool = False, wait: bool = False) -> Callable[[Callable], Callable]:
+def locked(stage: str, per_block: bool = False, wait: bool = False,
+           per_target: bool = False) -> Callable[[Callable], Callable]:
     """Decorate a stage function `fn(run, ...)`, or `fn(run, block, ...)` with `per_block`, to run holding its lock on
-    run.paths.root (stage_lock). Of several torchrun processes only rank 0 takes it."""
+    run.paths.root (stage_lock), one per search target with `per_target`. Of several torchrun processes only rank 0
+    takes it."""
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run_locked(run, *args, **kwargs):
@@ -93,7 +95,9 @@ def locked(stage: str, per_block: bool = False, wait: bool = False) -> Callable[
                 return fn(run, *args, **kwargs)
             block = (args[0] if args else kwargs["block"]) if per_block else None
             replicate = getattr(run, "replicate", 0)  # the rank stage's blocks distilled again write files of their own
-            with stage_lock(run.paths.root, f"{stage}.replicate_{replicate}" if replicate else stage, block, wait=wait):
+            name = f"{stage}.replicate_{replicate}" if replicate else stage
+            name = f"{name}.target_{run.paths.target}" if per_target else name
+            with stage_lock(run.paths.root, name, block, wait=wait):
                 return fn(run, *args, **kwargs)
 
         run_locked.stage_lock = stage

@@ -1,13 +1,22 @@
 """Where each stage's files go under `outputs` (a light module: reading results needs no torch)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+DEFAULT_TARGET = "default"  # the one target of search.budgets
 
 
 @dataclass
 class Paths:
+    """A run's files; those of one search target (its network, retraining, export and registration) for `target`."""
+
     root: Path
+    target: str = DEFAULT_TARGET
+
+    def at(self, target: str) -> Paths:
+        """The same run's paths for another target."""
+        return replace(self, target=target)
 
     @property
     def splits(self) -> Path: return self.root / "data" / "splits.json"
@@ -27,16 +36,19 @@ class Paths:
     @property
     def search_dir(self) -> Path: return self.root / "search"
     @property
-    def arch(self) -> Path: return self.search_dir / "arch.yaml"
-    def target_arch(self, target: str) -> Path: return self.search_dir / "targets" / target / "arch.yaml"
+    def arch(self) -> Path: return self.search_dir / "targets" / self.target / "arch.yaml"
     @property
     def targets_table(self) -> Path: return self.search_dir / "targets.csv"
     @property
-    def retrain_dir(self) -> Path: return self.root / "retrain"
+    def target_dir(self) -> Path: return self.root / "targets" / self.target
+    @property
+    def retrain_dir(self) -> Path: return self.target_dir / "retrain"
     @property
     def model(self) -> Path: return self.retrain_dir / "model.pt"
     @property
-    def export_dir(self) -> Path: return self.root / "export"
+    def export_dir(self) -> Path: return self.target_dir / "export"
+    @property
+    def register_dir(self) -> Path: return self.root / "register" / self.target
     @property
     def onnx(self) -> Path: return self.export_dir / "model.onnx"
     @property

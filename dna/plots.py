@@ -39,13 +39,17 @@ def rating_spread(tables: list[pd.DataFrame], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def curves(history: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(history["epoch"], history["loss"], label="training loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    right = ax.twinx()
-    right.plot(history["epoch"], history["rate_accuracy"], color="tab:green", label="hold-out accuracy")
-    right.set_ylabel("accuracy")
-    fig.legend(loc="upper right")
+def curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Each target's retraining: its training loss and hold-out accuracy per epoch, side by side."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories) + 1.5, 4), squeeze=False)
+    for ax, (target, history) in zip(axes[0], histories.items()):
+        ax.plot(history["epoch"], history["loss"], label="training loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_title(f"target {target}")
+        right = ax.twinx()
+        right.plot(history["epoch"], history["rate_accuracy"], color="tab:green", label="hold-out accuracy")
+        right.set_ylabel("accuracy")
+        handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    fig.legend(handles, [h.get_label() for h in handles], loc="upper right")
     return save_figure(fig, path)

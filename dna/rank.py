@@ -5,7 +5,7 @@ same budget).
 
 The networks (rank/plan.csv): rank.networks drawn from a pool of random networks of the space, stratified over cost
 bands (quantiles of rank.cost_axis over the pool) and over rating within each band; the searched network
-(search/arch.yaml); rank.random_networks random networks that meet search.budgets (the searched network's own cost
+(the first search target's); rank.random_networks random networks that meet its budgets (the searched network's own cost
 on rank.cost_axis when no budget is set). A network in several roles is trained once.
 
 Every tau is reported with its bootstrap 90% interval and beside the noise of both its sides: the ground truth's
@@ -69,9 +69,9 @@ def network_table(run) -> NetworkTable:
 
 
 def random_budgets(run, searched: pd.DataFrame) -> dict[str, float]:
-    """search.budgets, or the searched network's cost on rank.cost_axis when no budget is set."""
+    """The first search target's budgets, or the searched network's cost on rank.cost_axis when it sets none."""
     axis = run.params.rank.cost_axis
-    return dict(run.params.search.budgets) or {axis: float(searched[axis].iloc[0])}
+    return run.params.search.named_targets()[run.paths.target].budgets() or {axis: float(searched[axis].iloc[0])}
 
 
 def plan_networks(run) -> pd.DataFrame:

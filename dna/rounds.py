@@ -1,9 +1,9 @@
 """DNA+: progressive teachers. `rounds.count` rounds of the whole search, each a complete run of the default stages.
 
 Round 1 is the params as written, under `outputs` (the default stages). Round r >= 2 is the same params but for its
-outputs, which go to <outputs>/rounds/round_<r>, and its teacher: the network round r-1 found and retrained, taken
-as it is (teacher.source arch, with that round's search/arch.yaml and retrain/model.pt, no further training), split
-at the ends of its searched stages; or, with rounds.width_multiplier or depth_multiplier above 1, that network scaled
+outputs, which go to <outputs>/rounds/round_<r>, and its teacher: the network round r-1 found and retrained for its
+first search target, taken as it is (teacher.source arch, no further training), split at the ends of its searched
+stages; or, with rounds.width_multiplier or depth_multiplier above 1, that network scaled
 up by them (Arch.scaled) and trained from scratch with round 1's teacher recipe. Each round's stages fingerprint
 their inputs, so a run stopped in round r starts again inside round r: the rounds before it find their results in
 place, and the round it was in resumes its stages from their checkpoints.
@@ -24,6 +24,11 @@ from dna.paths import Paths
 SUMMARY = "rounds.json"
 
 
+def primary_target(params: Params) -> str:
+    """The search target whose network teaches the next round: the first."""
+    return next(iter(params.search.named_targets()))
+
+
 def round_dir(params: Params, round_: int) -> Path:
     return Path(params.outputs) if round_ == 1 else Path(params.outputs) / "rounds" / f"round_{round_}"
 
@@ -37,7 +42,7 @@ def round_params(params: Params, round_: int, check_paths: bool = True) -> Param
     raw.pop("rounds", None)
     if round_ == 1:
         return parse_params(raw, check_paths)
-    previous = Paths(round_dir(params, round_ - 1))
+    previous = Paths(round_dir(params, round_ - 1), primary_target(params))
     teacher = {k: v for k, v in raw["teacher"].items() if k not in ("model", "boundaries", "output_stride")}
     teacher |= {"source": "arch", "arch": str(previous.arch)}
     scale = {"width_multiplier": params.rounds.width_multiplier, "depth_multiplier": params.rounds.depth_multiplier}
@@ -88,15 +93,15 @@ def stage_rounds(run) -> dict:
 
 def round_summary(params: Params, round_: int) -> dict:
     """One round's teacher, the network it found, and that network's accuracy and cost (from its metrics files)."""
-    paths = Paths(round_dir(params, round_))
+    paths = Paths(round_dir(params, round_), primary_target(params))
 
-    def metrics(stage: str) -> dict:
-        path = paths.root / stage / "metrics.json"
+    def metrics(folder: Path) -> dict:
+        path = folder / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
     from dna.arch import Arch
 
-    teacher, retrain, export = metrics("teacher"), metrics("retrain"), metrics("export")
+    teacher, retrain, export = (metrics(paths.teacher_dir), metrics(paths.retrain_dir), metrics(paths.export_dir))
     return {"round": round_, "outputs": str(paths.root),
             "teacher": teacher.get("model"), "teacher_test_accuracy": teacher.get("test_accuracy"),
             "arch": Arch.load(paths.arch).tag() if paths.arch.is_file() else None,

@@ -2,6 +2,7 @@
 work, and the helpers every stage uses."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from functools import cached_property
@@ -30,7 +31,8 @@ EVAL_BATCH_SIZE = 256  # images per batch when evaluating a whole split (the tes
 
 
 class Run:
-    """One configured run: its params, where its files go, and the objects its stages share.
+    """One configured run: its params, where its files go, and the objects its stages share; its target's files are
+    those of the first (primary) search target, another's through for_target.
 
     `replicate` > 0: the same run with its blocks distilled (and rated) again from another seed, into
     rank/replicates/<replicate>/ (dna.paths.ReplicatePaths); everything else is the run's own."""
@@ -38,8 +40,18 @@ class Run:
     def __init__(self, params: Params, replicate: int = 0):
         self.params = params
         self.replicate = replicate
-        self.paths = Paths(params.out_dir) if not replicate else ReplicatePaths(
-            params.out_dir, Paths(params.out_dir).rank_dir / "replicates" / str(replicate))
+        primary = next(iter(params.search.named_targets()))
+        self.paths = Paths(params.out_dir, primary) if not replicate else ReplicatePaths(
+            params.out_dir, primary, Paths(params.out_dir).rank_dir / "replicates" / str(replicate))
+
+    def for_target(self, target: str) -> Run:
+        """This run at another search target (its network, retraining, export), sharing what is loaded."""
+        names = self.params.search.named_targets()
+        if target not in names:
+            raise ConfigError(f"target {target!r}: the search targets are {', '.join(names)}")
+        other = copy.copy(self)
+        other.paths = self.paths.at(target)
+        return other
 
     @property
     def distill_seed(self) -> int:

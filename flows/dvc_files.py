@@ -66,17 +66,12 @@ plots:
       x: epoch
       y:
         ${outputs}/teacher/history.csv: [loss, rate_accuracy]
-  - retrain-training:
-      template: linear
-      x: epoch
-      y:
-        ${outputs}/retrain/history.csv: [loss, rate_accuracy]
   # one plot per block: mean distillation loss of its cells per epoch
   - ${outputs}/distill/curves:
       template: linear
       x: epoch
       y: loss
-  # the Pareto front (rating against cost) and the chosen architecture on it
+  # the Pareto front (rating against cost) and every target's network on it
   - pareto-front:
       template: scatter
       x: ${search.front_axis}
@@ -91,7 +86,7 @@ plots:
       y: score
   - ${outputs}/search/front.png
   - ${outputs}/search/rating_spread.png
-  - ${outputs}/retrain/curves.png
+  - ${outputs}/search/curves.png  # every target's retraining
 """
 
 OPTIONAL_PLOTS = {"rank": """\
@@ -115,25 +110,34 @@ plots:  # paths from this folder (a stage's wdir does not apply to plots)
 
 
 def stage_lines(step: Step, wdir: str | None = None) -> list[str]:
+    """A step's stage in dvc.yaml; a per-target step's as a `foreach` over search.targets, one stage per target
+    (`<step>@<target>`), its paths that target's."""
     lines = [f"  {step.name}:"]
     if step.name in NOTES:
         lines.append(f"    # {NOTES[step.name]}")
+    if step.per_target:
+        lines += ["    foreach: ${search.targets}", "    do:"]
+    pad = "  " if step.per_target else ""
+
+    def path(rel: str) -> str:
+        return f"${{outputs}}/{rel}".replace("{target}", "${key}")
+
     if wdir:
         lines.append(f"    wdir: {wdir}")
-    cmd = [f"    cmd: {step.commands[0]}"] if len(step.commands) == 1 else \
-        ["    cmd:", *(f"      - {command}" for command in step.commands)]
-    lines += [*cmd, "    deps:", *(f"      - {dep}" for dep in code_deps(step.commands))]
-    lines += [f"      - ${{outputs}}/{path}" for path in step.inputs]
+    commands = [f"{c} --target ${{key}}" if step.per_target else c for c in step.commands]
+    cmd = [f"    cmd: {commands[0]}"] if len(commands) == 1 else ["    cmd:", *(f"      - {c}" for c in commands)]
+    body = [*cmd, "    deps:", *(f"      - {dep}" for dep in code_deps(step.commands))]
+    body += [f"      - {path(rel)}" for rel in step.inputs]
     if step.params:
-        lines += ["    params:", *(f"      - {key}" for key in step.params)]
+        body += ["    params:", *(f"      - {key}" for key in step.params)]
     if step.outputs:
-        lines.append("    outs:")
-        for path in step.outputs:
-            option = "persist: true" if path in step.checkpoints else "cache: false" if path in step.reports else None
-            lines.append(f"      - ${{outputs}}/{path}" + (f":\n          {option}" if option else ""))
+        body.append("    outs:")
+        for rel in step.outputs:
+            option = "persist: true" if rel in step.checkpoints else "cache: false" if rel in step.reports else None
+            body.append(f"      - {path(rel)}" + (f":\n          {pad}{option}" if option else ""))
     if step.metrics:
-        lines += ["    metrics:", f"      - ${{outputs}}/{step.metrics}:", "          cache: false"]
-    return lines
+        body += ["    metrics:", f"      - {path(step.metrics)}:", "          cache: false"]
+    return lines + [pad + line for line in body]
 
 
 def default_file(steps: list[Step] = STEPS) -> str:

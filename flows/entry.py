@@ -81,7 +81,8 @@ def missing_dvc_params(raw: dict) -> list[str]:
     """Keys dvc.yaml tracks (or interpolates) that a params mapping lacks; DVC needs them written out, defaults
     are not enough."""
     missing = []
-    for key in sorted({k for keys in table.STAGE_PARAMS.values() for k in keys} | {"outputs", "search.front_axis"}):
+    interpolated = {"outputs", "search.front_axis", "search.targets"}  # search.targets: the per-target `foreach`
+    for key in sorted({k for keys in table.STAGE_PARAMS.values() for k in keys} | interpolated):
         node = raw
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -95,7 +96,11 @@ def check_dvc_params(params_file: str | Path = "params.yaml", overrides: dict | 
     """Raise ConfigError naming every key dvc.yaml needs that the params file does not spell out, or when `outputs`
     (with the overrides) is not a path DVC may delete in (check_dvc_outputs)."""
     raw = yaml.safe_load(Path(params_file).read_text()) or {}
-    missing = missing_dvc_params(raw)
+    missing = [k for k in missing_dvc_params(raw) if not any(o == k or o.startswith(f"{k}.") for o in overrides or {})]
+    if missing == ["search.targets"] and (raw.get("search") or {}).get("budgets"):
+        raise ConfigError(f"{params_file}: search.budgets: dvc.yaml runs one chain (retrain, export, register) per "
+                          "named target; write search.budgets as one target, e.g. search.targets: {default: "
+                          f"{json.dumps(raw['search']['budgets'])}}}, and leave search.budgets out")
     if missing:
         raise ConfigError(f"{params_file}: dvc.yaml tracks {', '.join(missing)} but the file does not set "
                           f"{'it' if len(missing) == 1 else 'them'}; write the values out (defaults are not enough "
@@ -132,6 +137,7 @@ class StepRun:
     params_file: str | Path = "params.yaml"  # what the step was started with, for the stage's own command line
     overrides: dict | None = None
     in_task: bool = False  # the step's work already runs in a Prefect task (a distill block): no tasks of its own
+    target: str | None = None  # the search target of a per-target step (its run's paths are that target's)
 
     def task(self, fn: Callable, name: str) -> Callable:
         """A stage function as a Prefect task with orchestration.retries retries (itself, within a task)."""
@@ -150,7 +156,9 @@ class StepRun:
         if nproc > 1:
             from dna.ddp import run_in_processes
 
-            self.task(run_in_processes, task_name)(stage, nproc, self.params_file, self.overrides, block=block)
+            target = self.run.paths.target if self.target else None
+            self.task(run_in_processes, task_name)(stage, nproc, self.params_file, self.overrides, block=block,
+                                                   target=target)
             return written() if callable(written) else json.loads(Path(written).read_text())
         args = (self.run,) if block is None else (self.run, block)
         return self.task(fn, task_name)(*args, on_epoch=on_epoch)
@@ -158,16 +166,18 @@ class StepRun:
 
 @contextlib.contextmanager
 def step_run(step: str, params_file: str | Path, overrides: dict | None, *,
-             absolute_outputs: bool = False) -> Iterator[StepRun]:
-    """Load and check the config (before any work), then the step's MLflow run with the params it reads."""
+             absolute_outputs: bool = False, target: str | None = None) -> Iterator[StepRun]:
+    """Load and check the config (before any work), then the step's MLflow run with the params it reads; of a
+    per-target step, for that search target (its MLflow run named `<step>@<target>`, tagged dna.target)."""
     from dna.run import Run
     from flows.tracking import stage_run
 
     params = load(params_file, overrides, checks=Checks.of(step))
     if absolute_outputs:
         params = with_absolute_outputs(params)
-    with stage_run(params, step, stage_params(params, step)) as (mlrun, tracking):
-        yield StepRun(params, Run(params), mlrun, tracking, params_file, overrides)
+    run = Run(params) if target is None else Run(params).for_target(target)
+    with stage_run(params, step, stage_params(params, step), target=target) as (mlrun, tracking):
+        yield StepRun(params, run, mlrun, tracking, params_file, overrides, target=target)
 
 
 def cli(run: Callable[[str, dict], Any], description: str, argv: list[str] | None = None,

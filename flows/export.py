@@ -1,7 +1,7 @@
 """Export stage: ONNX export with a parity check against PyTorch, logged to MLflow as an ONNX model.
 
-Writes outputs/export/ (model.onnx, metrics.json, logged_model.json: the logged model's URI and the digest of the
-model.onnx it holds, for the register stage), after removing the previous export's.
+Writes outputs/targets/<target>/export/ (model.onnx, metrics.json, logged_model.json: the logged model's URI and the
+digest of the model.onnx it holds, for the register stage), after removing the previous export's.
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ SAMPLE_IMAGES = 8
 
 
 @flow(name="dna-export")
-def export_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+def export_flow(params_file: str = "params.yaml", overrides: dict | None = None, target: str | None = None) -> dict:
+    """Export one search target's network (None: the first target's)."""
     from dna.checkpoint import atomic_write_text, file_digest
     from dna.export import read_metadata
     from dna.stages.export import stage_export
 
-    with step_run("export", params_file, overrides) as step:
+    with step_run("export", params_file, overrides, target=target) as step:
         run, mlrun, out = step.run, step.mlrun, step.run.paths.export_dir
         (out / "logged_model.json").unlink(missing_ok=True)  # stage_export removes the other files of the last export
         metrics = step.task(stage_export, "export-onnx")(run)
@@ -34,9 +35,9 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None)
         record = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": mlrun.run_id,
                   "tracking_uri": mlrun.uri, "arch": meta.get("arch"), "onnx_digest": file_digest(run.paths.onnx)}
         atomic_write_text(out / "logged_model.json", json.dumps(record, indent=2) + "\n")
-    artifacts.markdown("export-summary", artifacts.metrics_markdown(
-        "ONNX export", metrics, f"logged as `{info.model_uri}` (MLflow run `{mlrun.run_id}`)"),
-        "ONNX parity and accuracy in ONNX Runtime")
+    logged = f"logged as `{info.model_uri}` (MLflow run `{mlrun.run_id}`)"
+    artifacts.markdown(f"export-summary-{run.paths.target}".replace("_", "-"), artifacts.metrics_markdown(
+        f"ONNX export of target {run.paths.target}", metrics, logged), "ONNX parity and accuracy in ONNX Runtime")
     return metrics | {"model_uri": info.model_uri}
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
+from dna.config import REMOVED
 from dna.errors import ConfigError
 from dna.logs import setup_logging
 from flows import artifacts, dvc_stages
@@ -70,6 +71,9 @@ def dvc_command(overrides: dict[str, Any] | None = None, force: bool = False,
     if overrides:
         cmd += ["exp", "run", *(targets or [])]
         for key, value in overrides.items():
+            if key.startswith(REMOVED):  # the preset leaves this key of params.yaml out
+                cmd += ["-S", key]
+                continue
             text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True,
                                                                        width=float("inf")).strip()  # one line
             text = text.removesuffix("\n...").strip()
@@ -87,20 +91,39 @@ def set_values(cmd: list[str]) -> list[str]:
     return [cmd[i + 1] for i, part in enumerate(cmd) if part == "-S"]
 
 
-def pipeline_steps(rounds: int) -> list[tuple[str, Step]]:
-    """The steps in run order, each with its DVC address: dvc.yaml's, then (rounds.count > 1) rounds/dvc.yaml's."""
-    steps = [(step.name, step) for step in table.STEPS]
+def pipeline_steps(rounds: int, targets: list[str]) -> list[tuple[str, Step]]:
+    """The steps in run order, each with its DVC address: dvc.yaml's, a per-target step once per search target
+    (`<step>@<target>`), then (rounds.count > 1) rounds/dvc.yaml's."""
+    steps = [pair for step in table.STEPS for pair in addresses(step, targets)]
     if rounds > 1:
         steps += [(f"{step.name}/dvc.yaml:{step.name}", step) for step in table.OPTIONAL_STEPS if step.name == "rounds"]
     return steps
 
 
-def read_metrics(outputs: Path) -> dict[str, dict]:
+def addresses(step: Step, targets: list[str]) -> list[tuple[str, Step]]:
+    return [(f"{step.name}@{t}", step.at(t)) for t in targets] if step.per_target else [(step.name, step)]
+
+
+def segments(steps: list[Step]) -> list[list[Step]]:
+    """The steps in runs of per-target steps and of the others, in order: a run of per-target steps is each target's
+    chain."""
+    out: list[list[Step]] = []
+    for step in steps:
+        if out and out[-1][0].per_target == step.per_target:
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
+
+
+def read_metrics(outputs: Path, targets: list[str]) -> dict[str, dict]:
+    """Every step's metrics file, by its DVC address (`<step>@<target>` for a per-target step)."""
     out = {}
-    for stage, rel in table.METRIC_FILES.items():
-        path = outputs / rel
-        if path.is_file():
-            out[stage] = json.loads(path.read_text())
+    for step in table.STEPS:
+        for address, at in addresses(step, targets):
+            path = outputs / at.metrics if at.metrics else None
+            if path is not None and path.is_file():
+                out[address] = json.loads(path.read_text())
     return out
 
 
@@ -110,9 +133,9 @@ def summary_markdown(cmd: list[str], ran: list[str], skipped: list[str], metrics
              f"up to date: {', '.join(skipped) or '-'}", "", f"MLflow run `{run_id}`", "",
              "| stage | metric | value |", "| --- | --- | --- |"]
     for step in table.STEPS:
-        for key in step.headline:
-            if key in metrics.get(step.name, {}):
-                lines.append(f"| {step.name} | {key} | {metrics[step.name][key]} |")
+        for address, values in metrics.items():
+            if address.split("@")[0] == step.name:
+                lines += [f"| {address} | {key} | {values[key]} |" for key in step.headline if key in values]
     return "\n".join(lines) + "\n"
 
 
@@ -154,37 +177,50 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
     with working_directory(root):  # fail on a bad config before anything runs or is written
         check_dvc_params("params.yaml", overrides)
         params = load("params.yaml", overrides)
-    steps = pipeline_steps(params.rounds.count)
+    targets = list(params.search.named_targets())
+    steps = pipeline_steps(params.rounds.count, targets)
     cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
-                      ["dvc.yaml", "rounds/dvc.yaml"] if len(steps) > len(table.STEPS) else None)
+                      ["dvc.yaml", "rounds/dvc.yaml"] if params.rounds.count > 1 else None)
     shown = " ".join(["dvc", *cmd[3:]])
     if overrides:
         dvc_stages.apply_overrides(root, set_values(cmd))
     raw = params.model_dump(mode="json")
     ran, skipped, experiment = [], [], None
     logged = flatten({k: raw[k] for k in RESULT_SECTIONS})
+    order = [*table.STEPS, *(s for s in table.OPTIONAL_STEPS if s.name == "rounds" and params.rounds.count > 1)]
     with working_directory(root), stage_run(params, "pipeline", logged, root=root, active=False) as (mlrun, _), \
             nested_under(mlrun.run_id):
         mlrun.tags({"dna.dvc_command": shown})
-        for address, step in steps:
-            changes = ["forced"] if force else dvc_stages.out_of_date(root, address)
-            if not changes:
-                logger.info("step %s is up to date", step.name)
-                skipped.append(step.name)
+        for segment in segments(order):
+            if segment[0].per_target:  # each target's chain, fanned out
+                from flows.targets import run_targets
+
+                done = run_targets(root, segment, params, force)
+                chained = [a for a, _ in steps if a.split("@")[0] in {s.name for s in segment}]
+                ran += [a for a in chained if any(a in did for did in done.values())]
+                skipped += [a for a in chained if a not in ran]
+                mlrun.tags({"dna.stages_ran": ",".join(ran)})
                 continue
-            logger.info("step %s: %s", step.name, "; ".join(changes))
-            dvc_stages.remove_outputs(root, address)
-            step.flow()("params.yaml", None)
-            dvc_stages.record(root, address)
-            ran.append(step.name)
-            mlrun.tags({"dna.stages_ran": ",".join(ran)})
+            for step in segment:
+                address = next(a for a, s in steps if s.name == step.name)
+                changes = ["forced"] if force else dvc_stages.out_of_date(root, address)
+                if not changes:
+                    logger.info("step %s is up to date", step.name)
+                    skipped.append(step.name)
+                    continue
+                logger.info("step %s: %s", step.name, "; ".join(changes))
+                dvc_stages.remove_outputs(root, address)
+                step.flow()("params.yaml", None)
+                dvc_stages.record(root, address)
+                ran.append(step.name)
+                mlrun.tags({"dna.stages_ran": ",".join(ran)})
+        metrics = read_metrics(root / params.outputs, targets)
         if overrides:
             experiment = dvc_stages.save_experiment(root, ["dvc.lock", "rounds/dvc.lock", *(
-                f"{params.outputs}/{path}" for path in table.METRIC_FILES.values())])
+                f"{params.outputs}/{step.metrics}" for _, step in steps if step.metrics)])
             mlrun.tags({"dna.dvc_experiment": str(experiment)})
-        metrics = read_metrics(root / params.outputs)
-        for stage, values in metrics.items():
-            mlrun.metrics(values, prefix=f"{stage}.")
+        for address, values in metrics.items():
+            mlrun.metrics(values, prefix=f"{address}.")
     artifacts.markdown("pipeline-summary", summary_markdown(cmd, ran, skipped, metrics, mlrun.run_id),
                        "what ran, what was up to date, and the headline metrics")
     return {"ran": ran, "skipped": skipped, "metrics": metrics, "mlflow_run_id": mlrun.run_id,
@@ -243,42 +279,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def target_names(raw: dict) -> list[str]:
+    """The search targets of a raw params file (search.budgets alone: the one target `default`), without the
+    schema's checks."""
+    from dna.paths import DEFAULT_TARGET
+
+    return list((raw.get("search") or {}).get("targets") or {}) or [DEFAULT_TARGET]
+
+
 def up_to_date(root: Path) -> bool:
     """Whether DVC finds every step up to date: a second's check before Prefect or MLflow start (never without a
     dvc.lock: nothing has run)."""
     if not (root / "dvc.lock").is_file():
         return False
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    addresses = [address for address, _ in pipeline_steps((raw.get("rounds") or {}).get("count", 1))]
+    steps = pipeline_steps((raw.get("rounds") or {}).get("count", 1), target_names(raw))
     try:
-        return not dvc_stages.out_of_date(root, *addresses)
+        return not dvc_stages.out_of_date(root, *(address for address, _ in steps))
     except Exception:  # noqa: BLE001 - anything DVC cannot read: the full run says what is wrong
         return False
 
 
-def target_lines(table: Path) -> list[str]:
-    """One line per search target: its budgets and the network chosen for it (search/targets.csv)."""
+def target_lines(p, metrics: dict, model_names: dict[str, str]) -> list[str]:
+    """Per search target: its budgets and network (search/targets.csv), its accuracy in ONNX Runtime and parity, and
+    its registry decision."""
     import csv
 
-    if not table.is_file():
+    from dna.stages import accuracy_line
+
+    if not p.targets_table.is_file():
         return []
-    with table.open(newline="") as f:
+    with p.targets_table.open(newline="") as f:
         rows = list(csv.DictReader(f))
     lines = []
     for r in rows:
+        t = r["target"]
         budgets = ", ".join(f"{k.removeprefix('budget_')} <= {float(v):,.0f}" for k, v in r.items()
                             if k.startswith("budget_") and v)
-        shared = f", the network of {r['same_as']}" if r.get("same_as") and r["same_as"] != r["target"] else ""
-        lines.append(f"target {r['target']} ({budgets or 'no budget'}): rating {float(r['score']):.4f}, "
+        shared = f", the network of {r['same_as']}" if r.get("same_as") and r["same_as"] != t else ""
+        lines.append(f"target {t} ({budgets or 'no budget'}): rating {float(r['score']):.4f}, "
                      f"{float(r['params']):,.0f} parameters, {float(r['macs']):,.0f} multiply-adds{shared}")
+        export, registered = metrics.get(f"export@{t}"), metrics.get(f"register@{t}")
+        if export and "teacher" in metrics:
+            lines.append(f"  {accuracy_line(metrics['teacher'], export)}; ONNX parity max |diff| "
+                         f"{export['max_abs_diff']:.2e}")
+        if registered:
+            lines.append(f"  registry: {model_names[t]} version {registered.get('version')}, champion is version "
+                         f"{registered.get('champion')} ({registered.get('reason')})")
     return lines
 
 
 def report(root: Path, result: dict) -> str:
-    """Where every output went, and the headline figures, for the end of a run."""
+    """Where every output went, and the headline figures of every target, for the end of a run."""
     from dna.paths import Paths
     from dna.rounds import summary_rows
-    from dna.stages import accuracy_line
+    from flows.registry import model_name
     from flows.settings import TrackingConfig
 
     # only the few keys a report needs, without the whole schema's checks (they import timm: seconds); the
@@ -287,32 +342,24 @@ def report(root: Path, result: dict) -> str:
     mlflow_cfg = TrackingConfig.model_validate(raw.get("mlflow") or {})
     params = SimpleNamespace(outputs=str(raw.get("outputs", "outputs")), mlflow=mlflow_cfg)  # no schema defaults:
     # constructing them loads the supervisions, which import torch
-    p = Paths(root / params.outputs)
-    m = result["metrics"] if result["metrics"] is not None else read_metrics(p.root)
+    targets = target_names(raw)
+    p = Paths(root / params.outputs, targets[0])
+    m = result["metrics"] if result["metrics"] is not None else read_metrics(p.root, targets)
     lines = [f"stages run: {', '.join(result['ran']) or 'none (everything up to date)'}", "outputs:"]
     for step in table.STEPS:
-        files = step.outputs + ((step.metrics,) if step.metrics else ())
-        lines.append(f"  {step.name:<8} " + "  ".join(os.path.relpath(p.root / f, root) for f in files))
+        for address, at in addresses(step, targets):
+            files = at.outputs + ((at.metrics,) if at.metrics else ())
+            lines.append(f"  {address:<8} " + "  ".join(os.path.relpath(p.root / f, root) for f in files))
     run_id = result["mlflow_run_id"]
     lines.append(f"  mlflow   {tracking_uri(params, root)}" + (f" (parent run {run_id})" if run_id else ""))
-    if {"teacher", "export"} <= m.keys():
-        lines.append(f"{accuracy_line(m['teacher'], m['export'])}; "
-                     f"ONNX parity max |diff| {m['export']['max_abs_diff']:.2e}")
-    lines += target_lines(p.targets_table)
-    registration = m.get("register")
-    for row in summary_rows(p.root):  # DNA+: every round registered its network; the last decision is the latest
-        registered = root / row["outputs"] / "register" / "registration.json"
-        registration = json.loads(registered.read_text()) if registered.is_file() else registration
-        version = registration.get("version") if registration else None
+    lines += target_lines(p, m, {t: model_name(params.mlflow.registered_model, t) for t in targets})
+    for row in summary_rows(p.root):  # DNA+: every round registered its first target's network
+        registered = Paths(root / row["outputs"], targets[0]).register_dir / "registration.json"
+        version = json.loads(registered.read_text()).get("version") if registered.is_file() else None
         lines.append(f"round {row['round']}: teacher {row['teacher']} ({row['teacher_test_accuracy']:.4f}), network "
                      f"found {row['test_accuracy']:.4f} (ONNX {row['onnx_test_accuracy']:.4f}), "
                      f"{row['params']:,} parameters, {row['macs']:,} multiply-adds, registry version {version}")
-    if registration:
-        r = registration
-        lines.append(f"registry: {params.mlflow.registered_model} version {r.get('version')}, champion is version "
-                     f"{r.get('champion')} ({r.get('reason')})")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,12 +1,13 @@
-"""Register stage: the exported model as a version of mlflow.registered_model, tagged, then promotion.
+"""Register stage: each search target's exported model as a version of its registered model (`model_name`: one per
+target, so that each has its own versions, champion and promotion), tagged, then promotion within that model.
 
-The export must come from the current retrain/model.pt (the digest the export recorded in model.onnx and its
-metrics.json): otherwise the stage fails, registering nothing. An ONNX file registered before (same digest, tag
+The export must come from the current targets/<target>/retrain/model.pt (the digest the export recorded in model.onnx
+and its metrics.json): otherwise the stage fails, registering nothing. An ONNX file registered before (same digest, tag
 onnx_digest) keeps its version: a rerun after an interruption adds none.
 
 Tags: arch (Arch.tag()), git_commit, data_hash, input_shape, class_names_digest (together what versions must share
 to be compared), params_hash, test_accuracy, onnx_test_accuracy, max_abs_diff, atol, onnx_digest.
-Writes outputs/register/registration.json (version, aliases, the promotion decision).
+Writes outputs/register/<target>/registration.json (version, aliases, the promotion decision).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flows.registry import (
     comparability_tags,
     latest_version,
     log_onnx_model,
+    model_name,
     promote,
     register_version,
     registered_version,
@@ -79,16 +81,19 @@ def logged_model_uri(client, record_file: Path, onnx_digest: str) -> str | None:
     return record["model_uri"]
 
 
-def register_model(params_file: str | Path = "params.yaml", overrides: dict | None = None) -> dict:
-    """Register the exported model and promote it (MLflow only: what `dna register`, dvc.yaml's register stage,
-    runs); returns the registry's decision, also written to register/registration.json."""
+def register_model(params_file: str | Path = "params.yaml", overrides: dict | None = None,
+                   target: str | None = None) -> dict:
+    """Register one search target's exported model (None: the first target's) and promote it within that target's
+    model (MLflow only: what `dna register`, dvc.yaml's register stage, runs); returns the registry's decision, also
+    written to register/<target>/registration.json."""
     from mlflow.tracking import MlflowClient
 
     from dna.checkpoint import atomic_write_text, file_digest
 
-    with step_run("register", params_file, overrides) as step:
+    with step_run("register", params_file, overrides, target=target) as step:
         params, run, mlrun = step.params, step.run, step.mlrun
-        name, metric = params.mlflow.registered_model, params.mlflow.promote_metric
+        name = model_name(params.mlflow.registered_model, run.paths.target)
+        metric = params.mlflow.promote_metric
         exported = current_export(run.paths)
         retrained = json.loads(needed(run.paths.retrain_dir / "metrics.json", "retrain").read_text())
         client = MlflowClient(mlrun.uri)
@@ -113,17 +118,17 @@ def register_model(params_file: str | Path = "params.yaml", overrides: dict | No
                     "dna.promotion": result.reason})
     record = result.to_dict() | {"latest_version": latest_version(client, name), "model_uri": model_uri,
                                  "promoted": int(result.promoted)}
-    out = run.paths.root / "register"
-    atomic_write_text(out / "registration.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record["target"] = run.paths.target
+    atomic_write_text(run.paths.register_dir / "registration.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     print(result.summary())
     return record
 
 
 @flow(name="dna-register")
-def register_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    record = register_model(params_file, overrides)
+def register_flow(params_file: str = "params.yaml", overrides: dict | None = None, target: str | None = None) -> dict:
+    record = register_model(params_file, overrides, target)
     name = record["name"]
-    artifacts.markdown("registration", "\n".join([
+    artifacts.markdown(f"registration-{record['target']}".replace("_", "-"), "\n".join([
         f"### {name} version {record['version']}", "",
         f"**{'champion' if record['promoted'] else 'not promoted'}**: {record['reason']}",
         "", f"champion now: version {record['champion']}", "", f"load it with `models:/{name}@champion`"]) + "\n",

@@ -276,10 +276,19 @@ def load_champion(tracking_uri: str, name: str):
 
 
 # command line -------------------------------------------------------------------------------------------------------
+def model_name(registered_model: str, target: str) -> str:
+    """The registered model of a search target: `<mlflow.registered_model>-<target>`, each with its own versions and
+    champion; mlflow.registered_model itself for the target `default` (search.budgets' one target)."""
+    from dna.paths import DEFAULT_TARGET
+
+    return registered_model if target == DEFAULT_TARGET else f"{registered_model}-{target}"
+
+
 def promote_cli(params_file: str | Path = "params.yaml", version: int | None = None,
-                withdrawn: int | None = None) -> int:
-    """`dna promote`: promote a version (default: the newest) of mlflow.registered_model by the rules above;
-    with `withdrawn`, take that version out of the running instead (champion goes to the best remaining one).
+                withdrawn: int | None = None, target: str | None = None) -> int:
+    """`dna promote`: promote a version (default: the newest) of a search target's registered model (`model_name`;
+    None: the first target's) by the rules above; with `withdrawn`, take that version out of the running instead
+    (champion goes to the best remaining one).
 
     Prints one line; exit code 0 if it is the champion afterwards, 1 if it was refused, 2 on an error
     (bad config, no such model or version).
@@ -296,7 +305,11 @@ def promote_cli(params_file: str | Path = "params.yaml", version: int | None = N
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    name = params.mlflow.registered_model
+    targets = list(params.search.named_targets())
+    if target is not None and target not in targets:
+        print(f"error: --target {target}: the search targets are {', '.join(targets)}", file=sys.stderr)
+        return 2
+    name = model_name(params.mlflow.registered_model, target or targets[0])
     client = MlflowClient(tracking_uri(params))
     try:
         if version is None and withdrawn is None:

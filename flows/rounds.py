@@ -77,7 +77,8 @@ def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None)
                            {STAGE_TAG: "round", "dna.round": str(round_)}) as round_run, nested_under(round_run.run_id):
                 round_run.artifact(path)
                 for step in later_round_steps():
-                    step.flow()(str(path), None)
+                    for target in params.search.named_targets() if step.per_target else [None]:
+                        step.flow()(str(path), None, **({"target": target} if target else {}))
         rows = write_summary(params)
         result = summary(rows)
         for row in rows:

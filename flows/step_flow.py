@@ -19,34 +19,38 @@ from prefect import flow
 from flows import artifacts
 from flows.entry import StepRun, cli, step_run
 
-ARCH = "search/arch.yaml"  # the chosen network: the tag of every step that reads or writes it
+ARCH = "search/targets/{target}/arch.yaml"  # a target's network: the tag of every step of that target
 SHOWN_BYTES = 1 << 20  # outputs up to this size that people read (.csv, .json, .yaml) become artifacts
 SHOWN_ROWS = 50
 
 
 @flow(name="dna-step", flow_run_name="{step}")
-def step_flow(step: str, params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+def step_flow(step: str, params_file: str = "params.yaml", overrides: dict | None = None,
+              target: str | None = None) -> dict:
+    """One step of the pipeline; of a per-target step, for one search target (None: the first)."""
     from dna.arch import Arch
     from dna.stages import STAGES, run_stage
     from flows.steps import step_named
 
     spec = step_named(step)
-    with step_run(step, params_file, overrides) as s:
-        root = s.run.paths.root
+    with step_run(step, params_file, overrides, target=target if spec.per_target else None) as s:
+        root, spec = s.run.paths.root, spec.at(s.run.paths.target)
         for stage in (st for st in STAGES if st.pipeline_step == step):
             if stage.epochs:
-                train(s, stage)
+                train(s, stage.at(s.run.paths.target))
+            elif stage.per_target:
+                s.task(run_stage, stage.name)(stage, s.run, targets=[s.run.paths.target])
             else:
                 s.task(run_stage, stage.name)(stage, s.run)
         metrics_file = root / spec.metrics if spec.metrics else None
         metrics = json.loads(metrics_file.read_text()) if metrics_file and metrics_file.is_file() else {}
         s.mlrun.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        if ARCH in (*spec.inputs, *spec.outputs) and (root / ARCH).is_file():
-            s.mlrun.tags({"dna.arch": Arch.load(root / ARCH).tag()})
+        if s.run.paths.arch.is_file() and ARCH.format(target=s.run.paths.target) in (*spec.inputs, *spec.outputs):
+            s.mlrun.tags({"dna.arch": Arch.load(s.run.paths.arch).tag()})
         shown = shown_files(root, spec)
         for path in shown:
             s.mlrun.artifact(path)
-    publish(step, root, shown, metrics)
+    publish(step if target is None else f"{step}-{target}", root, shown, metrics)
     return metrics or {"written": [str(path) for path in shown]}
 
 

@@ -9,7 +9,7 @@ import functools
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from dna.stages import STAGES as STAGE_TABLE
@@ -32,10 +32,13 @@ class Step:
     checkpoints: tuple[str, ...] = ()  # outputs a rerun resumes from (persist: true)
     reports: tuple[str, ...] = ()  # outputs kept out of DVC's cache (cache: false)
     commands: tuple[str, ...] = ()  # the `dna` commands DVC runs, in order (`dna <stage>` for each of its stages)
+    # once per search target (a DVC foreach over search.targets): its paths hold "{target}"
+    per_target: bool = False
 
-    def flow(self) -> Callable[[str, dict | None], dict]:
+    def flow(self) -> Callable[..., dict]:
         """The step's Prefect flow: its module's STEP (a flow, or a function that runs one on its task runner), or,
-        for a step without a module of its own, the generic step flow (flows/step_flow.py)."""
+        for a step without a module of its own, the generic step flow (flows/step_flow.py). A per-target step's
+        takes the target: flow(params_file, overrides, target=name)."""
         try:
             return importlib.import_module(f"flows.{self.module}").STEP
         except ModuleNotFoundError as exc:
@@ -44,6 +47,15 @@ class Step:
         from flows.step_flow import step_flow
 
         return functools.partial(step_flow, self.name)
+
+    def at(self, target: str) -> Step:
+        """A per-target step with its paths for one target."""
+        if not self.per_target:
+            return self
+        def fill(paths):
+            return tuple(p.replace("{target}", target) for p in paths)
+        return replace(self, outputs=fill(self.outputs), inputs=fill(self.inputs), checkpoints=fill(self.checkpoints),
+                       reports=fill(self.reports), metrics=self.metrics and self.metrics.replace("{target}", target))
 
 
 def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> list[Step]:
@@ -60,14 +72,18 @@ def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> li
                         tuple(h for s in stages for h in s.headline), inputs,
                         tuple(c for s in stages for c in s.checkpoints),
                         tuple(r for s in stages for r in s.reports),
-                        tuple(f"dna {s.name}" for s in stages)))
-    return [*out, REGISTER] if default else out
+                        tuple(f"dna {s.name}" for s in stages), per_target=any(s.per_target for s in stages)))
+    if not default:
+        return out
+    last = max((i for i, step in enumerate(out) if step.per_target), default=len(out) - 1)
+    return [*out[:last + 1], REGISTER, *out[last + 1:]]  # registration closes each target's chain
 
 
 REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.promote_metric"), (),
-                "register/registration.json", ("version", "champion", "reason"),
-                inputs=("search/arch.yaml", "retrain/model.pt", "retrain/metrics.json", "export/model.onnx",
-                        "export/metrics.json"), commands=("dna register",))
+                "register/{target}/registration.json", ("version", "champion", "reason"),
+                inputs=("search/targets/{target}/arch.yaml", "targets/{target}/retrain/model.pt",
+                        "targets/{target}/retrain/metrics.json", "targets/{target}/export/model.onnx",
+                        "targets/{target}/export/metrics.json"), commands=("dna register",), per_target=True)
 
 
 def _derived(table: tuple[Stage, ...]) -> dict:

@@ -171,10 +171,12 @@ def _prefect_tags() -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, logged_params: dict[str, str] | None = None,
-              root: str | Path | None = None, active: bool = True) -> Iterator[tuple[RunLog, Tracking]]:
+              root: str | Path | None = None, active: bool = True,
+              target: str | None = None) -> Iterator[tuple[RunLog, Tracking]]:
     """The stage's MLflow run, active in this thread (so mlflow.* fluent calls log to it; active=False: not, for
     a run that others nest under in the same thread), nested under the pipeline's run when DNA_MLFLOW_PARENT_RUN_ID
-    names one. Yields the run and a Tracking for its child runs. Ends FINISHED, or FAILED if the body raises."""
+    names one; of a search target's step, named and tagged (dna.target) for it. Yields the run and a Tracking for its
+    child runs. Ends FINISHED, or FAILED if the body raises."""
     import mlflow
 
     from flows.hashes import git_commit, params_hash
@@ -184,6 +186,9 @@ def stage_run(params: Params, stage: str, logged_params: dict[str, str] | None =
     experiment_id = ensure_experiment(uri, params.mlflow.experiment, root)
     parent = parent_run_id(uri)
     tags = {STAGE_TAG: stage, "dna.params_hash": params_hash(params), **_prefect_tags()}
+    if target is not None:  # a per-target step's run: named <stage>@<target>
+        tags["dna.target"] = target
+        stage = f"{stage}@{target}"
     commit = git_commit(root)
     if commit:
         tags["mlflow.source.git.commit"] = commit

@@ -106,9 +106,9 @@ def test_a_target_budgets_the_latency_its_device_measured(device, prepared_run, 
     run = Run(parse_params(raw))
     stage_search(run)
     family = pd.read_csv(run.paths.targets_table).set_index("target")
-    arch = Arch.load(run.paths.target_arch("phone"))
+    arch = Arch.load(run.paths.at("phone").arch)
     assert family.loc["phone", "latency_ms"] == pytest.approx(phone.predict(run.space, arch))
     assert family.loc["phone", "latency_ms"] <= 0.99 * unbound
     assert family.loc["phone", "latency_profile"] == "kit/latency.csv"
-    here = LatencyTable.load(run.paths.latency).predict(run.space, Arch.load(run.paths.target_arch("here")))
+    here = LatencyTable.load(run.paths.latency).predict(run.space, Arch.load(run.paths.at("here").arch))
     assert family.loc["here", "latency_ms"] == pytest.approx(here)  # this machine's profile for the other target

@@ -25,9 +25,9 @@ def test_a_missing_input_of_a_stage_is_one_line(capsys, tmp_path):
     assert needed(tmp_path, "data") == tmp_path
 
 
-@pytest.mark.parametrize("stage, missing", [("stage_retrain", "search/arch.yaml"),
+@pytest.mark.parametrize("stage, missing", [("stage_retrain", "search/targets/default/arch.yaml"),
                                             ("stage_search", "ratings/block_0.csv"),
-                                            ("stage_export", "retrain/model.pt")])
+                                            ("stage_export", "targets/default/retrain/model.pt")])
 def test_stages_name_the_stage_whose_output_they_miss(tiny_params, stage, missing):
     import dna.pipeline
     from dna.checkpoint import CheckpointError

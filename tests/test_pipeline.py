@@ -181,7 +181,7 @@ def test_the_figures_stage_draws_every_picture_from_the_tables_alone(finished, m
 
     run, output, _ = finished
     pictures = [run.paths.search_dir / "front.png", run.paths.search_dir / "rating_spread.png",
-                run.paths.retrain_dir / "curves.png"]
+                run.paths.search_dir / "curves.png"]
     assert all(p.is_file() for p in pictures)  # `dna run` ran the figures stage
     trained = {p: p.stat().st_mtime_ns for p in (run.paths.model, run.paths.arch)}
     for p in pictures:

@@ -15,7 +15,7 @@ from dna.config import parse_params
 from dna.engine import Engine
 from dna.errors import ConfigError
 from dna.paths import Paths
-from dna.rounds import all_rounds, round_dir, round_params, summary_rows
+from dna.rounds import all_rounds, primary_target, round_dir, round_params, summary_rows
 from tests.conftest import tiny_raw
 
 
@@ -40,7 +40,8 @@ def test_round_two_is_the_same_search_with_round_one_network_as_teacher(tmp_path
         assert getattr(second, key) == getattr(params, key), key
     with pytest.raises(ValueError, match="round 3 of rounds.count=2"):
         round_params(params, 3)
-    with pytest.raises(ConfigError, match=r"teacher.checkpoint=.*outputs/retrain/model.pt.* must be an existing file"):
+    with pytest.raises(ConfigError, match=r"teacher.checkpoint=.*outputs/targets/default/retrain/model.pt.* must be an "
+                                          r"existing file"):
         round_params(params, 2)  # with paths checked, round 2 needs round 1's network
 
 
@@ -142,9 +143,10 @@ def test_the_dna_plus_preset_teaches_round_two_with_round_one_network_scaled_up(
     params = load_params(ROOT / "configs" / "dna_plus.yaml", {"outputs": str(tmp_path / "outputs")}, check_paths=False)
     space = build_space(params.space, params.data.channels, params.data.image_size, num_classes=10)
     found = space.arch([(space.cells(b)[-1], (0,) * space.cells(b)[-1].depth) for b in range(space.num_blocks)])
-    found.save(Paths(tmp_path / "outputs").arch)  # what round 1 writes: its search/arch.yaml
+    first = Paths(tmp_path / "outputs", primary_target(params))
+    found.save(first.arch)  # what round 1 writes: its first target's network
     second = round_params(params, 2).teacher
-    assert (second.source, second.arch, second.checkpoint) == ("arch", str(Paths(tmp_path / "outputs").arch), None)
+    assert (second.source, second.arch, second.checkpoint) == ("arch", str(first.arch), None)
     assert second.train == params.teacher.train and second.train.epochs >= 1  # trained from scratch, as round 1's
     teacher = teacher_arch(second)
 

@@ -7,8 +7,9 @@ stage runs, so reading the table costs no imports.
 """
 from __future__ import annotations
 
+import functools
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 
@@ -25,6 +26,8 @@ class Stage:
     reports: tuple[str, ...] = ()  # of its outputs, small tables and pictures people read (not versioned as data)
     headline: tuple[str, ...] = ()  # the metrics a report shows
     per_block: bool = False
+    # once per search target (search.targets): its outputs, metrics and inputs hold "{target}", the target's name
+    per_target: bool = False
     prepare: str | None = None  # "module:attribute" run once before a per-block stage's blocks
     makes_profile: bool = False  # validated without the latency profile, which it makes
     step: str | None = None  # the pipeline step (DVC stage, Prefect flow) it runs in, when not one of its own
@@ -42,6 +45,15 @@ class Stage:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
         return self.outputs + ((self.metrics,) if self.metrics else ())
 
+    def at(self, target: str) -> Stage:
+        """A per-target stage with its paths for one target (a stage of all targets as it is)."""
+        if not self.per_target:
+            return self
+        def fill(paths):
+            return tuple(p.replace("{target}", target) for p in paths)
+        return replace(self, outputs=fill(self.outputs), inputs=fill(self.inputs), checkpoints=fill(self.checkpoints),
+                       reports=fill(self.reports), metrics=self.metrics and self.metrics.replace("{target}", target))
+
     @property
     def pipeline_step(self) -> str:
         return self.step or self.name
@@ -54,7 +66,7 @@ class Stage:
         function = _attribute(self.function)
         if getattr(function, "stage_lock", None) == self.name:
             return function
-        return locked(self.name, per_block=self.per_block)(function)
+        return locked(self.name, per_block=self.per_block, per_target=self.per_target)(function)
 
     def load_prepare(self) -> Callable | None:
         return _attribute(self.prepare) if self.prepare else None
@@ -88,30 +100,32 @@ STAGES: tuple[Stage, ...] = (
           "dna.stages.latency_profile:stage_profile", ("data.image_size", "data.channels", "space", "profile"),
           ("profile/latency.csv", "profile/profile.json"), makes_profile=True, inputs=("data/splits.json",),
           reports=("profile/profile.json",)),
-    Stage("search", "Choose the best architecture under the budgets and compute the Pareto front.",
+    Stage("search", "Choose each target's network under its budgets and compute the Pareto front.",
           "dna.stages.search:stage_search", ("data.image_size", "data.channels", "space", "search"),
-          ("search/arch.yaml", "search/targets", "search/front.csv", "search/chosen.csv", "search/targets.csv"),
+          ("search/targets", "search/front.csv", "search/chosen.csv", "search/targets.csv"),
           metrics="search/metrics.json", headline=("score", "params", "macs", "latency_ms"),
           inputs=("data/splits.json", "ratings", "profile/latency.csv"),
           reports=("search/front.csv", "search/chosen.csv", "search/targets.csv")),
-    Stage("retrain", "Train the chosen architecture (from scratch or from the supernets; optionally with KD).",
+    Stage("retrain", "Train each target's network (from scratch or from the supernets; optionally with KD).",
           "dna.stages.retrain:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
-          ("retrain/model.pt", "retrain/train_state.pt", "retrain/history.csv"),
-          metrics="retrain/metrics.json", headline=("test_accuracy",), data_parallel=True,
-          epochs="retrain.train.epochs",
-          inputs=("data/splits.json", "search/arch.yaml", "teacher/teacher.pt", "distill"),
-          checkpoints=("retrain/train_state.pt",), reports=("retrain/history.csv",)),
-    Stage("figures", "Draw the run's pictures: the Pareto front with the chosen network, every block's rating spread "
-          "and the retraining curves (a stage of its own: how pictures look reruns nothing that trains).",
-          "dna.stages.figures:stage_figures", (),
-          ("search/front.png", "search/rating_spread.png", "retrain/curves.png"),
-          inputs=("search/front.csv", "search/targets.csv", "search/metrics.json", "ratings", "retrain/history.csv"),
-          reports=("search/front.png", "search/rating_spread.png", "retrain/curves.png"), pictures=True),
-    Stage("export", "Export the retrained network to ONNX and check it against PyTorch.",
+          ("targets/{target}/retrain/model.pt", "targets/{target}/retrain/train_state.pt",
+           "targets/{target}/retrain/history.csv"),
+          metrics="targets/{target}/retrain/metrics.json", headline=("test_accuracy",), data_parallel=True,
+          epochs="retrain.train.epochs", per_target=True,
+          inputs=("data/splits.json", "search/targets/{target}/arch.yaml", "teacher/teacher.pt", "distill"),
+          checkpoints=("targets/{target}/retrain/train_state.pt",), reports=("targets/{target}/retrain/history.csv",)),
+    Stage("export", "Export each target's retrained network to ONNX and check it against PyTorch.",
           "dna.stages.export:stage_export",
-          ("data", "export"), ("export/model.onnx",), metrics="export/metrics.json",
-          headline=("onnx_test_accuracy", "max_abs_diff"),
-          inputs=("data/splits.json", "retrain/model.pt", "retrain/metrics.json")),
+          ("data", "export"), ("targets/{target}/export/model.onnx",), metrics="targets/{target}/export/metrics.json",
+          headline=("onnx_test_accuracy", "max_abs_diff"), per_target=True,
+          inputs=("data/splits.json", "targets/{target}/retrain/model.pt", "targets/{target}/retrain/metrics.json")),
+    Stage("figures", "Draw the run's pictures: the Pareto front with every target's network, budget and accuracy, "
+          "every block's rating spread and the retraining curves (a stage of its own: how pictures look reruns "
+          "nothing that trains).",
+          "dna.stages.figures:stage_figures", (),
+          ("search/front.png", "search/rating_spread.png", "search/curves.png"),
+          inputs=("search/front.csv", "search/targets.csv", "search/metrics.json", "ratings", "targets"),
+          reports=("search/front.png", "search/rating_spread.png", "search/curves.png"), pictures=True),
     Stage("rank", "Measure how well the rating ranks networks: train a stratified sample, the searched network and "
           "random networks under the budgets from scratch; rate them with a single-path one-shot supernet too.",
           "dna.rank:stage_rank", ("seed", "data", "space", "supervision", "distill", "rating", "search", "rank"),
@@ -121,25 +135,33 @@ STAGES: tuple[Stage, ...] = (
           headline=("kendall_tau", "kendall_tau_in_band", "spos_kendall_tau", "seed_kendall_tau",
                     "rating_seed_kendall_tau", "searched_accuracy", "random_median_accuracy"), default=False,
           inputs=("data/splits.json", "teacher/teacher.pt", "distill", "ratings", "profile/latency.csv",
-                  "search/arch.yaml"),
+                  "search/targets"),
           checkpoints=("rank/networks", "rank/spos", "rank/replicates"),
           reports=("rank/predictor.json", "rank/plan.csv", "rank/bands.json", "rank/networks.csv", "rank/rank.png")),
     Stage("rounds", "DNA+: rounds 2 to rounds.count after round 1 (the default stages), each every default stage "
           "with the network the round before found and retrained as its teacher.", "dna.rounds:stage_rounds",
           ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "profile", "search", "retrain",
            "export", "rounds"), ("rounds",), metrics="rounds.json", headline=("best_round", "best_test_accuracy"),
-          default=False, inputs=("search/arch.yaml", "retrain/model.pt"), checkpoints=("rounds",),
+          default=False, inputs=("search/targets", "targets"), checkpoints=("rounds",),
           runs_default_stages=True),
 )
 
 
-def run_stage(stage: Stage, run, blocks: list[int] | None = None) -> list:
-    """Run one stage of the table on a run: once, or per block (after its preparation), every block even when one
-    fails (dna.fan_out; in several processes the first failure stops them all); returns its results."""
+def run_stage(stage: Stage, run, blocks: list[int] | None = None, targets: list[str] | None = None) -> list:
+    """Run one stage of the table on a run: once, per block (after its preparation), every block even when one
+    fails (dna.fan_out; in several processes the first failure stops them all), or per search target, each in
+    order; returns its results."""
+    if stage.per_target:
+        from dna.fan_out import each, raise_unfinished
+
+        names = list(run.params.search.named_targets()) if targets is None else targets
+        function = stage.load()
+        results, failed = each({t: functools.partial(function, run.for_target(t)) for t in names},
+                               f"{stage.name}: target", log_failures=False)
+        raise_unfinished(stage.name, "target", failed, results)
+        return [results[t] for t in names]
     if not stage.per_block:
         return [stage.load()(run)]
-    import functools
-
     from dna.ddp import rank_and_world
     from dna.fan_out import each, raise_unfinished
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@locked("export")
+@locked("export", per_target=True)
 def stage_export(run: Run) -> dict:
     """Export the retrained student to ONNX (with the class names of the data and the digest of retrain/model.pt),
     check parity, and measure its test accuracy in ONNX Runtime batch by batch.

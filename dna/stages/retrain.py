@@ -47,7 +47,29 @@ def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
     return extraction
 
 
-@locked("retrain")
+def share_retraining(run: Run, arch: Arch) -> None:
+    """Start from the training state of another target that chose the same network, when this target has none: it is
+    resumed only where its fingerprint (the network, the recipe, the data, the seed) matches, so two targets of one
+    network are trained once."""
+    import shutil
+
+    from dna.arch import Arch
+
+    state = run.paths.retrain_dir / "train_state.pt"
+    if state.is_file():
+        return
+    for other in run.params.search.named_targets():
+        theirs = run.paths.at(other)
+        if other != run.paths.target and (theirs.retrain_dir / "train_state.pt").is_file() and \
+                theirs.arch.is_file() and Arch.load(theirs.arch) == arch:
+            shutil.copyfile(theirs.retrain_dir / "train_state.pt", state.with_suffix(".tmp"))
+            state.with_suffix(".tmp").replace(state)
+            log.info("retrain: target %s chose the network of target %s: resumed from its training", run.paths.target,
+                     other)
+            return
+
+
+@locked("retrain", per_target=True)
 def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
@@ -61,6 +83,7 @@ def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
         require(run.space, "supernets", "retrain.init: supernet")
     out.mkdir(parents=True, exist_ok=True)
     arch = Arch.load(needed(run.paths.arch, "search"))
+    share_retraining(run, arch)
     model = build_student(run, arch)
     extraction = init_from_supernet(run, model, arch) if p.init == "supernet" else None
     teacher = load_teacher(run.params, run.paths.teacher, run.device) if p.kd_alpha > 0 else None

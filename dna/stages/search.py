@@ -40,7 +40,8 @@ def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...
 @locked("search")
 def stage_search(run: Run) -> dict:
     """One network per target (search.targets, or search.budgets as the one target "default") from the one rating,
-    the Pareto front on search.front_axis, and the family table (search/targets.csv)."""
+    each into search/targets/<name>/arch.yaml; the Pareto front on search.front_axis, and the family table
+    (search/targets.csv). The metrics' own rating and costs are the first (primary) target's."""
     import pandas as pd
 
     from dna.spaces.base import Candidates
@@ -68,9 +69,8 @@ def stage_search(run: Run) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name, selection in chosen.items():
         arch = choice_of(run.space, stages, selection.rows)
-        run.paths.target_arch(name).parent.mkdir(parents=True, exist_ok=True)
-        arch.save(run.paths.target_arch(name))
-    choice_of(run.space, stages, primary.rows).save(run.paths.arch)
+        run.paths.at(name).arch.parent.mkdir(parents=True, exist_ok=True)
+        arch.save(run.paths.at(name).arch)
     write_csv(out / "front.csv", table)
     write_csv(run.paths.targets_table, family)
     costs_shown = [c for c in ("params", "macs", "latency_ms") if c in family.columns]

@@ -54,7 +54,7 @@ def tiny_raw(outputs: str = "outputs", tracking_uri: str | None = None) -> dict:
         "distill": {"epochs": 2, "lr": 0.003, "lr_decay": 0.9, "weight_decay": 0.0001, "batch_size": 64,
                     "cache_features": True},
         "rating": {"calibration_size": 64, "batch_size": 256},
-        "search": {"budgets": {"macs": 1000000}, "front_axis": "macs"},
+        "search": {"targets": {"default": {"macs": 1000000}}, "front_axis": "macs"},
         "profile": {"batch_size": 1, "threads": 1, "runs": 20, "rounds": 2, "warmup": 2, "percentile": 10},
         "retrain": {"init": "scratch", "kd_alpha": 0.0, "kd_temperature": 4.0, "train": dict(train)},
         "export": {"opset": 18, "atol": 0.0001},

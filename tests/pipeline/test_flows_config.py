@@ -29,12 +29,17 @@ def test_dvc_yaml_is_the_stage_table_steps_in_order_with_their_params_outputs_an
     assert list(DVC["stages"]) == STAGES
     for step in STEPS:
         stage = DVC["stages"][step.name]
+        if step.per_target:  # one stage per search target: a foreach over search.targets, its paths the target's
+            assert stage["foreach"] == "${search.targets}", step.name
+            stage = stage["do"]
         commands = [f"dna {s.name}" for s in TABLE if s.pipeline_step == step.name] or ["dna register"]
-        assert stage["cmd"] == (commands[0] if len(commands) == 1 else commands), step.name  # plain `dna` commands
+        plain = [f"{c} --target ${{key}}" if step.per_target else c for c in commands]
+        assert stage["cmd"] == (plain[0] if len(plain) == 1 else plain), step.name  # plain `dna` commands
         assert stage.get("params", []) == STAGE_PARAMS[step.name] == list(step.params), step.name
         assert [d for d in stage["deps"] if d.endswith(".py")] == code_deps(commands), step.name
-        assert _paths(stage.get("outs", [])) == {f"${{outputs}}/{o}" for o in step.outputs}, step.name
-        assert _paths(stage.get("metrics", [])) == ({f"${{outputs}}/{step.metrics}"} if step.metrics else set())
+        keyed = step.at("${key}")
+        assert _paths(stage.get("outs", [])) == {f"${{outputs}}/{o}" for o in keyed.outputs}, step.name
+        assert _paths(stage.get("metrics", [])) == ({f"${{outputs}}/{keyed.metrics}"} if step.metrics else set())
 
 
 def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
@@ -45,10 +50,10 @@ def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
 
     extra = Stage("calibrate", "Re-estimate something.", "dna.pipeline:stage_data", ("seed", "rating"),
                   ("calibrate/stats.json", "calibrate/state.pt"), metrics="calibrate/metrics.json",
-                  headline=("error",), inputs=("search/arch.yaml",), checkpoints=("calibrate/state.pt",))
+                  headline=("error",), inputs=("search/targets.csv",), checkpoints=("calibrate/state.pt",))
     steps = steps_of((*TABLE, extra))
-    assert [s.name for s in steps] == [*STAGES[:-1], "calibrate", "register"]
-    new = steps[-2]
+    assert [s.name for s in steps] == [*STAGES, "calibrate"]
+    new = steps[-1]
     assert (new.module, new.params, new.outputs, new.metrics) == (
         "calibrate", ("seed", "rating"), ("calibrate/stats.json", "calibrate/state.pt"), "calibrate/metrics.json")
     # its DVC stage comes from the same entry: command, code, what it reads, params, outputs (the checkpoint
@@ -57,7 +62,7 @@ def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
         default_file(steps)  # a command the table does not have
     monkeypatch.setattr("dna.stages.STAGES", (*TABLE, extra))
     stage = yaml.safe_load(default_file(steps))["stages"]["calibrate"]
-    assert stage["cmd"] == "dna calibrate" and "${outputs}/search/arch.yaml" in stage["deps"]
+    assert stage["cmd"] == "dna calibrate" and "${outputs}/search/targets.csv" in stage["deps"]
     assert "dna/pipeline.py" in stage["deps"] and stage["deps"][0] == "dna/cli.py"  # its function's module, and `dna`
     assert new.flow().func is step_flow and new.flow().args == ("calibrate",)
     assert stage["params"] == ["seed", "rating"] and stage["metrics"] == [
@@ -87,7 +92,10 @@ def test_checkpoints_that_resume_needs_persist_across_reruns():
                 if opts.get("persist"):
                     persisted.add(path)
     # the teacher's train_state.pt is no output (a teacher taken as it is has none): DVC never deletes it either
-    assert persisted == {"${outputs}/distill", "${outputs}/retrain/train_state.pt"}
+    for out in DVC["stages"]["retrain"]["do"]["outs"]:  # one stage per search target
+        if isinstance(out, dict) and next(iter(out.values())).get("persist"):
+            persisted.add(next(iter(out)))
+    assert persisted == {"${outputs}/distill", "${outputs}/targets/${key}/retrain/train_state.pt"}
 
 
 def test_task_runners_by_config():
@@ -104,9 +112,10 @@ def test_task_runners_by_config():
 
 def test_dvc_command_repro_or_experiment_with_set_params():
     assert dvc_command()[-1] == "repro"
-    cmd = dvc_command({"retrain.train.epochs": 5, "search.budgets.params": 2e6},
-                      raw_params={"retrain": {"train": {"epochs": 1}}, "search": {"budgets": {"macs": 1}}})
-    assert cmd[-6:] == ["exp", "run", "-S", "retrain.train.epochs=5", "-S", "+search.budgets.params=2000000.0"]
+    cmd = dvc_command({"retrain.train.epochs": 5, "search.targets.small.params": 2e6, "~search.targets.large": None},
+                      raw_params={"retrain": {"train": {"epochs": 1}}, "search": {"targets": {"small": {"macs": 1}}}})
+    assert cmd[-8:] == ["exp", "run", "-S", "retrain.train.epochs=5", "-S", "+search.targets.small.params=2000000.0",
+                        "-S", "~search.targets.large"]
     assert dvc_command(force=True)[-2:] == ["repro", "--force"]
 
 

@@ -101,7 +101,7 @@ def test_the_nightly_deployment_runs_the_pipeline_on_a_process_worker(tmp_path, 
             flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
             state = wait_finished(api, flow_run_id, worker, worker_log)
         assert state["type"] == "COMPLETED", f"flow run {state.get('name')}: {state.get('message')}\n{tail(worker_log)}"
-    registration = json.loads((project / "outputs" / "register" / "registration.json").read_text())
+    registration = json.loads((project / "outputs" / "register" / "default" / "registration.json").read_text())
     assert registration["version"] == 1 and registration["champion"] == 1
     assert (project / "dvc.lock").is_file() and (project / "mlflow.db").is_file()
     assert sorted(p.name for p in Path(env["HOME"]).iterdir()) == [], "written to the home folder"

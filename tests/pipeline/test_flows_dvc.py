@@ -13,9 +13,20 @@ import pytest
 from pipeline_support import git_dvc_project, run_python
 
 from dna.arch import Arch
-from flows.steps import STAGES
+from flows.pipeline import pipeline_steps
 
-pytestmark = pytest.mark.slow  # about three minutes: eight stage processes, then three
+pytestmark = pytest.mark.slow  # about five minutes: five pipeline runs, two search targets
+
+TARGETS = {"small": {"macs": 140000}, "large": {"macs": 1000000}}  # the tiny space: 126k to 163k multiply-adds
+
+
+def addresses(targets) -> list[str]:
+    """Every step's DVC address in run order: `<step>@<target>` for each target's chain."""
+    return [address for address, _ in pipeline_steps(1, list(targets))]
+
+
+ONE = addresses(["default"])  # the tiny params: search.targets {default: ...}
+TWO = addresses(TARGETS)
 
 
 def dvc(repo, *args) -> str:
@@ -26,55 +37,160 @@ def dvc(repo, *args) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A git + DVC repository with the project's dvc.yaml, flows, core code and the tiny params.yaml."""
-    return git_dvc_project(tmp_path_factory.mktemp("dvc-repo"))
+    """A git + DVC repository with the project's dvc.yaml, flows, core code and the tiny params.yaml with two search
+    targets."""
+    import yaml
+
+    repo = git_dvc_project(tmp_path_factory.mktemp("dvc-repo"))
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["search"]["targets"] = TARGETS
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    subprocess.run(["git", "commit", "-qam", "two targets"], cwd=repo, check=True)
+    return repo
+
+
+KEPT = ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/targets/small/arch.yaml",
+        "targets/small/retrain/model.pt", "targets/small/export/model.onnx", "targets/large/retrain/model.pt",
+        "targets/large/export/model.onnx")
 
 
 @pytest.fixture(scope="module")
 def runs(prefect_api, repo):
-    """Three pipeline flow runs: reproduce, reproduce again, then an experiment with retrain.train.lr changed."""
+    """Five pipeline flow runs: reproduce, reproduce again, an experiment with retrain.train.lr changed, one that
+    adds a third target, and one that changes the first target's budget."""
     from flows.pipeline import pipeline_flow
 
     outputs = repo / "outputs"
+
+    def times():
+        return {p: os.stat(outputs / p).st_mtime_ns for p in KEPT}
+
     first = pipeline_flow(str(repo))
-    kept = {p: os.stat(outputs / p).st_mtime_ns
-            for p in ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/arch.yaml",
-                      "retrain/model.pt", "export/model.onnx")}
+    kept = times()
     second = pipeline_flow(str(repo))
     third = pipeline_flow(str(repo), overrides={"retrain.train.lr": 0.004})
-    after = {p: os.stat(outputs / p).st_mtime_ns for p in kept}
-    return first, second, third, kept, after
+    after = times()
+    fourth = pipeline_flow(str(repo), overrides={"search.targets.tiny": {"macs": 130000}})
+    after_fourth = times()
+    fifth = pipeline_flow(str(repo), overrides={"search.targets.small.macs": 150000})
+    return first, second, third, kept, after, fourth, after_fourth, fifth
 
 
-def test_first_repro_runs_every_stage_in_order(runs, repo):
+def test_first_repro_runs_every_stage_in_order_each_target_its_own_chain(runs, repo):
     first = runs[0]
-    assert first["ran"] == STAGES and first["skipped"] == []
+    assert first["ran"] == TWO and first["skipped"] == []
     assert (repo / "dvc.lock").is_file()
-    assert first["metrics"]["register"]["version"] == 1 and first["metrics"]["register"]["champion"] == 1
-    assert first["metrics"]["export"]["max_abs_diff"] <= 1e-4
+    for target in TARGETS:
+        registered = first["metrics"][f"register@{target}"]
+        assert registered["version"] == 1 and registered["champion"] == 1
+        assert registered["name"] == f"dna-student-{target}"  # one registered model per target
+        assert first["metrics"][f"export@{target}"]["max_abs_diff"] <= 1e-4
 
 
 def test_second_repro_runs_nothing(runs, repo):
     second = runs[1]
-    assert second["ran"] == [] and second["skipped"] == STAGES
+    assert second["ran"] == [] and second["skipped"] == TWO
     assert "up to date" in dvc(repo, "status")
     assert "Data and pipelines are up to date" in dvc(repo, "repro")  # the flow recorded every step as DVC would
 
 
 def test_a_retraining_parameter_reruns_only_retrain_and_what_follows(runs, repo):
-    _, _, third, kept, after = runs
-    assert third["ran"] == ["retrain", "figures", "export", "register"]
+    _, _, third, kept, after, *_ = runs
+    chains = [a for a in TWO if "@" in a]
+    assert third["ran"] == [*chains, "figures"]
     assert third["skipped"] == ["data", "teacher", "distill", "profile", "search"]
-    for path in ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/arch.yaml"):
+    for path in ("data/splits.json", "teacher/teacher.pt", "distill/block_0.pt", "search/targets/small/arch.yaml"):
         assert after[path] == kept[path], f"{path} was rewritten"
-    for path in ("retrain/model.pt", "export/model.onnx"):
+    for path in KEPT[4:]:
         assert after[path] != kept[path], f"{path} was not rebuilt"
-    assert third["metrics"]["register"]["version"] == 2
+    assert third["metrics"]["register@small"]["version"] == third["metrics"]["register@large"]["version"] == 2
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
     saved = next(exp["revs"][0]["data"] for base in shown for exp in base["experiments"] or []
                  if exp["revs"][0]["name"] == third["experiment"])  # a DVC experiment: its params and metrics
     assert saved["params"]["params.yaml"]["data"]["retrain"]["train"]["lr"] == 0.004
-    assert saved["metrics"]["outputs/export/metrics.json"]["data"] == third["metrics"]["export"]
+    assert saved["metrics"]["outputs/targets/small/export/metrics.json"]["data"] == third["metrics"]["export@small"]
+
+
+def test_a_target_added_to_a_finished_run_runs_only_its_own_chain(runs, repo):
+    """A third target: the search (its params changed) rewrites the other targets' networks unchanged, so DVC
+    reruns only the new target's retraining, export and registration (and the pictures)."""
+    _, _, _, _, after, fourth, after_fourth, _ = runs
+    assert fourth["ran"] == ["search", "retrain@tiny", "export@tiny", "register@tiny", "figures"]
+    unsearched = [p for p in KEPT if not p.startswith("search/")]  # the search rewrote its files, alike
+    assert {p: after_fourth[p] for p in unsearched} == {p: after[p] for p in unsearched}
+    assert fourth["metrics"]["register@tiny"]["version"] == 1  # a model of its own
+    assert fourth["metrics"]["register@small"]["version"] == 2  # the others' registrations as they were
+
+
+def test_one_target_changed_reruns_only_its_chain(runs, repo):
+    fifth = runs[7]
+    assert fifth["ran"][0] == "search" and fifth["ran"][-1] == "figures"
+    assert not [a for a in fifth["ran"] if a.endswith(("@large", "@tiny"))]
+    assert set(fifth["ran"][1:-1]) <= {"retrain@small", "export@small", "register@small"}
+
+
+def test_a_two_point_sweep_queued_in_dvc_distils_nothing_again(runs, repo):
+    """`dvc exp run --queue --copy-paths outputs -S 'search.targets.small.macs=A,B'`, then `dvc queue start`, as a
+    DVC user sweeps a budget over a committed run: two experiments, each with its own small target's network and
+    accuracy in `dvc exp show`; neither reruns the teacher or the distillation (the run's outputs are copied into each
+    experiment's workspace: the reports DVC does not cache among them), only the search and the small chain."""
+    import time
+
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "the run to sweep from"], cwd=repo, check=True)
+    dvc(repo, "exp", "run", "--queue", "--copy-paths", "outputs", "-S", "search.targets.small.macs=132000,160000")
+    dvc(repo, "queue", "start")
+    deadline = time.monotonic() + 900
+    while any(word in dvc(repo, "queue", "status") for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, dvc(repo, "queue", "status")
+        time.sleep(5)
+    status = dvc(repo, "queue", "status")
+    assert status.count("Success") == 2, status
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    swept = {}
+    for base in shown:
+        for exp in base["experiments"] or []:
+            data = exp["revs"][0]["data"]
+            macs = data["params"]["params.yaml"]["data"]["search"]["targets"]["small"]["macs"]
+            if macs in (132000, 160000):
+                swept[macs] = (exp["revs"][0]["name"], data["metrics"])
+    assert sorted(swept) == [132000, 160000]
+    for macs, (name, metrics) in swept.items():
+        retrained = metrics["outputs/targets/small/retrain/metrics.json"]["data"]
+        assert retrained["macs"] <= macs and 0 <= retrained["test_accuracy"] <= 1
+        logs = dvc(repo, "queue", "logs", name)
+        assert "Running stage 'distill'" not in logs and "Running stage 'teacher'" not in logs, logs[-3000:]
+        assert "Running stage 'search'" in logs and "Running stage 'retrain@large'" not in logs
+
+
+def test_each_targets_champion_is_served_on_its_own(runs, repo, tmp_path):
+    """`mlflow models serve -m models:/dna-student-<target>@champion` for both targets: each answers with the
+    logits of its own target's exported network (its champion is the export the pipeline made last)."""
+    import numpy as np
+    from pipeline_support import working_directory
+    from test_serve import http, serve, stop
+
+    from dna.config import load_params
+    from dna.export import onnx_predict
+    from dna.pipeline import Run
+
+    with working_directory(repo):
+        run = Run(load_params("params.yaml"))
+        images = run.data.images("test", 4).numpy()
+    answers = {}
+    for target in TARGETS:
+        registered = json.loads((repo / "outputs" / "register" / target / "registration.json").read_text())
+        assert registered["champion"] == registered["latest_version"]
+        server, base = serve(f"sqlite:///{repo / 'mlflow.db'}", f"models:/dna-student-{target}@champion",
+                             tmp_path / f"serve-{target}.log")
+        try:
+            status, body = http(f"{base}/invocations", {"inputs": images.tolist()})
+        finally:
+            stop(server)
+        assert status == 200, body
+        answers[target] = np.array(json.loads(body)["predictions"]["logits"])
+        exported = onnx_predict(repo / "outputs" / "targets" / target / "export" / "model.onnx", images)
+        np.testing.assert_allclose(answers[target], exported, atol=1e-5)
 
 
 def test_one_mlflow_run_per_pipeline_run_with_a_nested_run_per_stage_that_ran(runs, repo):
@@ -86,20 +202,21 @@ def test_one_mlflow_run_per_pipeline_run_with_a_nested_run_per_stage_that_ran(ru
     for run in runs[:3]:
         parent = client.get_run(run["mlflow_run_id"])
         assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
-        assert [r.info.run_name for r in nested_runs(client.tracking_uri, run["mlflow_run_id"])] == run["ran"]
+        nested = sorted(r.info.run_name for r in nested_runs(client.tracking_uri, run["mlflow_run_id"]))
+        assert nested == sorted(run["ran"]) and run["ran"]  # a run per step, `<step>@<target>` for a target's
     distill = next(r for r in nested_runs(client.tracking_uri, runs[0]["mlflow_run_id"])
                    if r.info.run_name == "distill")
     # blocks start at the same time on the task runner: their runs may start in either order
     assert sorted(r.info.run_name for r in nested_runs(client.tracking_uri, distill.info.run_id)) == ["block_0",
                                                                                                       "block_1"]
-    version = client.get_model_version("dna-student", "2")
+    version = client.get_model_version("dna-student-large", "2")
     for tag in ("arch", "data_hash", "params_hash", "test_accuracy", "max_abs_diff", "atol", "git_commit"):
         assert version.tags.get(tag), tag
     assert json.loads(version.tags["arch"])["stem"] == 16
 
 
 def test_the_champion_from_the_pipeline_runs_in_onnx_runtime_in_a_fresh_process(runs, repo):
-    registration = json.loads((repo / "outputs" / "register" / "registration.json").read_text())
+    registration = json.loads((repo / "outputs" / "register" / "large" / "registration.json").read_text())
     champion = registration["champion"]
     code = """
 import json, numpy as np, onnxruntime as ort
@@ -109,9 +226,9 @@ from dna.pipeline import Run
 from flows.registry import load_champion
 from flows.tracking import tracking_uri
 params = load_params("params.yaml")
-run = Run(params)
+run = Run(params).for_target("large")
 images = run.data.images("test", 16).numpy()
-session = load_champion(tracking_uri(params), params.mlflow.registered_model)
+session = load_champion(tracking_uri(params), "dna-student-large")
 logits = session.run(["logits"], {"images": images})[0]
 exported = onnx_predict(run.paths.onnx, images)
 print(json.dumps({"shape": list(logits.shape), "max_diff": float(np.abs(logits - exported).max())}))
@@ -120,7 +237,7 @@ print(json.dumps({"shape": list(logits.shape), "max_diff": float(np.abs(logits -
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["shape"] == [16, 10]
-    if champion == registration["latest_version"]:  # the champion is the model now in outputs/export
+    if champion == registration["latest_version"]:  # the champion is the model now in the target's export
         assert out["max_diff"] < 1e-5
 
 
@@ -137,7 +254,7 @@ def test_the_entry_point_on_an_unchanged_project_starts_nothing_and_reports_the_
     assert main(["--project-dir", str(repo)]) == 0
     out = capsys.readouterr().out
     assert "every stage is up to date; nothing to run" in out
-    assert "outputs/export/model.onnx" in out and "registry: dna-student version 2" in out
+    assert "outputs/targets/small/export/model.onnx" in out and "registry: dna-student-large version 2" in out
     assert len(client.search_runs([experiment], max_results=1000)) == before
 
 
@@ -220,12 +337,12 @@ def test_a_teacher_free_supervision_over_a_transformer_space_reproduces_through_
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     out = dvc(repo, "repro")
-    assert all(f"Running stage '{stage}'" in out for stage in STAGES), out[-2000:]
+    assert all(f"Running stage '{stage}'" in out for stage in ONE), out[-2000:]
     outputs = repo / "outputs"
     assert load_checkpoint(outputs / "teacher" / "teacher.pt") == {"teacher": None, "supervision": "ssl"}
-    export = json.loads((outputs / "export" / "metrics.json").read_text())
+    export = json.loads((outputs / "targets" / "default" / "export" / "metrics.json").read_text())
     assert export["max_abs_diff"] <= export["atol"]
-    arch = Arch.load(outputs / "search" / "arch.yaml")
+    arch = Arch.load(outputs / "search" / "targets" / "default" / "arch.yaml")
     assert sum(layer.startswith("mha_") for stage in arch.stages for layer in stage) >= 2
     code = """
 import json, numpy as np
@@ -249,7 +366,7 @@ print(json.dumps({"max_diff": diff, "arch": read_metadata(run.paths.onnx)["arch"
     from flows.pipeline import pipeline_flow
 
     after = pipeline_flow(str(repo))  # the Prefect flow finds what `dvc repro` recorded
-    assert after["ran"] == [] and after["skipped"] == STAGES
+    assert after["ran"] == [] and after["skipped"] == ONE
 
 
 NEW_STAGE_MODULE = '''"""The calibrate stage: the chosen network's layers per stage."""
@@ -268,7 +385,7 @@ def stage_calibrate(run) -> dict:
 '''
 NEW_STAGE_ENTRY = '''    Stage("calibrate", "The chosen network's layers.", "dna.stages.calibrate:stage_calibrate",
           ("seed",), ("calibrate/layers.json",), metrics="calibrate/metrics.json", headline=("layers",),
-          inputs=("search/arch.yaml",)),
+          inputs=("search/targets",)),
 '''
 FLOW_RUN = """
 import json
@@ -304,8 +421,8 @@ def test_a_new_stage_is_one_module_plus_one_table_entry_and_runs_through_the_flo
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
 
     first = json.loads(python("-c", FLOW_RUN).strip().splitlines()[-1])
-    assert first["ran"] == [*STAGES[:-1], "calibrate", "register"]
-    arch = Arch.load(repo / "outputs" / "search" / "arch.yaml")
+    assert first["ran"] == [*ONE, "calibrate"]
+    arch = Arch.load(repo / "outputs" / "search" / "targets" / "default" / "arch.yaml")
     assert first["metrics"]["calibrate"] == {"layers": sum(len(stage) for stage in arch.stages)}
     assert "up to date" in python("-m", "dvc", "status", "dvc.yaml")  # the flow recorded it, its output cached
 

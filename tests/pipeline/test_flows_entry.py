@@ -55,9 +55,10 @@ def test_the_data_stage_runs_without_timm_or_torchvision_and_the_teacher_stage_c
     ran = {module_file(name).relative_to(ROOT).as_posix() for name in modules(data.stderr) if module_file(name)}
     assert {"dna/run.py", "flows/settings.py"} <= ran and ran - {"dna/cli.py"} <= deps, sorted(ran - deps)
 
-    write_params(tmp_path / "params.yaml", tiny_raw() | {"search": {"budgets": {"macs": 1000}, "front_axis": "macs"}})
+    write_params(tmp_path / "params.yaml", tiny_raw() | {"search": {"targets": {"default": {"macs": 1000}},
+                                                                     "front_axis": "macs"}})
     teacher = run_stage("teacher", tmp_path)  # a budget below the smallest network: checked, exit 2
-    assert teacher.returncode == 2 and "search.budgets.macs" in teacher.stderr
+    assert teacher.returncode == 2 and "search.targets.default.macs" in teacher.stderr
     assert "timm" in imported(teacher.stderr)
     assert not (tmp_path / "outputs" / "teacher").exists()
 

@@ -244,7 +244,8 @@ BAD_CONFIGS = [
     pytest.param({"retrain.train.epochs": "ten"}, "retrain.train.epochs", id="wrong-type"),
     pytest.param({"space.ops": ["ir_k4x"]}, "space.ops", id="unknown-op"),
     pytest.param({"teacher.model": "efficientnet_b99"}, "teacher.model", id="unknown-timm-model"),
-    pytest.param({"search.budgets": {"macs": 1000}}, "search.budgets.macs", id="budget-below-the-smallest-network"),
+    pytest.param({"search.targets.default.macs": 1000}, "search.targets.default.macs",
+                 id="budget-below-the-smallest-network"),
     pytest.param({"data.source": "imagefolder", "data.root": "/nonexistent/images"}, "data.root", id="missing-folder"),
     pytest.param({"orchestration.task_runner": "slurm"}, "orchestration.task_runner", id="unknown-task-runner"),
 ]
@@ -291,7 +292,7 @@ def test_a_bad_config_stops_the_pipeline_before_any_work(prefect_api, tmp_path, 
 
 @pytest.mark.parametrize("change, key, stages", [
     pytest.param({"retrain.train.epochs": "ten"}, "retrain.train.epochs", None, id="schema-every-stage"),
-    pytest.param({"search.budgets": {"macs": 1000}}, "search.budgets.macs",
+    pytest.param({"search.targets.default.macs": 1000}, "search.targets.default.macs",
                  ["teacher", "distill", "profile", "search", "retrain"], id="costs-the-stages-that-read-the-space"),
 ])
 def test_a_bad_config_stops_every_stage_that_checks_it_before_any_work(prefect_api, tmp_path, capsys, change, key,

@@ -30,7 +30,7 @@ def test_rounds_dvc_yaml_is_the_optional_step_of_the_stage_table():
     assert _paths(stage["outs"]) == {f"${{outputs}}/{o}" for o in step.outputs}
     assert _paths(stage["metrics"]) == {f"${{outputs}}/{step.metrics}"}
     # round 1's network comes first: DVC runs the default stages before this one
-    assert {"${outputs}/search/arch.yaml", "${outputs}/retrain/model.pt"} <= set(stage["deps"])
+    assert {"${outputs}/search/targets", "${outputs}/targets"} <= set(stage["deps"])
     assert set(listed_code(stage)) == set(code_deps([stage["cmd"]])), "python -m flows.dvc_files --write"
 
 
@@ -80,7 +80,8 @@ def test_two_rounds_through_dvc_nest_in_mlflow_and_both_networks_are_registry_ca
     assert (repo / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]).is_file(), \
         "DVC versions each round's outputs, as it does round 1's"
     rows = summary_rows(one.root)
-    assert [r["round"] for r in rows] == [1, 2] and rows[1]["teacher"] == "arch:outputs/search/arch.yaml"
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[1]["teacher"] == "arch:outputs/search/targets/default/arch.yaml"
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     uri = client.tracking_uri

@@ -1,0 +1,77 @@
+"""Each search target's chain of steps (retraining, export, registration: the per-target steps of dvc.yaml) as one
+task per target on the task runner orchestration.task_runner names (flows/fan_out.py): a target's steps run in order,
+each only when DVC finds it out of date (`<step>@<target>` in dvc.yaml), and each is recorded in dvc.lock as `dvc
+repro` would record it. One target's failure keeps the others' work; the chain of a target that did not change runs
+nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from dna.fan_out import raise_unfinished
+from flows import dvc_stages
+from flows.fan_out import Job, fan_out, turn, use_threads
+from flows.steps import Step
+
+
+@contextlib.contextmanager
+def dvc_turn(root: Path) -> Iterator[None]:
+    """One process or thread at a time reads and writes the DVC state of the project (dvc.lock, the cache)."""
+    path = root / ".dvc" / "tmp" / "dna-targets.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@task(name="target-chain", task_run_name="target-{target}", cache_policy=NO_CACHE)
+def chain_task(root: Path, steps: list[Step], target: str, force: bool, threads: int | None = None,
+               shared_process: bool = True) -> list[str]:
+    """A target's steps in order, those DVC finds out of date (all with force); returns the addresses run."""
+    use_threads(threads)
+    ran = []
+    with turn(shared_process):
+        for step in steps:
+            address = f"{step.name}@{target}"
+            with dvc_turn(root):
+                changed = force or bool(dvc_stages.out_of_date(root, address))
+                if changed:
+                    dvc_stages.remove_outputs(root, address)
+            if not changed:
+                continue
+            step.flow()("params.yaml", None, target=target)
+            with dvc_turn(root):
+                dvc_stages.record(root, address)
+            ran.append(address)
+    return ran
+
+
+@flow(name="dna-targets")
+def targets_flow(root: Path, steps: list[Step], targets: list[str], force: bool, orchestration) -> dict[str, list]:
+    """Every target's chain, fanned out; the addresses each ran. A lone failure is raised as it was, several as
+    Unfinished naming the targets that failed and those kept."""
+    gathered = fan_out(orchestration, [Job(t, chain_task, (root, steps, t, force)) for t in targets])
+    raise_unfinished("targets", "target", gathered.failed, gathered.results)
+    return {t: gathered.results[t] for t in targets}
+
+
+def run_targets(root: Path, steps: list[Step], params, force: bool = False) -> dict[str, list]:
+    """The chains on the task runner the config names."""
+    from flows.prefect_api import share_prefect_api
+    from flows.task_runners import make_task_runner
+
+    orch = params.orchestration
+    if orch.task_runner in ("processes", "dask", "ray"):
+        share_prefect_api()  # workers in other processes report to this process's Prefect server
+    return targets_flow.with_options(task_runner=make_task_runner(orch))(
+        root, steps, list(params.search.named_targets()), force, orch)
