@@ -52,7 +52,9 @@ def stage_lock(root: str | Path, stage: str, block: int | None = None, wait: boo
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        what = f"the {stage} stage{'' if block is None else f' of block {block}'} on {root}"
+        name, _, target = stage.partition(".target_")
+        what = f"the {name} stage{'' if block is None else f' of block {block}'}" \
+               f"{f' of target {target}' if target else ''} on {root}"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -81,6 +83,12 @@ def holder(fd: int) -> str:
         return "which did not record itself yet"
 
 
+def lock_name(stage: str, replicate: int = 0, target: str | None = None) -> str:
+    """The lock of a stage's run: of a replicate's blocks (the rank stage's), or of one search target, its own."""
+    name = f"{stage}.replicate_{replicate}" if replicate else stage
+    return f"{name}.target_{target}" if target is not None else name
+
+
 def locked(stage: str, per_block: bool = False, wait: bool = False,
            per_target: bool = False) -> Callable[[Callable], Callable]:
     """Decorate a stage function `fn(run, ...)`, or `fn(run, block, ...)` with `per_block`, to run holding its lock on
@@ -95,8 +103,7 @@ def locked(stage: str, per_block: bool = False, wait: bool = False,
                 return fn(run, *args, **kwargs)
             block = (args[0] if args else kwargs["block"]) if per_block else None
             replicate = getattr(run, "replicate", 0)  # the rank stage's blocks distilled again write files of their own
-            name = f"{stage}.replicate_{replicate}" if replicate else stage
-            name = f"{name}.target_{run.paths.target}" if per_target else name
+            name = lock_name(stage, replicate, run.paths.target if per_target else None)
             with stage_lock(run.paths.root, name, block, wait=wait):
                 return fn(run, *args, **kwargs)
 

@@ -82,7 +82,7 @@ def command_modules(command: str) -> list[str]:
 
     from dna.stages import STAGES, later_round_stages
 
-    program, _, name = command.partition(" ")
+    program, name, *_ = [*command.split(), ""]  # `dna <name> [options]`
     stage = next((s for s in STAGES if s.name == name), None)
     if program == "dna" and stage is not None:
         ran = (stage, *(later_round_stages(STAGES) if stage.runs_default_stages else ()))
@@ -102,4 +102,5 @@ def code_deps(commands: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def listed_code(stage: dict) -> list[str]:
-    return [dep for dep in stage.get("deps", []) if isinstance(dep, str) and dep.endswith(".py")]
+    """The code deps a stage of dvc.yaml lists (of a `foreach` stage, those of its `do`)."""
+    return [dep for dep in stage.get("do", stage).get("deps", []) if isinstance(dep, str) and dep.endswith(".py")]

@@ -31,8 +31,11 @@ def _config_sklearn_home(monkeypatch, tmp_path_factory):
 
 
 def _raw(**changes) -> dict:
-    """A deep copy of the default params with dotted keys set (value None removes the key)."""
+    """A deep copy of the default params with dotted keys set (value None removes the key); search.budgets set
+    chooses the one target, as a preset does (the default's named targets go)."""
     raw = copy.deepcopy(DEFAULT_RAW)
+    if any(key.startswith("search.budgets") for key in changes):
+        raw["search"].pop("targets", None)
     for dotted, value in changes.items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -32,7 +32,9 @@ def test_a_stage_that_runs_every_default_stage_depends_on_their_modules_and_the_
 
 
 def commands(stage: dict) -> list[str]:
-    return [stage["cmd"]] if isinstance(stage["cmd"], str) else stage["cmd"]
+    """A stage's commands (of a `foreach` stage, those of its `do`, one per search target)."""
+    cmd = stage.get("do", stage)["cmd"]
+    return [cmd] if isinstance(cmd, str) else cmd
 
 
 @pytest.mark.parametrize("name", list(STAGES))

@@ -10,7 +10,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from dna.locks import StageBusy, lock_path, stage_lock
+from dna.locks import StageBusy, lock_name, lock_path, stage_lock
 from dna.pipeline import Run
 from dna.stages import STAGES
 from tests.conftest import ROOT, tiny_raw
@@ -84,7 +84,8 @@ def test_the_feature_cache_lock_is_waited_for(tmp_path):
 def test_every_stage_of_the_table_stops_before_any_work_while_another_run_holds_it(tiny_params, stage):
     run = Run(tiny_params)
     args = (run, 0) if stage.per_block else (run,)
-    with stage_lock(run.paths.root, stage.name, 0 if stage.per_block else None):
+    name = lock_name(stage.name, target=run.paths.target if stage.per_target else None)  # a target's own lock
+    with stage_lock(run.paths.root, name, 0 if stage.per_block else None):
         with pytest.raises(StageBusy, match=f"the {stage.name} stage"):
             stage.load()(*args)
     assert not any(f.is_file() for f in run.paths.root.rglob("*") if ".locks" not in f.parts), "no work was done"
@@ -97,7 +98,8 @@ def test_the_stage_functions_the_flows_call_take_the_lock_themselves(tiny_params
     for name, block in (("data", None), ("teacher", None), ("distill", 1), ("rate", 1), ("profile", None),
                         ("search", None), ("retrain", None), ("export", None)):
         fn = getattr(pipeline, f"stage_{name}")
-        with stage_lock(run.paths.root, name, block), pytest.raises(StageBusy):
+        held = lock_name(name, target=run.paths.target) if name in ("retrain", "export") else name
+        with stage_lock(run.paths.root, held, block), pytest.raises(StageBusy):
             fn(run) if block is None else fn(run, block=block)
 
 

@@ -190,8 +190,8 @@ def test_the_dna_plus_and_dna_plusplus_paper_presets_are_the_dna_preset_but_for_
         assert params.rounds.count == rounds and params.uses_teacher() == (rounds == 2)
         last = round_params(params, rounds, check_paths=False)
         assert last.teacher.source == ("arch" if rounds == 2 else "timm")  # round 2: round 1's network
-        if rounds == 2:  # the network round 1 found (its search/arch.yaml) and retrained (its retrain/model.pt)
-            first = Paths(round_dir(params, 1))
+        if rounds == 2:  # the network round 1 found and retrained for its first target, DNA-a
+            first = Paths(round_dir(params, 1), "dna_a")
             assert (last.teacher.arch, last.teacher.checkpoint) == (str(first.arch), str(first.model))
         space = build_space(params.space, 3, 224, 1000)
         assert space.size() == build_space(preset.space, 3, 224, 1000).size()

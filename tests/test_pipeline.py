@@ -32,7 +32,8 @@ def test_run_prints_where_outputs_went(finished):
     run, output, _ = finished
     for path in (run.paths.arch, run.paths.model, run.paths.onnx):
         assert path.is_file()
-        assert path.name in output
+    for path in (run.paths.arch.parent.parent, run.paths.model, run.paths.onnx):  # the search's: every target's
+        assert str(path) in output
     assert "teacher test accuracy" in output
 
 
