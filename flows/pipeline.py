@@ -219,8 +219,8 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
             experiment = dvc_stages.save_experiment(root, ["dvc.lock", "rounds/dvc.lock", *(
                 f"{params.outputs}/{step.metrics}" for _, step in steps if step.metrics)])
             mlrun.tags({"dna.dvc_experiment": str(experiment)})
-        for address, values in metrics.items():
-            mlrun.metrics(values, prefix=f"{address}.")
+        for address, values in metrics.items():  # MLflow names take no "@": a target's are <step>/<target>.<key>
+            mlrun.metrics(values, prefix=f"{address.replace('@', '/')}.")
     artifacts.markdown("pipeline-summary", summary_markdown(cmd, ran, skipped, metrics, mlrun.run_id),
                        "what ran, what was up to date, and the headline metrics")
     return {"ran": ran, "skipped": skipped, "metrics": metrics, "mlflow_run_id": mlrun.run_id,
