@@ -132,19 +132,19 @@ def test_a_model_that_fails_onnx_parity_is_never_registered(prefect_api, retrain
     from flows.export import export_flow
     from flows.register import register_flow
 
-    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "targets"))
     strict = {"export.atol": 1e-12}  # far below float32 round-off: the check cannot pass
     with working_directory(root):
         with pytest.raises(ParityError, match="atol 1e-12"):
             export_flow("params.yaml", strict)
-        assert not (root / "outputs" / "export" / "model.onnx").exists()
+        assert not (root / "outputs" / "targets" / "default" / "export" / "model.onnx").exists()
         with pytest.raises(FileNotFoundError):
             register_flow("params.yaml", strict)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert client.search_registered_models() == [] and client.search_model_versions() == []
     assert client.search_logged_models(experiment_ids=[client.get_experiment_by_name("dna").experiment_id]) == []
     export_run = client.search_runs([client.get_experiment_by_name("dna").experiment_id],
-                                    filter_string="attributes.run_name = 'export'")[0]
+                                    filter_string="attributes.run_name = 'export@default'")[0]
     assert export_run.info.status == "FAILED"
 
     with working_directory(root):  # what `dvc repro` runs: exit 1 with one line, and still nothing registered
@@ -172,8 +172,8 @@ def test_a_failed_export_leaves_no_earlier_export_to_register(prefect_api, retra
     from flows.export import export_flow
     from flows.register import register_flow
 
-    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
-    export = root / "outputs" / "export"
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "targets"))
+    export = root / "outputs" / "targets" / "default" / "export"
     with working_directory(root):
         export_flow("params.yaml")
         assert all((export / name).is_file() for name in EXPORT_FILES)
@@ -195,8 +195,8 @@ def test_an_export_of_an_earlier_retraining_is_not_registered(prefect_api, retra
     from flows.register import main as register_main
     from flows.register import register_flow
 
-    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
-    model = root / "outputs" / "retrain" / "model.pt"
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "targets"))
+    model = root / "outputs" / "targets" / "default" / "retrain" / "model.pt"
     with working_directory(root):
         export_flow("params.yaml")
         state = load_checkpoint(model)
@@ -222,7 +222,7 @@ def test_registering_again_after_an_interruption_adds_no_version(prefect_api, re
     def interrupted(*args, **kwargs):
         raise RuntimeError("interrupted between registering and promoting")
 
-    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "retrain"))
+    root = clone_project(retrained, tmp_path / "project", outputs=("data", "teacher", "search", "targets"))
     client = registry_client(root)
     with working_directory(root):
         export_flow("params.yaml")
