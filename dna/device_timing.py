@@ -20,7 +20,8 @@ from pathlib import Path
 COLUMNS = ["kind", "block", "position", "op", "op_name", "in_width", "width", "stride", "resolution", "latency_ms"]
 
 
-def session(path: Path, threads: int):
+def session(model: bytes | str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session with `threads` intra-op threads, one inter-op thread, all graph optimisations."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -29,7 +30,8 @@ def session(path: Path, threads: int):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def time_pieces(kit: Path, rows: list[dict], args: argparse.Namespace) -> list[float]:

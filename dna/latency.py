@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dna.arch import Arch
+from dna.device_timing import session
 from dna.spaces.base import Candidates, Piece, SearchSpace
 
 if TYPE_CHECKING:
@@ -48,20 +49,6 @@ def onnx_bytes(module: nn.Module, shape: tuple[int, ...], opset: int = 18) -> by
         torch.onnx.export(module, (torch.zeros(shape),), buffer, dynamo=False, opset_version=opset,
                           input_names=["x"], output_names=["y"], do_constant_folding=True)
     return buffer.getvalue()
-
-
-def session(model: bytes | str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session with `threads` intra-op threads, one inter-op thread, all graph optimisations."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=["CPUExecutionProvider"])
 
 
 @dataclass

@@ -9,11 +9,11 @@ import functools
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dna.stages import STAGES as STAGE_TABLE
-from dna.stages import Stage
+from dna.stages import Stage, at_target
 from dna.stages import steps as stage_steps
 
 if TYPE_CHECKING:
@@ -50,12 +50,7 @@ class Step:
 
     def at(self, target: str) -> Step:
         """A per-target step with its paths for one target."""
-        if not self.per_target:
-            return self
-        def fill(paths):
-            return tuple(p.replace("{target}", target) for p in paths)
-        return replace(self, outputs=fill(self.outputs), inputs=fill(self.inputs), checkpoints=fill(self.checkpoints),
-                       reports=fill(self.reports), metrics=self.metrics and self.metrics.replace("{target}", target))
+        return at_target(self, target)
 
 
 def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> list[Step]:

@@ -43,15 +43,23 @@ def test_bad_targets_are_refused_naming_the_key(tmp_path, search, message):
         _params(raw)
 
 
-def test_each_target_gets_its_own_network_under_its_budgets(prepared_run, tmp_path):
-    from dna.arch import Arch
-    from dna.pipeline import Run, stage_rate, stage_search
+def rated(prepared_run, tmp_path) -> dict:
+    """The tiny params of a copy of the prepared run whose blocks are rated: ready to search."""
+    from dna.pipeline import Run, stage_rate
 
     shutil.copytree(prepared_run.paths.root, tmp_path / "outputs")
     raw = tiny_raw(tmp_path / "outputs")
     run = Run(_params(raw))
     for block in range(run.space.num_blocks):
         stage_rate(run, block)
+    return raw
+
+
+def test_each_target_gets_its_own_network_under_its_budgets(prepared_run, tmp_path):
+    from dna.arch import Arch
+    from dna.pipeline import Run, stage_search
+
+    raw = rated(prepared_run, tmp_path)
     raw["search"] = {"budgets": {}}
     largest = stage_search(Run(_params(raw)))["macs"]
     budgets = {"small": 0.8 * largest, "large": 2 * largest, "also_small": 0.8 * largest}
@@ -76,13 +84,9 @@ def test_each_target_gets_its_own_network_under_its_budgets(prepared_run, tmp_pa
 
 def test_a_target_no_network_meets_is_named(prepared_run, tmp_path):
     from dna.errors import ConfigError
-    from dna.pipeline import Run, stage_rate, stage_search
+    from dna.pipeline import Run, stage_search
 
-    shutil.copytree(prepared_run.paths.root, tmp_path / "outputs")
-    raw = tiny_raw(tmp_path / "outputs")
-    run = Run(_params(raw))
-    for block in range(run.space.num_blocks):
-        stage_rate(run, block)
+    raw = rated(prepared_run, tmp_path)
     raw["search"] = {"targets": {"roomy": {"macs": 1e12}, "tiny": {"params": 1e12, "macs": 1.0}}}
     with pytest.raises(ConfigError, match=r"search\.targets\.tiny"):
         stage_search(Run(_params(raw)))
@@ -140,15 +144,12 @@ def test_two_targets_of_one_network_train_it_once(prepared_run, tmp_path, caplog
     import torch
 
     from dna.checkpoint import load_checkpoint
-    from dna.pipeline import Run, stage_rate, stage_search
+    from dna.pipeline import Run, stage_search
     from dna.stages import STAGES, run_stage
 
-    shutil.copytree(prepared_run.paths.root, tmp_path / "outputs")
-    raw = tiny_raw(tmp_path / "outputs")
+    raw = rated(prepared_run, tmp_path)
     raw["search"] = {"targets": {"first": {"macs": 1e9}, "second": {"params": 1e9}}}
     run = Run(_params(raw))
-    for block in range(run.space.num_blocks):
-        stage_rate(run, block)
     stage_search(run)
     assert list(pd.read_csv(run.paths.targets_table)["same_as"]) == ["first", "first"]
     retrain = next(s for s in STAGES if s.name == "retrain")

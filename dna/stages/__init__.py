@@ -47,12 +47,7 @@ class Stage:
 
     def at(self, target: str) -> Stage:
         """A per-target stage with its paths for one target (a stage of all targets as it is)."""
-        if not self.per_target:
-            return self
-        def fill(paths):
-            return tuple(p.replace("{target}", target) for p in paths)
-        return replace(self, outputs=fill(self.outputs), inputs=fill(self.inputs), checkpoints=fill(self.checkpoints),
-                       reports=fill(self.reports), metrics=self.metrics and self.metrics.replace("{target}", target))
+        return at_target(self, target)
 
     @property
     def pipeline_step(self) -> str:
@@ -70,6 +65,19 @@ class Stage:
 
     def load_prepare(self) -> Callable | None:
         return _attribute(self.prepare) if self.prepare else None
+
+
+def at_target(spec, target: str):
+    """A per-target stage or pipeline step (its outputs, inputs, checkpoints, reports and metrics holding
+    "{target}") with its paths for one target; any other as it is."""
+    if not spec.per_target:
+        return spec
+
+    def fill(paths: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(p.replace("{target}", target) for p in paths)
+
+    return replace(spec, outputs=fill(spec.outputs), inputs=fill(spec.inputs), checkpoints=fill(spec.checkpoints),
+                   reports=fill(spec.reports), metrics=spec.metrics and spec.metrics.replace("{target}", target))
 
 
 def _attribute(spec: str) -> Callable:
