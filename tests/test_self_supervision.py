@@ -240,7 +240,7 @@ def test_dna_run_with_ssl_builds_no_teacher_and_ends_with_a_parity_checked_onnx_
     assert "no teacher (supervision ssl); exported network in ONNX Runtime" in result.output
     import json
 
-    export = json.loads((tmp_path / "outputs" / "export" / "metrics.json").read_text())
+    export = json.loads((tmp_path / "outputs" / "targets" / "default" / "export" / "metrics.json").read_text())
     assert export["max_abs_diff"] <= export["atol"] and export["onnx_test_accuracy"] > 0.5
 
 
