@@ -31,8 +31,10 @@ DEFAULT_HEADER = """\
 # __init__.py.
 # Checkpoints that resuming needs are `persist: true`, so DVC does not delete them before a stage reruns; the
 # training code then skips or resumes work whose fingerprint (config, teacher, data) matches. Reports (histories,
-# tables, pictures) are `cache: false`. The teacher's training state (teacher/train_state.pt) is no output: a teacher
-# taken as it is (pretrained, or a DNA+ round's) has none; DVC never deletes it, so a teacher trained here resumes too.
+# tables, pictures) are `cache: false`. Metrics files are cached: the outputs folder is not in git, so `dvc exp show`
+# reads a queued experiment's metrics through its dvc.lock from the cache. The teacher's training state
+# (teacher/train_state.pt) is no output: a teacher taken as it is (pretrained, or a DNA+ round's) has none; DVC never
+# deletes it, so a teacher trained here resumes too.
 # Paths follow `outputs` in params.yaml.
 """
 
@@ -136,7 +138,7 @@ def stage_lines(step: Step, wdir: str | None = None) -> list[str]:
             option = "persist: true" if rel in step.checkpoints else "cache: false" if rel in step.reports else None
             body.append(f"      - {path(rel)}" + (f":\n          {pad}{option}" if option else ""))
     if step.metrics:
-        body += ["    metrics:", f"      - {path(step.metrics)}:", "          cache: false"]
+        body += ["    metrics:", f"      - {path(step.metrics)}"]
     return lines + [pad + line for line in body]
 
 

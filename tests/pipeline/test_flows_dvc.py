@@ -146,7 +146,8 @@ def test_one_target_changed_reruns_only_its_chain(runs, repo):
 
 def test_a_two_point_sweep_queued_in_dvc_distils_nothing_again(runs, repo):
     """`dvc exp run --queue --copy-paths outputs -S 'search.targets.small.macs=A,B'`, then `dvc queue start`, as a
-    DVC user sweeps a budget over a committed run: two experiments, both in `dvc exp show` with their budgets;
+    DVC user sweeps a budget over a committed run: two experiments, both in `dvc exp show` with their budgets, their
+    accuracies and costs;
     neither reruns the teacher or the distillation (the run's outputs are copied into each experiment's workspace:
     the reports DVC does not cache among them), only the search and the small chain."""
     import time
@@ -162,7 +163,7 @@ def test_a_two_point_sweep_queued_in_dvc_distils_nothing_again(runs, repo):
     status = dvc(repo, "queue", "status")
     assert status.count("Success") == 2, status
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
-    swept = {}
+    swept, measured = {}, {}
     for base in shown:
         for exp in base["experiments"] or []:
             data = exp["revs"][0].get("data") or {}
@@ -170,7 +171,13 @@ def test_a_two_point_sweep_queued_in_dvc_distils_nothing_again(runs, repo):
                 "targets", {}).get("small", {}).get("macs")
             if macs in (132000, 160000):
                 swept[macs] = exp["revs"][0]["name"]
+                metrics = data.get("metrics") or {}
+                measured[macs] = {"retrain": metrics["outputs/targets/small/retrain/metrics.json"]["data"],
+                                  "export": metrics["outputs/targets/small/export/metrics.json"]["data"]}
     assert sorted(swept) == [132000, 160000]  # `dvc exp show` lists both, each with its budget
+    for budget, found in measured.items():  # and each one's accuracy and cost, the network within its budget
+        assert 0 < found["retrain"]["test_accuracy"] <= 1 and 0 < found["export"]["onnx_test_accuracy"] <= 1
+        assert 0 < found["retrain"]["macs"] <= budget
     for name in swept.values():
         logs = dvc(repo, "queue", "logs", name)
         assert "Running stage 'distill'" not in logs and "Running stage 'teacher'" not in logs, logs[-3000:]
@@ -275,7 +282,7 @@ def test_the_entry_point_on_an_unchanged_project_starts_nothing_and_reports_the_
 def test_a_dvc_remote_restores_data_and_checkpoints_byte_for_byte(prefect_api, tmp_path, monkeypatch):
     """The data and teacher stages in a fresh git + DVC repository, `dvc remote add -d` a local folder, `dvc push`;
     then the cache and the cached outputs are wiped and `dvc pull` brings them back identical, the teacher's
-    checkpoint included."""
+    checkpoint and the metrics files included."""
     import hashlib
     import shutil
     from pathlib import Path
@@ -285,20 +292,20 @@ def test_a_dvc_remote_restores_data_and_checkpoints_byte_for_byte(prefect_api, t
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     dvc(repo, "repro", "teacher")
     outputs = repo / "outputs"
-    cached = ["data/splits.json", "teacher/teacher.pt"]
+    cached = ["data/splits.json", "data/metrics.json", "teacher/teacher.pt", "teacher/metrics.json"]  # metrics too
     before = {p: hashlib.sha256((outputs / p).read_bytes()).hexdigest() for p in cached}
 
     remote = tmp_path / "remote"
     dvc(repo, "remote", "add", "-d", "team", str(remote))
     pushed = dvc(repo, "push")
-    assert "2 files pushed" in pushed, pushed
+    assert "4 files pushed" in pushed, pushed
     for path in cached:
         (outputs / path).unlink()
     shutil.rmtree(repo / ".dvc" / "cache")
     assert "deleted" in dvc(repo, "status", "--with-deps", "teacher")
 
     pulled = dvc(repo, "pull", "--with-deps", "teacher")  # the stages that ran (the others have no outputs yet)
-    assert "2 files fetched" in pulled and "2 files added" in pulled, pulled
+    assert "4 files fetched" in pulled and "4 files added" in pulled, pulled
     assert {p: hashlib.sha256((outputs / p).read_bytes()).hexdigest() for p in cached} == before
     assert "up to date" in dvc(repo, "status", "--with-deps", "teacher")
     assert "in sync" in dvc(repo, "status", "--cloud", "--with-deps", "teacher")
