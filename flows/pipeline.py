@@ -100,6 +100,11 @@ def pipeline_steps(rounds: int, targets: list[str]) -> list[tuple[str, Step]]:
     return steps
 
 
+def pipeline_files(rounds: int) -> list[str]:
+    """The DVC pipeline files the flow runs: dvc.yaml, and with rounds.count > 1 rounds/dvc.yaml."""
+    return ["dvc.yaml", "rounds/dvc.yaml"] if rounds > 1 else ["dvc.yaml"]
+
+
 def addresses(step: Step, targets: list[str]) -> list[tuple[str, Step]]:
     return [(f"{step.name}@{t}", step.at(t)) for t in targets] if step.per_target else [(step.name, step)]
 
@@ -180,7 +185,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
     targets = list(params.search.named_targets())
     steps = pipeline_steps(params.rounds.count, targets)
     cmd = dvc_command(overrides, force, yaml.safe_load((root / "params.yaml").read_text()),
-                      ["dvc.yaml", "rounds/dvc.yaml"] if params.rounds.count > 1 else None)
+                      pipeline_files(params.rounds.count) if params.rounds.count > 1 else None)
     shown = " ".join(["dvc", *cmd[3:]])
     if overrides:
         dvc_stages.apply_overrides(root, set_values(cmd))
@@ -188,6 +193,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
     ran, skipped, experiment = [], [], None
     logged = flatten({k: raw[k] for k in RESULT_SECTIONS})
     order = [*table.STEPS, *(s for s in table.OPTIONAL_STEPS if s.name == "rounds" and params.rounds.count > 1)]
+    status = dvc_stages.Snapshot(root, pipeline_files(params.rounds.count))
     with working_directory(root), stage_run(params, "pipeline", logged, root=root, active=False) as (mlrun, _), \
             nested_under(mlrun.run_id):
         mlrun.tags({"dna.dvc_command": shown})
@@ -195,7 +201,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
             if segment[0].per_target:  # each target's chain, fanned out
                 from flows.targets import run_targets
 
-                done = run_targets(root, segment, params, force)
+                done = run_targets(root, segment, params, status, force)
                 chained = [a for a, _ in steps if a.split("@")[0] in {s.name for s in segment}]
                 ran += [a for a in chained if any(a in did for did in done.values())]
                 skipped += [a for a in chained if a not in ran]
@@ -203,7 +209,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
                 continue
             for step in segment:
                 address = next(a for a, s in steps if s.name == step.name)
-                changes = ["forced"] if force else dvc_stages.out_of_date(root, address)
+                changes = ["forced"] if force else status.changes(address)
                 if not changes:
                     logger.info("step %s is up to date", step.name)
                     skipped.append(step.name)
@@ -212,6 +218,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
                 dvc_stages.remove_outputs(root, address)
                 step.flow()("params.yaml", None)
                 dvc_stages.record(root, address)
+                status.ran()
                 ran.append(step.name)
                 mlrun.tags({"dna.stages_ran": ",".join(ran)})
         metrics = read_metrics(root / params.outputs, targets)
@@ -293,9 +300,8 @@ def up_to_date(root: Path) -> bool:
     if not (root / "dvc.lock").is_file():
         return False
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    steps = pipeline_steps((raw.get("rounds") or {}).get("count", 1), target_names(raw))
     try:
-        return not dvc_stages.out_of_date(root, *(address for address, _ in steps))
+        return not dvc_stages.stale(root, pipeline_files((raw.get("rounds") or {}).get("count", 1)))
     except Exception:  # noqa: BLE001 - anything DVC cannot read: the full run says what is wrong
         return False
 

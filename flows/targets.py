@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dna.fan_out import raise_unfinished
@@ -35,16 +35,18 @@ def dvc_turn(root: Path) -> Iterator[None]:
 
 
 @task(name="target-chain", task_run_name="target-{target}", cache_policy=NO_CACHE)
-def chain_task(root: Path, steps: list[Step], target: str, force: bool, threads: int | None = None,
-               shared_process: bool = True) -> list[str]:
-    """A target's steps in order, those DVC finds out of date (all with force); returns the addresses run."""
+def chain_task(root: Path, steps: list[Step], target: str, force: bool, stale: dict[str, list[str]],
+               threads: int | None = None, shared_process: bool = True) -> list[str]:
+    """A target's steps in order, those DVC finds out of date (all with force); returns the addresses run. `stale`
+    is `dvc status` of every stage taken after the steps before the chains: it holds for this chain's steps until
+    one of them runs, then each next step is asked again."""
     use_threads(threads)
     ran = []
     with turn(shared_process):
         for step in steps:
             address = f"{step.name}@{target}"
             with dvc_turn(root):
-                changed = force or bool(dvc_stages.out_of_date(root, address))
+                changed = force or bool(dvc_stages.out_of_date(root, address) if ran else stale.get(address))
                 if changed:
                     dvc_stages.remove_outputs(root, address)
             if not changed:
@@ -57,21 +59,35 @@ def chain_task(root: Path, steps: list[Step], target: str, force: bool, threads:
 
 
 @flow(name="dna-targets")
-def targets_flow(root: Path, steps: list[Step], targets: list[str], force: bool, orchestration) -> dict[str, list]:
-    """Every target's chain, fanned out; the addresses each ran. A lone failure is raised as it was, several as
-    Unfinished naming the targets that failed and those kept."""
-    gathered = fan_out(orchestration, [Job(t, chain_task, (root, steps, t, force)) for t in targets])
+def targets_flow(root: Path, steps: list[Step], targets: list[str], force: bool, stale: dict[str, list[str]],
+                 orchestration) -> dict[str, list]:
+    """Every target's chain with a step out of date, fanned out (the others start no task); the addresses each ran.
+    A lone failure is raised as it was, several as Unfinished naming the targets that failed and those kept."""
+    logger = get_run_logger()
+    due = [t for t in targets if force or any(stale.get(f"{step.name}@{t}") for step in steps)]
+    for t in targets:
+        if t not in due:
+            logger.info("target %s: every step is up to date", t)
+    gathered = fan_out(orchestration, [Job(t, chain_task, (root, steps, t, force, stale)) for t in due])
     raise_unfinished("targets", "target", gathered.failed, gathered.results)
-    return {t: gathered.results[t] for t in targets}
+    return {t: gathered.results.get(t, []) for t in targets}
 
 
-def run_targets(root: Path, steps: list[Step], params, force: bool = False) -> dict[str, list]:
-    """The chains on the task runner the config names."""
+def run_targets(root: Path, steps: list[Step], params, status: dvc_stages.Snapshot,
+                force: bool = False) -> dict[str, list]:
+    """The chains on the task runner the config names; status: `dvc status` of the pipeline's stages, taken now if
+    a step before the chains ran."""
     from flows.prefect_api import share_prefect_api
     from flows.task_runners import make_task_runner
 
     orch = params.orchestration
+    targets = list(params.search.named_targets())
+    stale = {} if force else {f"{step.name}@{t}": status.changes(f"{step.name}@{t}") for step in steps
+                              for t in targets}
+    if not force and not any(stale.values()):
+        return {t: [] for t in targets}  # nothing to fan out: no flow run
     if orch.task_runner in ("processes", "dask", "ray"):
         share_prefect_api()  # workers in other processes report to this process's Prefect server
-    return targets_flow.with_options(task_runner=make_task_runner(orch))(
-        root, steps, list(params.search.named_targets()), force, orch)
+    done = targets_flow.with_options(task_runner=make_task_runner(orch))(root, steps, targets, force, stale, orch)
+    status.ran()
+    return done
