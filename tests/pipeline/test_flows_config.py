@@ -65,8 +65,7 @@ def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
     assert stage["cmd"] == "dna calibrate" and "${outputs}/search/targets.csv" in stage["deps"]
     assert "dna/pipeline.py" in stage["deps"] and stage["deps"][0] == "dna/cli.py"  # its function's module, and `dna`
     assert new.flow().func is step_flow and new.flow().args == ("calibrate",)
-    assert stage["params"] == ["seed", "rating"] and stage["metrics"] == [
-        {"${outputs}/calibrate/metrics.json": {"cache": False}}]
+    assert stage["params"] == ["seed", "rating"] and stage["metrics"] == ["${outputs}/calibrate/metrics.json"]
     assert stage["outs"] == ["${outputs}/calibrate/stats.json", {"${outputs}/calibrate/state.pt": {"persist": True}}]
     loaded = extra.load()  # the function, run holding the new stage's own lock
     assert loaded.__wrapped__ is __import__("dna.pipeline", fromlist=["stage_data"]).stage_data
