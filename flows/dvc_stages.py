@@ -45,8 +45,9 @@ class Snapshot:
     """`dvc status` of every stage of the pipeline files, taken once and again only after a stage ran: a stage's
     status changes only when it or a stage before it runs (its code, params, deps or outputs)."""
 
-    def __init__(self, root: Path, files: list[str], found: dict[str, list[str]] | None = None):
-        self.root, self.files, self._found = root, files, found
+    def __init__(self, root: Path, files: list[str]):
+        self.root, self.files = root, files
+        self._found: dict[str, list[str]] | None = None
 
     def changes(self, address: str) -> list[str]:
         if self._found is None:

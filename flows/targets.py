@@ -64,13 +64,18 @@ def targets_flow(root: Path, steps: list[Step], targets: list[str], force: bool,
     """Every target's chain with a step out of date, fanned out (the others start no task); the addresses each ran.
     A lone failure is raised as it was, several as Unfinished naming the targets that failed and those kept."""
     logger = get_run_logger()
-    due = [t for t in targets if force or any(stale.get(f"{step.name}@{t}") for step in steps)]
+    due = due_targets(steps, targets, force, stale)
     for t in targets:
         if t not in due:
             logger.info("target %s: every step is up to date", t)
     gathered = fan_out(orchestration, [Job(t, chain_task, (root, steps, t, force, stale)) for t in due])
     raise_unfinished("targets", "target", gathered.failed, gathered.results)
     return {t: gathered.results.get(t, []) for t in targets}
+
+
+def due_targets(steps: list[Step], targets: list[str], force: bool, stale: dict[str, list[str]]) -> list[str]:
+    """The targets whose chain has a step out of date (all with force)."""
+    return [t for t in targets if force or any(stale.get(f"{step.name}@{t}") for step in steps)]
 
 
 def run_targets(root: Path, steps: list[Step], params, status: dvc_stages.Snapshot,
@@ -84,7 +89,7 @@ def run_targets(root: Path, steps: list[Step], params, status: dvc_stages.Snapsh
     targets = list(params.search.named_targets())
     stale = {} if force else {f"{step.name}@{t}": status.changes(f"{step.name}@{t}") for step in steps
                               for t in targets}
-    if not force and not any(stale.values()):
+    if not due_targets(steps, targets, force, stale):
         return {t: [] for t in targets}  # nothing to fan out: no flow run
     if orch.task_runner in ("processes", "dask", "ray"):
         share_prefect_api()  # workers in other processes report to this process's Prefect server
