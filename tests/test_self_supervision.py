@@ -252,6 +252,7 @@ def test_the_dna_plusplus_preset_builds_no_teacher_and_learns_from_its_own_cells
     import dna.teacher
     from dna.config import load_params, preset_overrides
     from dna.pipeline import stage_teacher
+    from dna.stages import STAGES, step_keys
     from tests.conftest import ROOT
     from tests.test_config import resolved_preset_is_a_dvc_params_file
 
@@ -259,6 +260,9 @@ def test_the_dna_plusplus_preset_builds_no_teacher_and_learns_from_its_own_cells
     assert {key.split(".")[0] for key in differs} == {"outputs", "supervision"}  # the same data, space and recipes
     assert differs["supervision.kind"] == "ssl"
     resolved_preset_is_a_dvc_params_file(ROOT / "configs" / "dna_plusplus.yaml")
+    teacher_step = step_keys(next(s for s in STAGES if s.name == "teacher"))
+    seen = [key for key in differs if any(key == k or key.startswith(f"{k}.") for k in teacher_step)]
+    assert seen == ["supervision.kind"], "its teacher stage writes another teacher.pt: DVC must see a key change"
 
     def no_model(*args, **kwargs):
         raise AssertionError("the DNA++ preset builds no teacher")

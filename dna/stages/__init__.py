@@ -91,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
           headline=("train_images", "rate_images", "test_images", "num_classes")),
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.",
           "dna.stages.teacher:stage_teacher",
-          ("seed", "data", "teacher"),
+          ("seed", "data", "teacher", "supervision.kind"),  # a kind without a teacher (DNA++) builds none
           ("teacher/teacher.pt", "teacher/history.csv"),  # train_state.pt too when trained here (resumes; not an
           # output DVC tracks, since a teacher taken as it is has none, and never deleted by DVC)
           metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True,
