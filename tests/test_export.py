@@ -9,6 +9,7 @@ from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.efficientnet import EfficientNet
 
 from dna.export import (
+    EXPORTERS,
     ExportReport,
     ParityError,
     class_names,
@@ -53,12 +54,13 @@ def _images(n, seed=1):
     return torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(EXPORTERS))
+def exported(tmp_path_factory, request):
+    """The small network exported by each of torch's exporters: every test of it holds for both."""
     model = _small_effnet().train()
     model.bn1.eval()  # a mixed train/eval state that export must give back unchanged
     path = tmp_path_factory.mktemp("export") / "student.onnx"
-    report = export_onnx(model, _images(4), path, METADATA)
+    report = export_onnx(model, _images(4), path, METADATA, exporter=request.param)
     return model, report
 
 
@@ -176,15 +178,27 @@ class EagerOnlyBias(torch.nn.Module):
 
     def forward(self, x):
         out = self.inner(x)
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
             return out
         return out + self.offset
 
 
-def test_parity_failure_raises_and_removes_file(tmp_path):
+@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+def test_parity_failure_raises_and_removes_file(tmp_path, exporter):
     path = tmp_path / "bad.onnx"
     path.write_bytes(b"stale export from an earlier run")
     with pytest.raises(ParityError, match="max abs diff") as info:
-        export_onnx(EagerOnlyBias(_tiny_convnet(), offset=1e-3), _images(3), path, {"k": "v"})
+        export_onnx(EagerOnlyBias(_tiny_convnet(), offset=1e-3), _images(3), path, {"k": "v"}, exporter=exporter)
     assert info.value.max_abs_diff == pytest.approx(1e-3, rel=0.05)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_torchscript_exporter_refuses_an_opset_it_cannot_write_naming_the_key():
+    from dna.config import ExportConfig
+    from dna.export import TORCHSCRIPT_MAX_OPSET
+
+    ExportConfig(opset=TORCHSCRIPT_MAX_OPSET)
+    ExportConfig(opset=TORCHSCRIPT_MAX_OPSET + 1, exporter="dynamo")
+    with pytest.raises(ValueError, match="export.opset=21: the torchscript exporter writes opsets up to 20; set "
+                                         "export.exporter: dynamo"):
+        ExportConfig(opset=TORCHSCRIPT_MAX_OPSET + 1)

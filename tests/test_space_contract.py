@@ -11,7 +11,7 @@ from dna.arch import Arch, count_cost
 from dna.config import SpaceConfig, parse_params
 from dna.distill import build_block
 from dna.errors import ConfigError
-from dna.export import export_onnx
+from dna.export import EXPORTERS, export_onnx
 from dna.spaces import SPACES, build_space, space_class
 from tests.conftest import tiny_raw
 
@@ -130,11 +130,12 @@ def test_extraction_copies_every_tensor_of_the_chosen_paths(space, seed):
     assert extraction.tensors == sum(1 for k in state if not k.startswith(head))
 
 
-def test_built_networks_export_with_parity(space, tmp_path):
+@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+def test_built_networks_export_with_parity(space, tmp_path, exporter):
     torch.manual_seed(0)
     model = space.build(space.arch(random_choice(space, random.Random(7))))
     images = torch.randn(4, IN_CHANS, IMAGE_SIZE, IMAGE_SIZE)
-    report = export_onnx(model, images, tmp_path / "model.onnx", {"kind": space.kind})
+    report = export_onnx(model, images, tmp_path / "model.onnx", {"kind": space.kind}, exporter=exporter)
     assert report.path.is_file() and report.max_abs_diff <= 1e-4
 
 

@@ -44,7 +44,8 @@ def stage_export(run: Run) -> dict:
                 "input": json.dumps({"channels": run.data.in_chans, "size": run.data.image_size}),
                 CHECKPOINT_DIGEST: source}
     report = export_onnx(model, images, run.paths.onnx, metadata, atol=run.params.export.atol,
-                         opset=run.params.export.opset, class_names=run.data.class_names)
+                         opset=run.params.export.opset, class_names=run.data.class_names,
+                         exporter=run.params.export.exporter)
     onnx_acc = onnx_accuracy(run.paths.onnx, run.data.loader("test", EVAL_BATCH_SIZE))
     metrics = {"max_abs_diff": report.max_abs_diff, "parity_images": report.num_images, "opset": report.opset,
                "onnx_test_accuracy": onnx_acc, "atol": run.params.export.atol, CHECKPOINT_DIGEST: source}
