@@ -35,7 +35,7 @@ NprocOpt = typer.Option(1, "--nproc", min=1, help="train in N processes on this 
 def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True,
           stage: Stage | None = None) -> Params:
     """The config, checked before any work: for a stage, what its step reads (the data stage imports no timm)."""
-    from dna.run import validate
+    from dna.checks import validate
 
     flags = checks(step_keys(stage), stage.makes_profile) if stage else {"check_profile": check_profile}
     params = load_params(params_file, parse_overrides(sets), deep=flags.get("models", True), check_paths=deep)
@@ -63,12 +63,6 @@ def guarded(fn):
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(code) from None
     return wrapper
-
-
-def _run(params: Params):
-    from dna.run import Run
-
-    return Run(params)
 
 
 def _blocks(run, block: Optional[int]) -> list[int]:
@@ -106,7 +100,7 @@ def _stage_command(stage: Stage):
         targets = _targets(cfg, target) if stage.per_target else None
         if nproc > 1:
             _exec_torchrun(stage, params, set_ or [], block, nproc, target)
-        run = _run(cfg)
+        run = stage.load_context()(cfg)
         blocks = _blocks(run, block) if stage.per_block else None
         from dna.ddp import is_main, process_group
 
@@ -247,8 +241,8 @@ def _targets_table(cfg: Params, s) -> Table:
 
     import numpy as np
 
+    from dna.cost_tables import stage_tables
     from dna.paths import Paths
-    from dna.run import stage_tables
     from dna.search import BudgetError, best_under
     from dna.spaces.base import Candidates
 

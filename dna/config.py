@@ -433,13 +433,6 @@ class SupervisionConfig(BaseModel):
                                            for e in exc.errors())) from None
         return self
 
-    def options(self) -> BaseModel | None:
-        """The kind's options, validated (None when the kind has none)."""
-        from dna.supervision import options_model
-
-        model = options_model(self.kind)
-        return None if model is None else model.model_validate(dict(self.model_extra or {}))
-
 
 class RatingConfig(Strict):
     calibration_size: PositiveInt = 256
@@ -660,23 +653,15 @@ class CoreParams(Strict):
 
     @model_validator(mode="after")
     def _boundaries_match_blocks(self) -> CoreParams:
-        if len(self.teacher.boundaries) != len(self.space.blocks) and self.uses_teacher():
+        from dna.supervision import uses_teacher
+
+        if len(self.teacher.boundaries) != len(self.space.blocks) and uses_teacher(self):
             raise ValueError(
                 f"teacher.boundaries has {len(self.teacher.boundaries)} entries but space.blocks has "
                 f"{len(self.space.blocks)}: one teacher boundary per searched block is required"
                 + (" (source 'arch' defaults to the end of every stage of teacher.arch after its first)"
                    if self.teacher.source == "arch" else ""))
         return self
-
-    def uses_teacher(self) -> bool:
-        """Whether the block supervision reads a teacher (a kind that is not registered uses one: its own check
-        names the kinds)."""
-        from dna.supervision import supervision_class
-
-        try:
-            return supervision_class(self.supervision.kind).uses_teacher
-        except ValueError:
-            return True
 
     @property
     def out_dir(self) -> Path:

@@ -1,16 +1,11 @@
 """Every stage function and the run they share, in one namespace (for scripts and tests). The stages live one
-module each in dna/stages/ and the run in dna/run.py; code that should not depend on every stage imports those."""
+module each in dna/stages/, the run in dna/context.py, dna/spaces/context.py and dna/run.py; code that should not
+depend on every stage imports those."""
 from dna.checkpoint import write_csv, write_json  # noqa: F401
-from dna.run import (  # noqa: F401
-    EVAL_BATCH_SIZE,
-    EpochHook,
-    Run,
-    check_arch_teacher,
-    check_teacher,
-    latency_model,
-    stage_tables,
-    validate,
-)
+from dna.checks import check_arch_teacher, check_teacher, validate  # noqa: F401
+from dna.context import EVAL_BATCH_SIZE, EpochHook  # noqa: F401
+from dna.cost_tables import latency_model, stage_tables  # noqa: F401
+from dna.run import Run  # noqa: F401
 from dna.stages.data import stage_data  # noqa: F401
 from dna.stages.distill import (  # noqa: F401
     distill_resumes_after,

@@ -60,7 +60,7 @@ def _write_json(path: Path, value: dict) -> None:
 
 # the networks ------------------------------------------------------------------------------------------------------
 def network_table(run) -> NetworkTable:
-    from dna.run import latency_model, stage_tables
+    from dna.cost_tables import latency_model, stage_tables
     from dna.spaces.base import Candidates
 
     ratings = [Candidates.from_frame(pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str}))

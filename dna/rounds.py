@@ -57,7 +57,9 @@ def round_params(params: Params, round_: int, check_paths: bool = True) -> Param
 
 def all_rounds(params: Params) -> list[Params]:
     """Every round's params, validated before any work: the later rounds without the files earlier rounds write."""
-    if params.rounds.count > 1 and not params.uses_teacher():
+    from dna.supervision import uses_teacher
+
+    if params.rounds.count > 1 and not uses_teacher(params):
         raise ConfigError(f"rounds.count={params.rounds.count}: each round after the first is taught by the network "
                           f"the round before found, but supervision.kind={params.supervision.kind!r} uses no "
                           "teacher; set rounds.count: 1")
@@ -68,7 +70,8 @@ def run_round(params: Params, round_: int):
     """Every default stage of round `round_` in order (of a later round, all but the pictures: later_round_stages); a
     later round is checked first, now that the round before it wrote its network (round 1 is the params as given,
     checked by the caller). Returns the round's Run and the seconds each stage took."""
-    from dna.run import Run, validate
+    from dna.checks import validate
+    from dna.run import Run
     from dna.stages import default_stages, later_round_stages, run_stage
 
     config = round_params(params, round_)

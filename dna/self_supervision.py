@@ -226,7 +226,7 @@ class SelfSupervised:
         from dna.data import eval_view
 
         self.run, self.rating = run, rating
-        self.options: SslOptions = run.params.supervision.options()
+        self.options: SslOptions = SslOptions.model_validate(dict(run.params.supervision.model_extra or {}))
         self.data = eval_view(run.data) if rating else run.data
         self.device = run.device
         self._fronts: dict[int, list[nn.Module]] = {}

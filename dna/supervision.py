@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
 
-    from dna.config import Params
+    from dna.config import Params, SupervisionConfig
     from dna.data import Data
     from dna.paths import Paths
     from dna.spaces.base import SearchSpace
@@ -116,6 +116,21 @@ def supervision_class(kind: str) -> type:
 def options_model(kind: str) -> type[BaseModel] | None:
     """The pydantic model of the kind's own keys in the supervision section (its class's `Options`), if any."""
     return getattr(supervision_class(kind), "Options", None)
+
+
+def options_of(cfg: SupervisionConfig) -> BaseModel | None:
+    """The kind's options (supervision.<key> beside kind), validated; None when the kind has none."""
+    model = options_model(cfg.kind)
+    return None if model is None else model.model_validate(dict(cfg.model_extra or {}))
+
+
+def uses_teacher(params: Params) -> bool:
+    """Whether the block supervision reads a teacher (a kind that is not registered uses one: its own check names
+    the kinds). The teacher stage builds, trains and downloads nothing when it does not (DNA++)."""
+    try:
+        return supervision_class(params.supervision.kind).uses_teacher
+    except ValueError:
+        return True
 
 
 def build_supervision(run: SupervisionContext) -> BlockSupervision:

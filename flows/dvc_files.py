@@ -162,8 +162,8 @@ def reruns(made: dict[str, str] | None = None) -> str:
     """For each dna/ module, the stages whose code deps hold it (what editing it reruns), grouped, as markdown."""
     import yaml
 
-    deps = {name: set(stage["deps"]) for text in (made or files()).values()
-            for name, stage in yaml.safe_load(text)["stages"].items()}
+    deps = {name: set(stage.get("do", stage)["deps"]) for text in (made or files()).values()
+            for name, stage in yaml.safe_load(text)["stages"].items()}  # of a per-target stage, those of its `do`
     modules = sorted({d for ds in deps.values() for d in ds if d.startswith("dna/")})
     groups: dict[str, list[str]] = {}
     for module in modules:

@@ -54,7 +54,7 @@ def load(params_file: str | Path = "params.yaml", overrides: dict | None = None,
          checks: Checks | None = None) -> Params:
     """Load and validate the config (raises ConfigError, one line naming the key, before any work): every check
     by default; check_profile=False for the stage that makes the latency profile; a step's own Checks.of(step)."""
-    from dna.run import validate
+    from dna.checks import validate
 
     checks = checks or Checks(profile=check_profile)
     key = _key(params_file, overrides, checks)
@@ -169,13 +169,14 @@ def step_run(step: str, params_file: str | Path, overrides: dict | None, *,
              absolute_outputs: bool = False, target: str | None = None) -> Iterator[StepRun]:
     """Load and check the config (before any work), then the step's MLflow run with the params it reads; of a
     per-target step, for that search target (its MLflow run named `<step>@<target>`, tagged dna.target)."""
-    from dna.run import Run
+    from dna.stages import step_context
     from flows.tracking import stage_run
 
     params = load(params_file, overrides, checks=Checks.of(step))
     if absolute_outputs:
         params = with_absolute_outputs(params)
-    run = Run(params) if target is None else Run(params).for_target(target)
+    run = step_context(step)(params)
+    run = run if target is None else run.for_target(target)
     with stage_run(params, step, stage_params(params, step), target=target) as (mlrun, tracking):
         yield StepRun(params, run, mlrun, tracking, params_file, overrides, target=target)
 

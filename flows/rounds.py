@@ -62,8 +62,8 @@ def rounds_markdown(rows: list[dict], best: int | None) -> str:
 
 @flow(name="dna-rounds")
 def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
+    from dna.checks import validate
     from dna.rounds import all_rounds, round_params, summary, write_summary
-    from dna.run import validate
 
     params = load(params_file, overrides)
     all_rounds(params)  # every later round is valid before any work

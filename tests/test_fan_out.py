@@ -30,7 +30,9 @@ STAGE = Stage("widgets", "A per-block stage.", f"{__name__}:per_block", (), ("wi
 def run(tmp_path):
     CALLS.clear()
     FAILING.clear()
-    return SimpleNamespace(space=SimpleNamespace(num_blocks=3), paths=SimpleNamespace(root=tmp_path))
+    stand_in = SimpleNamespace(space=SimpleNamespace(num_blocks=3), paths=SimpleNamespace(root=tmp_path))
+    stand_in.view = lambda cls: stand_in  # as the stage's own context: itself
+    return stand_in
 
 
 def test_every_block_runs_and_several_failures_are_named_together(run):

@@ -10,6 +10,7 @@ from dna.errors import ConfigError
 from dna.spaces import build_space
 from dna.spaces.base import Cell
 from dna.spaces.layer_ops import check_op, op_layers, op_module
+from dna.supervision import uses_teacher
 from tests.conftest import tiny_raw
 
 VIT = {"kind": "vit", "stem": 16, "first_stage": ["ds_r1_k3_s1_c16"], "head": 32, "ops": ["mha_h2_e2", "mha_h4_e4_k3"],
@@ -127,7 +128,7 @@ def test_the_transformer_presets_are_the_dna_plusplus_preset_but_for_the_space(p
     resolved_preset_is_a_dvc_params_file(ROOT / "configs" / f"{preset}.yaml")
     params = load_params(ROOT / "configs" / f"{preset}.yaml")
     assert any(op.startswith("mha_") for op in params.space.ops)
-    assert not params.uses_teacher()  # DNA++: the blocks learn from their own cells
+    assert not uses_teacher(params)  # DNA++: the blocks learn from their own cells
     space = build_space(params.space, params.data.channels, params.data.image_size, 10)
     cell = space.cells(1)[0]
     built = space.build_cell(cell, space.in_widths(1)[0], 32)

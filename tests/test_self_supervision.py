@@ -163,7 +163,7 @@ def test_a_block_fingerprint_follows_the_rating_that_picks_its_input(tmp_path):
     def fingerprints(raw: dict, calibration_size: int) -> list[str]:
         run = Run(parse_params(raw | {"rating": {**raw["rating"], "calibration_size": calibration_size}}))
         if not run.params.supervision.kind == "ssl":  # no teacher built: what the blocks see of it is its key
-            run.__dict__["supervision"] = TeacherTargets(torch.nn.Identity(), [2, 3], run.data, torch.device("cpu"),
+            run.shared["supervision"] = TeacherTargets(torch.nn.Identity(), [2, 3], run.data, torch.device("cpu"),
                                                          key=("a teacher",))
         return [run.block_fingerprint(block) for block in range(2)]
 

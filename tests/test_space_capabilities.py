@@ -8,8 +8,9 @@ import pytest
 
 from dna.arch import count_cost
 from dna.config import SpaceConfig, parse_params
+from dna.cost_tables import stage_tables
 from dna.errors import ConfigError
-from dna.run import Run, stage_tables
+from dna.run import Run
 from dna.search import best_under
 from dna.spaces import SPACES, build_space
 from dna.spaces.base import SpaceBase, offers, require

@@ -11,7 +11,7 @@ from dna.data import eval_view
 from dna.distill import PairLoss, load_block
 from dna.errors import ConfigError
 from dna.rate import rate_candidate_naive
-from dna.supervision import SUPERVISIONS, build_supervision
+from dna.supervision import SUPERVISIONS, build_supervision, options_of
 from dna.targets import RelativeL1Score, TeacherTargets, teacher_shapes
 from tests.conftest import tiny_raw
 
@@ -53,7 +53,7 @@ class Projections:
     def from_run(cls, run):
         p = run.params
         shapes = teacher_shapes(p.teacher.model, p.data.channels, p.data.image_size, p.teacher.boundaries)
-        return cls(shapes, p.data.channels, run.data, p.supervision.options().seed)
+        return cls(shapes, p.data.channels, run.data, options_of(p.supervision).seed)
 
     def fingerprint(self):
         return digest("projections", self.seed)
@@ -110,7 +110,7 @@ def test_an_unknown_kind_is_rejected_naming_the_allowed_ones(tmp_path, projectio
 
 
 def test_options_are_checked_against_the_kinds_own_model(tmp_path, projections):
-    assert parse_params(_raw(tmp_path, kind="projections", seed=3)).supervision.options().seed == 3
+    assert options_of(parse_params(_raw(tmp_path, kind="projections", seed=3)).supervision).seed == 3
     with pytest.raises(ConfigError, match="supervision.sede"):
         parse_params(_raw(tmp_path, kind="projections", sede=3))
     with pytest.raises(ConfigError, match="kind 'teacher' takes no options, got seed"):

@@ -11,7 +11,7 @@ from dna.config import parse_params
 from dna.distill import build_block
 from dna.pipeline import Run, stage_data, stage_distill, stage_teacher
 from dna.rate import rate_candidate_naive
-from dna.supervision import SUPERVISIONS, supervision_class
+from dna.supervision import SUPERVISIONS, supervision_class, uses_teacher
 from tests.conftest import tiny_raw
 
 EXAMPLES = {"teacher": {"kind": "teacher"}, "ssl": {"kind": "ssl", "ensemble": 1}}
@@ -48,7 +48,7 @@ def test_it_says_what_it_needs(run):
 
     recorded = load_checkpoint(run.paths.teacher)
     assert ("model" in recorded) == kind.uses_teacher, "a teacher's weights exactly when the kind reads one"
-    assert run.params.uses_teacher() == kind.uses_teacher
+    assert uses_teacher(run.params) == kind.uses_teacher
 
 
 def test_training_batches_fit_the_cells_and_the_criterion_trains_them(run):

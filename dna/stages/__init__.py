@@ -40,6 +40,9 @@ class Stage:
     # draws pictures of other stages' files and nothing else: a round after the first leaves it out (a later round's
     # pictures: `dna <stage> -S outputs=<that round's outputs>`), so that how pictures look reruns no round
     pictures: bool = False
+    # "module:attribute": the class of the run its function (and preparation) gets, the narrowest that has what they
+    # read (dna.context): its DVC code dependencies are what the function and this class import
+    context: str = "dna.run:Run"
 
     def files(self) -> tuple[str, ...]:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
@@ -66,6 +69,9 @@ class Stage:
     def load_prepare(self) -> Callable | None:
         return _attribute(self.prepare) if self.prepare else None
 
+    def load_context(self) -> type:
+        return _attribute(self.context)
+
 
 def at_target(spec, target: str):
     """A per-target stage or pipeline step (its outputs, inputs, checkpoints, reports and metrics holding
@@ -85,10 +91,12 @@ def _attribute(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+PLAIN, WITH_SPACE = "dna.context:Context", "dna.spaces.context:SpaceContext"  # the narrower Stage.context
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", "Make the fixed train / rate / test splits.", "dna.stages.data:stage_data",
           ("seed", "data"), ("data/splits.json",), metrics="data/metrics.json",
-          headline=("train_images", "rate_images", "test_images", "num_classes")),
+          headline=("train_images", "rate_images", "test_images", "num_classes"), context=PLAIN),
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.",
           "dna.stages.teacher:stage_teacher",
           ("seed", "data", "teacher", "supervision.kind"),  # a kind without a teacher (DNA++) builds none
@@ -96,7 +104,7 @@ STAGES: tuple[Stage, ...] = (
           # output DVC tracks, since a teacher taken as it is has none, and never deleted by DVC)
           metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True,
           epochs="teacher.train.epochs",
-          inputs=("data/splits.json",), reports=("teacher/history.csv",)),
+          inputs=("data/splits.json",), reports=("teacher/history.csv",), context=PLAIN),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.stages.distill:stage_distill",
           ("seed", "data", "teacher.model", "teacher.boundaries", "space", "supervision", "distill"),
@@ -107,13 +115,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("profile", "Time every candidate layer, the stem and the head in ONNX Runtime on this machine.",
           "dna.stages.latency_profile:stage_profile", ("data.image_size", "data.channels", "space", "profile"),
           ("profile/latency.csv", "profile/profile.json"), makes_profile=True, inputs=("data/splits.json",),
-          reports=("profile/profile.json",)),
+          reports=("profile/profile.json",), context=WITH_SPACE),
     Stage("search", "Choose each target's network under its budgets and compute the Pareto front.",
           "dna.stages.search:stage_search", ("data.image_size", "data.channels", "space", "search"),
           ("search/targets", "search/front.csv", "search/chosen.csv", "search/targets.csv"),
           metrics="search/metrics.json", headline=("score", "params", "macs", "latency_ms"),
           inputs=("data/splits.json", "ratings", "profile/latency.csv"),
-          reports=("search/front.csv", "search/chosen.csv", "search/targets.csv")),
+          reports=("search/front.csv", "search/chosen.csv", "search/targets.csv"), context=WITH_SPACE),
     Stage("retrain", "Train each target's network (from scratch or from the supernets; optionally with KD).",
           "dna.stages.retrain:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("targets/{target}/retrain/model.pt", "targets/{target}/retrain/train_state.pt",
@@ -121,19 +129,22 @@ STAGES: tuple[Stage, ...] = (
           metrics="targets/{target}/retrain/metrics.json", headline=("test_accuracy",), data_parallel=True,
           epochs="retrain.train.epochs", per_target=True,
           inputs=("data/splits.json", "search/targets/{target}/arch.yaml", "teacher/teacher.pt", "distill"),
-          checkpoints=("targets/{target}/retrain/train_state.pt",), reports=("targets/{target}/retrain/history.csv",)),
+          checkpoints=("targets/{target}/retrain/train_state.pt",), reports=("targets/{target}/retrain/history.csv",),
+          context=WITH_SPACE),
     Stage("export", "Export each target's retrained network to ONNX and check it against PyTorch.",
           "dna.stages.export:stage_export",
           ("data", "export"), ("targets/{target}/export/model.onnx",), metrics="targets/{target}/export/metrics.json",
           headline=("onnx_test_accuracy", "max_abs_diff"), per_target=True,
-          inputs=("data/splits.json", "targets/{target}/retrain/model.pt", "targets/{target}/retrain/metrics.json")),
+          inputs=("data/splits.json", "targets/{target}/retrain/model.pt", "targets/{target}/retrain/metrics.json"),
+          context=WITH_SPACE),
     Stage("figures", "Draw the run's pictures: the Pareto front with every target's network, budget and accuracy, "
           "every block's rating spread and the retraining curves (a stage of its own: how pictures look reruns "
           "nothing that trains).",
           "dna.stages.figures:stage_figures", (),
           ("search/front.png", "search/rating_spread.png", "search/curves.png"),
           inputs=("search/front.csv", "search/targets.csv", "search/metrics.json", "ratings", "targets"),
-          reports=("search/front.png", "search/rating_spread.png", "search/curves.png"), pictures=True),
+          reports=("search/front.png", "search/rating_spread.png", "search/curves.png"), pictures=True,
+          context=WITH_SPACE),
     Stage("rank", "Measure how well the rating ranks networks: train a stratified sample, the searched network and "
           "random networks under the budgets from scratch; rate them with a single-path one-shot supernet too.",
           "dna.rank:stage_rank", ("seed", "data", "space", "supervision", "distill", "rating", "search", "rank"),
@@ -158,7 +169,8 @@ STAGES: tuple[Stage, ...] = (
 def run_stage(stage: Stage, run, blocks: list[int] | None = None, targets: list[str] | None = None) -> list:
     """Run one stage of the table on a run: once, per block (after its preparation), every block even when one
     fails (dna.fan_out; in several processes the first failure stops them all), or per search target, each in
-    order; returns its results."""
+    order; returns its results. The stage gets the run as its own context (Stage.context), sharing what is loaded."""
+    run = run.view(stage.load_context())
     if stage.per_target:
         from dna.fan_out import each, raise_unfinished
 
@@ -182,6 +194,15 @@ def run_stage(stage: Stage, run, blocks: list[int] | None = None, targets: list[
                            log_failures=False)  # a lone failure is reported once, as it is raised
     raise_unfinished(stage.name, "block", failed, results)
     return [results[b] for b in blocks]
+
+
+def step_context(step: str, table: tuple[Stage, ...] = STAGES) -> type:
+    """The class of run a pipeline step's stages get: the widest of their contexts (dna.context.Context for a step of
+    no stage of the table, such as the registration)."""
+    from dna.context import Context
+
+    classes = [s.load_context() for s in table if s.pipeline_step == step]
+    return max(classes, key=lambda cls: len(cls.__mro__), default=Context)
 
 
 # The sections whose checks build the teacher or the space (and so import timm, torchvision and torch.fx).

@@ -8,13 +8,13 @@ from dna.checkpoint import write_json
 from dna.locks import locked
 
 if TYPE_CHECKING:
-    from dna.run import Run
+    from dna.context import Context
 
 log = logging.getLogger(__name__)
 
 
 @locked("data")
-def stage_data(run: Run) -> dict:
+def stage_data(run: Context) -> dict:
     from dna.data import write_splits
 
     summary = write_splits(run.params.data, run.params.seed, run.paths.splits)

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from dna.run import EpochHook, Run
+    from dna.context import EpochHook
+    from dna.run import Run
 
 
 

@@ -6,18 +6,18 @@ import logging
 from typing import TYPE_CHECKING
 
 from dna.checkpoint import checkpoint_digest, write_json
+from dna.context import EVAL_BATCH_SIZE
 from dna.errors import needed
 from dna.locks import locked
-from dna.run import EVAL_BATCH_SIZE
 
 if TYPE_CHECKING:
-    from dna.run import Run
+    from dna.spaces.context import SpaceContext
 
 log = logging.getLogger(__name__)
 
 
 @locked("export", per_target=True)
-def stage_export(run: Run) -> dict:
+def stage_export(run: SpaceContext) -> dict:
     """Export the retrained student to ONNX (with the class names of the data and the digest of retrain/model.pt),
     check parity, and measure its test accuracy in ONNX Runtime batch by batch.
 

@@ -11,13 +11,13 @@ from dna.errors import needed
 from dna.locks import locked
 
 if TYPE_CHECKING:
-    from dna.run import Run
+    from dna.spaces.context import SpaceContext
 
 log = logging.getLogger(__name__)
 
 
 @locked("figures")
-def stage_figures(run: Run) -> dict:
+def stage_figures(run: SpaceContext) -> dict:
     import pandas as pd
 
     from dna import plots

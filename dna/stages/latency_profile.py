@@ -8,13 +8,13 @@ from dna.checkpoint import digest
 from dna.locks import locked
 
 if TYPE_CHECKING:
-    from dna.run import Run
+    from dna.spaces.context import SpaceContext
 
 log = logging.getLogger(__name__)
 
 
 @locked("profile")
-def stage_profile(run: Run) -> dict:
+def stage_profile(run: SpaceContext) -> dict:
     """Time every candidate layer, the stem and the head in ONNX Runtime on this machine; write the latency table."""
     import time
 

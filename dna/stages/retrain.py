@@ -14,13 +14,14 @@ if TYPE_CHECKING:
     import torch
 
     from dna.arch import Arch
-    from dna.run import EpochHook, Run
+    from dna.context import EpochHook
+    from dna.spaces.context import SpaceContext
 
 
 log = logging.getLogger(__name__)
 
 
-def build_student(run: Run, arch: Arch) -> torch.nn.Module:
+def build_student(run: SpaceContext, arch: Arch) -> torch.nn.Module:
     import torch
 
     torch.manual_seed(run.params.seed)
@@ -28,7 +29,7 @@ def build_student(run: Run, arch: Arch) -> torch.nn.Module:
     return run.space.build(arch, drop_rate=train.drop_rate, drop_path_rate=train.drop_path_rate)
 
 
-def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
+def init_from_supernet(run: SpaceContext, model: torch.nn.Module, arch: Arch):
     """Extract the chosen subnet's weights from the block supernets (dna.spaces.base.Extraction says what was and was
     not copied), then re-estimate every BatchNorm of the network on a class-stratified calibration batch of training
     images: the supernets' statistics are those of a mixture of paths fed the teacher's features."""
@@ -47,7 +48,7 @@ def init_from_supernet(run: Run, model: torch.nn.Module, arch: Arch):
     return extraction
 
 
-def share_retraining(run: Run, arch: Arch) -> None:
+def share_retraining(run: SpaceContext, arch: Arch) -> None:
     """Start from the training state of another target that chose the same network, when this target has none: it is
     resumed only where its fingerprint (the network, the recipe, the data, the seed) matches, so two targets of one
     network are trained once."""
@@ -70,7 +71,7 @@ def share_retraining(run: Run, arch: Arch) -> None:
 
 
 @locked("retrain", per_target=True)
-def stage_retrain(run: Run, on_epoch: EpochHook = None) -> dict:
+def stage_retrain(run: SpaceContext, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
     from dna.arch import Arch, count_cost

@@ -6,9 +6,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from dna.checkpoint import file_digest, write_csv, write_json
+from dna.cost_tables import latency_model, stage_tables, target_latency
 from dna.errors import ConfigError, needed
 from dna.locks import locked
-from dna.run import latency_model, stage_tables, target_latency
 from dna.search import front_table, pareto_front
 from dna.spaces.base import require
 
@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from dna.arch import Arch
-    from dna.run import Run
     from dna.search import Selection
     from dna.spaces.base import Candidates, SearchSpace
+    from dna.spaces.context import SpaceContext
 
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def choice_of(space: SearchSpace, stages: list[Candidates], rows: tuple[int, ...
 
 
 @locked("search")
-def stage_search(run: Run) -> dict:
+def stage_search(run: SpaceContext) -> dict:
     """One network per target (search.targets, or search.budgets as the one target "default") from the one rating,
     each into search/targets/<name>/arch.yaml; the Pareto front on search.front_axis, and the family table
     (search/targets.csv). The metrics' own rating and costs are the first (primary) target's."""
@@ -90,7 +90,7 @@ def stage_search(run: Run) -> dict:
     return metrics
 
 
-def choose(run: Run, stages: list[Candidates], name: str) -> Selection:
+def choose(run: SpaceContext, stages: list[Candidates], name: str) -> Selection:
     """The best network under one target's budgets: with search.tie_tolerance, the cheapest on search.front_axis of
     those rated within it of the best."""
     from dna.search import BudgetError, best_under, near_best
@@ -109,7 +109,7 @@ def choose(run: Run, stages: list[Candidates], name: str) -> Selection:
     return near[0]
 
 
-def targets_table(run: Run, chosen: dict[str, Selection], stages: list[Candidates]) -> pd.DataFrame:
+def targets_table(run: SpaceContext, chosen: dict[str, Selection], stages: list[Candidates]) -> pd.DataFrame:
     """One row per target: its budgets, the chosen network's rating and costs, and the first target that chose the
     same network (`same_as`: one retraining serves both)."""
     import pandas as pd
@@ -124,7 +124,7 @@ def targets_table(run: Run, chosen: dict[str, Selection], stages: list[Candidate
     return pd.DataFrame(rows)
 
 
-def predictor_of(run: Run) -> dict:
+def predictor_of(run: SpaceContext) -> dict:
     """The rank stage's fitted predictor (search.combine: predictor), checked against this run's blocks."""
 
     path = run.paths.rank_dir / "predictor.json"

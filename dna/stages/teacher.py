@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 from dna.checkpoint import save_checkpoint, write_csv, write_json
 from dna.ddp import is_main
 from dna.locks import locked
+from dna.supervision import uses_teacher
 
 if TYPE_CHECKING:
-    from dna.run import EpochHook, Run
+    from dna.context import Context, EpochHook
 
 log = logging.getLogger(__name__)
 
@@ -18,14 +19,14 @@ HISTORY_COLUMNS = ["epoch", "loss", "train_accuracy", "rate_accuracy", "lr"]  # 
 
 
 @locked("teacher")
-def stage_teacher(run: Run, on_epoch: EpochHook = None) -> dict:
+def stage_teacher(run: Context, on_epoch: EpochHook = None) -> dict:
     import pandas as pd
 
     from dna.teacher import make_teacher, teacher_name
 
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
-    if not run.params.uses_teacher():  # DNA++: no teacher is built, trained or downloaded
+    if not uses_teacher(run.params):  # DNA++: no teacher is built, trained or downloaded
         kind = run.params.supervision.kind
         metrics = {"test_accuracy": None, "epochs": 0, "model": None, "supervision": kind}
         if is_main():  # teacher.pt records that there is none (what the distill stage depends on in DVC)
