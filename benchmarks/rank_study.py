@@ -4,7 +4,7 @@ ground truth for every member, so the members' taus are comparable:
 
 - DNA: `configs/rank_study.yaml` as it is, then its rank stage (the networks, the single-path one-shot baseline,
   parameters and multiply-adds alone, and every block distilled again from another seed).
-- DNA++: the same with `supervision` taken from `configs/dna_plusplus.yaml` (no teacher).
+- DNA++: the same with `supervision` and `teacher.source: none` taken from `configs/dna_plusplus.yaml`.
 - DNA+ (round 2): the same with round 1's network, scaled as `configs/dna_plus.yaml` scales it, as the teacher.
 
 Every tau comes with its bootstrap 90% interval and beside both noises (the ground truth's `seed_kendall_tau`, each
@@ -42,7 +42,8 @@ def member_params(params, member: str):
     out = Path(params.outputs)
     if member == "DNA++":
         plusplus = yaml.safe_load((ROOT / "configs" / "dna_plusplus.yaml").read_text())
-        return parse_params(raw | {"supervision": plusplus["supervision"], "outputs": str(out / "dna-plusplus")})
+        return parse_params(raw | {"supervision": plusplus["supervision"], "outputs": str(out / "dna-plusplus"),
+                                   "teacher": raw["teacher"] | plusplus["teacher"]})
     if member == "DNA+ (round 2)":
         plus = yaml.safe_load((ROOT / "configs" / "dna_plus.yaml").read_text())["rounds"]
         return round_params(parse_params(raw | {"rounds": plus}, check_paths=False), 2, check_paths=False)

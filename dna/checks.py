@@ -37,13 +37,12 @@ def validate(params: Params, check_profile: bool = True, data: bool = True, mode
 
     run = SpaceContext(params)
     run.device  # noqa: B018 - a device that is not there (cuda without a GPU) stops here, before any work
-    from dna.supervision import uses_teacher
-
-    if uses_teacher(params):
+    if params.teacher.source != "none":
         check_teacher(params, run)
     elif params.retrain.kd_alpha > 0:
         raise ConfigError(f"retrain.kd_alpha={params.retrain.kd_alpha:g} distils from the teacher, but "
-                          f"supervision.kind={params.supervision.kind!r} has none; set retrain.kd_alpha: 0")
+                          f"teacher.source is none (supervision.kind={params.supervision.kind!r}); set "
+                          "retrain.kd_alpha: 0")
     local = latency_model(run) if check_profile else None
     for name, target in params.search.named_targets().items():
         latency = target_latency(run, target, local) if check_profile else None

@@ -203,8 +203,9 @@ Multiplier = Annotated[float, Field(ge=1.0, le=8.0)]
 class TeacherConfig(Strict):
     # train: `model` trained here; timm: `model` with timm's pretrained weights; checkpoint: `model` with the weights
     # of `checkpoint`; arch: the network of the architecture file `arch` (as the search stage writes arch.yaml),
-    # built as the retrain stage builds it, with the weights of `checkpoint` (as the retrain stage writes model.pt)
-    source: Literal["train", "timm", "checkpoint", "arch"] = "train"
+    # built as the retrain stage builds it, with the weights of `checkpoint` (as the retrain stage writes model.pt);
+    # none: no teacher, for a supervision that learns without one (DNA++): the teacher stage builds nothing
+    source: Literal["train", "timm", "checkpoint", "arch", "none"] = "train"
     model: str = "efficientnet_b0"  # a timm model name; not read when source is arch
     checkpoint: str | None = None
     arch: str | None = None
@@ -652,10 +653,25 @@ class CoreParams(Strict):
         return {**raw, "teacher": {**teacher, "boundaries": boundaries}}
 
     @model_validator(mode="after")
-    def _boundaries_match_blocks(self) -> CoreParams:
+    def _teacher_as_the_supervision_needs(self, info: ValidationInfo) -> CoreParams:
+        """A supervision that reads a teacher has one, and one that does not has none (teacher.source: none), so
+        that the teacher stage builds a teacher exactly when one is read, from the teacher section alone."""
+        if not deep_checks(info):
+            return self
         from dna.supervision import uses_teacher
 
-        if len(self.teacher.boundaries) != len(self.space.blocks) and uses_teacher(self):
+        kind, source = self.supervision.kind, self.teacher.source
+        if uses_teacher(self) and source == "none":
+            raise ValueError(f"teacher.source='none', but supervision.kind={kind!r} learns from a teacher; set "
+                             "teacher.source to train, timm, checkpoint or arch")
+        if not uses_teacher(self) and source != "none":
+            raise ValueError(f"supervision.kind={kind!r} uses no teacher: set teacher.source: none (with "
+                             f"teacher.source={source!r} the teacher stage would build a teacher nothing reads)")
+        return self
+
+    @model_validator(mode="after")
+    def _boundaries_match_blocks(self) -> CoreParams:
+        if len(self.teacher.boundaries) != len(self.space.blocks) and self.teacher.source != "none":
             raise ValueError(
                 f"teacher.boundaries has {len(self.teacher.boundaries)} entries but space.blocks has "
                 f"{len(self.space.blocks)}: one teacher boundary per searched block is required"

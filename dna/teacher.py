@@ -110,8 +110,8 @@ def load_teacher(params: Params, path: str | Path, device: torch.device) -> nn.M
     """The teacher the teacher stage saved: the network of the architecture saved with it, else params' timm model."""
     state = load_checkpoint(path)
     if "model" not in state:
-        raise ConfigError(f"{path} records no teacher (supervision {state.get('supervision')!r} needs none); "
-                          "run the teacher stage again for a supervision that reads one")
+        raise ConfigError(f"{path} records no teacher (teacher.source: none); run the teacher stage again for a "
+                          "supervision that reads one")
     with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the random state alone
         if "arch" in state:
             model = Arch.from_yaml(state["arch"]).build(state["num_classes"], state["in_chans"])

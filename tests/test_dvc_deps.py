@@ -80,14 +80,16 @@ def test_how_pictures_look_reruns_no_stage_that_trains():
 def test_a_stage_depends_on_the_run_it_gets_not_on_what_wider_runs_hold():
     """The data stage gets a dna.context.Context (params, paths, device, data): it depends on no search space, no
     supervision and no search; the stages that read the space but not the supervision depend on no block training;
-    editing the search, the cost tables or the export reruns no teacher; the checks (dna.checks) rerun nothing."""
+    the teacher stage reads the teacher section alone (teacher.source: none when the supervision reads no teacher),
+    so editing a search space, a supervision, the search or the export reruns no teacher; the checks (dna.checks)
+    rerun nothing."""
     deps = {name: set(code_deps(commands(stage))) for name, stage in STAGES.items()}
     space = {"dna/spaces/__init__.py", "dna/spaces/mbconv.py", "dna/spaces/context.py"}
     supervision = {"dna/run.py", "dna/supervision.py", "dna/self_supervision.py", "dna/targets.py", "dna/distill.py",
                    "dna/stages/distill.py", "dna/stages/rate.py"}
     search = {"dna/search.py", "dna/cost_tables.py", "dna/latency.py", "dna/export.py", "dna/stages/search.py"}
     assert not deps["data"] & (space | supervision | search | {"dna/teacher.py", "dna/engine.py"})
-    assert not deps["teacher"] & (search | {"dna/run.py", "dna/spaces/context.py", "dna/stages/distill.py"})
+    assert not deps["teacher"] & (space | supervision | search | {"dna/spaces/base.py", "dna/rate.py"})
     for name in ("profile", "search", "export", "figures"):
         assert space <= deps[name] and not deps[name] & supervision, name
     assert [name for name, files in deps.items() if "dna/checks.py" in files] == []
@@ -110,10 +112,8 @@ def test_the_schema_imports_inside_its_functions_only_to_check():
     """dna/config.py's imports inside functions are its validators' (or of a helper only its validators call): no
     stage calls them to decide what it writes, so flows/code_deps.py leaves them out of every stage (SCHEMA). The one
     validator that fills a value, an arch teacher's default teacher.boundaries, computes it with dna/spaces/base.py,
-    which every stage that reads teacher.boundaries depends on."""
+    which every stage whose code reads the boundaries depends on."""
     import ast
-
-    from dna.stages import STAGES as TABLE
 
     tree = ast.parse((ROOT / "dna" / "config.py").read_text())
     functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
@@ -127,7 +127,11 @@ def test_the_schema_imports_inside_its_functions_only_to_check():
             called = {ast.unparse(n.func).split(".")[-1] for n in ast.walk(ast.parse(path.read_text()))
                       if isinstance(n, ast.Call)}
             assert not called & set(callers), f"{path} calls {called & set(callers)}: not only a check any more"
-    reading = [s.name for s in TABLE if any(k in ("teacher", "teacher.boundaries") for k in s.params)]
-    for name in reading:
-        stage = STAGES.get(name) or yaml.safe_load((ROOT / name / "dvc.yaml").read_text())["stages"][name]
-        assert "dna/spaces/base.py" in code_deps(commands(stage)), name
+    stages = {**STAGES, **{n: s for d in ("rank", "rounds")
+                           for n, s in yaml.safe_load((ROOT / d / "dvc.yaml").read_text())["stages"].items()}}
+    for name, stage in stages.items():
+        deps = code_deps(commands(stage))
+        reading = [f for f in deps if f not in ("dna/config.py", "dna/stages/__init__.py")
+                   and ".boundaries" in (ROOT / f).read_text()]
+        assert not reading or "dna/spaces/base.py" in deps, (name, reading)
+    assert "dna/spaces/base.py" in code_deps(["dna distill"])

@@ -184,13 +184,13 @@ def test_the_dna_plus_and_dna_plusplus_paper_presets_are_the_dna_preset_but_for_
     plus = preset_overrides(ROOT / "configs" / "imagenet_dna_plus.yaml", PRESET)
     plusplus = preset_overrides(ROOT / "configs" / "imagenet_dna_plusplus.yaml", PRESET)
     assert plus == {"outputs": "outputs/imagenet-dna-plus", "rounds": {"count": 2}}  # imagenet.yaml has no rounds
-    assert {key.split(".")[0] for key in plusplus} == {"outputs", "supervision"}
-    assert plusplus["supervision.kind"] == "ssl"
+    assert {key.split(".")[0] for key in plusplus} == {"outputs", "supervision", "teacher"}
+    assert plusplus["supervision.kind"] == "ssl" and plusplus["teacher.source"] == "none"
     for name, rounds in (("imagenet_dna_plus", 2), ("imagenet_dna_plusplus", 1)):
         params = load_params(ROOT / "configs" / f"{name}.yaml", check_paths=False)
         assert params.rounds.count == rounds and uses_teacher(params) == (rounds == 2)
         last = round_params(params, rounds, check_paths=False)
-        assert last.teacher.source == ("arch" if rounds == 2 else "timm")  # round 2: round 1's network
+        assert last.teacher.source == ("arch" if rounds == 2 else "none")  # round 2: round 1's network
         if rounds == 2:  # the network round 1 found and retrained for its first target, DNA-a
             first = Paths(round_dir(params, 1), "dna_a")
             assert (last.teacher.arch, last.teacher.checkpoint) == (str(first.arch), str(first.model))

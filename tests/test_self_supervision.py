@@ -20,7 +20,7 @@ from tests.conftest import tiny_raw
 def ssl_raw(outputs, **options) -> dict:
     raw = tiny_raw(outputs)
     raw["supervision"] = {"kind": "ssl", **options}
-    raw["teacher"] = {"source": "train", "model": "tinynet_e"}  # not read: its boundaries need not match the space
+    raw["teacher"] = {"source": "none"}  # no teacher: its boundaries need not match the space
     return raw
 
 
@@ -211,10 +211,16 @@ def test_options_and_what_needs_a_teacher_are_checked_before_any_work(tmp_path):
         parse_params(ssl_raw(tmp_path, ensemble=0))
     raw = ssl_raw(tmp_path)
     raw["retrain"] = {"kd_alpha": 0.5}
-    with pytest.raises(ConfigError, match=r"retrain.kd_alpha=0.5 distils from the teacher, but supervision.kind='ssl'"):
+    with pytest.raises(ConfigError, match=r"retrain.kd_alpha=0.5 distils from the teacher, but teacher.source is none"):
         validate(parse_params(raw), check_profile=False, data=False)
     with pytest.raises(ConfigError, match=r"rounds.count=2: .* supervision.kind='ssl' uses no teacher"):
         all_rounds(parse_params(ssl_raw(tmp_path) | {"rounds": {"count": 2}}))
+    with pytest.raises(ConfigError, match=r"supervision.kind='ssl' uses no teacher: set teacher.source: none \(with "
+                                          r"teacher.source='train' the teacher stage would build a teacher nothing"):
+        parse_params(ssl_raw(tmp_path) | {"teacher": {"source": "train"}})
+    with pytest.raises(ConfigError, match=r"teacher.source='none', but supervision.kind='teacher' learns from a "
+                                          r"teacher; set teacher.source to train"):
+        parse_params(tiny_raw(tmp_path) | {"teacher": {"source": "none"}})
     teacher = tiny_raw(tmp_path)
     teacher["teacher"]["boundaries"] = [2]
     with pytest.raises(ConfigError, match="teacher.boundaries has 1 entries but space.blocks has 2"):
@@ -230,14 +236,14 @@ def test_dna_run_with_ssl_builds_no_teacher_and_ends_with_a_parity_checked_onnx_
     assert result.exit_code == 0, result.output
     teacher = tmp_path / "outputs" / "teacher"
     assert sorted(p.name for p in teacher.iterdir()) == ["history.csv", "metrics.json", "teacher.pt"]
-    assert load_checkpoint(teacher / "teacher.pt") == {"teacher": None, "supervision": "ssl"}, "a record of none"
+    assert load_checkpoint(teacher / "teacher.pt") == {"teacher": None}, "a record of none"
     from dna.pipeline import Run
     from dna.teacher import load_teacher
 
     params = parse_params(ssl_raw(tmp_path / "outputs"))
-    with pytest.raises(ConfigError, match=r"teacher.pt records no teacher \(supervision 'ssl' needs none\)"):
+    with pytest.raises(ConfigError, match=r"teacher.pt records no teacher \(teacher.source: none\)"):
         load_teacher(params, Run(params).paths.teacher, torch.device("cpu"))
-    assert "no teacher (supervision ssl); exported network in ONNX Runtime" in result.output
+    assert "no teacher (teacher.source: none); exported network in ONNX Runtime" in result.output
     import json
 
     export = json.loads((tmp_path / "outputs" / "targets" / "default" / "export" / "metrics.json").read_text())
@@ -257,12 +263,12 @@ def test_the_dna_plusplus_preset_builds_no_teacher_and_learns_from_its_own_cells
     from tests.test_config import resolved_preset_is_a_dvc_params_file
 
     differs = preset_overrides(ROOT / "configs" / "dna_plusplus.yaml", ROOT / "params.yaml")
-    assert {key.split(".")[0] for key in differs} == {"outputs", "supervision"}  # the same data, space and recipes
+    assert {key.split(".")[0] for key in differs} == {"outputs", "supervision", "teacher"}  # the same data and space
     assert differs["supervision.kind"] == "ssl"
     resolved_preset_is_a_dvc_params_file(ROOT / "configs" / "dna_plusplus.yaml")
     teacher_step = step_keys(next(s for s in STAGES if s.name == "teacher"))
     seen = [key for key in differs if any(key == k or key.startswith(f"{k}.") for k in teacher_step)]
-    assert seen == ["supervision.kind"], "its teacher stage writes another teacher.pt: DVC must see a key change"
+    assert seen == ["teacher.source"], "its teacher stage writes another teacher.pt: DVC must see a key change"
 
     def no_model(*args, **kwargs):
         raise AssertionError("the DNA++ preset builds no teacher")
@@ -272,7 +278,7 @@ def test_the_dna_plusplus_preset_builds_no_teacher_and_learns_from_its_own_cells
     run = Run(load_params(ROOT / "configs" / "dna_plusplus.yaml", {"outputs": str(tmp_path / "outputs")}))
     stage_data(run)
     assert stage_teacher(run)["model"] is None
-    assert load_checkpoint(run.paths.teacher) == {"teacher": None, "supervision": "ssl"}
+    assert load_checkpoint(run.paths.teacher) == {"teacher": None}
     assert isinstance(run.supervision, SelfSupervised) and run.supervision.options.ensemble == 2
     torch.manual_seed(0)
     cells = build_block(run.space, 1, run.supervision.shapes(), run.data.in_chans)

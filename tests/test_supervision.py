@@ -99,7 +99,10 @@ def projections(monkeypatch):
 
 
 def _raw(tmp_path, **section):
-    return tiny_raw(tmp_path / "outputs") | {"supervision": section}
+    raw = tiny_raw(tmp_path / "outputs") | {"supervision": section}
+    if section.get("kind") == "projections":  # a kind without a teacher has none
+        raw["teacher"] = raw["teacher"] | {"source": "none"}
+    return raw
 
 
 def test_an_unknown_kind_is_rejected_naming_the_allowed_ones(tmp_path, projections):

@@ -31,6 +31,7 @@ def run(request, tmp_path_factory):
         pytest.fail(f"supervision kind {kind!r} has no example configuration in EXAMPLES")
     raw = tiny_raw(tmp_path_factory.mktemp(kind) / "outputs")
     raw["supervision"] = EXAMPLES[kind]
+    raw["teacher"]["source"] = "train" if supervision_class(kind).uses_teacher else "none"  # as the checks ask
     raw["space"] |= SPACES[space]
     raw["distill"]["epochs"] = 1
     run = Run(parse_params(raw))

@@ -99,7 +99,7 @@ STAGES: tuple[Stage, ...] = (
           headline=("train_images", "rate_images", "test_images", "num_classes"), context=PLAIN),
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.",
           "dna.stages.teacher:stage_teacher",
-          ("seed", "data", "teacher", "supervision.kind"),  # a kind without a teacher (DNA++) builds none
+          ("seed", "data", "teacher"),
           ("teacher/teacher.pt", "teacher/history.csv"),  # train_state.pt too when trained here (resumes; not an
           # output DVC tracks, since a teacher taken as it is has none, and never deleted by DVC)
           metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True,
@@ -247,6 +247,6 @@ def accuracy_line(teacher: dict, export: dict) -> str:
     exported network's in ONNX Runtime, from the teacher and export stages' metrics."""
     onnx = f"exported network in ONNX Runtime {export['onnx_test_accuracy']:.4f}"
     if teacher.get("test_accuracy") is None:
-        return f"no teacher (supervision {teacher.get('supervision')}); {onnx}"
+        return f"no teacher (teacher.source: none); {onnx}"
     gap = (export["onnx_test_accuracy"] - teacher["test_accuracy"]) * 100
     return f"teacher test accuracy {teacher['test_accuracy']:.4f}; {onnx} ({gap:+.2f} points against the teacher)"

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from dna.checkpoint import save_checkpoint, write_csv, write_json
 from dna.ddp import is_main
 from dna.locks import locked
-from dna.supervision import uses_teacher
 
 if TYPE_CHECKING:
     from dna.context import Context, EpochHook
@@ -26,11 +25,10 @@ def stage_teacher(run: Context, on_epoch: EpochHook = None) -> dict:
 
     out = run.paths.teacher_dir
     out.mkdir(parents=True, exist_ok=True)
-    if not uses_teacher(run.params):  # DNA++: no teacher is built, trained or downloaded
-        kind = run.params.supervision.kind
-        metrics = {"test_accuracy": None, "epochs": 0, "model": None, "supervision": kind}
+    if run.params.teacher.source == "none":  # DNA++: no teacher is built, trained or downloaded
+        metrics = {"test_accuracy": None, "epochs": 0, "model": None}
         if is_main():  # teacher.pt records that there is none (what the distill stage depends on in DVC)
-            save_checkpoint(out / "teacher.pt", {"teacher": None, "supervision": kind})
+            save_checkpoint(out / "teacher.pt", {"teacher": None})
             write_csv(out / "history.csv", pd.DataFrame(columns=HISTORY_COLUMNS))
             write_json(out / "metrics.json", metrics)
         return metrics

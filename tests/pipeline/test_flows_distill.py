@@ -283,6 +283,7 @@ def test_a_progressive_supervision_distills_its_blocks_one_after_the_other(prefe
     root = clone_project(tiny_project, tmp_path / "flow", outputs=("data",))
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["supervision"] = {"kind": "ssl"}
+    raw["teacher"]["source"] = "none"
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     with working_directory(root):
         result = run_distill("params.yaml")
