@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from dna.supervision import BlockSupervision
 
 
-
 class Run(SpaceContext):
     """A run's params, paths, device, data and search space, and its block supervision (params supervision.kind):
     what the features, distill, rate, rank and rounds stages read."""
