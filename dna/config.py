@@ -660,11 +660,11 @@ class CoreParams(Strict):
             return self
         from dna.supervision import uses_teacher
 
-        kind, source = self.supervision.kind, self.teacher.source
-        if uses_teacher(self) and source == "none":
+        kind, source, reads = self.supervision.kind, self.teacher.source, uses_teacher(self)
+        if reads and source == "none":
             raise ValueError(f"teacher.source='none', but supervision.kind={kind!r} learns from a teacher; set "
                              "teacher.source to train, timm, checkpoint or arch")
-        if not uses_teacher(self) and source != "none":
+        if not reads and source != "none":
             raise ValueError(f"supervision.kind={kind!r} uses no teacher: set teacher.source: none (with "
                              f"teacher.source={source!r} the teacher stage would build a teacher nothing reads)")
         return self
