@@ -24,9 +24,9 @@ SEARCH_STAGES = ("teacher", "distill", "rate", "profile", "search")
 
 
 def row(name: str, run, times: dict) -> dict:
-    retrain = json.loads((run.paths.retrain_dir / "metrics.json").read_text())
-    export = json.loads((run.paths.export_dir / "metrics.json").read_text())
-    teacher = json.loads((run.paths.teacher_dir / "metrics.json").read_text())
+    retrain = json.loads(run.paths.retrain_metrics.read_text())
+    export = json.loads(run.paths.export_metrics.read_text())
+    teacher = json.loads(run.paths.teacher_metrics.read_text())
     return {"method": name, "space": run.params.space.kind, "teacher": teacher.get("model"),
             "teacher_accuracy": teacher.get("test_accuracy"),
             "accuracy": retrain["test_accuracy"], "onnx_accuracy": export["onnx_test_accuracy"],

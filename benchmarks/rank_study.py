@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     stage_rank(dna)
     seconds["rank"] = round(time.perf_counter() - begin, 1)
-    frame = pd.read_csv(dna.paths.rank_dir / "networks.csv")
+    frame = pd.read_csv(dna.paths.rank_table)
     plan = frame.drop(columns=[c for c in frame.columns if c not in pd.read_csv(
-        dna.paths.rank_dir / "plan.csv").columns])
+        dna.paths.rank_plan).columns])
     ranked = frame[(frame["sampled"] | frame["searched"]) & frame["test_accuracy"].notna()]
-    metrics = json.loads((dna.paths.rank_dir / "metrics.json").read_text())
+    metrics = json.loads(dna.paths.rank_metrics.read_text())
     study["ground_truth"] = {k: metrics.get(k) for k in (
         "seed_kendall_tau", "seed_kendall_tau_ci", "seed_accuracy_noise", "seed_accuracy_spread", "networks")}
     study["ground_truth"]["accuracy_range"] = [float(ranked["test_accuracy"].min()),
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         network = network_id(arch)
         trained = train_network(dna, network, arch)  # the DNA member's networks/, the same recipe and seeds
         values = member_taus(run, plan, ranked)
-        teacher = json.loads((run.paths.teacher_dir / "metrics.json").read_text())
+        teacher = json.loads(run.paths.teacher_metrics.read_text())
         values |= {"searched": arch.tag(), "searched_accuracy": trained["test_accuracy"],
                    "searched_minus_random_median": trained["test_accuracy"] - float(randoms.median()),
                    "searched_beats_random_beyond_noise": bool(trained["test_accuracy"] - float(randoms.median())
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                    "teacher_test_accuracy": teacher.get("test_accuracy"),
                    "teacher_above_every_ranked_network": None if teacher.get("test_accuracy") is None else bool(
                        teacher["test_accuracy"] > ranked["test_accuracy"].max()),
-                   "macs": json.loads((run.paths.search_dir / "metrics.json").read_text()).get("macs")}
+                   "macs": json.loads(run.paths.search_metrics.read_text()).get("macs")}
         if name == "DNA":
             values |= {k: metrics.get(k) for k in ("predictor_kendall_tau_loo", "predictor_kendall_tau_loo_ci",
                                                     "zscore_kendall_tau", "zscore_kendall_tau_ci")}

@@ -54,7 +54,7 @@ class Context:
         if paths is None:
             primary = next(iter(params.search.named_targets()))
             paths = Paths(params.out_dir, primary) if not replicate else ReplicatePaths(
-                params.out_dir, primary, Paths(params.out_dir).rank_dir / "replicates" / str(replicate))
+                params.out_dir, primary, Paths(params.out_dir).rank_replicates / str(replicate))
         self.paths = paths
         self.shared: dict = {} if cache is None else cache  # what is loaded, shared by the run's views
 

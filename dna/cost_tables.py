@@ -27,7 +27,7 @@ def latency_model(run: SpaceContext):
     from dna.latency import LatencyTable, fingerprint
 
     keys, path = run.params.search.latency_keys(), run.paths.latency
-    meta = run.paths.profile_dir / "profile.json"
+    meta = run.paths.profile_record
     if not path.is_file() or not meta.is_file():
         if keys:
             raise ConfigError(f"{keys[0]} asks for latency_ms, but this run has no latency profile ({path} is "

@@ -1,15 +1,33 @@
-"""Where each stage's files go under `outputs` (a light module: reading results needs no torch)."""
+"""Where each stage's files go under `outputs`, as the stage table names them (dna.stages, `Stage.named`):
+`paths.<name>` for a file or folder, `paths.<name>(block)` for one of a block's, `paths.<stage>_metrics` for a
+stage's metrics file. A light module: reading results needs no torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dna.stages import STAGES, Stage
+
 DEFAULT_TARGET = "default"  # the one target of search.budgets
+
+
+def templates(table: tuple[Stage, ...] = STAGES) -> dict[str, str]:
+    """Every name the table gives a file or folder, with its path under `outputs` ("{target}", "{block}" unfilled)."""
+    out: dict[str, str] = {}
+    for stage in table:
+        metrics = {f"{stage.name}_metrics": stage.metrics} if stage.metrics else {}
+        for name, template in {**stage.named, **metrics}.items():
+            if out.setdefault(name, template) != template:
+                raise ValueError(f"stage {stage.name!r} names {name!r} {template!r}, another stage {out[name]!r}")
+    return out
+
+
+TEMPLATES = templates()
 
 
 @dataclass
 class Paths:
-    """A run's files; those of one search target (its network, retraining, export and registration) for `target`."""
+    """A run's files; those of one search target (its network, retraining and export) for `target`."""
 
     root: Path
     target: str = DEFAULT_TARGET
@@ -18,45 +36,27 @@ class Paths:
         """The same run's paths for another target."""
         return replace(self, target=target)
 
-    @property
-    def splits(self) -> Path: return self.root / "data" / "splits.json"
-    @property
-    def teacher_dir(self) -> Path: return self.root / "teacher"
-    @property
-    def teacher(self) -> Path: return self.teacher_dir / "teacher.pt"
-    @property
-    def distill_dir(self) -> Path: return self.root / "distill"
-    @property
-    def features(self) -> Path: return self.distill_dir / "features"
-    def supernet(self, block: int) -> Path: return self.distill_dir / f"block_{block}.pt"
-    def distill_history(self, block: int) -> Path: return self.distill_dir / f"history_{block}.csv"
-    @property
-    def ratings_dir(self) -> Path: return self.root / "ratings"
-    def rating(self, block: int) -> Path: return self.ratings_dir / f"block_{block}.csv"
-    @property
-    def search_dir(self) -> Path: return self.root / "search"
-    @property
-    def arch(self) -> Path: return self.search_dir / "targets" / self.target / "arch.yaml"
-    @property
-    def targets_table(self) -> Path: return self.search_dir / "targets.csv"
-    @property
-    def target_dir(self) -> Path: return self.root / "targets" / self.target
-    @property
-    def retrain_dir(self) -> Path: return self.target_dir / "retrain"
-    @property
-    def model(self) -> Path: return self.retrain_dir / "model.pt"
-    @property
-    def export_dir(self) -> Path: return self.target_dir / "export"
-    @property
-    def register_dir(self) -> Path: return self.root / "register" / self.target
-    @property
-    def onnx(self) -> Path: return self.export_dir / "model.onnx"
-    @property
-    def profile_dir(self) -> Path: return self.root / "profile"
-    @property
-    def latency(self) -> Path: return self.profile_dir / "latency.csv"
-    @property
-    def rank_dir(self) -> Path: return self.root / "rank"
+    def file(self, name: str, block: int | None = None) -> Path:
+        """The file or folder the table names `name`, of this run and target (and of `block`, for a block's)."""
+        return self._base(name) / TEMPLATES[name].format(target=self.target, block=block)
+
+    def _base(self, name: str) -> Path:
+        return self.root
+
+
+def _accessor(name: str, template: str):
+    if "{block}" in template:
+        def of_block(self: Paths, block: int) -> Path:
+            return self.file(name, block)
+        return of_block
+    return property(lambda self: self.file(name), doc=f"outputs/{template}")
+
+
+for _name, _template in TEMPLATES.items():
+    setattr(Paths, _name, _accessor(_name, _template))
+
+
+REPLICATED = ("supernet", "distill_history", "ratings_dir", "rating")  # a replicate's own files
 
 
 @dataclass
@@ -66,7 +66,5 @@ class ReplicatePaths(Paths):
 
     folder: Path = Path()
 
-    def supernet(self, block: int) -> Path: return self.folder / "distill" / f"block_{block}.pt"
-    def distill_history(self, block: int) -> Path: return self.folder / "distill" / f"history_{block}.csv"
-    @property
-    def ratings_dir(self) -> Path: return self.folder / "ratings"
+    def _base(self, name: str) -> Path:
+        return self.folder if name in REPLICATED else self.root

@@ -113,16 +113,14 @@ def plan_networks(run) -> pd.DataFrame:
     columns = ["id", *ROLES, "band", "rating", *(c for c in plan.columns if c.startswith("rating_block_")),
                *table.axes, "rows", "arch"]
     plan = plan[columns]
-    out = run.paths.rank_dir
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "plan.csv", plan.to_csv(index=False))
-    _write_json(out / "bands.json", {"axis": p.cost_axis, "edges": edges.tolist(), "random_budgets": budgets,
-                                     "pool": len(pool)})
+    atomic_write_text(run.paths.rank_plan, plan.to_csv(index=False))
+    _write_json(run.paths.rank_bands, {"axis": p.cost_axis, "edges": edges.tolist(), "random_budgets": budgets,
+                                       "pool": len(pool)})
     return plan
 
 
 def read_plan(run) -> pd.DataFrame:
-    return pd.read_csv(run.paths.rank_dir / "plan.csv")
+    return pd.read_csv(run.paths.rank_plan)
 
 
 def arch_of(plan: pd.DataFrame, network: str) -> Arch:
@@ -138,7 +136,7 @@ def train_network(run, network: str, arch: Arch, on_epoch=None) -> dict:
     from dna.train import train_classifier
 
     p = run.params
-    folder = run.paths.rank_dir / "networks" / network
+    folder = run.paths.rank_networks / network
     folder.mkdir(parents=True, exist_ok=True)
     arch.save(folder / "arch.yaml")
     records = []
@@ -176,7 +174,7 @@ def spos_ratings(run, plan: pd.DataFrame, on_epoch=None) -> dict:
     from dna.data import eval_view
     from dna.spos import inherited_scores, train_spos
 
-    p, out = run.params, run.paths.rank_dir / "spos"
+    p, out = run.params, run.paths.rank_spos
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = digest(p.seed, p.data, file_digest(run.paths.splits), p.space, p.distill, p.rank.spos)
     supernet, result = train_spos(run.space, run.data, p, out / "supernet.pt", fingerprint=fingerprint,
@@ -187,7 +185,7 @@ def spos_ratings(run, plan: pd.DataFrame, on_epoch=None) -> dict:
     loader = run.data.loader("rate", EVAL_BATCH_SIZE)
     scores = [inherited_scores(supernet, run.space.parse(arch_of(plan, n)), calibration, loader, run.device)
               for n in plan["id"]]
-    write_csv(out / "ratings.csv", pd.DataFrame({"id": plan["id"], "spos_loss": [s[0] for s in scores],
+    write_csv(run.paths.spos_ratings, pd.DataFrame({"id": plan["id"], "spos_loss": [s[0] for s in scores],
                                                  "spos_accuracy": [s[1] for s in scores]}))
     cells = sum(len(run.space.cells(b)) for b in range(run.space.num_blocks))
     steps_per_epoch = -(-len(run.data.train) // p.distill.batch_size)
@@ -268,13 +266,13 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
     from dna.block_combination import block_columns, fit_predictor, loo_predictions, zscore_rating
     from dna.checkpoint import write_csv, write_json
 
-    p, out = run.params.rank, run.paths.rank_dir
+    p = run.params.rank
     frame = plan.copy()
     frame["test_accuracy"] = [results.get(n, {}).get("test_accuracy") for n in frame["id"]]
     frame["rate_accuracy"] = [results.get(n, {}).get("rate_accuracy") for n in frame["id"]]
     frame["test_accuracies"] = [";".join(f"{a:.4f}" for a in results[n]["test_accuracies"]) if n in results else ""
                                 for n in frame["id"]]
-    ratings = out / "spos" / "ratings.csv"
+    ratings = run.paths.spos_ratings
     if spos is not None and ratings.is_file():
         frame = frame.merge(pd.read_csv(ratings), on="id", how="left")
     else:
@@ -327,7 +325,7 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
         taus.add("predictor_kendall_tau_loo", predicted, accuracy)
         predictor |= fit_predictor(features, accuracy, columns) | {
             "kendall_tau_loo": taus.values["predictor_kendall_tau_loo"]}
-    write_json(out / "predictor.json", predictor)
+    write_json(run.paths.predictor, predictor)
 
     # cost alone: does a bigger network train better?
     for axis in ("params", "macs"):
@@ -359,10 +357,10 @@ def summarize(run, plan: pd.DataFrame, results: dict[str, dict], failed: dict[st
         if "searched_minus_random_median" in metrics:
             metrics["searched_beats_random_beyond_noise"] = bool(
                 metrics["searched_minus_random_median"] > metrics["seed_accuracy_noise"])
-    write_csv(out / "networks.csv", frame)
-    write_json(out / "metrics.json", metrics)
+    write_csv(run.paths.rank_table, frame)
+    write_json(run.paths.rank_metrics, metrics)
     shown_taus = {name: shown(metrics, name) for name in metrics if f"{name}_ci" in metrics}
-    rank_plot.ranking(frame, shown_taus, out / "rank.png")
+    rank_plot.ranking(frame, shown_taus, run.paths.rank_plot)
     return metrics
 
 

@@ -19,6 +19,7 @@ from dna.train import TrainResult, accuracy, train_classifier
 
 if TYPE_CHECKING:
     from dna.config import Params, TeacherConfig
+    from dna.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,10 @@ def teacher_weights(cfg: TeacherConfig, model: nn.Module) -> dict:
     return weights
 
 
-def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device, fingerprint: str,
+def make_teacher(params: Params, data: Data, paths: Paths, device: torch.device, fingerprint: str,
                  on_epoch=None) -> tuple[nn.Module, TrainResult]:
-    """Build the teacher from its configured source, train it if asked, save its weights to out_dir/teacher.pt."""
+    """Build the teacher from its configured source, train it if asked (resuming from paths.teacher_state), save its
+    weights to paths.teacher."""
     cfg = params.teacher
     torch.manual_seed(params.seed)
     model = create_teacher(params, data.num_classes, data.in_chans, pretrained=cfg.source == "timm")
@@ -95,13 +97,13 @@ def make_teacher(params: Params, data: Data, out_dir: Path, device: torch.device
         model.load_state_dict(teacher_weights(cfg, model))
     result = TrainResult()
     if cfg.source == "train" or cfg.train.epochs > 0:
-        result = train_classifier(model, data, cfg.train, out_dir / "train_state.pt", seed=params.seed,
+        result = train_classifier(model, data, cfg.train, paths.teacher_state, seed=params.seed,
                                   fingerprint=fingerprint, device=device, name="teacher", on_epoch=on_epoch)
     else:
         result.test_accuracy = accuracy(model.to(device), data.loader("test", 256), device)
     if is_main():
         arch = {"arch": teacher_arch(cfg).to_yaml()} if cfg.source == "arch" else {}
-        save_checkpoint(out_dir / "teacher.pt", {"model": model.state_dict(), "name": teacher_name(cfg),
+        save_checkpoint(paths.teacher, {"model": model.state_dict(), "name": teacher_name(cfg),
                                                  "num_classes": data.num_classes, "in_chans": data.in_chans, **arch})
     return freeze(model), result
 

@@ -164,12 +164,21 @@ class StepRun:
         return self.task(fn, task_name)(*args, on_epoch=on_epoch)
 
 
+def step_context(step: str) -> type:
+    """The class of run a pipeline step's stages get: the widest of their contexts (Stage.context), or
+    dna.context.Context for a step of no stage of the table, the registration."""
+    from dna.context import Context
+    from dna.stages import STAGES
+
+    classes = [s.load_context() for s in STAGES if s.pipeline_step == step]
+    return max(classes, key=lambda cls: len(cls.__mro__), default=Context)
+
+
 @contextlib.contextmanager
 def step_run(step: str, params_file: str | Path, overrides: dict | None, *,
              absolute_outputs: bool = False, target: str | None = None) -> Iterator[StepRun]:
     """Load and check the config (before any work), then the step's MLflow run with the params it reads; of a
     per-target step, for that search target (its MLflow run named `<step>@<target>`, tagged dna.target)."""
-    from dna.stages import step_context
     from flows.tracking import stage_run
 
     params = load(params_file, overrides, checks=Checks.of(step))

@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows import artifacts
 from flows.entry import cli, step_run
-from flows.registry import log_onnx_model
+from flows.registry import log_onnx_model, logged_model
 
 SAMPLE_IMAGES = 8
 
@@ -24,17 +24,17 @@ def export_flow(params_file: str = "params.yaml", overrides: dict | None = None,
     from dna.stages.export import stage_export
 
     with step_run("export", params_file, overrides, target=target) as step:
-        run, mlrun, out = step.run, step.mlrun, step.run.paths.export_dir
-        (out / "logged_model.json").unlink(missing_ok=True)  # stage_export removes the other files of the last export
+        run, mlrun = step.run, step.mlrun
+        logged_model(run.paths).unlink(missing_ok=True)  # stage_export removes the other files of the last export
         metrics = step.task(stage_export, "export-onnx")(run)
         meta = read_metadata(run.paths.onnx)
         mlrun.metrics(metrics)
         mlrun.tags({"dna.arch": meta.get("arch")})
-        mlrun.artifact(out / "metrics.json")
+        mlrun.artifact(run.paths.export_metrics)
         info = log_onnx_model(run.paths.onnx, run.data.images("test", SAMPLE_IMAGES).numpy())
         record = {"model_uri": info.model_uri, "model_id": info.model_id, "run_id": mlrun.run_id,
                   "tracking_uri": mlrun.uri, "arch": meta.get("arch"), "onnx_digest": file_digest(run.paths.onnx)}
-        atomic_write_text(out / "logged_model.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(logged_model(run.paths), json.dumps(record, indent=2) + "\n")
     logged = f"logged as `{info.model_uri}` (MLflow run `{mlrun.run_id}`)"
     artifacts.markdown(f"export-summary-{run.paths.target}".replace("_", "-"), artifacts.metrics_markdown(
         f"ONNX export of target {run.paths.target}", metrics, logged), "ONNX parity and accuracy in ONNX Runtime")

@@ -35,7 +35,7 @@ from flows import artifacts, dvc_stages
 from flows import steps as table
 from flows.entry import check_dvc_params, check_first, load
 from flows.prefect_api import start_in_background
-from flows.steps import RESULT_SECTIONS, Step, flatten
+from flows.steps import RESULT_SECTIONS, Step, flatten, registration
 from flows.tracking import ensure_experiment, nested_under, stage_run, tracking_uri
 
 PROJECT = Path(__file__).resolve().parents[1]  # the project that holds this code
@@ -360,7 +360,7 @@ def report(root: Path, result: dict) -> str:
     lines.append(f"  mlflow   {tracking_uri(params, root)}" + (f" (parent run {run_id})" if run_id else ""))
     lines += target_lines(p, m, {t: model_name(params.mlflow.registered_model, t) for t in targets})
     for row in summary_rows(p.root):  # DNA+: every round registered its first target's network
-        registered = Paths(root / row["outputs"], targets[0]).register_dir / "registration.json"
+        registered = registration(Paths(root / row["outputs"], targets[0]))
         version = json.loads(registered.read_text()).get("version") if registered.is_file() else None
         lines.append(f"round {row['round']}: teacher {row['teacher']} ({row['teacher_test_accuracy']:.4f}), network "
                      f"found {row['test_accuracy']:.4f} (ONNX {row['onnx_test_accuracy']:.4f}), "

@@ -53,7 +53,7 @@ def spos_task(params: Params, tracking: Tracking, *, threads: int | None = None,
     with turn(shared_process), child_run(tracking, "spos", {STAGE_TAG: "rank"}) as mlrun:
         result = spos_ratings(run, read_plan(run), on_epoch=EpochLog(mlrun))
         mlrun.metrics(result)
-        mlrun.artifact(run.paths.rank_dir / "spos" / "ratings.csv")
+        mlrun.artifact(run.paths.spos_ratings)
     return result
 
 
@@ -84,7 +84,7 @@ def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
     with busy, stage_run(params, "rank", stage_params(params, "rank")) as (mlrun, tracking):
         mlrun.tags({"dna.task_runner": orch.task_runner})
         plan = plan_networks(run)
-        mlrun.artifact(run.paths.rank_dir / "plan.csv")
+        mlrun.artifact(run.paths.rank_plan)
         gathered = fan_out(orch, [Job("spos", spos_task, (params, tracking)),
                                   Job("replicate", replicate_task, (params, tracking)),
                                   *(Job(n, network_task, (params, n, tracking)) for n in plan["id"])])
@@ -95,9 +95,10 @@ def rank_flow(params_file: str = "params.yaml", overrides: dict | None = None) -
         metrics = summarize(run, plan, results, failed, spos_result)
         mlrun.metrics(interval_bounds(metrics))
         mlrun.metrics(metrics.get("spos") or {}, prefix="spos.")
-        for name in ("networks.csv", "rank.png", "metrics.json", "bands.json", "predictor.json"):
-            if (run.paths.rank_dir / name).is_file():
-                mlrun.artifact(run.paths.rank_dir / name)
+        for path in (run.paths.rank_table, run.paths.rank_plot, run.paths.rank_metrics, run.paths.rank_bands,
+                     run.paths.predictor):
+            if path.is_file():
+                mlrun.artifact(path)
         if failed:
             mlrun.tags({"dna.failed_networks": ",".join(failed)})
             raise Unfinished("rank", "job", gathered.failed, results, orch.retries)

@@ -25,11 +25,13 @@ from flows.registry import (
     comparability_tags,
     latest_version,
     log_onnx_model,
+    logged_model,
     model_name,
     promote,
     register_version,
     registered_version,
 )
+from flows.steps import registration
 
 SAMPLE_IMAGES = 8
 
@@ -41,10 +43,10 @@ def current_export(paths) -> dict:
     from dna.errors import StageFailure
     from dna.export import CHECKPOINT_DIGEST, read_metadata
 
-    exported = json.loads(needed(paths.export_dir / "metrics.json", "export").read_text())
+    exported = json.loads(needed(paths.export_metrics, "export").read_text())
     model = checkpoint_digest(paths.model)
     stale = [str(path) for path, source in ((paths.onnx, read_metadata(paths.onnx).get(CHECKPOINT_DIGEST)),
-                                            (paths.export_dir / "metrics.json", exported.get(CHECKPOINT_DIGEST)))
+                                            (paths.export_metrics, exported.get(CHECKPOINT_DIGEST)))
              if source != model]
     if stale:
         raise StageFailure(f"{' and '.join(stale)}: not exported from the current {paths.model} (retrained since, "
@@ -95,14 +97,14 @@ def register_model(params_file: str | Path = "params.yaml", overrides: dict | No
         name = model_name(params.mlflow.registered_model, run.paths.target)
         metric = params.mlflow.promote_metric
         exported = current_export(run.paths)
-        retrained = json.loads(needed(run.paths.retrain_dir / "metrics.json", "retrain").read_text())
+        retrained = json.loads(needed(run.paths.retrain_metrics, "retrain").read_text())
         client = MlflowClient(mlrun.uri)
         onnx_digest = file_digest(run.paths.onnx)
         version = registered_version(client, name, onnx_digest)
         if version is not None:  # registered before (a rerun): the same version, promoted again
             model_uri = client.get_model_version(name, str(version)).tags.get("model_uri")
         else:
-            model_uri = logged_model_uri(client, run.paths.export_dir / "logged_model.json", onnx_digest)
+            model_uri = logged_model_uri(client, logged_model(run.paths), onnx_digest)
             if model_uri is None:  # exported under another tracking store, or logged from another file: log it here
                 model_uri = log_onnx_model(run.paths.onnx, run.data.images("test", SAMPLE_IMAGES).numpy()).model_uri
             tags = {"arch": arch_tag(run), "git_commit": git_commit(), "params_hash": params_hash(params),
@@ -119,7 +121,7 @@ def register_model(params_file: str | Path = "params.yaml", overrides: dict | No
     record = result.to_dict() | {"latest_version": latest_version(client, name), "model_uri": model_uri,
                                  "promoted": int(result.promoted)}
     record["target"] = run.paths.target
-    atomic_write_text(run.paths.register_dir / "registration.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(registration(run.paths), json.dumps(record, indent=2, sort_keys=True) + "\n")
     print(result.summary())
     return record
 

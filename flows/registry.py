@@ -229,6 +229,12 @@ def onnx_requirements() -> list[str]:
     return [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
 
 
+def logged_model(paths) -> Path:
+    """The record of the ONNX model the export step logged to MLflow (its URI, run and digest), beside the export of
+    a run's dna.paths.Paths: registration registers that model when it is of the same file."""
+    return paths.export_dir / "logged_model.json"
+
+
 def log_onnx_model(onnx_path: str | Path, sample, name: str = "model", example_images: int = 2):
     """Log an ONNX file to the active MLflow run as a model; returns its ModelInfo (model_uri: models:/<id>).
 

@@ -10,6 +10,7 @@ import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dna.stages import STAGES as STAGE_TABLE
@@ -79,6 +80,11 @@ REGISTER = Step("register", "register", ("mlflow.registered_model", "mlflow.prom
                 inputs=("search/targets/{target}/arch.yaml", "targets/{target}/retrain/model.pt",
                         "targets/{target}/retrain/metrics.json", "targets/{target}/export/model.onnx",
                         "targets/{target}/export/metrics.json"), commands=("dna register",), per_target=True)
+
+
+def registration(paths) -> Path:
+    """A target's registration record (the register step's metrics file), of a run's dna.paths.Paths."""
+    return paths.root / REGISTER.at(paths.target).metrics
 
 
 def _derived(table: tuple[Stage, ...]) -> dict:

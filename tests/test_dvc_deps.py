@@ -20,7 +20,7 @@ def test_the_import_closure_follows_lazy_and_from_imports_packages_and_schema_se
     # flows/__init__.py configures the environment (flows.env) and composes the schema (flows.settings);
     # `from dna.stages import ...` sits inside the flow function; `from flows import artifacts` names a module
     assert {"flows/__init__.py", "flows/env.py", "flows/step_flow.py", "flows/artifacts.py", "dna/__init__.py",
-            "dna/stages/__init__.py", "dna/context.py", "dna/config.py", "flows/settings.py"} <= closure
+            "dna/stages/__init__.py", "dna/config.py", "flows/settings.py"} <= closure
     assert "flows/pipeline.py" not in closure and "dna/cli.py" not in closure and "dna/pipeline.py" not in closure
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dna.checkpoint import load_checkpoint
+from dna.paths import Paths
 from dna.supervision import build_supervision
 from dna.teacher import load_teacher, make_teacher
 from dna.train import accuracy
@@ -37,7 +38,7 @@ def test_checkpoint_source_loads_the_same_teacher(prepared_run, tmp_path, fmt):
     raw["teacher"].update(source="checkpoint", checkpoint=str(path))
     raw["teacher"]["train"]["epochs"] = 0
     params = type(prepared_run.params).model_validate(raw)
-    teacher, result = make_teacher(params, prepared_run.data, tmp_path, torch.device("cpu"), "fp")
+    teacher, result = make_teacher(params, prepared_run.data, Paths(tmp_path), torch.device("cpu"), "fp")
     reference = load_teacher(prepared_run.params, prepared_run.paths.teacher, torch.device("cpu"))
     x = prepared_run.data.images("test", 32)
     assert torch.equal(teacher(x), reference(x))
@@ -113,14 +114,14 @@ def _arch_params(raw: dict, **teacher):
 def test_arch_teacher_has_the_saved_weights_bit_for_bit(arch_teacher, tmp_path):
     run, arch, saved, raw = arch_teacher
     params = _arch_params(raw)
-    teacher, result = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    teacher, result = make_teacher(params, run.data, Paths(tmp_path), torch.device("cpu"), "fp")
     assert result.history == [] and not teacher.training
     state = teacher.state_dict()
     assert state.keys() == saved.keys()
     assert all(torch.equal(state[k], saved[k]) for k in saved)
-    reloaded = load_teacher(params, tmp_path / "teacher.pt", torch.device("cpu"))  # as distillation loads it
+    reloaded = load_teacher(params, Paths(tmp_path).teacher, torch.device("cpu"))  # as distillation loads it
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), saved.values()))
-    assert load_checkpoint(tmp_path / "teacher.pt")["arch"] == arch.to_yaml()
+    assert load_checkpoint(Paths(tmp_path).teacher)["arch"] == arch.to_yaml()
 
 
 def test_arch_teacher_is_split_at_its_own_blocks_whose_shapes_the_space_takes(arch_teacher, tmp_path):
@@ -134,7 +135,7 @@ def test_arch_teacher_is_split_at_its_own_blocks_whose_shapes_the_space_takes(ar
     params = _arch_params(raw)
     assert params.teacher.boundaries == [2, 3] == list(range(2, len(arch.stages) + 1))
     validate(params, check_profile=False)
-    teacher, _ = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    teacher, _ = make_teacher(params, run.data, Paths(tmp_path), torch.device("cpu"), "fp")
     shapes = TeacherTargets(teacher, params.teacher.boundaries, run.data, torch.device("cpu")).shapes()
     sizes = run.space.block_resolutions()[1:]
     widths = [int(stage[-1].split("_c")[1].split("_")[0]) for stage in arch.stages[1:]]
@@ -213,11 +214,11 @@ def test_a_scaled_arch_teacher_is_the_wider_deeper_network_trained_here(arch_tea
     validate(params, check_profile=False)
     scaled = arch.scaled(1.5, 2.0)
     assert [len(s) for s in scaled.stages] == [2 * len(s) for s in arch.stages]
-    teacher, result = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    teacher, result = make_teacher(params, run.data, Paths(tmp_path), torch.device("cpu"), "fp")
     assert len(result.history) == 1 and result.test_accuracy is not None
-    saved = load_checkpoint(tmp_path / "teacher.pt")
+    saved = load_checkpoint(Paths(tmp_path).teacher)
     assert saved["arch"] == scaled.to_yaml() and saved["name"].endswith("x1.5 wide x2 deep")
-    reloaded = load_teacher(params, tmp_path / "teacher.pt", torch.device("cpu"))
+    reloaded = load_teacher(params, Paths(tmp_path).teacher, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), teacher.state_dict().values()))
     shapes = TeacherTargets(teacher, params.teacher.boundaries, run.data, torch.device("cpu")).shapes()
     widths = [int(stage[-1].split("_c")[1].split("_")[0]) for stage in scaled.stages[1:]]
@@ -263,7 +264,7 @@ def test_arch_teacher_fingerprint_follows_its_files(arch_teacher, tmp_path):
 def test_arch_teacher_is_trained_further_when_asked(arch_teacher, tmp_path):
     run, _, saved, raw = arch_teacher
     params = _arch_params(raw, train={**raw["teacher"]["train"], "epochs": 1})
-    teacher, result = make_teacher(params, run.data, tmp_path, torch.device("cpu"), "fp")
+    teacher, result = make_teacher(params, run.data, Paths(tmp_path), torch.device("cpu"), "fp")
     assert len(result.history) == 1
     assert not torch.equal(teacher.state_dict()["classifier.weight"], saved["classifier.weight"])
 

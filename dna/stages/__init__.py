@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 
@@ -43,6 +44,10 @@ class Stage:
     # "module:attribute": the class of the run its function (and preparation) gets, the narrowest that has what they
     # read (dna.context): its DVC code dependencies are what the function and this class import
     context: str = "dna.run:Run"
+    # the files and folders, among its outputs or inside them, that code reaches by name (`paths.<name>`,
+    # dna/paths.py; its metrics file is `paths.<stage>_metrics`): "{target}" stands for a search target's name,
+    # "{block}" for a block's index
+    named: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def files(self) -> tuple[str, ...]:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
@@ -96,7 +101,8 @@ PLAIN, WITH_SPACE = "dna.context:Context", "dna.spaces.context:SpaceContext"  # 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "Make the fixed train / rate / test splits.", "dna.stages.data:stage_data",
           ("seed", "data"), ("data/splits.json",), metrics="data/metrics.json",
-          headline=("train_images", "rate_images", "test_images", "num_classes"), context=PLAIN),
+          headline=("train_images", "rate_images", "test_images", "num_classes"), context=PLAIN,
+          named={"splits": "data/splits.json"}),
     Stage("teacher", "Train, download or load the teacher; report its test accuracy.",
           "dna.stages.teacher:stage_teacher",
           ("seed", "data", "teacher"),
@@ -104,24 +110,32 @@ STAGES: tuple[Stage, ...] = (
           # output DVC tracks, since a teacher taken as it is has none, and never deleted by DVC)
           metrics="teacher/metrics.json", headline=("test_accuracy",), data_parallel=True,
           epochs="teacher.train.epochs",
-          inputs=("data/splits.json",), reports=("teacher/history.csv",), context=PLAIN),
+          inputs=("data/splits.json",), reports=("teacher/history.csv",), context=PLAIN,
+          named={"teacher_dir": "teacher", "teacher": "teacher/teacher.pt", "teacher_history": "teacher/history.csv",
+                 "teacher_state": "teacher/train_state.pt"}),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.stages.distill:stage_distill",
           ("seed", "data", "teacher.model", "teacher.boundaries", "space", "supervision", "distill"),
           ("distill",), per_block=True, prepare="dna.stages.distill:stage_features", data_parallel=True,
-          inputs=("data/splits.json", "teacher/teacher.pt"), checkpoints=("distill",)),
+          inputs=("data/splits.json", "teacher/teacher.pt"), checkpoints=("distill",),
+          named={"distill_dir": "distill", "features": "distill/features", "supernet": "distill/block_{block}.pt",
+                 "distill_history": "distill/history_{block}.csv"}),
     Stage("rate", "Rate every candidate of every cell of each block.", "dna.stages.rate:stage_rate",
-          ("rating",), ("ratings",), per_block=True, step="distill"),
+          ("rating",), ("ratings",), per_block=True, step="distill",
+          named={"ratings_dir": "ratings", "rating": "ratings/block_{block}.csv"}),
     Stage("profile", "Time every candidate layer, the stem and the head in ONNX Runtime on this machine.",
           "dna.stages.latency_profile:stage_profile", ("data.image_size", "data.channels", "space", "profile"),
           ("profile/latency.csv", "profile/profile.json"), makes_profile=True, inputs=("data/splits.json",),
-          reports=("profile/profile.json",), context=WITH_SPACE),
+          reports=("profile/profile.json",), context=WITH_SPACE,
+          named={"profile_dir": "profile", "latency": "profile/latency.csv", "profile_record": "profile/profile.json"}),
     Stage("search", "Choose each target's network under its budgets and compute the Pareto front.",
           "dna.stages.search:stage_search", ("data.image_size", "data.channels", "space", "search"),
           ("search/targets", "search/front.csv", "search/chosen.csv", "search/targets.csv"),
           metrics="search/metrics.json", headline=("score", "params", "macs", "latency_ms"),
           inputs=("data/splits.json", "ratings", "profile/latency.csv"),
-          reports=("search/front.csv", "search/chosen.csv", "search/targets.csv"), context=WITH_SPACE),
+          reports=("search/front.csv", "search/chosen.csv", "search/targets.csv"), context=WITH_SPACE,
+          named={"search_dir": "search", "arch": "search/targets/{target}/arch.yaml", "front": "search/front.csv",
+                 "chosen": "search/chosen.csv", "targets_table": "search/targets.csv"}),
     Stage("retrain", "Train each target's network (from scratch or from the supernets; optionally with KD).",
           "dna.stages.retrain:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("targets/{target}/retrain/model.pt", "targets/{target}/retrain/train_state.pt",
@@ -130,13 +144,17 @@ STAGES: tuple[Stage, ...] = (
           epochs="retrain.train.epochs", per_target=True,
           inputs=("data/splits.json", "search/targets/{target}/arch.yaml", "teacher/teacher.pt", "distill"),
           checkpoints=("targets/{target}/retrain/train_state.pt",), reports=("targets/{target}/retrain/history.csv",),
-          context=WITH_SPACE),
+          context=WITH_SPACE,
+          named={"target_dir": "targets/{target}", "retrain_dir": "targets/{target}/retrain",
+                 "model": "targets/{target}/retrain/model.pt", "train_state": "targets/{target}/retrain/train_state.pt",
+                 "retrain_history": "targets/{target}/retrain/history.csv"}),
     Stage("export", "Export each target's retrained network to ONNX and check it against PyTorch.",
           "dna.stages.export:stage_export",
           ("data", "export"), ("targets/{target}/export/model.onnx",), metrics="targets/{target}/export/metrics.json",
           headline=("onnx_test_accuracy", "max_abs_diff"), per_target=True,
           inputs=("data/splits.json", "targets/{target}/retrain/model.pt", "targets/{target}/retrain/metrics.json"),
-          context=WITH_SPACE),
+          context=WITH_SPACE,
+          named={"export_dir": "targets/{target}/export", "onnx": "targets/{target}/export/model.onnx"}),
     Stage("figures", "Draw the run's pictures: the Pareto front with every target's network, budget and accuracy, "
           "every block's rating spread and the retraining curves (a stage of its own: how pictures look reruns "
           "nothing that trains).",
@@ -144,7 +162,9 @@ STAGES: tuple[Stage, ...] = (
           ("search/front.png", "search/rating_spread.png", "search/curves.png"),
           inputs=("search/front.csv", "search/targets.csv", "search/metrics.json", "ratings", "targets"),
           reports=("search/front.png", "search/rating_spread.png", "search/curves.png"), pictures=True,
-          context=WITH_SPACE),
+          context=WITH_SPACE,
+          named={"front_plot": "search/front.png", "spread_plot": "search/rating_spread.png",
+                 "curves_plot": "search/curves.png"}),
     Stage("rank", "Measure how well the rating ranks networks: train a stratified sample, the searched network and "
           "random networks under the budgets from scratch; rate them with a single-path one-shot supernet too.",
           "dna.rank:stage_rank", ("seed", "data", "space", "supervision", "distill", "rating", "search", "rank"),
@@ -156,13 +176,17 @@ STAGES: tuple[Stage, ...] = (
           inputs=("data/splits.json", "teacher/teacher.pt", "distill", "ratings", "profile/latency.csv",
                   "search/targets"),
           checkpoints=("rank/networks", "rank/spos", "rank/replicates"),
-          reports=("rank/predictor.json", "rank/plan.csv", "rank/bands.json", "rank/networks.csv", "rank/rank.png")),
+          reports=("rank/predictor.json", "rank/plan.csv", "rank/bands.json", "rank/networks.csv", "rank/rank.png"),
+          named={"rank_dir": "rank", "rank_networks": "rank/networks", "rank_spos": "rank/spos",
+                 "rank_replicates": "rank/replicates", "spos_ratings": "rank/spos/ratings.csv",
+                 "predictor": "rank/predictor.json", "rank_plan": "rank/plan.csv",
+                 "rank_bands": "rank/bands.json", "rank_table": "rank/networks.csv", "rank_plot": "rank/rank.png"}),
     Stage("rounds", "DNA+: rounds 2 to rounds.count after round 1 (the default stages), each every default stage "
           "with the network the round before found and retrained as its teacher.", "dna.rounds:stage_rounds",
           ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "profile", "search", "retrain",
            "export", "rounds"), ("rounds",), metrics="rounds.json", headline=("best_round", "best_test_accuracy"),
           default=False, inputs=("search/targets", "targets"), checkpoints=("rounds",),
-          runs_default_stages=True),
+          runs_default_stages=True, named={"rounds_dir": "rounds"}),
 )
 
 
@@ -194,15 +218,6 @@ def run_stage(stage: Stage, run, blocks: list[int] | None = None, targets: list[
                            log_failures=False)  # a lone failure is reported once, as it is raised
     raise_unfinished(stage.name, "block", failed, results)
     return [results[b] for b in blocks]
-
-
-def step_context(step: str, table: tuple[Stage, ...] = STAGES) -> type:
-    """The class of run a pipeline step's stages get: the widest of their contexts (dna.context.Context for a step of
-    no stage of the table, such as the registration)."""
-    from dna.context import Context
-
-    classes = [s.load_context() for s in table if s.pipeline_step == step]
-    return max(classes, key=lambda cls: len(cls.__mro__), default=Context)
 
 
 # The sections whose checks build the teacher or the space (and so import timm, torchvision and torch.fx).

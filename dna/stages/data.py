@@ -20,5 +20,5 @@ def stage_data(run: Context) -> dict:
     summary = write_splits(run.params.data, run.params.seed, run.paths.splits)
     log.info("data: %s", summary["sizes"])
     metrics = {f"{split}_images": n for split, n in summary["sizes"].items()} | {"num_classes": summary["num_classes"]}
-    write_json(run.paths.root / "data" / "metrics.json", metrics)
+    write_json(run.paths.data_metrics, metrics)
     return metrics | summary

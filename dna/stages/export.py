@@ -29,7 +29,7 @@ def stage_export(run: SpaceContext) -> dict:
     from dna.spaces.base import require
 
     require(run.space, "networks", "the export")
-    for previous in (run.paths.export_dir / "metrics.json", run.paths.onnx):
+    for previous in (run.paths.export_metrics, run.paths.onnx):
         previous.unlink(missing_ok=True)
     # the digest before the weights: a model.pt replaced in between leaves the old digest, which registration refuses
     source = checkpoint_digest(run.paths.model)
@@ -37,7 +37,7 @@ def stage_export(run: SpaceContext) -> dict:
     arch = Arch.from_yaml(state["arch"])
     model = run.space.build(arch)
     model.load_state_dict(state["model"])
-    retrain = json.loads(needed(run.paths.retrain_dir / "metrics.json", "retrain").read_text())
+    retrain = json.loads(needed(run.paths.retrain_metrics, "retrain").read_text())
     images = run.data.images("test", 64)
     metadata = {"arch": arch.tag(), "arch_yaml": arch.to_yaml(), "test_accuracy": f"{retrain['test_accuracy']:.6f}",
                 "params": str(retrain["params"]), "macs": str(retrain["macs"]),
@@ -49,5 +49,5 @@ def stage_export(run: SpaceContext) -> dict:
     onnx_acc = onnx_accuracy(run.paths.onnx, run.data.loader("test", EVAL_BATCH_SIZE))
     metrics = {"max_abs_diff": report.max_abs_diff, "parity_images": report.num_images, "opset": report.opset,
                "onnx_test_accuracy": onnx_acc, "atol": run.params.export.atol, CHECKPOINT_DIGEST: source}
-    write_json(run.paths.export_dir / "metrics.json", metrics)
+    write_json(run.paths.export_metrics, metrics)
     return metrics

@@ -22,17 +22,16 @@ def stage_figures(run: SpaceContext) -> dict:
 
     from dna import plots
 
-    paths, search = run.paths, run.paths.search_dir
-    front = pd.read_csv(needed(search / "front.csv", "search"))
-    axis = json.loads(needed(search / "metrics.json", "search").read_text())["front_axis"]
+    paths = run.paths
+    front = pd.read_csv(needed(paths.front, "search"))
+    axis = json.loads(needed(paths.search_metrics, "search").read_text())["front_axis"]
     ratings = [pd.read_csv(needed(paths.rating(b), "rate"), dtype={"path": str}) for b in range(run.space.num_blocks)]
     targets = pd.read_csv(needed(paths.targets_table, "search"))
     names = list(targets["target"])
-    histories = {t: pd.read_csv(needed(paths.at(t).retrain_dir / "history.csv", "retrain")) for t in names}
-    exported = {t: paths.at(t).export_dir / "metrics.json" for t in names}
+    histories = {t: pd.read_csv(needed(paths.at(t).retrain_history, "retrain")) for t in names}
+    exported = {t: paths.at(t).export_metrics for t in names}
     accuracy = {t: json.loads(p.read_text())["onnx_test_accuracy"] for t, p in exported.items() if p.is_file()}
-    drawn = [plots.front(front, axis, targets, search / "front.png", accuracy),
-             plots.rating_spread(ratings, search / "rating_spread.png"),
-             plots.curves(histories, search / "curves.png")]
+    drawn = [plots.front(front, axis, targets, paths.front_plot, accuracy),
+             plots.rating_spread(ratings, paths.spread_plot), plots.curves(histories, paths.curves_plot)]
     log.info("figures: %s", ", ".join(str(p) for p in drawn))
     return {"figures": [str(p) for p in drawn]}

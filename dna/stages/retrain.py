@@ -56,14 +56,14 @@ def share_retraining(run: SpaceContext, arch: Arch) -> None:
 
     from dna.arch import Arch
 
-    state = run.paths.retrain_dir / "train_state.pt"
+    state = run.paths.train_state
     if state.is_file():
         return
     for other in run.params.search.named_targets():
         theirs = run.paths.at(other)
-        if other != run.paths.target and (theirs.retrain_dir / "train_state.pt").is_file() and \
+        if other != run.paths.target and theirs.train_state.is_file() and \
                 theirs.arch.is_file() and Arch.load(theirs.arch) == arch:
-            shutil.copyfile(theirs.retrain_dir / "train_state.pt", state.with_suffix(".tmp"))
+            shutil.copyfile(theirs.train_state, state.with_suffix(".tmp"))
             state.with_suffix(".tmp").replace(state)
             log.info("retrain: target %s chose the network of target %s: resumed from its training", run.paths.target,
                      other)
@@ -89,7 +89,7 @@ def stage_retrain(run: SpaceContext, on_epoch: EpochHook = None) -> dict:
     extraction = init_from_supernet(run, model, arch) if p.init == "supernet" else None
     teacher = load_teacher(run.params, run.paths.teacher, run.device) if p.kd_alpha > 0 else None
     start = [checkpoint_digest(run.paths.supernet(b)) for b in range(run.space.num_blocks)] if extraction else []
-    result = train_classifier(model, run.data_for(p.train), p.train, out / "train_state.pt", seed=run.params.seed,
+    result = train_classifier(model, run.data_for(p.train), p.train, run.paths.train_state, seed=run.params.seed,
                               fingerprint=digest(run.params.seed, run.params.data, p, arch.to_dict(), start),
                               device=run.device, name="retrain", teacher=teacher, kd_alpha=p.kd_alpha,
                               kd_temperature=p.kd_temperature, on_epoch=on_epoch)
@@ -98,6 +98,6 @@ def stage_retrain(run: SpaceContext, on_epoch: EpochHook = None) -> dict:
                "init": p.init, **(extraction.summary() if extraction else {})}
     if is_main():
         save_checkpoint(run.paths.model, {"model": model.state_dict(), "arch": arch.to_yaml()})
-        write_csv(out / "history.csv", pd.DataFrame(result.history))
-        write_json(out / "metrics.json", metrics)
+        write_csv(run.paths.retrain_history, pd.DataFrame(result.history))
+        write_json(run.paths.retrain_metrics, metrics)
     return metrics

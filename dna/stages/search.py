@@ -71,10 +71,10 @@ def stage_search(run: SpaceContext) -> dict:
         arch = choice_of(run.space, stages, selection.rows)
         run.paths.at(name).arch.parent.mkdir(parents=True, exist_ok=True)
         arch.save(run.paths.at(name).arch)
-    write_csv(out / "front.csv", table)
+    write_csv(run.paths.front, table)
     write_csv(run.paths.targets_table, family)
     costs_shown = [c for c in ("params", "macs", "latency_ms") if c in family.columns]
-    write_csv(out / "chosen.csv", family[["target", "score", *costs_shown]])  # for DVC's front plot
+    write_csv(run.paths.chosen, family[["target", "score", *costs_shown]])  # for DVC's front plot
     metrics = {"score": primary.score, **{k: float(v) for k, v in primary.costs.items()}, "front_size": len(front),
                "tie_tolerance": p.tie_tolerance, "space_size": str(run.space.size()),
                "budgets": next(iter(p.named_targets().values())).budgets(), "ratings": rating_summary(ratings),
@@ -84,7 +84,7 @@ def stage_search(run: SpaceContext) -> dict:
     if predictor is not None:
         metrics |= {"predicted_accuracy": predictor["intercept"] - primary.score,
                     "predictor_kendall_tau_loo": predictor["kendall_tau_loo"], "predictor_digest": predictor["digest"]}
-    write_json(out / "metrics.json", metrics)
+    write_json(run.paths.search_metrics, metrics)
     for name, c in chosen.items():
         log.info("search: target %s: score %.4f, %s", name, c.score, {k: float(f"{v:.4g}") for k, v in c.costs.items()})
     return metrics
@@ -127,7 +127,7 @@ def targets_table(run: SpaceContext, chosen: dict[str, Selection], stages: list[
 def predictor_of(run: SpaceContext) -> dict:
     """The rank stage's fitted predictor (search.combine: predictor), checked against this run's blocks."""
 
-    path = run.paths.rank_dir / "predictor.json"
+    path = run.paths.predictor
     if not path.is_file():
         raise ConfigError(f"search.combine='predictor': {path} does not exist; the rank stage fits it (`dna rank`, "
                           "or `dvc repro rank/dvc.yaml`) once the search with search.combine: sum has run")

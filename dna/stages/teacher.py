@@ -28,16 +28,16 @@ def stage_teacher(run: Context, on_epoch: EpochHook = None) -> dict:
     if run.params.teacher.source == "none":  # DNA++: no teacher is built, trained or downloaded
         metrics = {"test_accuracy": None, "epochs": 0, "model": None}
         if is_main():  # teacher.pt records that there is none (what the distill stage depends on in DVC)
-            save_checkpoint(out / "teacher.pt", {"teacher": None})
-            write_csv(out / "history.csv", pd.DataFrame(columns=HISTORY_COLUMNS))
-            write_json(out / "metrics.json", metrics)
+            save_checkpoint(run.paths.teacher, {"teacher": None})
+            write_csv(run.paths.teacher_history, pd.DataFrame(columns=HISTORY_COLUMNS))
+            write_json(run.paths.teacher_metrics, metrics)
         return metrics
-    _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), out, run.device,
+    _, result = make_teacher(run.params, run.data_for(run.params.teacher.train), run.paths, run.device,
                              run.teacher_fingerprint(), on_epoch=on_epoch)
     metrics = {"test_accuracy": result.test_accuracy, "epochs": len(result.history),
                "model": teacher_name(run.params.teacher)}
     if is_main():
         history = pd.DataFrame(result.history, columns=None if result.history else HISTORY_COLUMNS)
-        write_csv(out / "history.csv", history)  # a teacher taken as it is: the header alone
-        write_json(out / "metrics.json", metrics)
+        write_csv(run.paths.teacher_history, history)  # a teacher taken as it is: the header alone
+        write_json(run.paths.teacher_metrics, metrics)
     return metrics
