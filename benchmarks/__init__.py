@@ -1,1 +1,1 @@
-import flows  # noqa: F401 - the application's schema: params files hold the pipeline's sections too
+import flows.app  # noqa: F401 - the application: its environment, and params files hold the pipeline's sections too

@@ -195,10 +195,13 @@ def _report_rounds(rows: list[dict], outputs: Path) -> None:
 
 
 def _add_plugins() -> None:
-    """What other installed packages add: sections of params.yaml (entry points of the group `dna.sections`, such as
-    the pipeline's tracking and orchestration settings) and commands (`dna.commands`, each a function)."""
+    """What other installed packages add: their set-up of the process (entry points of the group `dna.setup`, each a
+    function called first, such as the pipeline's environment defaults), sections of params.yaml (`dna.sections`,
+    such as the pipeline's tracking and orchestration settings) and commands (`dna.commands`, each a function)."""
     from dna.config import use_sections
 
+    for entry in entry_points(group="dna.setup"):
+        entry.load()()
     use_sections({entry.name: entry.load() for entry in entry_points(group="dna.sections")})
     for entry in entry_points(group="dna.commands"):
         app.command(entry.name)(guarded(entry.load()))

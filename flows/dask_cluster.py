@@ -4,6 +4,10 @@ block runs alone on its worker's GPU. Before any block is submitted, the cluster
 that no connected worker can meet stops the flow instead of leaving its tasks waiting for ever."""
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 from collections.abc import Mapping
 
 import dask

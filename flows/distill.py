@@ -10,6 +10,10 @@ Writes outputs/distill/ (checkpoints, histories, feature cache, curves/) and out
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import json
 import os
 import shutil

@@ -9,6 +9,10 @@ its metrics; plus DVC's plots. Nothing in these files is written by hand: a new 
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import argparse
 from pathlib import Path
 

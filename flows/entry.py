@@ -6,6 +6,10 @@ server), then runs the step's flow, which takes that checked config over instead
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import argparse
 import contextlib
 import json

@@ -5,6 +5,10 @@ digest of the model.onnx it holds, for the register stage), after removing the p
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import json
 
 from prefect import flow

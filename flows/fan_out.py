@@ -10,6 +10,10 @@ each job gets an equal share of this machine's cores.
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import contextlib
 import os
 import threading

@@ -15,6 +15,10 @@ API can set a run's parameters.
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import argparse
 import contextlib
 import json

@@ -10,6 +10,10 @@ predictor.json).
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 

@@ -17,6 +17,10 @@ lets us bind is bound to loopback: the dashboard, which is also off.
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import os
 import secrets
 from collections.abc import Mapping, MutableMapping

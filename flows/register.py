@@ -11,6 +11,10 @@ Writes outputs/register/<target>/registration.json (version, aliases, the promot
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import json
 from pathlib import Path
 

@@ -9,6 +9,10 @@ version that does not qualify, and champion stays where it is. Consumers load `m
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import hashlib
 import json
 import math

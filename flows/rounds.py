@@ -13,6 +13,10 @@ Writes <outputs>/rounds.json (every round's teacher, network, accuracy and cost,
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 from pathlib import Path
 
 import yaml

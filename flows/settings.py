@@ -1,7 +1,7 @@
 """The sections of params.yaml that the pipeline owns, not the method: MLflow tracking and orchestration.
 
-The flows add them to the schema when the package is imported (flows/__init__.py: `use_sections(SECTIONS)`), and the
-`dna` command through the `dna.sections` entry points in pyproject.toml, so a params file is still validated whole,
+The flows add them to the schema when a flows entry point sets the application up (flows/app.py), and the `dna`
+command through the `dna.sections` entry points in pyproject.toml, so a params file is still validated whole,
 in one place, before any work; the method itself (dna/) neither reads nor imports them.
 """
 from __future__ import annotations

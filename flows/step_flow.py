@@ -10,6 +10,10 @@ A new stage so needs only its table entry and its function.
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import json
 import sys
 from pathlib import Path

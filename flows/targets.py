@@ -6,6 +6,10 @@ nothing.
 """
 from __future__ import annotations
 
+import flows.app  # noqa: F401 - first: the environment before Prefect and MLflow read it, and the schema
+
+# isort: split
+
 import contextlib
 import fcntl
 import os

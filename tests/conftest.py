@@ -15,7 +15,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import flows  # noqa: E402,F401 - the application's schema: params.yaml's mlflow and orchestration sections
+import flows.app  # noqa: E402,F401 - the application: its environment, then params.yaml's mlflow and orchestration sections
 
 
 def tiny_raw(outputs: Path) -> dict:
