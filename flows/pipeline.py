@@ -55,6 +55,18 @@ def working_directory(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
+@contextlib.contextmanager
+def without_heartbeats() -> Iterator[None]:
+    """The steps' flow runs (started inside, in this thread and in the tasks it submits to threads) send no heartbeats
+    of their own: the end of every flow run waits for its heartbeat thread, which sleeps in steps of a second, so each
+    step took about half a second more. The pipeline flow keeps its heartbeat, which a zombie-flow automation watches;
+    its steps run in its process and cannot outlive it."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def _has_key(raw: dict, dotted: str) -> bool:
     node = raw
     for part in dotted.split("."):
@@ -199,7 +211,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
     order = [*table.STEPS, *(s for s in table.OPTIONAL_STEPS if s.name == "rounds" and params.rounds.count > 1)]
     status = dvc_stages.Snapshot(root, pipeline_files(params.rounds.count))
     with working_directory(root), stage_run(params, "pipeline", logged, root=root, active=False) as (mlrun, _), \
-            nested_under(mlrun.run_id):
+            nested_under(mlrun.run_id), without_heartbeats():
         mlrun.tags({"dna.dvc_command": shown})
         for segment in segments(order):
             if segment[0].per_target:  # each target's chain, fanned out

@@ -211,3 +211,31 @@ def test_every_step_logs_the_params_it_declares_even_none():
         logged = stage_params(params, step.name)
         assert {key.split(".")[0] for key in logged} == {key.split(".")[0] for key in step.params}, step.name
     assert stage_params(params, "figures") == {}
+
+
+def test_the_steps_flow_runs_send_no_heartbeats_of_their_own_and_the_pipelines_does(prefect_api):
+    """Each flow run's end waits for its heartbeat thread (up to a second): the steps, run inside the pipeline flow
+    and in the tasks it fans out to threads, do without one; the pipeline flow keeps its own."""
+    from prefect import flow, task
+    from prefect.settings import get_current_settings
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import without_heartbeats
+
+    @flow
+    def step() -> int | None:
+        return get_current_settings().flows.heartbeat_frequency
+
+    @task
+    def chain() -> int | None:
+        return step()
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def pipeline() -> list:
+        own = get_current_settings().flows.heartbeat_frequency
+        with without_heartbeats():
+            return [own, step(), chain.submit().result()]
+
+    own, in_process, in_a_thread = pipeline()
+    assert own == get_current_settings().flows.heartbeat_frequency and own is not None
+    assert in_process is None and in_a_thread is None
