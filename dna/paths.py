@@ -3,6 +3,7 @@
 stage's metrics file. A light module: reading results needs no torch."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from dna.stages import STAGES, Stage
 DEFAULT_TARGET = "default"  # the one target of search.budgets
 
 
-def templates(table: tuple[Stage, ...] = STAGES) -> dict[str, str]:
+def templates(table: Iterable[Stage] = STAGES) -> dict[str, str]:
     """Every name the table gives a file or folder, with its path under `outputs` ("{target}", "{block}" unfilled)."""
     out: dict[str, str] = {}
     for stage in table:

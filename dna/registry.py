@@ -1,6 +1,7 @@
-"""One registry helper for every plugin surface (search spaces, block supervisions, architecture families): named
-entries of one kind, the built-in ones imported only when first asked for (they import torch), each registered once.
-A new entry is one module that registers itself (`@SPACES.register("name")`, or `register(name, entry)`)."""
+"""One registry helper for every plugin surface (search spaces, block supervisions, architecture families, the
+stages): named entries of one kind, the built-in ones imported only when first asked for (they import torch), each
+registered once. A new entry is one module that registers itself (`@SPACES.register("name")`, or `register(name,
+entry)`); a stage is an entry of the table in dna/stages/__init__.py."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -53,6 +54,15 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._entries
+
+    def __iter__(self) -> Iterator[T]:
+        """The entries in the order they were registered (the stage table's: run order)."""
+        self._load()
+        return iter(list(self._entries.values()))
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)
 
     @contextmanager
     def scoped(self) -> Iterator[Registry[T]]:

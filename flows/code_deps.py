@@ -96,7 +96,7 @@ def command_modules(command: str) -> list[str]:
     from dna.stages import STAGES, later_round_stages
 
     program, name, *_ = [*command.split(), ""]  # `dna <name> [options]`
-    stage = next((s for s in STAGES if s.name == name), None)
+    stage = STAGES.get(name) if name in STAGES else None
     if program == "dna" and stage is not None:
         ran = (stage, *(later_round_stages(STAGES) if stage.runs_default_stages else ()))
         functions = [spec.partition(":")[0] for s in ran for spec in (s.function, s.prepare, s.context) if spec]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,7 +54,7 @@ class Step:
         return at_target(self, target)
 
 
-def steps_of(table: tuple[Stage, ...] = STAGE_TABLE, default: bool = True) -> list[Step]:
+def steps_of(table: Iterable[Stage] = STAGE_TABLE, default: bool = True) -> list[Step]:
     """The steps of a stage table: its stages grouped by step, then registration; or (default=False) the steps run
     only when asked, each with a dvc.yaml of its own (<step>/dvc.yaml), so that `dvc repro` leaves them out."""
     out = []
@@ -87,7 +87,7 @@ def registration(paths) -> Path:
     return paths.root / REGISTER.at(paths.target).metrics
 
 
-def _derived(table: tuple[Stage, ...]) -> dict:
+def _derived(table: Iterable[Stage]) -> dict:
     steps = steps_of(table)
     return {"STEPS": steps,
             "OPTIONAL_STEPS": steps_of(table, default=False),  # e.g. rank: dvc repro rank/dvc.yaml

@@ -35,9 +35,27 @@ def test_scoped_entries_are_gone_after_the_block_and_on_register_sees_each():
     ("dna.spaces", "SPACES", {"mbconv", "vit", "hybrid"}),
     ("dna.supervision", "SUPERVISIONS", {"teacher", "ssl"}),
     ("dna.arch_families", "FAMILIES", {"efficientnet"}),
+    ("dna.stages", "STAGES", {"data", "teacher", "distill", "rate", "search", "retrain", "export", "rank", "rounds"}),
 ])
 def test_every_plugin_surface_is_a_registry_with_its_built_ins(module, name, kinds):
     import importlib
 
     registry = getattr(importlib.import_module(module), name)
     assert isinstance(registry, Registry) and kinds <= set(registry.names())
+
+
+def test_the_stage_table_keeps_run_order_and_refuses_an_entry_its_readers_could_not_take():
+    from dna.stages import STAGES, Stage
+
+    assert [s.name for s in STAGES][:3] == ["data", "teacher", "distill"] and len(STAGES) == len(STAGES.names())
+    with STAGES.scoped():
+        late = Stage("late", "", "m:f", (), ("late/out.json",))
+        STAGES.register("late", late)
+        assert list(STAGES)[-1] is late  # a stage registered later runs last
+        with pytest.raises(ValueError, match=r"stage 'data' is already registered"):
+            STAGES.register("data", late)
+        with pytest.raises(ValueError, match=r"stage 'odd': registered as 'other'; both per block and per target; "
+                                             r"checkpoints \['state.pt'\] not among its outputs"):
+            STAGES.register("other", Stage("odd", "", "m:f", (), ("out",), checkpoints=("state.pt",), per_block=True,
+                                           per_target=True))
+    assert "late" not in STAGES

@@ -2,16 +2,19 @@
 
 The `dna` command's stage commands, `dna run`'s order and report, and (through flows/steps.py) the Prefect flows,
 the MLflow metric files, the pipeline report and the checks of dvc.yaml all come from this table. Adding a stage is
-one entry here plus its function. A stage's function is named as "module:attribute" and imported only when the
+one entry here plus its function; the table is a dna.registry.Registry like the other plugin surfaces, in run
+order. A stage's function is named as "module:attribute" and imported only when the
 stage runs, so reading the table costs no imports.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Callable
+
+from dna.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,22 @@ def _attribute(spec: str) -> Callable:
 
 PLAIN, WITH_SPACE = "dna.context:Context", "dna.spaces.context:SpaceContext"  # the narrower Stage.context
 
-STAGES: tuple[Stage, ...] = (
+def _well_formed(name: str, stage: Stage) -> None:
+    """What the table's readers take for granted of an entry: its own name, one fan-out, and that what it resumes
+    from and the reports it writes are among its outputs."""
+    problems = [f"registered as {name!r}"] if stage.name != name else []
+    if stage.per_block and stage.per_target:
+        problems.append("both per block and per target")
+    for kind, given in (("checkpoints", stage.checkpoints), ("reports", stage.reports)):
+        if outside := sorted(set(given) - set(stage.outputs)):
+            problems.append(f"{kind} {outside} not among its outputs")
+    if problems:
+        raise ValueError(f"stage {stage.name!r}: {'; '.join(problems)}")
+
+
+# The one table, in run order: `STAGES.register(stage.name, stage)` adds an entry after these.
+STAGES: Registry[Stage] = Registry("stage", "stage", on_register=_well_formed)
+for _stage in (
     Stage("data", "Make the fixed train / rate / test splits.", "dna.stages.data:stage_data",
           ("seed", "data"), ("data/splits.json",), metrics="data/metrics.json",
           headline=("train_images", "rate_images", "test_images", "num_classes"), context=PLAIN,
@@ -187,7 +205,8 @@ STAGES: tuple[Stage, ...] = (
            "export", "rounds"), ("rounds",), metrics="rounds.json", headline=("best_round", "best_test_accuracy"),
           default=False, inputs=("search/targets", "targets"), checkpoints=("rounds",),
           runs_default_stages=True, named={"rounds_dir": "rounds"}),
-)
+):
+    STAGES.register(_stage.name, _stage)
 
 
 def run_stage(stage: Stage, run, blocks: list[int] | None = None, targets: list[str] | None = None) -> list:
@@ -224,7 +243,7 @@ def run_stage(stage: Stage, run, blocks: list[int] | None = None, targets: list[
 MODEL_SECTIONS = ("teacher", "space", "supervision", "search")
 
 
-def step_keys(stage: Stage, table: tuple[Stage, ...] = STAGES) -> tuple[str, ...]:
+def step_keys(stage: Stage, table: Iterable[Stage] = STAGES) -> tuple[str, ...]:
     """The params keys of the stage's pipeline step (every stage that runs with it)."""
     return tuple(dict.fromkeys(k for s in table if s.pipeline_step == stage.pipeline_step for k in s.params))
 
@@ -237,17 +256,17 @@ def checks(keys: tuple[str, ...], makes_profile: bool = False) -> dict[str, bool
             "check_profile": not makes_profile}
 
 
-def default_stages(table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
+def default_stages(table: Iterable[Stage] = STAGES) -> tuple[Stage, ...]:
     """The stages of `dna run` and of the default pipeline, in run order."""
     return tuple(s for s in table if s.default)
 
 
-def later_round_stages(table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
+def later_round_stages(table: Iterable[Stage] = STAGES) -> tuple[Stage, ...]:
     """The stages of a DNA+ round after the first: the default stages but those that only draw pictures."""
     return tuple(s for s in default_stages(table) if not s.pictures)
 
 
-def steps(table: tuple[Stage, ...] = STAGES, default: bool = True) -> dict[str, list[Stage]]:
+def steps(table: Iterable[Stage] = STAGES, default: bool = True) -> dict[str, list[Stage]]:
     """The stages grouped into pipeline steps (each a DVC stage and a Prefect flow), in run order: those of the
     default pipeline, or (default=False) those run only when asked."""
     out: dict[str, list[Stage]] = {}

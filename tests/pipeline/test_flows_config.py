@@ -42,7 +42,7 @@ def test_dvc_yaml_is_the_stage_table_steps_in_order_with_their_params_outputs_an
         assert _paths(stage.get("metrics", [])) == ({f"${{outputs}}/{keyed.metrics}"} if step.metrics else set())
 
 
-def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
+def test_a_new_stage_is_one_table_entry_plus_its_function():
     from dna.stages import Stage
     from flows.dvc_files import default_file
     from flows.step_flow import step_flow
@@ -60,8 +60,9 @@ def test_a_new_stage_is_one_table_entry_plus_its_function(monkeypatch):
     # persists); its Prefect flow is the generic step flow (no flows/calibrate.py)
     with pytest.raises(ValueError, match="'dna calibrate': not a `dna` stage command"):
         default_file(steps)  # a command the table does not have
-    monkeypatch.setattr("dna.stages.STAGES", (*TABLE, extra))
-    stage = yaml.safe_load(default_file(steps))["stages"]["calibrate"]
+    with TABLE.scoped():
+        TABLE.register("calibrate", extra)
+        stage = yaml.safe_load(default_file(steps))["stages"]["calibrate"]
     assert stage["cmd"] == "dna calibrate" and "${outputs}/search/targets.csv" in stage["deps"]
     assert "dna/pipeline.py" in stage["deps"] and stage["deps"][0] == "dna/cli.py"  # its function's module, and `dna`
     assert new.flow().func is step_flow and new.flow().args == ("calibrate",)

@@ -432,7 +432,7 @@ def test_a_new_stage_is_one_module_plus_one_table_entry_and_runs_through_the_flo
     (repo / "dna" / "stages" / "calibrate.py").write_text(NEW_STAGE_MODULE)
     table = repo / "dna" / "stages" / "__init__.py"
     text = table.read_text()
-    end = text.index("\n)\n", text.index("STAGES: tuple[Stage, ...] = (")) + 1
+    end = text.index("\n):\n    STAGES.register", text.index("for _stage in (")) + 1
     table.write_text(text[:end] + NEW_STAGE_ENTRY + text[end:])
     env = {**os.environ, "PYTHONPATH": str(repo), "PREFECT_API_URL": prefect_api}  # the copy's dna, not this one
 
