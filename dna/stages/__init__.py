@@ -1,10 +1,10 @@
 """The one table of stages: what each reads, runs and writes, in run order.
 
 The `dna` command's stage commands, `dna run`'s order and report, and (through flows/steps.py) the Prefect flows,
-the MLflow metric files, the pipeline report and the checks of dvc.yaml all come from this table. Adding a stage is
-one entry here plus its function; the table is a dna.registry.Registry like the other plugin surfaces, in run
-order. A stage's function is named as "module:attribute" and imported only when the
-stage runs, so reading the table costs no imports.
+the MLflow metric files, the pipeline report, the checks of dvc.yaml and the run's file layout (dna/paths.py) all
+come from this table. Adding a stage is one entry here plus its function; the table is a dna.registry.Registry like
+the other plugin surfaces, in run order. A stage's function is named as "module:attribute" and imported only when
+the stage runs, so reading the table costs no imports.
 """
 from __future__ import annotations
 
