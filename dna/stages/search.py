@@ -47,7 +47,7 @@ def stage_search(run: SpaceContext) -> dict:
     from dna.spaces.base import Candidates
 
     require(run.space, "networks", "the search (it writes the chosen network)")
-    p, out = run.params.search, run.paths.search_dir
+    p = run.params.search
     ratings = [pd.read_csv(needed(run.paths.rating(b), "rate"), dtype={"path": str})
                for b in range(run.space.num_blocks)]
     predictor = predictor_of(run) if p.combine == "predictor" else None
@@ -66,11 +66,8 @@ def stage_search(run: SpaceContext) -> dict:
     table["chosen"] = [sel.rows == primary.rows for sel in front]
     table["targets"] = [" ".join(n for n, c in chosen.items() if c.rows == sel.rows) for sel in front]
     family = targets_table(run, chosen, stages)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, selection in chosen.items():
-        arch = choice_of(run.space, stages, selection.rows)
-        run.paths.at(name).arch.parent.mkdir(parents=True, exist_ok=True)
-        arch.save(run.paths.at(name).arch)
+    for name, selection in chosen.items():  # every write below makes its folders
+        choice_of(run.space, stages, selection.rows).save(run.paths.at(name).arch)
     write_csv(run.paths.front, table)
     write_csv(run.paths.targets_table, family)
     costs_shown = [c for c in ("params", "macs", "latency_ms") if c in family.columns]

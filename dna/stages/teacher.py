@@ -23,8 +23,7 @@ def stage_teacher(run: Context, on_epoch: EpochHook = None) -> dict:
 
     from dna.teacher import make_teacher, teacher_name
 
-    out = run.paths.teacher_dir
-    out.mkdir(parents=True, exist_ok=True)
+    run.paths.teacher_dir.mkdir(parents=True, exist_ok=True)
     if run.params.teacher.source == "none":  # DNA++: no teacher is built, trained or downloaded
         metrics = {"test_accuracy": None, "epochs": 0, "model": None}
         if is_main():  # teacher.pt records that there is none (what the distill stage depends on in DVC)
