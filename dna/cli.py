@@ -223,7 +223,7 @@ def space(params: Path = ParamsOpt, set_: list[str] = SetOpt):
     """Per block: its cells, candidates per cell and per block, and the size of the whole space."""
     cfg = _load(params, set_, deep=False)
     s = _space(cfg)
-    table = Table(title=f"search space ({len(cfg.space.ops)} ops per layer)")
+    table = Table(title=f"search space ({len(s.ops)} ops per layer)")
     for col in ("block", "stride", "cells (depth x width [stride at layer]: candidates)", "candidates"):
         table.add_column(col)
     for b in range(s.num_blocks):

@@ -24,7 +24,6 @@ from dna.paths import DEFAULT_TARGET
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
-DEFAULT_OPS = [f"ir_k{k}_e{e}_se0.25" for e in (3, 6) for k in (3, 5, 7)]
 
 
 def deep_checks(info: ValidationInfo) -> bool:
@@ -330,54 +329,29 @@ class BlockConfig(Strict):
         return [(d, w) for w in self.widths for d in self.depths]
 
 
-class SpaceConfig(Strict):
-    """The search space: `kind` picks one registered in dna.spaces, which reads the other keys its own way and
-    checks them (the MBConv space and its transformer and hybrid kinds: stem and head widths, a fixed first stage, the
-    ops of a layer, the join before a transformer layer, the blocks)."""
+def kind_options(section: str, model: type[BaseModel], given: dict, context: dict | None = None) -> BaseModel:
+    """A section's keys beside `kind`, validated by the kind's options model; ValueError naming each wrong key."""
+    try:
+        return model.model_validate(given, context=context)
+    except ValidationError as exc:
+        def describe(e: dict) -> str:
+            key = ".".join([section, *map(str, e["loc"])])
+            if e["type"] == "extra_forbidden":
+                return f"{key}: unknown key; allowed keys here: kind, blocks, {', '.join(sorted(model.model_fields))}"
+            msg = e["msg"].removeprefix("Value error, ")
+            return msg if msg.startswith(section) else f"{key}={e.get('input')!r}: {msg}"
 
+        raise ValueError("; ".join(describe(e) for e in exc.errors())) from None
+
+
+class SpaceConfig(Fingerprinted):
+    """The search space: `kind` picks one registered in dna.spaces, `blocks` are its searched blocks, and every
+    other key is the kind's own option, checked against its space class's `Options` model (the MBConv kinds: stem and
+    head widths, a fixed first stage, the ops of a layer, the join before a transformer layer)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     kind: str = "mbconv"
-    stem: Annotated[int, Field(ge=8, multiple_of=8)] = 32
-    first_stage: list[str] = ["ds_r1_k3_s1_c16_se0.25"]
-    head: Annotated[int, Field(ge=8)] = 256
-    ops: list[str] = DEFAULT_OPS
-    join: str = "cn_k3"  # the layer before a transformer op that changes stride or width (dna.spaces.layer_ops)
     blocks: list[BlockConfig]
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, kind: str, info: ValidationInfo) -> str:
-        if not deep_checks(info):
-            return kind
-        from dna.spaces import space_class
-
-        space_class(kind)
-        return kind
-
-    @field_validator("ops")
-    @classmethod
-    def _ops(cls, ops: list[str]) -> list[str]:
-        if not ops:
-            raise ValueError("space.ops must list at least one op")
-        if len(set(ops)) != len(ops):
-            raise ValueError(f"space.ops lists an op twice: {ops}")
-        return ops
-
-    @field_validator("first_stage")
-    @classmethod
-    def _first_stage(cls, strings: list[str], info: ValidationInfo) -> list[str]:
-        if not strings:
-            raise ValueError("space.first_stage must list at least one timm block string, e.g. ds_r1_k3_s1_c16_se0.25")
-        if not deep_checks(info):
-            return strings
-        from timm.models._efficientnet_builder import _decode_block_str
-
-        for s in strings:
-            try:
-                _decode_block_str(s)
-            except Exception:
-                raise ValueError(f"space.first_stage: {s!r} is not a full timm block string "
-                                 "(type, r, k, s, c, e.g. ds_r1_k3_s1_c16_se0.25)") from None
-        return strings
 
     @field_validator("blocks")
     @classmethod
@@ -385,6 +359,35 @@ class SpaceConfig(Strict):
         if not blocks:
             raise ValueError("space.blocks must list at least one block (the search space is empty)")
         return blocks
+
+    @property
+    def options(self) -> BaseModel:
+        """The kind's options, validated (this imports the kind's space)."""
+        try:
+            return self._options()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _options(self, context: dict | None = None) -> BaseModel:
+        from dna.spaces import space_class
+
+        return kind_options("space", space_class(self.kind).Options, dict(self.model_extra or {}), context)
+
+    def _kind_options(self, info) -> dict:
+        return self.options.model_dump(mode=info.mode, context=info.context)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_keys(cls, data, info: ValidationInfo):
+        """The kind's keys checked, and held with their defaults (a space equals itself dumped and loaded again)."""
+        if not deep_checks(info) or not isinstance(data, dict):
+            return data
+        from dna.spaces import space_class
+
+        kind = data.get("kind", cls.model_fields["kind"].default)
+        given = {k: v for k, v in data.items() if k not in cls.model_fields}
+        options = kind_options("space", space_class(kind).Options, given, info.context)
+        return {k: v for k, v in data.items() if k in cls.model_fields} | options.model_dump()
 
     @model_validator(mode="after")
     def _buildable(self, info: ValidationInfo) -> SpaceConfig:

@@ -23,7 +23,8 @@ FIRST_KEYS: dict[str, frozenset[str]] = {name: frozenset(keys) for name, keys in
     "RetrainConfig": ("init", "kd_alpha", "kd_temperature", "train"),
     "RoundsConfig": ("count",),
     "SearchConfig": ("budgets", "front_axis"),
-    "SpaceConfig": ("blocks", "first_stage", "head", "join", "kind", "ops", "stem"),
+    "MBConvOptions": ("first_stage", "head", "join", "ops", "stem"),  # were SpaceConfig's, before kinds had options
+    "SpaceConfig": ("blocks", "kind"),
     "SposConfig": ("epochs", "label_smoothing", "lr", "optimizer", "weight_decay"),
     "SslOptions": ("crop_scale", "ensemble", "momentum", "momentum_schedule", "predictor", "rating_target",
                    "rating_views"),
@@ -37,13 +38,20 @@ class Fingerprinted(BaseModel):
     """A config section (its first keys: those of the nearest class in its MRO that FIRST_KEYS names) whose dump in a
     fingerprint (`model_dump(context={"fingerprint": True})`, as
     dna.checkpoint.digest makes it) leaves out its keys added since FIRST_KEYS at their defaults, and the keys that
-    change no result (`unfingerprinted_keys`: how, not what)."""
+    change no result (`unfingerprinted_keys`: how, not what). A section whose other keys are its kind's options
+    dumps them as the kind's options model does (`_kind_options`), defaults included."""
 
     unfingerprinted_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _kind_options(self, info: SerializationInfo) -> dict | None:
+        return None
 
     @model_serializer(mode="wrap")
     def _dump(self, handler, info: SerializationInfo) -> dict:
         out = handler(self)
+        options = self._kind_options(info)
+        if options is not None:
+            out = {k: v for k, v in out.items() if k not in (self.model_extra or {})} | options
         if not (info.context or {}).get("fingerprint"):
             return out
         first = next((FIRST_KEYS[c.__name__] for c in type(self).__mro__ if c.__name__ in FIRST_KEYS), frozenset())

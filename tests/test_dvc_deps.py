@@ -4,6 +4,7 @@ class of run that has what it reads (dna.context), so the data stage does not de
 teacher on the search. (tests/pipeline/test_flows_entry.py checks them against what a stage's process imports.)"""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,9 @@ def test_the_schema_imports_inside_its_functions_only_to_check():
     """dna/config.py's imports inside functions are its validators' (or of a helper only its validators call): no
     stage calls them to decide what it writes, so flows/code_deps.py leaves them out of every stage (SCHEMA). The one
     validator that fills a value, an arch teacher's default teacher.boundaries, computes it with dna/spaces/base.py,
-    which every stage whose code reads the boundaries depends on."""
+    which every stage whose code reads the boundaries depends on. The one accessor, the space kind's options
+    (`SpaceConfig.options`, and the fingerprint's dump of them), imports dna.spaces, which every stage whose code
+    reads the options depends on."""
     import ast
 
     tree = ast.parse((ROOT / "dna" / "config.py").read_text())
@@ -121,7 +124,8 @@ def test_the_schema_imports_inside_its_functions_only_to_check():
     importing = {f.name for f in functions if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(f))}
     callers = {name: {f.name for f in functions for n in ast.walk(f) if isinstance(n, ast.Call)
                       and ast.unparse(n.func).split(".")[-1] == name} for name in importing - validators}
-    assert callers and all(found and found <= validators for found in callers.values()), callers
+    accessors = {"options"}  # a property: read as `.options`, not called
+    assert callers and all(found and found <= validators | accessors for found in callers.values()), callers
     for path in [*(ROOT / "dna").rglob("*.py"), *(ROOT / "flows").glob("*.py")]:
         if path.name != "config.py":
             called = {ast.unparse(n.func).split(".")[-1] for n in ast.walk(ast.parse(path.read_text()))
@@ -134,4 +138,7 @@ def test_the_schema_imports_inside_its_functions_only_to_check():
         reading = [f for f in deps if f not in ("dna/config.py", "dna/stages/__init__.py")
                    and ".boundaries" in (ROOT / f).read_text()]
         assert not reading or "dna/spaces/base.py" in deps, (name, reading)
+        options = [f for f in deps if f != "dna/config.py"
+                   and re.search(r"(space|cfg)\.options\b", (ROOT / f).read_text())]
+        assert not options or "dna/spaces/__init__.py" in deps, (name, options)
     assert "dna/spaces/base.py" in code_deps(["dna distill"])

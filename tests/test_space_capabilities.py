@@ -23,7 +23,7 @@ class PlainSpace(SpaceBase):
     """Conv-BatchNorm-ReLU layers (the tiny space's), offered without block supernets: what each capability asks of
     a kind is the tiny space's own functions, taken one capability at a time."""
 
-    check_config = TinySpace.check_config
+    Options = TinySpace.Options
     __init__ = TinySpace.__init__
     # cells
     cells, candidates, in_widths, block_resolutions = (TinySpace.cells, TinySpace.candidates, TinySpace.in_widths,

@@ -10,6 +10,7 @@ import itertools
 import re
 
 import torch
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from dna.arch import Arch
@@ -43,18 +44,32 @@ class TinyNet(nn.Module):
         return self.head(x)
 
 
-@SPACES.register("tiny")
-class TinySpace(SpaceBase):
+class TinyOptions(BaseModel):
+    """The tiny kind's own keys of the space section: no first stage, no join."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stem: int = 8
+    head: int = 8
+    ops: list[str] = ["conv_k1", "conv_k3"]
+
+    @field_validator("ops")
     @classmethod
-    def check_config(cls, cfg: SpaceConfig) -> None:
-        for op in cfg.ops:
+    def _ops(cls, ops: list[str]) -> list[str]:
+        for op in ops:
             if not OP.fullmatch(op):
                 raise ValueError(f"space.ops: {op!r} is not an op of the tiny space (conv_k1, conv_k3, ...)")
+        return ops
+
+
+@SPACES.register("tiny")
+class TinySpace(SpaceBase):
+    Options = TinyOptions
 
     def __init__(self, cfg: SpaceConfig, in_chans: int, image_size: int, num_classes: int):
         self.cfg, self.in_chans, self.image_size, self.num_classes = cfg, in_chans, image_size, num_classes
-        self.ops = list(cfg.ops)
-        self.kernels = [int(OP.fullmatch(op).group(1)) for op in cfg.ops]
+        self.options: TinyOptions = cfg.options
+        self.ops = list(self.options.ops)
+        self.kernels = [int(OP.fullmatch(op).group(1)) for op in self.ops]
         self.num_blocks = len(cfg.blocks)
 
     def cells(self, block: int) -> list[Cell]:
@@ -64,7 +79,7 @@ class TinySpace(SpaceBase):
         return itertools.product(range(len(self.ops)), repeat=cell.depth)
 
     def in_widths(self, block: int) -> list[int]:
-        return [self.cfg.stem] if block == 0 else sorted({c.width for c in self.cells(block - 1)})
+        return [self.options.stem] if block == 0 else sorted({c.width for c in self.cells(block - 1)})
 
     def block_resolutions(self) -> list[int]:
         sizes = [(self.image_size - 1) // 2 + 1]
@@ -76,13 +91,14 @@ class TinySpace(SpaceBase):
     def arch(self, choice: Choice) -> Arch:
         stages = [tuple(f"cn_r1_k{self.kernels[o]}_s{self._stride(c.block, i)}_c{c.width}" for i, o in enumerate(ops))
                   for c, ops in choice]
-        return Arch(stem=self.cfg.stem, stages=tuple(stages), head=self.cfg.head)
+        return Arch(stem=self.options.stem, stages=tuple(stages), head=self.options.head)
 
     def _stride(self, block: int, position: int) -> int:
         return self.cfg.blocks[block].stride if position == 0 else 1
 
     def membership(self, arch: Arch) -> list[tuple[bool, str]]:
-        out = [(arch.stem == self.cfg.stem, f"stem: {arch.stem}"), (arch.head == self.cfg.head, f"head: {arch.head}"),
+        opts = self.options
+        out = [(arch.stem == opts.stem, f"stem: {arch.stem}"), (arch.head == opts.head, f"head: {arch.head}"),
                (len(arch.stages) == self.num_blocks, f"{len(arch.stages)} stages")]
         for block, layers in enumerate(arch.stages[: self.num_blocks]):
             found = [LAYER.fullmatch(s) for s in layers]
@@ -104,7 +120,7 @@ class TinySpace(SpaceBase):
         return choice
 
     def build(self, arch: Arch, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
-        choice, width = self.parse(arch), self.cfg.stem
+        choice, width = self.parse(arch), self.options.stem
         blocks = []
         for cell, ops in choice:
             blocks.append([self._layer(cell, i, op, width if i == 0 else cell.width) for i, op in enumerate(ops)])
@@ -123,7 +139,7 @@ class TinySpace(SpaceBase):
 
     def build_cell(self, cell: Cell, in_chs: int, target_chs: int) -> CellSupernet:
         layers = [[self._stem()]] if cell.block == 0 else []
-        chs = self.cfg.stem if cell.block == 0 else in_chs
+        chs = self.options.stem if cell.block == 0 else in_chs
         for i in range(cell.depth):
             layers.append([self._layer(cell, i, op, chs) for op in range(len(self.ops))])
             chs = cell.width
@@ -132,7 +148,7 @@ class TinySpace(SpaceBase):
 
     # pieces
     def _stem(self) -> nn.Module:
-        return conv_bn_relu(self.in_chans, self.cfg.stem, 3, 2)
+        return conv_bn_relu(self.in_chans, self.options.stem, 3, 2)
 
     def _layer(self, cell: Cell, position: int, op: int, in_chs: int) -> nn.Module:
         return conv_bn_relu(in_chs, cell.width, self.kernels[op], self._stride(cell.block, position))
@@ -141,7 +157,7 @@ class TinySpace(SpaceBase):
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_width, self.num_classes))
 
     def stem_piece(self) -> Piece:
-        return Piece("stem", -1, 0, -1, "stem", self.in_chans, self.cfg.stem, 2, self.image_size)
+        return Piece("stem", -1, 0, -1, "stem", self.in_chans, self.options.stem, 2, self.image_size)
 
     def layer_pieces(self, cell: Cell, ops: Ops, in_width: int) -> list[Piece]:
         sizes = self.block_resolutions()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from dna.arch import Arch, count_cost
@@ -230,9 +231,11 @@ class Candidates:
 @runtime_checkable
 class SpaceCells(Protocol):
     """What a space's candidates are: its blocks' cells, each cell's candidates (one op per layer), the widths a
-    block's input may have and the resolutions of the blocks' inputs."""
+    block's input may have and the resolutions of the blocks' inputs; `Options` validates the kind's own keys of the
+    space section (all but kind and blocks)."""
 
     kind: str
+    Options: type[BaseModel]
     cfg: SpaceConfig
     in_chans: int
     image_size: int
@@ -327,6 +330,10 @@ class SpaceBase:
 
     num_blocks: int
     ops: list[str]
+
+    @classmethod
+    def check_config(cls, cfg: SpaceConfig) -> None:
+        """What the kind's options model cannot check alone (e.g. its options against the blocks); nothing here."""
 
     def outside(self, arch: Arch) -> list[str]:
         """Where an architecture leaves this space; empty when it is a member."""

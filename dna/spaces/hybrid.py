@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 class HybridSpace(MBConvSpace):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:
-        kinds = {is_attention(op) for op in cfg.ops}
+        ops = cfg.options.ops
+        kinds = {is_attention(op) for op in ops}
         if kinds != {True, False}:
-            raise ValueError(f"space.ops: {cfg.ops} are all {'transformer' if True in kinds else 'convolutional'} "
+            raise ValueError(f"space.ops: {ops} are all {'transformer' if True in kinds else 'convolutional'} "
                              "ops; a space of kind hybrid mixes both, e.g. [ir_k3_e4, ir_k5_e4, mha_h2_e2]")
         super().check_config(cfg)

@@ -6,34 +6,78 @@ from __future__ import annotations
 
 import itertools
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Annotated, Iterator
 
 import torch
+from pydantic import ConfigDict, Field, field_validator
 from timm.layers import create_classifier, create_conv2d, get_act_layer, get_norm_act_layer
 from timm.models._efficientnet_builder import _decode_block_str
 from torch import nn
 
 from dna.arch import ACT, DEFAULT_SETTINGS, Arch, build_layers, count_cost, expand_repeats
 from dna.arch_families import DEFAULT_FAMILY
+from dna.fingerprint_keys import Fingerprinted
 from dna.spaces.base import Cell, CellSupernet, Choice, Extraction, Ops, Piece, SpaceBase, block_stages, extract_pairs
 from dna.spaces.layer_ops import attention_parts, check_op, is_attention, layer_string, op_layers, op_module
 
 if TYPE_CHECKING:
     from dna.config import SpaceConfig
 
-__all__ = ["MBConvSpace", "check_op", "layer_string"]
+__all__ = ["MBConvOptions", "MBConvSpace", "check_op", "layer_string"]
+
+DEFAULT_OPS = [f"ir_k{k}_e{e}_se0.25" for e in (3, 6) for k in (3, 5, 7)]
+
+
+class MBConvOptions(Fingerprinted):
+    """The space section's keys of the MBConv kinds (and of their transformer and hybrid kinds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stem: Annotated[int, Field(ge=8, multiple_of=8)] = 32
+    first_stage: list[str] = ["ds_r1_k3_s1_c16_se0.25"]
+    head: Annotated[int, Field(ge=8)] = 256
+    ops: list[str] = DEFAULT_OPS
+    join: str = "cn_k3"  # the layer before a transformer op that changes stride or width (dna.spaces.layer_ops)
+
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, ops: list[str]) -> list[str]:
+        if not ops:
+            raise ValueError("space.ops must list at least one op")
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"space.ops lists an op twice: {ops}")
+        for op in ops:
+            check_op(op)
+        return ops
+
+    @field_validator("first_stage")
+    @classmethod
+    def _first_stage(cls, strings: list[str]) -> list[str]:
+        if not strings:
+            raise ValueError("space.first_stage must list at least one timm block string, e.g. ds_r1_k3_s1_c16_se0.25")
+        for s in strings:
+            try:
+                _decode_block_str(s)
+            except Exception:
+                raise ValueError(f"space.first_stage: {s!r} is not a full timm block string "
+                                 "(type, r, k, s, c, e.g. ds_r1_k3_s1_c16_se0.25)") from None
+        return strings
+
+    @field_validator("join")
+    @classmethod
+    def _join(cls, join: str) -> str:
+        if is_attention(join):
+            raise ValueError(f"space.join: {join!r} is a transformer op; the join is a convolutional op "
+                             "that sets stride and width, e.g. 'cn_k3' (a strided convolution) or 'ir_k3_e4'")
+        check_op(join)
+        return join
 
 
 class MBConvSpace(SpaceBase):
+    Options = MBConvOptions
+
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:
-        for op in cfg.ops:
-            check_op(op)
-        if is_attention(cfg.join):
-            raise ValueError(f"space.join: {cfg.join!r} is a transformer op; the join is a convolutional op "
-                             "that sets stride and width, e.g. 'cn_k3' (a strided convolution) or 'ir_k3_e4'")
-        check_op(cfg.join)
-        for op in filter(is_attention, cfg.ops):
+        for op in filter(is_attention, cfg.options.ops):
             heads = attention_parts(op)[1]
             for b, block in enumerate(cfg.blocks):
                 for _, width in block.cell_choices():
@@ -43,9 +87,10 @@ class MBConvSpace(SpaceBase):
 
     def __init__(self, cfg: SpaceConfig, in_chans: int, image_size: int, num_classes: int):
         self.cfg, self.in_chans, self.image_size, self.num_classes = cfg, in_chans, image_size, num_classes
-        self.ops = list(cfg.ops)
+        self.options: MBConvOptions = cfg.options
+        self.ops = list(self.options.ops)
         self.num_blocks = len(cfg.blocks)
-        self.first_width = _decode_block_str(cfg.first_stage[-1])[0]["out_chs"]
+        self.first_width = _decode_block_str(self.options.first_stage[-1])[0]["out_chs"]
 
     # candidates ------------------------------------------------------------------------------------------------
     def cells(self, block: int) -> list[Cell]:
@@ -64,7 +109,7 @@ class MBConvSpace(SpaceBase):
     def _op_layers(self, cell: Cell, position: int, op: int, in_width: int) -> list[str]:
         """The timm block strings of op `op` at this position of a cell (in_width: the block's input width)."""
         return op_layers(self.ops[op], self._stride(cell, position), in_width if position == 0 else cell.width,
-                         cell.width, self.cfg.join)
+                         cell.width, self.options.join)
 
     def layer_strings(self, cell: Cell, ops: Ops, in_width: int) -> list[str]:
         return [s for i, o in enumerate(ops) for s in self._op_layers(cell, i, o, in_width)]
@@ -72,13 +117,13 @@ class MBConvSpace(SpaceBase):
     def arch(self, choice: Choice) -> Arch:
         """The network of a choice: one stage per block, or two where a later layer carries the block's stride (timm
         strides only the first layer of a stage)."""
-        stages, width = [tuple(self.cfg.first_stage)], self.first_width
+        stages, width = [tuple(self.options.first_stage)], self.first_width
         for cell, ops in choice:
             layers = self.layer_strings(cell, ops, width)
             split = len(self.layer_strings(cell, ops[:cell.down], width))
             stages += [tuple(layers[:split]), tuple(layers[split:])] if split else [tuple(layers)]
             width = cell.width
-        return Arch(stem=self.cfg.stem, stages=tuple(stages), head=self.cfg.head)
+        return Arch(stem=self.options.stem, stages=tuple(stages), head=self.options.head)
 
     def _block_layers(self, arch: Arch) -> tuple[list[list[str]], list[list[str]], list[tuple[str, ...]]]:
         """Each block's layers with each layer's module name in the network (see block_stages), and the stages left
@@ -114,14 +159,14 @@ class MBConvSpace(SpaceBase):
 
     def membership(self, arch: Arch) -> list[tuple[bool, str]]:
         """Stem, head, first stage, then per searched block its cell and per layer its op: (in the space, why)."""
-        cfg = self.cfg
+        opts = self.options
         built = (arch.family, arch.settings) == (DEFAULT_FAMILY, DEFAULT_SETTINGS)
         out = [(built, f"family {arch.family}, build {arch.settings.to_dict()}: the space builds {DEFAULT_FAMILY} "
                        f"with {DEFAULT_SETTINGS.to_dict()}"),
-               (arch.stem == cfg.stem, f"stem: {arch.stem} channels, the space has {cfg.stem}"),
-               (arch.head == cfg.head, f"head: {arch.head} channels, the space has {cfg.head}")]
+               (arch.stem == opts.stem, f"stem: {arch.stem} channels, the space has {opts.stem}"),
+               (arch.head == opts.head, f"head: {arch.head} channels, the space has {opts.head}")]
         first = list(arch.stages[0]) if arch.stages else []
-        fixed = [layer for s in cfg.first_stage for layer in expand_repeats(s)]
+        fixed = [layer for s in opts.first_stage for layer in expand_repeats(s)]
         decoded = [[_decode_block_str(s)[0] for s in layers] for layers in (first, fixed)]
         same = decoded[0] == decoded[1]
         out.append((same, f"first stage: {first} " + ("builds" if same else "differs from") + f" the space's {fixed}"))
@@ -171,7 +216,7 @@ class MBConvSpace(SpaceBase):
             prefix = f"{cell.name}.layers."
             if block == 0:
                 pairs += [(0, f"{prefix}0.0.0.", "conv_stem."), (0, f"{prefix}0.0.1.", "bn1.")]
-                first = sum(len(expand_repeats(s)) for s in self.cfg.first_stage)  # layers, repeats written out
+                first = sum(len(expand_repeats(s)) for s in self.options.first_stage)  # layers, repeats written out
                 pairs += [(0, f"{prefix}0.0.2.{j}.", f"blocks.0.{j}.") for j in range(first)]
             offset, index = (1 if block == 0 else 0), 0
             for i, op in enumerate(ops):
@@ -196,21 +241,21 @@ class MBConvSpace(SpaceBase):
         """Stem conv, its norm and the fixed first stage, made as EfficientNet makes them."""
         norm_act = get_norm_act_layer(nn.BatchNorm2d, get_act_layer(ACT))
         return nn.Sequential(
-            create_conv2d(self.in_chans, self.cfg.stem, 3, stride=2, padding=""),
-            norm_act(self.cfg.stem, inplace=True),
-            build_layers(self.cfg.first_stage, self.cfg.stem))
+            create_conv2d(self.in_chans, self.options.stem, 3, stride=2, padding=""),
+            norm_act(self.options.stem, inplace=True),
+            build_layers(self.options.first_stage, self.options.stem))
 
     def head(self, in_width: int) -> nn.Sequential:
         norm_act = get_norm_act_layer(nn.BatchNorm2d, get_act_layer(ACT))
-        pool, classifier = create_classifier(self.cfg.head, self.num_classes, pool_type="avg")
-        conv = create_conv2d(in_width, self.cfg.head, 1, padding="")
-        return nn.Sequential(conv, norm_act(self.cfg.head), pool, classifier)
+        pool, classifier = create_classifier(self.options.head, self.num_classes, pool_type="avg")
+        conv = create_conv2d(in_width, self.options.head, 1, padding="")
+        return nn.Sequential(conv, norm_act(self.options.head), pool, classifier)
 
     def build_cell(self, cell: Cell, in_chs: int, target_chs: int) -> CellSupernet:
         layers: list[list[nn.Module]] = [[self.stem()]] if cell.block == 0 else []
         chs = self.first_width if cell.block == 0 else in_chs
         for i in range(cell.depth):
-            layers.append([op_module(op, self._stride(cell, i), chs, cell.width, self.cfg.join) for op in self.ops])
+            layers.append([op_module(op, self._stride(cell, i), chs, cell.width, self.options.join) for op in self.ops])
             chs = cell.width
         # every cell gets the same kind of head, so the scores of a block's cells are comparable whatever their width
         adapter = nn.Sequential(nn.Conv2d(cell.width, target_chs, 1, bias=False), nn.BatchNorm2d(target_chs))
@@ -253,4 +298,4 @@ class MBConvSpace(SpaceBase):
             return self.stem()
         if piece.kind == "head":
             return self.head(piece.in_width)
-        return op_module(self.ops[piece.op], piece.stride, piece.in_width, piece.width, self.cfg.join)
+        return op_module(self.ops[piece.op], piece.stride, piece.in_width, piece.width, self.options.join)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 class VitSpace(MBConvSpace):
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:
-        convolutional = [op for op in cfg.ops if not is_attention(op)]
+        convolutional = [op for op in cfg.options.ops if not is_attention(op)]
         if convolutional:
             raise ValueError(f"space.ops: {convolutional} are not transformer ops; a space of kind vit takes "
                              "transformer ops only, e.g. mha_h2_e2, mha_h4_e4_k3 (kind hybrid mixes both)")
