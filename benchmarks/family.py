@@ -7,7 +7,7 @@ DNA is round 1 of configs/dna_plus.yaml (which is params.yaml but for the rounds
 round 1 found and retrained as the teacher), DNA++ configs/dna_plusplus.yaml (no teacher: supervision ssl) over the
 MBConv space, configs/vit.yaml over the transformer space and configs/hybrid.yaml over the hybrid space. Each
 row: the searched network's test accuracy (PyTorch and ONNX Runtime), parameters, multiply-adds, and the search
-time, the wall time of the stages before retraining (teacher, distill, rate, profile, search) as the run took them.
+time, the wall time of the stages before retraining (dna.stages.search_stages) as the run took them.
 Nothing is reused from earlier runs: every run starts from an empty folder.
 """
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 from benchmarks._common import load_average
 
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH_STAGES = ("teacher", "distill", "rate", "profile", "search")
-
-
 def row(name: str, run, times: dict) -> dict:
+    from dna.stages import search_stages
+
     retrain = json.loads(run.paths.retrain_metrics.read_text())
     export = json.loads(run.paths.export_metrics.read_text())
     teacher = json.loads(run.paths.teacher_metrics.read_text())
@@ -31,7 +30,7 @@ def row(name: str, run, times: dict) -> dict:
             "teacher_accuracy": teacher.get("test_accuracy"),
             "accuracy": retrain["test_accuracy"], "onnx_accuracy": export["onnx_test_accuracy"],
             "params": retrain["params"], "macs": retrain["macs"],
-            "search_s": sum(times[s] for s in SEARCH_STAGES), "total_s": sum(times.values())}
+            "search_s": sum(times[s.name] for s in search_stages()), "total_s": sum(times.values())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,15 +50,13 @@ def member_params(params, member: str):
     return params
 
 
-SEARCH_STAGES = ("data", "teacher", "distill", "rate", "search")  # no latency budget: the profile is not needed
-
-
 def searched_and_rated(run) -> None:
-    """The stages of the table up to the search, each resuming from what it finds."""
-    from dna.stages import default_stages, run_stage
+    """The stages of the table up to the search, each resuming from what it finds; no latency budget, so no
+    latency profile."""
+    from dna.stages import run_stage, search_stages
 
-    for stage in default_stages():
-        if stage.name in SEARCH_STAGES:
+    for stage in search_stages():
+        if not stage.makes_profile:
             run_stage(stage, run)
 
 

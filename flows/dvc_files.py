@@ -1,7 +1,8 @@
 """dvc.yaml, rank/dvc.yaml and rounds/dvc.yaml, made from the stage table (dna.stages, grouped into pipeline steps by
 flows/steps.py): each step's command, its code deps (every project module its entry point imports: flows/code_deps.py),
 what it reads of earlier steps, the params it declares, its outputs (checkpoints persist, reports are not cached) and
-its metrics; plus DVC's plots. Nothing in these files is written by hand: a new stage is one table entry.
+its metrics; plus DVC's plots (each stage's `plots`), and the stage table of docs/stages.md. Nothing in these is
+written by hand: a new stage is one table entry.
 
     python -m flows.dvc_files           # check: exit 1 naming every file that differs from what the table makes
     python -m flows.dvc_files --write   # write them
@@ -14,8 +15,10 @@ import flows.app  # noqa: F401 - first: the environment before Prefect and MLflo
 # isort: split
 
 import argparse
+import textwrap
 from pathlib import Path
 
+from dna.stages import Plot
 from flows.code_deps import code_deps
 from flows.steps import OPTIONAL_STEPS, STEPS, Step
 
@@ -42,85 +45,50 @@ DEFAULT_HEADER = """\
 # Paths follow `outputs` in params.yaml.
 """
 
-OPTIONAL_HEADERS = {
-    "rank": """\
-# The rank stage, kept out of the default pipeline (`dvc repro` reproduces ../dvc.yaml only), made from the stage
+OPTIONAL_HEADER = """\
+# The {name} stage, kept out of the default pipeline (`dvc repro` reproduces ../dvc.yaml only), made from the stage
 # table by `python -m flows.dvc_files --write`:
-#   dvc repro rank/dvc.yaml     # reproduces the default stages it needs first, then rank
-# It trains rank.networks sampled networks, the searched one and rank.random_networks random ones from scratch,
-# the single-path one-shot supernet, and every block again from another seed, so it costs far more than the rest of
-# the pipeline (dna/rank.py). It runs from the project root (wdir), so its paths, params and code deps read as in
-# ../dvc.yaml.
-""",
-    "rounds": """\
-# The rounds stage of DNA+ (rounds.count > 1), kept out of the default pipeline (`dvc repro` reproduces ../dvc.yaml,
-# which is round 1), made from the stage table by `python -m flows.dvc_files --write`:
-#   dvc repro dvc.yaml rounds/dvc.yaml   # the default stages (round 1), then rounds 2 to count
-# Each later round runs every default stage with the network the round before found and retrained as its teacher
-# (`dna rounds`, dna/rounds.py); the pipeline flow (flows/rounds.py) registers every round's network too. The
-# rounds' outputs persist, so a round stopped half-way resumes inside its stages; DVC versions them as one folder.
+#   dvc repro dvc.yaml {name}/dvc.yaml   # the default stages, then {name}
+{help}
 # It runs from the project root (wdir), so its paths, params and code deps read as in ../dvc.yaml.
-""",
-}
-
-NOTES = {"distill": "the teacher-feature cache once, then every block's training, then every block's rating"}
-
-DEFAULT_PLOTS = """\
-plots:
-  - teacher-training:
-      template: linear
-      x: epoch
-      y:
-        ${outputs}/teacher/history.csv: [loss, rate_accuracy]
-  # one plot per block: mean distillation loss of its cells per epoch
-  - ${outputs}/distill/curves:
-      template: linear
-      x: epoch
-      y: loss
-  # the Pareto front (rating against cost) and every target's network on it
-  - pareto-front:
-      template: scatter
-      x: ${search.front_axis}
-      y:
-        ${outputs}/search/front.csv: score
-        ${outputs}/search/chosen.csv: score
-      y_label: rating (lower is better)
-  # one plot per block: every candidate's rating against its cost (the spread of each block's ratings)
-  - ${outputs}/ratings:
-      template: scatter
-      x: macs
-      y: score
-  - ${outputs}/search/front.png
-  - ${outputs}/search/rating_spread.png
-  - ${outputs}/search/curves.png  # every target's retraining
 """
+TEMPLATES = {"line": "linear", "scatter": "scatter"}  # dna.stages.Plot.kind -> DVC's template
 
-OPTIONAL_PLOTS = {"rank": """\
-plots:  # paths from this folder (a stage's wdir does not apply to plots)
-  # rating against test accuracy of every trained network
-  - rank-rating:
-      template: scatter
-      x: rating
-      y:
-        ../${outputs}/rank/networks.csv: test_accuracy
-      y_label: test accuracy, trained from scratch
-  # the rating's own noise: each network's rating against its rating by blocks distilled again from another seed
-  - rank-rating-noise:
-      template: scatter
-      x: rating
-      y:
-        ../${outputs}/rank/networks.csv: rating_replicate_1
-      y_label: rating, blocks distilled again from another seed (rank.rating_seeds)
-  - ../${outputs}/rank/rank.png
-"""}
+
+def comment(text: str, indent: str = "") -> list[str]:
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, 116 - len(indent))]
+
+
+def plot_lines(plot: Plot, prefix: str) -> list[str]:
+    """A stage's plot in DVC's top-level plots, its files under `prefix` (the outputs, seen from the DVC file)."""
+    files = [f"{prefix}/{f}" for f in plot.files]
+    lines = comment(plot.note, "  ") if plot.note else []
+    if plot.x is None:
+        return lines + [f"  - {f}" for f in files]
+    if plot.name is None:  # one file or folder: its path names the plot
+        (path,), (column,) = files, plot.y
+        return lines + [f"  - {path}:", f"      template: {TEMPLATES[plot.kind]}", f"      x: {plot.x}",
+                        f"      y: {column}"]
+    columns = plot.y[0] if len(plot.y) == 1 else f"[{', '.join(plot.y)}]"
+    lines += [f"  - {plot.name}:", f"      template: {TEMPLATES[plot.kind]}", f"      x: {plot.x}", "      y:",
+              *(f"        {f}: {columns}" for f in files)]
+    return lines + ([f"      y_label: {plot.y_label}"] if plot.y_label else [])
+
+
+def plots_text(steps: list[Step], prefix: str) -> str:
+    lines = [line for step in steps for plot in step.plots for line in plot_lines(plot, prefix)]
+    head = "plots:" + ("  # paths from this folder (a stage's wdir does not apply to plots)" if prefix != "${outputs}"
+                       else "")
+    return "\n".join([head, *lines]) + "\n" if lines else ""
 
 
 def stage_lines(step: Step, wdir: str | None = None) -> list[str]:
     """A step's stage in dvc.yaml; a per-target step's as a `foreach` over search.targets, one stage per target
     (`<step>@<target>`), its paths that target's."""
     lines = [f"  {step.name}:"]
-    if step.name in NOTES:
-        lines.append(f"    # {NOTES[step.name]}")
+    if len(step.helps) > 1:  # what each of its stages does, in order
+        first, *rest = (h.rstrip(".") for h in step.helps)
+        lines += comment("; then ".join([first, *(h[0].lower() + h[1:] for h in rest)]) + ".", "    ")
     if step.per_target:
         lines += ["    foreach: ${search.targets}", "    do:"]
     pad = "  " if step.per_target else ""
@@ -148,25 +116,56 @@ def stage_lines(step: Step, wdir: str | None = None) -> list[str]:
 
 def default_file(steps: list[Step] = STEPS) -> str:
     body = "\n\n".join("\n".join(stage_lines(step)) for step in steps)
-    return f"{DEFAULT_HEADER}\nstages:\n{body}\n\n{DEFAULT_PLOTS}"
+    return f"{DEFAULT_HEADER}\nstages:\n{body}\n\n{plots_text(steps, '${outputs}')}"
 
 
 def optional_file(step: Step) -> str:
-    text = (f"{OPTIONAL_HEADERS.get(step.name, '')}vars:\n  - ../params.yaml:outputs\n\nstages:\n"
+    header = OPTIONAL_HEADER.format(name=step.name, help="\n".join(comment(" ".join(step.helps))))
+    text = (f"{header}vars:\n  - ../params.yaml:outputs\n\nstages:\n"
             + "\n".join(stage_lines(step, wdir="..")) + "\n")
-    return text + (f"\n{OPTIONAL_PLOTS[step.name]}" if step.name in OPTIONAL_PLOTS else "")
+    plots = plots_text([step], "../${outputs}")
+    return text + (f"\n{plots}" if plots else "")
+
+
+STAGES_DOC, TABLE_START, TABLE_END = "docs/stages.md", "<!-- the stage table: python -m flows.dvc_files --write -->", \
+    "<!-- end of the stage table -->"
+
+
+def stage_table() -> str:
+    """The stage table as markdown, in run order: each stage's command, what it does and what it writes."""
+    from dna.stages import STAGES
+
+    def written(stage) -> str:
+        files = [f.replace("{target}", "<T>") for f in stage.files()]
+        return ", ".join(f"`{f}`" for f in files)
+
+    rows = [f"| {s.name}{'' if s.default else ' (only when asked)'} | `dna {s.name}"
+            f"{' [--block N]' if s.per_block else ''}{' [--target T]' if s.per_target else ''}` | {s.help} | "
+            f"{written(s)} |" for s in STAGES]
+    return "\n".join(["| stage | command | what it does | what it writes (under `outputs/`) |", "|---|---|---|---|",
+                       *rows])
+
+
+def stages_doc(text: str) -> str:
+    """docs/stages.md with its stage table made from the table."""
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    return f"{text[:start]}\n{stage_table()}\n{text[end:]}"
 
 
 def files(steps: list[Step] = STEPS, optional: list[Step] = OPTIONAL_STEPS) -> dict[str, str]:
-    """Every DVC file the table makes: path (from the project root) -> text."""
-    return {"dvc.yaml": default_file(steps), **{f"{step.name}/dvc.yaml": optional_file(step) for step in optional}}
+    """Every file the table makes: path (from the project root) -> text: the DVC files, and the table of
+    docs/stages.md (in a project that has it)."""
+    doc = ROOT / STAGES_DOC
+    return {"dvc.yaml": default_file(steps), **{f"{step.name}/dvc.yaml": optional_file(step) for step in optional},
+            **({STAGES_DOC: stages_doc(doc.read_text())} if doc.is_file() else {})}
 
 
 def reruns(made: dict[str, str] | None = None) -> str:
     """For each dna/ module, the stages whose code deps hold it (what editing it reruns), grouped, as markdown."""
     import yaml
 
-    deps = {name: set(stage.get("do", stage)["deps"]) for text in (made or files()).values()
+    deps = {name: set(stage.get("do", stage)["deps"]) for path, text in (made or files()).items()
+            if path.endswith("dvc.yaml")
             for name, stage in yaml.safe_load(text)["stages"].items()}  # of a per-target stage, those of its `do`
     modules = sorted({d for ds in deps.values() for d in ds if d.startswith("dna/")})
     groups: dict[str, list[str]] = {}

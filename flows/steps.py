@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dna.stages import STAGES as STAGE_TABLE
-from dna.stages import Stage, at_target
+from dna.stages import Plot, Stage, at_target
 from dna.stages import steps as stage_steps
 
 if TYPE_CHECKING:
@@ -35,6 +35,8 @@ class Step:
     commands: tuple[str, ...] = ()  # the `dna` commands DVC runs, in order (`dna <stage>` for each of its stages)
     # once per search target (a DVC foreach over search.targets): its paths hold "{target}"
     per_target: bool = False
+    plots: tuple[Plot, ...] = ()  # its stages' plots (dvc.yaml plots)
+    helps: tuple[str, ...] = ()  # what each of its stages does
 
     def flow(self) -> Callable[..., dict]:
         """The step's Prefect flow: its module's STEP (a flow, or a function that runs one on its task runner), or,
@@ -68,7 +70,8 @@ def steps_of(table: Iterable[Stage] = STAGE_TABLE, default: bool = True) -> list
                         tuple(h for s in stages for h in s.headline), inputs,
                         tuple(c for s in stages for c in s.checkpoints),
                         tuple(r for s in stages for r in s.reports),
-                        tuple(f"dna {s.name}" for s in stages), per_target=any(s.per_target for s in stages)))
+                        tuple(f"dna {s.name}" for s in stages), per_target=any(s.per_target for s in stages),
+                        plots=tuple(p for s in stages for p in s.plots), helps=tuple(s.help for s in stages)))
     if not default:
         return out
     last = max((i for i, step in enumerate(out) if step.per_target), default=len(out) - 1)

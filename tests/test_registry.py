@@ -45,7 +45,7 @@ def test_every_plugin_surface_is_a_registry_with_its_built_ins(module, name, kin
 
 
 def test_the_stage_table_keeps_run_order_and_refuses_an_entry_its_readers_could_not_take():
-    from dna.stages import STAGES, Stage
+    from dna.stages import STAGES, Plot, Stage
 
     assert [s.name for s in STAGES][:3] == ["data", "teacher", "distill"] and len(STAGES) == len(STAGES.names())
     with STAGES.scoped():
@@ -58,4 +58,8 @@ def test_the_stage_table_keeps_run_order_and_refuses_an_entry_its_readers_could_
                                              r"checkpoints \['state.pt'\] not among its outputs"):
             STAGES.register("other", Stage("odd", "", "m:f", (), ("out",), checkpoints=("state.pt",), per_block=True,
                                            per_target=True))
+        with pytest.raises(ValueError, match=r"stage 'plotting': plots of \['search/front.csv'\], which it does not "
+                                             r"write"):
+            STAGES.register("plotting", Stage("plotting", "", "m:f", (), ("plotting",),
+                                              plots=(Plot(("plotting/a.csv", "search/front.csv"), "x", ("y",)),)))
     assert "late" not in STAGES

@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from dna.registry import Registry
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A plot of a stage's tables, for the tools that draw them (DVC's plots): `y`'s columns of each of `files`
+    (under `outputs`; a folder: one plot per file, e.g. per block) against the column `x` (or a params key,
+    "${key}"), named `name` (a single file or folder names its own plot); without x, a picture the stage drew."""
+
+    files: tuple[str, ...]
+    x: str | None = None
+    y: tuple[str, ...] = ()
+    kind: str = "line"  # or "scatter"
+    name: str | None = None
+    y_label: str | None = None
+    note: str | None = None  # what it shows, when its name does not say
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class Stage:
     # dna/paths.py; its metrics file is `paths.<stage>_metrics`): "{target}" stands for a search target's name,
     # "{block}" for a block's index
     named: Mapping[str, str] = field(default_factory=dict, hash=False)
+    plots: tuple[Plot, ...] = ()  # of its tables and pictures
 
     def files(self) -> tuple[str, ...]:
         """Everything it writes under `outputs`: its outputs and its metrics file."""
@@ -102,14 +119,17 @@ def _attribute(spec: str) -> Callable:
 PLAIN, WITH_SPACE = "dna.context:Context", "dna.spaces.context:SpaceContext"  # the narrower Stage.context
 
 def _well_formed(name: str, stage: Stage) -> None:
-    """What the table's readers take for granted of an entry: its own name, one fan-out, and that what it resumes
-    from and the reports it writes are among its outputs."""
+    """What the table's readers take for granted of an entry: its own name, one fan-out, that what it resumes from
+    and the reports it writes are among its outputs, and that it plots only what it writes."""
     problems = [f"registered as {name!r}"] if stage.name != name else []
     if stage.per_block and stage.per_target:
         problems.append("both per block and per target")
     for kind, given in (("checkpoints", stage.checkpoints), ("reports", stage.reports)):
         if outside := sorted(set(given) - set(stage.outputs)):
             problems.append(f"{kind} {outside} not among its outputs")
+    plotted = {f for plot in stage.plots for f in plot.files}
+    if outside := sorted(f for f in plotted if not any(f == o or f.startswith(f"{o}/") for o in stage.outputs)):
+        problems.append(f"plots of {outside}, which it does not write")
     if problems:
         raise ValueError(f"stage {stage.name!r}: {'; '.join(problems)}")
 
@@ -130,17 +150,22 @@ for _stage in (
           epochs="teacher.train.epochs",
           inputs=("data/splits.json",), reports=("teacher/history.csv",), context=PLAIN,
           named={"teacher_dir": "teacher", "teacher": "teacher/teacher.pt", "teacher_history": "teacher/history.csv",
-                 "teacher_state": "teacher/train_state.pt"}),
+                 "teacher_state": "teacher/train_state.pt"},
+          plots=(Plot(("teacher/history.csv",), "epoch", ("loss", "rate_accuracy"), name="teacher-training"),)),
     Stage("distill", "Train each block's supernet on its targets (resumes from the last epoch).",
           "dna.stages.distill:stage_distill",
           ("seed", "data", "teacher.model", "teacher.boundaries", "space", "supervision", "distill"),
           ("distill",), per_block=True, prepare="dna.stages.distill:stage_features", data_parallel=True,
           inputs=("data/splits.json", "teacher/teacher.pt"), checkpoints=("distill",),
           named={"distill_dir": "distill", "features": "distill/features", "supernet": "distill/block_{block}.pt",
-                 "distill_history": "distill/history_{block}.csv"}),
+                 "distill_history": "distill/history_{block}.csv"},
+          plots=(Plot(("distill/curves",), "epoch", ("loss",),
+                      note="one plot per block: mean distillation loss of its cells per epoch"),)),
     Stage("rate", "Rate every candidate of every cell of each block.", "dna.stages.rate:stage_rate",
           ("rating",), ("ratings",), per_block=True, step="distill",
-          named={"ratings_dir": "ratings", "rating": "ratings/block_{block}.csv"}),
+          named={"ratings_dir": "ratings", "rating": "ratings/block_{block}.csv"},
+          plots=(Plot(("ratings",), "macs", ("score",), "scatter", note="one plot per block: every candidate's rating "
+                      "against its cost (the spread of each block's ratings)"),)),
     Stage("profile", "Time every candidate layer, the stem and the head in ONNX Runtime on this machine.",
           "dna.stages.latency_profile:stage_profile", ("data.image_size", "data.channels", "space", "profile"),
           ("profile/latency.csv", "profile/profile.json"), makes_profile=True, inputs=("data/splits.json",),
@@ -153,7 +178,10 @@ for _stage in (
           inputs=("data/splits.json", "ratings", "profile/latency.csv"),
           reports=("search/front.csv", "search/chosen.csv", "search/targets.csv"), context=WITH_SPACE,
           named={"search_dir": "search", "arch": "search/targets/{target}/arch.yaml", "front": "search/front.csv",
-                 "chosen": "search/chosen.csv", "targets_table": "search/targets.csv"}),
+                 "chosen": "search/chosen.csv", "targets_table": "search/targets.csv"},
+          plots=(Plot(("search/front.csv", "search/chosen.csv"), "${search.front_axis}", ("score",), "scatter",
+                      "pareto-front", "rating (lower is better)",
+                      "the Pareto front (rating against cost) and every target's network on it"),)),
     Stage("retrain", "Train each target's network (from scratch or from the supernets; optionally with KD).",
           "dna.stages.retrain:stage_retrain", ("seed", "data", "teacher.model", "retrain"),
           ("targets/{target}/retrain/model.pt", "targets/{target}/retrain/train_state.pt",
@@ -182,7 +210,9 @@ for _stage in (
           reports=("search/front.png", "search/rating_spread.png", "search/curves.png"), pictures=True,
           context=WITH_SPACE,
           named={"front_plot": "search/front.png", "spread_plot": "search/rating_spread.png",
-                 "curves_plot": "search/curves.png"}),
+                 "curves_plot": "search/curves.png"},
+          plots=(Plot(("search/front.png",)), Plot(("search/rating_spread.png",)),
+                 Plot(("search/curves.png",), note="every target's retraining"))),
     Stage("rank", "Measure how well the rating ranks networks: train a stratified sample, the searched network and "
           "random networks under the budgets from scratch; rate them with a single-path one-shot supernet too.",
           "dna.rank:stage_rank", ("seed", "data", "space", "supervision", "distill", "rating", "search", "rank"),
@@ -198,7 +228,14 @@ for _stage in (
           named={"rank_dir": "rank", "rank_networks": "rank/networks", "rank_spos": "rank/spos",
                  "rank_replicates": "rank/replicates", "spos_ratings": "rank/spos/ratings.csv",
                  "predictor": "rank/predictor.json", "rank_plan": "rank/plan.csv",
-                 "rank_bands": "rank/bands.json", "rank_table": "rank/networks.csv", "rank_plot": "rank/rank.png"}),
+                 "rank_bands": "rank/bands.json", "rank_table": "rank/networks.csv", "rank_plot": "rank/rank.png"},
+          plots=(Plot(("rank/networks.csv",), "rating", ("test_accuracy",), "scatter", "rank-rating",
+                      "test accuracy, trained from scratch", "rating against test accuracy of every trained network"),
+                 Plot(("rank/networks.csv",), "rating", ("rating_replicate_1",), "scatter", "rank-rating-noise",
+                      "rating, blocks distilled again from another seed (rank.rating_seeds)",
+                      "the rating's own noise: each network's rating against its rating by blocks distilled again "
+                      "from another seed"),
+                 Plot(("rank/rank.png",)))),
     Stage("rounds", "DNA+: rounds 2 to rounds.count after round 1 (the default stages), each every default stage "
           "with the network the round before found and retrained as its teacher.", "dna.rounds:stage_rounds",
           ("seed", "data", "teacher", "space", "supervision", "distill", "rating", "profile", "search", "retrain",
@@ -259,6 +296,11 @@ def checks(keys: tuple[str, ...], makes_profile: bool = False) -> dict[str, bool
 def default_stages(table: Iterable[Stage] = STAGES) -> tuple[Stage, ...]:
     """The stages of `dna run` and of the default pipeline, in run order."""
     return tuple(s for s in table if s.default)
+
+
+def search_stages(table: Iterable[Stage] = STAGES) -> tuple[Stage, ...]:
+    """The default stages up to the search: those before the first one that runs per target."""
+    return tuple(itertools.takewhile(lambda s: not s.per_target, default_stages(table)))
 
 
 def later_round_stages(table: Iterable[Stage] = STAGES) -> tuple[Stage, ...]:

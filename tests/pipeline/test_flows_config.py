@@ -43,14 +43,15 @@ def test_dvc_yaml_is_the_stage_table_steps_in_order_with_their_params_outputs_an
 
 
 def test_a_new_stage_is_one_table_entry_plus_its_function():
-    from dna.stages import Stage
+    from dna.stages import Plot, Stage
     from flows.dvc_files import default_file
     from flows.step_flow import step_flow
     from flows.steps import steps_of
 
     extra = Stage("calibrate", "Re-estimate something.", "dna.pipeline:stage_data", ("seed", "rating"),
                   ("calibrate/stats.json", "calibrate/state.pt"), metrics="calibrate/metrics.json",
-                  headline=("error",), inputs=("search/targets.csv",), checkpoints=("calibrate/state.pt",))
+                  headline=("error",), inputs=("search/targets.csv",), checkpoints=("calibrate/state.pt",),
+                  plots=(Plot(("calibrate/stats.json",), "step", ("error",), name="calibration"),))
     steps = steps_of((*TABLE, extra))
     assert [s.name for s in steps] == [*STAGES, "calibrate"]
     new = steps[-1]
@@ -62,7 +63,10 @@ def test_a_new_stage_is_one_table_entry_plus_its_function():
         default_file(steps)  # a command the table does not have
     with TABLE.scoped():
         TABLE.register("calibrate", extra)
-        stage = yaml.safe_load(default_file(steps))["stages"]["calibrate"]
+        made = yaml.safe_load(default_file(steps))
+        stage = made["stages"]["calibrate"]
+    assert made["plots"][-1] == {"calibration": {"template": "linear", "x": "step",
+                                                 "y": {"${outputs}/calibrate/stats.json": "error"}}}
     assert stage["cmd"] == "dna calibrate" and "${outputs}/search/targets.csv" in stage["deps"]
     assert "dna/pipeline.py" in stage["deps"] and stage["deps"][0] == "dna/cli.py"  # its function's module, and `dna`
     assert new.flow().func is step_flow and new.flow().args == ("calibrate",)
