@@ -147,13 +147,15 @@ for _stage in STAGES:
 
 
 def run_all(params: Path = ParamsOpt, set_: list[str] = SetOpt):
-    from dna.rounds import all_rounds, run_round, write_summary
+    from dna.rounds import each_round, run_stages, write_summary
 
     cfg = _load(params, set_, check_profile=False)  # the profile is made on the way, before the search
-    count = len(all_rounds(cfg))  # every round's params are valid before any work
-    for index in range(1, count + 1):
-        run, times = run_round(cfg, index)
-        _report(run, times, f"round {index} of {count}" if count > 1 else "")
+    count = cfg.rounds.count
+
+    def run_and_report(config, round_: int) -> None:
+        _report(*run_stages(config, round_), f"round {round_} of {count}" if count > 1 else "")
+
+    each_round(cfg, run_and_report, first=1)
     if count > 1:
         _report_rounds(write_summary(cfg), Path(cfg.outputs))
 

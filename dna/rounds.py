@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from dna.config import Params, parse_params
 from dna.errors import ConfigError
 from dna.paths import Paths
 
 SUMMARY = "rounds.json"
+T = TypeVar("T")
 
 
 def primary_target(params: Params) -> str:
@@ -66,17 +68,30 @@ def all_rounds(params: Params) -> list[Params]:
     return [round_params(params, r, check_paths=r == 1) for r in range(1, params.rounds.count + 1)]
 
 
-def run_round(params: Params, round_: int):
-    """Every default stage of round `round_` in order (of a later round, all but the pictures: later_round_stages); a
-    later round is checked first, now that the round before it wrote its network (round 1 is the params as given,
-    checked by the caller). Returns the round's Run and the seconds each stage took."""
+def each_round(params: Params, run_one: Callable[[Params, int], T], first: int = 2, last: int | None = None
+               ) -> list[T]:
+    """The one loop over rounds: rounds `first` to `last` (default rounds.count) in order, each run by
+    `run_one(its params, its number)`; `dna run` and `dna rounds` give it the stages (run_stages), the pipeline flow
+    its steps (flows/rounds.py). Every round is checked before any work (all_rounds), and a later round again once
+    the round before it wrote its network; round 1 is the params as given, checked by the caller."""
     from dna.checks import validate
+
+    all_rounds(params)
+    out = []
+    for round_ in range(first, (params.rounds.count if last is None else last) + 1):
+        config = round_params(params, round_)
+        if round_ > 1:
+            validate(config, check_profile=False)  # its profile stage makes its profile
+        out.append(run_one(config, round_))
+    return out
+
+
+def run_stages(config: Params, round_: int):
+    """Every default stage of a round in order, on the round's params (of a later round, all but the pictures:
+    later_round_stages). Returns the round's Run and the seconds each stage took."""
     from dna.run import Run
     from dna.stages import default_stages, later_round_stages, run_stage
 
-    config = round_params(params, round_)
-    if round_ > 1:
-        validate(config, check_profile=False)  # its profile stage makes its profile
     run, times = Run(config), {}
     for stage in default_stages() if round_ == 1 else later_round_stages():
         start = time.perf_counter()
@@ -85,12 +100,15 @@ def run_round(params: Params, round_: int):
     return run, times
 
 
+def run_round(params: Params, round_: int):
+    """Round `round_` alone (its stages: run_stages), once the rounds before it ran."""
+    return each_round(params, run_stages, first=round_, last=round_)[0]
+
+
 def stage_rounds(run) -> dict:
     """The rounds stage: rounds 2 to rounds.count, once round 1 (the default stages on the params as written) ran.
     Returns the summary of every round (what rounds.json holds)."""
-    all_rounds(run.params)
-    for round_ in range(2, run.params.rounds.count + 1):
-        run_round(run.params, round_)
+    each_round(run.params, run_stages)
     return summary(write_summary(run.params))
 
 

@@ -36,13 +36,12 @@ from flows.tracking import (
 )
 
 
-def write_round_params(params, round_: int) -> Path:
-    """Round `round_`'s params as a params file in its outputs: what its steps run on, and a record of the round."""
+def write_round_params(config) -> Path:
+    """A round's params as a params file in its outputs: what its steps run on, and a record of the round."""
     from dna.checkpoint import atomic_write_text
-    from dna.rounds import round_dir, round_params
 
-    path = round_dir(params, round_) / "params.yaml"
-    atomic_write_text(path, yaml.safe_dump(round_params(params, round_).model_dump(mode="json"), sort_keys=False))
+    path = Path(config.outputs) / "params.yaml"
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return path
 
 
@@ -66,23 +65,24 @@ def rounds_markdown(rows: list[dict], best: int | None) -> str:
 
 @flow(name="dna-rounds")
 def rounds_flow(params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    from dna.checks import validate
-    from dna.rounds import all_rounds, round_params, summary, write_summary
+    from dna.rounds import each_round, summary, write_summary
 
     params = load(params_file, overrides)
-    all_rounds(params)  # every later round is valid before any work
     uri = tracking_uri(params)
     experiment = ensure_experiment(uri, params.mlflow.experiment)
     with child_run(Tracking(uri, experiment, parent_run_id(uri)), "rounds", {STAGE_TAG: "rounds"}) as mlrun:
-        for round_ in range(2, params.rounds.count + 1):
-            validate(round_params(params, round_), check_profile=False)  # round r-1's network is there now
-            path = write_round_params(params, round_)
+
+        def run_steps(config, round_: int) -> None:
+            """A later round: its params file, then every step on it under the round's own MLflow run."""
+            path = write_round_params(config)
             with child_run(Tracking(uri, experiment, mlrun.run_id), f"round {round_}",
                            {STAGE_TAG: "round", "dna.round": str(round_)}) as round_run, nested_under(round_run.run_id):
                 round_run.artifact(path)
                 for step in later_round_steps():
                     for target in params.search.named_targets() if step.per_target else [None]:
                         step.flow()(str(path), None, **({"target": target} if target else {}))
+
+        each_round(params, run_steps)
         rows = write_summary(params)
         result = summary(rows)
         for row in rows:
