@@ -127,17 +127,12 @@ def optional_file(step: Step) -> str:
     return text + (f"\n{plots}" if plots else "")
 
 
-STAGES_DOC, TABLE_START, TABLE_END = "docs/stages.md", "<!-- the stage table: python -m flows.dvc_files --write -->", \
-    "<!-- end of the stage table -->"
-
-
-def stage_table() -> str:
+def stage_table(dvc_files: dict[str, str]) -> str:
     """The stage table as markdown, in run order: each stage's command, what it does and what it writes."""
     from dna.stages import STAGES
 
     def written(stage) -> str:
-        files = [f.replace("{target}", "<T>") for f in stage.files()]
-        return ", ".join(f"`{f}`" for f in files)
+        return ", ".join(f"`{f.replace('{target}', '<T>')}`" for f in stage.files())
 
     rows = [f"| {s.name}{'' if s.default else ' (only when asked)'} | `dna {s.name}"
             f"{' [--block N]' if s.per_block else ''}{' [--target T]' if s.per_target else ''}` | {s.help} | "
@@ -146,18 +141,29 @@ def stage_table() -> str:
                        *rows])
 
 
-def stages_doc(text: str) -> str:
-    """docs/stages.md with its stage table made from the table."""
-    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-    return f"{text[:start]}\n{stage_table()}\n{text[end:]}"
+# the tables of the docs made from the stage table: (file, table) -> how, from the DVC files
+DOC_TABLES = {("docs/stages.md", "the stage table"): stage_table,
+              ("docs/pipeline.md", "what a change to each module reruns"): lambda dvc_files: reruns(dvc_files)}
+
+
+def made_docs(dvc_files: dict[str, str]) -> dict[str, str]:
+    """The docs that hold a made table, each with its tables made again (those of the docs this project has)."""
+    out: dict[str, str] = {}
+    for (name, table), make in DOC_TABLES.items():
+        if not (ROOT / name).is_file():
+            continue
+        text = out.get(name) or (ROOT / name).read_text()
+        start, end = f"<!-- made by python -m flows.dvc_files --write: {table} -->", f"<!-- end of {table} -->"
+        head, end_at = text.index(start) + len(start), text.index(end)
+        out[name] = f"{text[:head]}\n{make(dvc_files)}\n{text[end_at:]}"
+    return out
 
 
 def files(steps: list[Step] = STEPS, optional: list[Step] = OPTIONAL_STEPS) -> dict[str, str]:
-    """Every file the table makes: path (from the project root) -> text: the DVC files, and the table of
-    docs/stages.md (in a project that has it)."""
-    doc = ROOT / STAGES_DOC
-    return {"dvc.yaml": default_file(steps), **{f"{step.name}/dvc.yaml": optional_file(step) for step in optional},
-            **({STAGES_DOC: stages_doc(doc.read_text())} if doc.is_file() else {})}
+    """Every file the table makes: path (from the project root) -> text: the DVC files, and the docs' tables made
+    from them (made_docs)."""
+    dvc_files = {"dvc.yaml": default_file(steps), **{f"{step.name}/dvc.yaml": optional_file(step) for step in optional}}
+    return dvc_files | made_docs(dvc_files)
 
 
 def reruns(made: dict[str, str] | None = None) -> str:

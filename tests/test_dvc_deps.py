@@ -49,13 +49,14 @@ def test_a_stage_depends_on_exactly_the_project_modules_its_commands_run(name):
 
 
 def test_the_dvc_files_are_what_the_stage_table_makes():
-    """dvc.yaml, rank/dvc.yaml and rounds/dvc.yaml are made from the stage table, code deps included, and so is the
-    table of docs/stages.md; a stale file is named by the check and rewritten by --write."""
+    """dvc.yaml, rank/dvc.yaml and rounds/dvc.yaml are made from the stage table, code deps included, and so are the
+    tables of docs/stages.md (the stages) and docs/pipeline.md (what editing each module reruns); a stale file is
+    named by the check and rewritten by --write."""
     from dna.stages import STAGES as TABLE
     from flows.dvc_files import files, main
 
     made = files()
-    assert sorted(made) == ["docs/stages.md", "dvc.yaml", "rank/dvc.yaml", "rounds/dvc.yaml"]
+    assert sorted(made) == ["docs/pipeline.md", "docs/stages.md", "dvc.yaml", "rank/dvc.yaml", "rounds/dvc.yaml"]
     rows = [line.split(" | ")[0].removeprefix("| ").split(" ")[0] for line in made["docs/stages.md"].splitlines()
             if line.startswith("| ") and "`dna " in line]
     assert rows == [s.name for s in TABLE]  # one row per stage, in run order
