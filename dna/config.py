@@ -329,19 +329,24 @@ class BlockConfig(Strict):
         return [(d, w) for w in self.widths for d in self.depths]
 
 
-def kind_options(section: str, model: type[BaseModel], given: dict, context: dict | None = None) -> BaseModel:
-    """A section's keys beside `kind`, validated by the kind's options model; ValueError naming each wrong key."""
+def kind_options(section: str, model: type[BaseModel], given: dict, own: tuple[str, ...] = ("kind",),
+                 context: dict | None = None) -> BaseModel:
+    """A section's keys beside its `own` (kind, ...), validated by the kind's options model; ValueError naming each
+    wrong key."""
     try:
         return model.model_validate(given, context=context)
     except ValidationError as exc:
         def describe(e: dict) -> str:
             key = ".".join([section, *map(str, e["loc"])])
             if e["type"] == "extra_forbidden":
-                return f"{key}: unknown key; allowed keys here: kind, blocks, {', '.join(sorted(model.model_fields))}"
+                return f"{key}: unknown key; allowed keys here: {', '.join([*own, *sorted(model.model_fields)])}"
             msg = e["msg"].removeprefix("Value error, ")
             return msg if msg.startswith(section) else f"{key}={e.get('input')!r}: {msg}"
 
         raise ValueError("; ".join(describe(e) for e in exc.errors())) from None
+
+
+SPACE_KEYS = ("kind", "blocks")  # the space section's keys of every kind
 
 
 class SpaceConfig(Fingerprinted):
@@ -371,7 +376,7 @@ class SpaceConfig(Fingerprinted):
     def _options(self, context: dict | None = None) -> BaseModel:
         from dna.spaces import space_class
 
-        return kind_options("space", space_class(self.kind).Options, dict(self.model_extra or {}), context)
+        return kind_options("space", space_class(self.kind).Options, dict(self.model_extra or {}), SPACE_KEYS, context)
 
     def _kind_options(self, info) -> dict:
         return self.options.model_dump(mode=info.mode, context=info.context)
@@ -386,7 +391,7 @@ class SpaceConfig(Fingerprinted):
 
         kind = data.get("kind", cls.model_fields["kind"].default)
         given = {k: v for k, v in data.items() if k not in cls.model_fields}
-        options = kind_options("space", space_class(kind).Options, given, info.context)
+        options = kind_options("space", space_class(kind).Options, given, SPACE_KEYS, info.context)
         return {k: v for k, v in data.items() if k in cls.model_fields} | options.model_dump()
 
     @model_validator(mode="after")
@@ -430,11 +435,7 @@ class SupervisionConfig(BaseModel):
         if model is None and given:
             raise ValueError(f"supervision: kind {self.kind!r} takes no options, got {', '.join(sorted(given))}")
         if model is not None:
-            try:
-                model.model_validate(given)
-            except ValidationError as exc:
-                raise ValueError("; ".join(f"supervision.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                           for e in exc.errors())) from None
+            kind_options("supervision", model, given)
         return self
 
 

@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline_flow(str(root), overrides, args.force)  # the preset is in the overrides
     except Exception as exc:
         return report_error(exc)
+    finally:
+        dvc_stages.taken.clear()
     print(report(root, result))
     return 0
 
@@ -316,10 +318,13 @@ def up_to_date(root: Path) -> bool:
     if not (root / "dvc.lock").is_file():
         return False
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    files = pipeline_files((raw.get("rounds") or {}).get("count", 1))
     try:
-        return not dvc_stages.stale(root, pipeline_files((raw.get("rounds") or {}).get("count", 1)))
+        found = dvc_stages.stale(root, files)
     except Exception:  # noqa: BLE001 - anything DVC cannot read: the full run says what is wrong
         return False
+    dvc_stages.taken[(str(root), tuple(files))] = found  # the flow this command starts next takes it over
+    return not found
 
 
 def target_lines(p, metrics: dict, model_names: dict[str, str]) -> list[str]:

@@ -47,18 +47,21 @@ def chain_task(root: Path, steps: list[Step], target: str, force: bool, stale: d
     use_threads(threads)
     ran = []
     with turn(shared_process):
-        for step in steps:
-            address = f"{step.name}@{target}"
-            with dvc_turn(root):
-                changed = force or bool(dvc_stages.out_of_date(root, address) if ran else stale.get(address))
-                if changed:
-                    dvc_stages.remove_outputs(root, address)
-            if not changed:
-                continue
-            step.flow()("params.yaml", None, target=target)
-            with dvc_turn(root):
-                dvc_stages.record(root, address)
-            ran.append(address)
+        try:
+            for step in steps:
+                address = f"{step.name}@{target}"
+                with dvc_turn(root):
+                    changed = force or bool(dvc_stages.out_of_date(root, address) if ran else stale.get(address))
+                    if changed:
+                        dvc_stages.remove_outputs(root, address)
+                if not changed:
+                    continue
+                step.flow()("params.yaml", None, target=target)
+                ran.append(address)
+        finally:  # what ran, recorded in one write of dvc.lock (also when a later step failed)
+            if ran:
+                with dvc_turn(root):
+                    dvc_stages.record(root, *ran)
     return ran
 
 

@@ -45,8 +45,6 @@ class MBConvOptions(Fingerprinted):
             raise ValueError("space.ops must list at least one op")
         if len(set(ops)) != len(ops):
             raise ValueError(f"space.ops lists an op twice: {ops}")
-        for op in ops:
-            check_op(op)
         return ops
 
     @field_validator("first_stage")
@@ -68,7 +66,6 @@ class MBConvOptions(Fingerprinted):
         if is_attention(join):
             raise ValueError(f"space.join: {join!r} is a transformer op; the join is a convolutional op "
                              "that sets stride and width, e.g. 'cn_k3' (a strided convolution) or 'ir_k3_e4'")
-        check_op(join)
         return join
 
 
@@ -77,6 +74,10 @@ class MBConvSpace(SpaceBase):
 
     @classmethod
     def check_config(cls, cfg: SpaceConfig) -> None:
+        """Each op and the join built once (timm decodes some strings it cannot build), and every width a multiple
+        of each transformer op's heads."""
+        for op in [*cfg.options.ops, cfg.options.join]:
+            check_op(op)
         for op in filter(is_attention, cfg.options.ops):
             heads = attention_parts(op)[1]
             for b, block in enumerate(cfg.blocks):

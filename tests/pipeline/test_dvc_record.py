@@ -1,0 +1,97 @@
+"""The pipeline's DVC bookkeeping on a project of two plain stages per target: a target's chain records every step
+it ran in one write of dvc.lock, as `dvc commit --force` would record each, also when a later step fails; and the
+flow takes over the `dvc status` the command line just took instead of taking it again."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import dvc_stages
+from flows.targets import chain_task
+
+PYTHON = sys.executable
+DVC_YAML = """\
+stages:
+  first:
+    foreach: [a]
+    do:
+      cmd: echo first > first_${item}.txt
+      outs:
+        - first_${item}.txt
+  second:
+    foreach: [a]
+    do:
+      cmd: cat first_${item}.txt > second_${item}.txt
+      deps:
+        - first_${item}.txt
+      outs:
+        - second_${item}.txt
+"""
+
+
+@dataclass(frozen=True)
+class FakeStep:
+    """A pipeline step whose flow writes the stage's output as its command would, or fails."""
+
+    name: str
+    root: Path
+    fails: bool = False
+
+    def flow(self):
+        def run(params_file, overrides, target):
+            if self.fails:
+                raise RuntimeError(f"{self.name}@{target} failed")
+            source = self.root / f"first_{target}.txt"
+            text = source.read_text() if self.name == "second" else "first\n"
+            (self.root / f"{self.name}_{target}.txt").write_text(text)
+        return run
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    for args in (["git", "init", "-q"], [PYTHON, "-m", "dvc", "init", "-q"],
+                 [PYTHON, "-m", "dvc", "config", "core.analytics", "false"]):
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    return tmp_path
+
+
+def locked(root: Path) -> set[str]:
+    lock = root / "dvc.lock"
+    return set(yaml.safe_load(lock.read_text())["stages"]) if lock.is_file() else set()
+
+
+def test_a_chain_records_every_step_it_ran_in_one_write(project, monkeypatch):
+    writes = []
+    real = dvc_stages.record
+    monkeypatch.setattr(dvc_stages, "record", lambda root, *addresses: (writes.append(addresses),
+                                                                        real(root, *addresses)))
+    stale = {"first@a": ["changed outs"], "second@a": ["changed outs"]}
+    ran = chain_task.fn(project, [FakeStep("first", project), FakeStep("second", project)], "a", False, stale)
+    assert ran == ["first@a", "second@a"] and writes == [("first@a", "second@a")]
+    assert locked(project) == {"first@a", "second@a"}
+    assert dvc_stages.out_of_date(project, "first@a", "second@a") == []  # as `dvc commit --force` leaves them
+
+
+def test_a_step_that_ran_before_a_failure_is_still_recorded(project):
+    stale = {"first@a": ["changed outs"], "second@a": ["changed outs"]}
+    with pytest.raises(RuntimeError, match="second@a failed"):
+        chain_task.fn(project, [FakeStep("first", project), FakeStep("second", project, fails=True)], "a", False,
+                      stale)
+    assert locked(project) == {"first@a"} and dvc_stages.out_of_date(project, "first@a") == []
+    assert dvc_stages.out_of_date(project, "second@a")  # the failed step is still to do
+
+
+def test_the_flow_takes_over_the_status_the_command_line_took_once(project):
+    dvc_stages.taken[(str(project), ("dvc.yaml",))] = {"first@a": ["taken"]}
+    snapshot = dvc_stages.Snapshot(project, ["dvc.yaml"])
+    assert snapshot.changes("first@a") == ["taken"] and not dvc_stages.taken  # taken over, and only once
+    asked = ["changed outs first_a.txt"]  # what DVC says of a stage that never ran
+    assert dvc_stages.Snapshot(project, ["dvc.yaml"]).changes("first@a") == asked
+    snapshot.ran()
+    assert snapshot.changes("first@a") == asked  # after a step ran, DVC is asked again
