@@ -207,7 +207,7 @@ def test_options_and_what_needs_a_teacher_are_checked_before_any_work(tmp_path):
 
     with pytest.raises(ConfigError, match=r"supervision.momentum=1.0: Input should be less than 1"):
         parse_params(ssl_raw(tmp_path, momentum=1.0))
-    with pytest.raises(ConfigError, match=r"supervision.momentun: unknown key; allowed keys here: kind, crop_scale, "):
+    with pytest.raises(ConfigError, match=r"supervision.momentun: unknown key; allowed keys here: kind, augment, "):
         parse_params(ssl_raw(tmp_path, momentun=0.9))  # the options of a kind of space are checked the same way
     with pytest.raises(ConfigError, match=r"supervision.ensemble"):
         parse_params(ssl_raw(tmp_path, ensemble=0))
