@@ -61,5 +61,9 @@ def test_the_stage_table_keeps_run_order_and_refuses_an_entry_its_readers_could_
         with pytest.raises(ValueError, match=r"stage 'plotting': plots of \['search/front.csv'\], which it does not "
                                              r"write"):
             STAGES.register("plotting", Stage("plotting", "", "m:f", (), ("plotting",),
-                                              plots=(Plot(("plotting/a.csv", "search/front.csv"), "x", ("y",)),)))
+                                              plots=(Plot(("plotting/a.csv", "search/front.csv"), "x", ("y",),
+                                                          name="both"),)))
+        with pytest.raises(ValueError, match=r"plots of \[\('plotting/a.csv',\)\] without a name"):
+            STAGES.register("plotting", Stage("plotting", "", "m:f", (), ("plotting",),
+                                              plots=(Plot(("plotting/a.csv",), "x", ("y", "z")),)))
     assert "late" not in STAGES

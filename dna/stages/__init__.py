@@ -13,7 +13,7 @@ import importlib
 import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Literal
 
 from dna.registry import Registry
 
@@ -27,7 +27,7 @@ class Plot:
     files: tuple[str, ...]
     x: str | None = None
     y: tuple[str, ...] = ()
-    kind: str = "line"  # or "scatter"
+    kind: Literal["line", "scatter"] = "line"
     name: str | None = None
     y_label: str | None = None
     note: str | None = None  # what it shows, when its name does not say
@@ -130,6 +130,8 @@ def _well_formed(name: str, stage: Stage) -> None:
     plotted = {f for plot in stage.plots for f in plot.files}
     if outside := sorted(f for f in plotted if not any(f == o or f.startswith(f"{o}/") for o in stage.outputs)):
         problems.append(f"plots of {outside}, which it does not write")
+    if unnamed := [p.files for p in stage.plots if p.x and p.name is None and (len(p.files), len(p.y)) != (1, 1)]:
+        problems.append(f"plots of {unnamed} without a name: only one file's one column names its own plot")
     if problems:
         raise ValueError(f"stage {stage.name!r}: {'; '.join(problems)}")
 
