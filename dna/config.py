@@ -368,15 +368,12 @@ class SpaceConfig(Fingerprinted):
     @property
     def options(self) -> BaseModel:
         """The kind's options, validated (this imports the kind's space)."""
-        try:
-            return self._options()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-    def _options(self, context: dict | None = None) -> BaseModel:
         from dna.spaces import space_class
 
-        return kind_options("space", space_class(self.kind).Options, dict(self.model_extra or {}), SPACE_KEYS, context)
+        try:
+            return kind_options("space", space_class(self.kind).Options, dict(self.model_extra or {}), SPACE_KEYS)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _kind_options(self, info) -> dict:
         return self.options.model_dump(mode=info.mode, context=info.context)

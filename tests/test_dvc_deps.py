@@ -127,10 +127,11 @@ def test_the_schema_imports_inside_its_functions_only_to_check():
     functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
     validators = {f.name for f in functions if any("validator" in ast.unparse(d) for d in f.decorator_list)}
     importing = {f.name for f in functions if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(f))}
+    accessors = {"options"}  # a property, read as `.options`
+    assert accessors <= importing
     callers = {name: {f.name for f in functions for n in ast.walk(f) if isinstance(n, ast.Call)
-                      and ast.unparse(n.func).split(".")[-1] == name} for name in importing - validators}
-    accessors = {"options"}  # a property: read as `.options`, not called
-    assert callers and all(found and found <= validators | accessors for found in callers.values()), callers
+                      and ast.unparse(n.func).split(".")[-1] == name} for name in importing - validators - accessors}
+    assert callers and all(found and found <= validators for found in callers.values()), callers
     for path in [*(ROOT / "dna").rglob("*.py"), *(ROOT / "flows").glob("*.py")]:
         if path.name != "config.py":
             called = {ast.unparse(n.func).split(".")[-1] for n in ast.walk(ast.parse(path.read_text()))
