@@ -284,6 +284,30 @@ def test_the_entry_point_on_an_unchanged_project_starts_nothing_and_reports_the_
     assert len(client.search_runs([experiment], max_results=1000)) == before
 
 
+def test_dvc_draws_every_plot_the_stage_table_declares(runs, repo):
+    """`dvc plots show` of the finished run: each stage's plots (dna.stages.Plot, rendered into dvc.yaml) have data,
+    a folder's one plot per file (one per block), and DVC reports no error."""
+    import yaml
+
+    from flows.steps import STEPS
+
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))
+    assert not shown.get("errors"), shown.get("errors")
+    drawn = {plot_id: entries for plot_id, entries in shown["data"].items() if entries}
+    for plot in (plot for step in STEPS for plot in step.plots):
+        if plot.name is not None:
+            assert plot.name in drawn and all(e["content"]["data"]["values"] for e in drawn[plot.name]), plot.name
+            continue
+        path = f"outputs/{plot.files[0]}"
+        found = [i for i in drawn if i == path or i.startswith(f"{path}/")]
+        assert found, path
+        if plot.x is None:
+            assert [e["type"] for e in drawn[path]] == ["image"]
+        else:  # a folder of tables: one plot per block
+            blocks = len(yaml.safe_load((repo / "params.yaml").read_text())["space"]["blocks"])
+            assert len(found) == (blocks if (repo / path).is_dir() else 1), found
+
+
 def test_a_dvc_remote_restores_data_and_checkpoints_byte_for_byte(prefect_api, tmp_path, monkeypatch):
     """The data and teacher stages in a fresh git + DVC repository, `dvc remote add -d` a local folder, `dvc push`;
     then the cache and the cached outputs are wiped and `dvc pull` brings them back identical, the teacher's
