@@ -102,8 +102,9 @@ def check_dvc_params(params_file: str | Path = "params.yaml", overrides: dict | 
     raw = yaml.safe_load(Path(params_file).read_text()) or {}
     missing = [k for k in missing_dvc_params(raw) if not any(o == k or o.startswith(f"{k}.") for o in overrides or {})]
     if missing == ["search.targets"] and (raw.get("search") or {}).get("budgets"):
-        raise ConfigError(f"{params_file}: search.budgets: dvc.yaml runs one chain (retrain, export, register) per "
-                          "named target; write search.budgets as one target, e.g. search.targets: {default: "
+        chain = ", ".join(step.name for step in table.STEPS if step.per_target)
+        raise ConfigError(f"{params_file}: search.budgets: dvc.yaml runs one chain ({chain}) per named target; "
+                          "write search.budgets as one target, e.g. search.targets: {default: "
                           f"{json.dumps(raw['search']['budgets'])}}}, and leave search.budgets out")
     if missing:
         raise ConfigError(f"{params_file}: dvc.yaml tracks {', '.join(missing)} but the file does not set "

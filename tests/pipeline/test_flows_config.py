@@ -77,6 +77,23 @@ def test_a_new_stage_is_one_table_entry_plus_its_function():
     assert loaded.stage_lock == "calibrate"
 
 
+def test_unnamed_budgets_are_refused_for_dvc_naming_each_targets_chain(tmp_path):
+    """dvc.yaml runs a chain per named target: search.budgets alone is refused in one line that names the chain's
+    steps (from the table) and shows the same budgets as a named target."""
+    from dna.errors import ConfigError
+    from flows.entry import check_dvc_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["search"] = {k: v for k, v in raw["search"].items() if k != "targets"} | {"budgets": {"macs": 3000000}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    chain = ", ".join(s.name for s in STEPS if s.per_target)
+    with pytest.raises(ConfigError, match=rf"search.budgets: dvc.yaml runs one chain \({chain}\) per named target; "
+                                          r"write search.budgets as one target, e.g. search.targets: \{default: "
+                                          r'\{"macs": 3000000\}\}'):
+        check_dvc_params(tmp_path / "params.yaml")
+    assert chain.startswith("retrain, export")
+
+
 def test_every_tracked_param_is_a_real_config_key_and_the_project_params_file_spells_them_out():
     params = parse_params(tiny_raw(), check_paths=False)
     for keys in STAGE_PARAMS.values():
