@@ -66,4 +66,7 @@ def test_the_stage_table_keeps_run_order_and_refuses_an_entry_its_readers_could_
         with pytest.raises(ValueError, match=r"plots of \[\('plotting/a.csv',\)\] without a name"):
             STAGES.register("plotting", Stage("plotting", "", "m:f", (), ("plotting",),
                                               plots=(Plot(("plotting/a.csv",), "x", ("y", "z")),)))
+        with pytest.raises(ValueError, match=r"plots of \['plotting/\{target\}/a.csv'\]: a plot is of the whole run"):
+            STAGES.register("plotting", Stage("plotting", "", "m:f", (), ("plotting",),
+                                              plots=(Plot(("plotting/{target}/a.csv",), "x", ("y",)),)))
     assert "late" not in STAGES

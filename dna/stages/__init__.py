@@ -132,6 +132,8 @@ def _well_formed(name: str, stage: Stage) -> None:
         problems.append(f"plots of {outside}, which it does not write")
     if unnamed := [p.files for p in stage.plots if p.x and p.name is None and (len(p.files), len(p.y)) != (1, 1)]:
         problems.append(f"plots of {unnamed} without a name: only one file's one column names its own plot")
+    if templated := sorted(f for f in plotted if "{" in f):
+        problems.append(f"plots of {templated}: a plot is of the whole run (a folder of every target's or block's)")
     if problems:
         raise ValueError(f"stage {stage.name!r}: {'; '.join(problems)}")
 
