@@ -141,9 +141,25 @@ def stage_table(dvc_files: dict[str, str]) -> str:
                        *rows])
 
 
+def reruns(made: dict[str, str] | None = None) -> str:
+    """For each dna/ module, the stages whose code deps hold it (what editing it reruns), grouped, as markdown."""
+    import yaml
+
+    deps = {name: set(stage.get("do", stage)["deps"]) for path, text in (made or files()).items()
+            if path.endswith("dvc.yaml")
+            for name, stage in yaml.safe_load(text)["stages"].items()}  # of a per-target stage, those of its `do`
+    modules = sorted({d for ds in deps.values() for d in ds if d.startswith("dna/")})
+    groups: dict[str, list[str]] = {}
+    for module in modules:
+        hit = [name for name in deps if module in deps[name]]
+        groups.setdefault("every stage" if len(hit) == len(deps) else ", ".join(hit), []).append(module)
+    rows = [f"| {stages} | {len(mods)} | {' '.join(f'`{m}`' for m in mods)} |" for stages, mods in groups.items()]
+    return "\n".join(["| a change reruns | modules | which |", "|---|---|---|", *rows])
+
+
 # the tables of the docs made from the stage table: (file, table) -> how, from the DVC files
 DOC_TABLES = {("docs/stages.md", "the stage table"): stage_table,
-              ("docs/pipeline.md", "what a change to each module reruns"): lambda dvc_files: reruns(dvc_files)}
+              ("docs/pipeline.md", "what a change to each module reruns"): reruns}
 
 
 def made_docs(dvc_files: dict[str, str]) -> dict[str, str]:
@@ -164,22 +180,6 @@ def files(steps: list[Step] = STEPS, optional: list[Step] = OPTIONAL_STEPS) -> d
     from them (made_docs)."""
     dvc_files = {"dvc.yaml": default_file(steps), **{f"{step.name}/dvc.yaml": optional_file(step) for step in optional}}
     return dvc_files | made_docs(dvc_files)
-
-
-def reruns(made: dict[str, str] | None = None) -> str:
-    """For each dna/ module, the stages whose code deps hold it (what editing it reruns), grouped, as markdown."""
-    import yaml
-
-    deps = {name: set(stage.get("do", stage)["deps"]) for path, text in (made or files()).items()
-            if path.endswith("dvc.yaml")
-            for name, stage in yaml.safe_load(text)["stages"].items()}  # of a per-target stage, those of its `do`
-    modules = sorted({d for ds in deps.values() for d in ds if d.startswith("dna/")})
-    groups: dict[str, list[str]] = {}
-    for module in modules:
-        hit = [name for name in deps if module in deps[name]]
-        groups.setdefault("every stage" if len(hit) == len(deps) else ", ".join(hit), []).append(module)
-    rows = [f"| {stages} | {len(mods)} | {' '.join(f'`{m}`' for m in mods)} |" for stages, mods in groups.items()]
-    return "\n".join(["| a change reruns | modules | which |", "|---|---|---|", *rows])
 
 
 def main(argv: list[str] | None = None) -> int:

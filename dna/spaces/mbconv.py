@@ -76,9 +76,10 @@ class MBConvSpace(SpaceBase):
     def check_config(cls, cfg: SpaceConfig) -> None:
         """Each op and the join built once (timm decodes some strings it cannot build), and every width a multiple
         of each transformer op's heads."""
-        for op in [*cfg.options.ops, cfg.options.join]:
+        options = cfg.options
+        for op in [*options.ops, options.join]:
             check_op(op)
-        for op in filter(is_attention, cfg.options.ops):
+        for op in filter(is_attention, options.ops):
             heads = attention_parts(op)[1]
             for b, block in enumerate(cfg.blocks):
                 for _, width in block.cell_choices():
