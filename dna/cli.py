@@ -345,6 +345,10 @@ _add_plugins()
 
 
 def main() -> None:  # pragma: no cover
+    """The `dna` command (its console script)."""
+    from dna.command_gc import start
+
+    start()
     sys.exit(app())
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dna.checkpoint import load_checkpoint, save_checkpoint
+from dna.command_gc import settle
 from dna.ddp import rank_and_world, unwrap
 from dna.errors import DetectedFault
 from dna.progress import progress
@@ -152,6 +153,7 @@ class Engine:
             torch.manual_seed(self.seed * 1_000_003 + self.rank)  # its own dropout masks and augmentations
 
     def fit(self) -> Fitted:
+        settle()
         fitted = self.resume()
         for epoch in range(fitted.resumed_from, self.epochs):
             row, extra = self.train_epoch(epoch)

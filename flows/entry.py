@@ -184,9 +184,11 @@ def step_run(step: str, params_file: str | Path, overrides: dict | None, *,
              absolute_outputs: bool = False, target: str | None = None) -> Iterator[StepRun]:
     """Load and check the config (before any work), then the step's MLflow run with the params it reads; of a
     per-target step, for that search target (its MLflow run named `<step>@<target>`, tagged dna.target)."""
+    from dna.command_gc import settle
     from flows.tracking import stage_run
 
     params = load(params_file, overrides, checks=Checks.of(step))
+    settle()
     if absolute_outputs:
         params = with_absolute_outputs(params)
     run = step_context(step)(params)

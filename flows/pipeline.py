@@ -57,10 +57,11 @@ def working_directory(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def without_heartbeats() -> Iterator[None]:
-    """The steps' flow runs (started inside, in this thread and in the tasks it submits to threads) send no heartbeats
-    of their own: the end of every flow run waits for its heartbeat thread, which sleeps in steps of a second, so each
-    step took about half a second more. The pipeline flow keeps its heartbeat, which a zombie-flow automation watches;
-    its steps run in its process and cannot outlive it."""
+    """Flow runs started inside (in this thread and in the tasks it submits to threads) send no heartbeats: the end of
+    every flow run waits for its heartbeat thread, which sleeps in steps of a second, so each took about half a second
+    more. The steps' flow runs never need one: they run in the pipeline's process and cannot outlive it. The pipeline
+    flow keeps its own when a deployment runs it (Prefect's engine, in a process of its own that a zombie-flow
+    automation watches), not when this command line does: its terminal and exit code say whether it ended."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -251,6 +252,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dna.command_gc import settle
     from dna.config import load_params, parse_overrides
     from dna.errors import report as report_error
 
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             root = project_root(args.project_dir, deployed=True)
         except ConfigError as exc:
             return report_error(exc)
+        settle()  # a long-lived process
         pipeline_flow.serve(name=args.name, cron=args.cron, parameters={"project_dir": str(root)})
         return 0
     root = Path(args.project_dir).resolve()
@@ -295,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             params = load_params("params.yaml", overrides, deep=False)
             ensure_experiment(tracking_uri(params, root), params.mlflow.experiment, root)
         server_ready()
-        result = pipeline_flow(str(root), overrides, args.force)  # the preset is in the overrides
+        settle()
+        with without_heartbeats():
+            result = pipeline_flow(str(root), overrides, args.force)  # the preset is in the overrides
     except Exception as exc:
         return report_error(exc)
     finally:
@@ -389,4 +394,7 @@ def report(root: Path, result: dict) -> str:
     return "\n".join(lines)
 
 if __name__ == "__main__":
+    from dna.command_gc import start
+
+    start()
     raise SystemExit(main())

@@ -150,4 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from dna.command_gc import start
+
+    start()
     raise SystemExit(main())
