@@ -41,6 +41,18 @@ def stale(root: Path, files: list[str]) -> dict[str, list[str]]:
     return {address: [text for entry in entries for text in _described(entry)] for address, entries in found.items()}
 
 
+def recorded(root: Path, lock: str = "dvc.lock") -> set[str]:
+    """The addresses of the stages a lock file records (none without it): one it does not record has never run, so
+    it is out of date whatever runs before it, and DVC need not be asked."""
+    import yaml
+
+    path = root / lock
+    if not path.is_file():
+        return set()
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the lock of a run with several targets: 2,000 lines
+    return set((yaml.load(path.read_text(), Loader=loader) or {}).get("stages") or {})
+
+
 # a status the command line just took, for the flow it starts in this process to take over (once; the command
 # clears it when it ends, whatever happened)
 taken: dict[tuple[str, tuple[str, ...]], dict[str, list[str]]] = {}

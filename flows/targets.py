@@ -43,15 +43,18 @@ def chain_task(root: Path, steps: list[Step], target: str, force: bool, stale: d
                threads: int | None = None, shared_process: bool = True) -> list[str]:
     """A target's steps in order, those DVC finds out of date (all with force); returns the addresses run. `stale`
     is `dvc status` of every stage taken after the steps before the chains: it holds for this chain's steps until
-    one of them runs, then each next step is asked again."""
+    one of them runs, then each next step is asked again, unless dvc.lock has never recorded it (a new target's)."""
     use_threads(threads)
     ran = []
     with turn(shared_process):
+        with dvc_turn(root):
+            never_ran = {f"{step.name}@{target}" for step in steps} - dvc_stages.recorded(root)
         try:
             for step in steps:
                 address = f"{step.name}@{target}"
                 with dvc_turn(root):
-                    changed = force or bool(dvc_stages.out_of_date(root, address) if ran else stale.get(address))
+                    changed = force or address in never_ran or bool(dvc_stages.out_of_date(root, address) if ran
+                                                                    else stale.get(address))
                     if changed:
                         dvc_stages.remove_outputs(root, address)
                 if not changed:

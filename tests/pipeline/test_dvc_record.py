@@ -66,14 +66,25 @@ def locked(root: Path) -> set[str]:
     return set(yaml.safe_load(lock.read_text())["stages"]) if lock.is_file() else set()
 
 
+def asked_dvc(monkeypatch) -> list[str]:
+    """The stages the chain asks `dvc status` of, from now on."""
+    asked = []
+    real = dvc_stages.out_of_date
+    monkeypatch.setattr(dvc_stages, "out_of_date", lambda root, *addresses: (asked.extend(addresses),
+                                                                             real(root, *addresses))[1])
+    return asked
+
+
 def test_a_chain_records_every_step_it_ran_in_one_write(project, monkeypatch):
     writes = []
     real = dvc_stages.record
     monkeypatch.setattr(dvc_stages, "record", lambda root, *addresses: (writes.append(addresses),
                                                                         real(root, *addresses)))
+    asked = asked_dvc(monkeypatch)
     stale = {"first@a": ["changed outs"], "second@a": ["changed outs"]}
     ran = chain_task.fn(project, [FakeStep("first", project), FakeStep("second", project)], "a", False, stale)
     assert ran == ["first@a", "second@a"] and writes == [("first@a", "second@a")]
+    assert asked == []  # neither had run before: no need to ask DVC after the first ran
     assert locked(project) == {"first@a", "second@a"}
     assert dvc_stages.out_of_date(project, "first@a", "second@a") == []  # as `dvc commit --force` leaves them
 
@@ -95,3 +106,12 @@ def test_the_flow_takes_over_the_status_the_command_line_took_once(project):
     assert dvc_stages.Snapshot(project, ["dvc.yaml"]).changes("first@a") == asked
     snapshot.ran()
     assert snapshot.changes("first@a") == asked  # after a step ran, DVC is asked again
+
+
+def test_after_a_step_ran_a_recorded_step_is_asked_again_and_skipped_when_it_holds(project, monkeypatch):
+    """first@a reruns and writes what it wrote before: second@a, recorded, is asked again and found up to date."""
+    steps = [FakeStep("first", project), FakeStep("second", project)]
+    chain_task.fn(project, steps, "a", False, {"first@a": ["new"], "second@a": ["new"]})
+    asked = asked_dvc(monkeypatch)
+    ran = chain_task.fn(project, steps, "a", False, {"first@a": ["changed params"]})
+    assert ran == ["first@a"] and asked == ["second@a"]
