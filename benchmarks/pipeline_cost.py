@@ -1,11 +1,15 @@
 """Whole-pipeline cost: `dna run` from nothing on the default params, and the fixed costs every command pays.
 
     python -m benchmarks.pipeline_cost                 # import times, then one cold `dna run`
-    python -m benchmarks.pipeline_cost --skip run      # import times only
+    python -m benchmarks.pipeline_cost --skip run      # import times and the collector's share only
 
 Import times are measured in fresh interpreters (median of --repeats), each module alone, so shared dependencies
 count in each. A cold `dna run` starts from an empty outputs folder (a temporary one) in a fresh process; its
 per-stage times are the ones `dna run` prints, and the whole command's wall time is measured here.
+
+The collector's share (dna/command_gc.py): a fresh process imports what the pipeline's command imports and ends,
+with Python's default collection and as a command runs (collection off while it imports, the imports frozen after,
+no last pass at exit), the two taking turns; the ratio of their medians.
 """
 from __future__ import annotations
 
@@ -56,6 +60,26 @@ def imports(repeats: int) -> None:
         print(f"  {label:<40} {t:6.2f} s (whole command)")
 
 
+PIPELINE_IMPORTS = ("flows.pipeline", "torch", "timm", "sklearn.datasets", "mlflow.store.tracking.sqlalchemy_store",
+                    "dvc.repo", "onnx", "onnxruntime", "matplotlib.pyplot")
+
+
+def collector(repeats: int) -> None:
+    """A process that imports the pipeline command's libraries and ends, without and with dna.command_gc."""
+    body = "; ".join(f"import {m}" for m in PIPELINE_IMPORTS)
+    cases = {"default collection": body,
+             "as a command (dna.command_gc)": f"from dna.command_gc import settle, start; start(); {body}; settle()"}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, code in cases.items():
+            times[name].append(command_seconds([sys.executable, "-c", code]))
+    print(f"a process that imports the pipeline's libraries and ends (interleaved, median of {repeats}):")
+    for name, got in times.items():
+        print(f"  {name:<40} {statistics.median(got):6.2f} s  (runs: {', '.join(f'{g:.2f}' for g in got)})")
+    plain, command = (statistics.median(got) for got in times.values())
+    print(f"  as a command / default: {command / plain:.2f}x ({plain - command:.2f} s less)")
+
+
 def cold_run(params: str) -> None:
     root = Path(tempfile.mkdtemp(prefix="cold-run-"))
     print(f"cold `dna run` on {params} (outputs in {root}):")
@@ -81,11 +105,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["imports", "run"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["imports", "collector", "run"])
     args = ap.parse_args()
     print(load_average())
     if "imports" not in args.skip:
         imports(args.repeats)
+    if "collector" not in args.skip:
+        collector(args.repeats)
     if "run" not in args.skip:
         cold_run(args.params)
     print(load_average())

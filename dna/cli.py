@@ -34,13 +34,16 @@ NprocOpt = typer.Option(1, "--nproc", min=1, help="train in N processes on this 
 
 def _load(params_file: Path, sets: list[str] | None, deep: bool = True, check_profile: bool = True,
           stage: Stage | None = None) -> Params:
-    """The config, checked before any work: for a stage, what its step reads (the data stage imports no timm)."""
+    """The config, checked before any work: for a stage, what its step reads (the data stage imports no timm). The
+    command's work begins after it (dna.command_gc.settle)."""
     from dna.checks import validate
+    from dna.command_gc import settle
 
     flags = checks(step_keys(stage), stage.makes_profile) if stage else {"check_profile": check_profile}
     params = load_params(params_file, parse_overrides(sets), deep=flags.get("models", True), check_paths=deep)
     if deep:
         validate(params, **flags)
+    settle()
     return params
 
 

@@ -254,9 +254,6 @@ def run_stage(stage: Stage, run, blocks: list[int] | None = None, targets: list[
     """Run one stage of the table on a run: once, per block (after its preparation), every block even when one
     fails (dna.fan_out; in several processes the first failure stops them all), or per search target, each in
     order; returns its results. The stage gets the run as its own context (Stage.context), sharing what is loaded."""
-    from dna.command_gc import settle
-
-    settle()
     run = run.view(stage.load_context())
     if stage.per_target:
         from dna.fan_out import each, raise_unfinished
