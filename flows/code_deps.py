@@ -6,7 +6,8 @@ package adds (`dna.commands`). A change to a file then reruns every stage it can
 flows/dvc_files.py writes them into the DVC files it makes from the table.
 
 Left out, because they decide whether a stage runs but never what it writes: the config's checks (CHECKS), and the
-imports inside the schema's functions (SCHEMA: those of its validators, tests/test_dvc_deps.py holds them to that).
+imports inside the schema's functions (SCHEMA: those of its validators, tests/test_dvc_deps.py holds them to that);
+and the garbage collector's settings of a command's process (PROCESS), which change how fast, not what.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dna", "flows")
 COMMAND = "dna/cli.py"  # the `dna` command: it only dispatches, its imports are the stage's
 CHECKS = ("dna.checks",)  # the config's checks: neither listed nor followed
+PROCESS = ("dna.command_gc",)  # neither listed nor followed either
 COMMON = ("dna.logs", "dna.stages")  # what every stage command runs besides its stage: the logging, the table
 SCHEMA = ("dna.config",)  # listed, with what it imports at module level; the imports in its functions are checks
 
@@ -80,7 +82,7 @@ def import_closure(entry: str) -> set[str]:
         name = pending.pop()
         for candidate in with_parents(name):
             path = module_file(candidate)
-            if path is None or candidate in seen or candidate in CHECKS:
+            if path is None or candidate in seen or candidate in CHECKS + PROCESS:
                 continue
             seen.add(candidate)
             pending.extend(imported_names(path, candidate, nested=candidate not in SCHEMA))

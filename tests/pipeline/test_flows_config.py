@@ -237,7 +237,8 @@ def test_every_step_logs_the_params_it_declares_even_none():
 
 def test_the_steps_flow_runs_send_no_heartbeats_of_their_own_and_the_pipelines_does(prefect_api):
     """Each flow run's end waits for its heartbeat thread (up to a second): the steps, run inside the pipeline flow
-    and in the tasks it fans out to threads, do without one; the pipeline flow keeps its own."""
+    and in the tasks it fans out to threads, do without one; the pipeline flow keeps its own when it is run as a
+    deployment's is (the command line runs it inside without_heartbeats too)."""
     from prefect import flow, task
     from prefect.settings import get_current_settings
     from prefect.task_runners import ThreadPoolTaskRunner
