@@ -2,6 +2,7 @@
 again once its work begins, and no last pass over what it imported at exit; untouched in a program that imports dna.
 """
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -55,7 +56,7 @@ def run_command(script: str, cwd) -> str:
                                       flush=True))
     """)
     done = subprocess.run([sys.executable, "-c", probe + textwrap.dedent(script)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
 
