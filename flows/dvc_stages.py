@@ -116,11 +116,14 @@ def apply_overrides(root: Path, overrides: list[str]) -> None:
     apply(root / "params.yaml", overrides)
 
 
-def save_experiment(root: Path, files: list[str]) -> str | None:
+def save_experiment(root: Path, files: list[str], recorded: tuple[str, ...] = ()) -> str | None:
     """The workspace as a DVC experiment (`dvc exp save`), with the given files (lock files, metrics: what `dvc exp
-    run` records too) even where git does not track them; its name, listed by `dvc exp show`."""
+    run` records too) even where git does not track them; its name, listed by `dvc exp show`. `dvc exp save` first
+    commits every stage again (`dvc commit --force`, about a second); given the stages the flow has just recorded, it
+    commits the last of them only (they are all in dvc.lock already)."""
     with dvc_repo(root) as repo:
-        rev = repo.experiments.save(force=True, include_untracked=[f for f in files if (root / f).is_file()])
+        rev = repo.experiments.save(targets=list(recorded[-1:]) or None, force=True,
+                                    include_untracked=[f for f in files if (root / f).is_file()])
         if rev is None:
             return None
         return repo.experiments.get_exact_name([rev]).get(rev) or rev
