@@ -116,13 +116,13 @@ def apply_overrides(root: Path, overrides: list[str]) -> None:
     apply(root / "params.yaml", overrides)
 
 
-def save_experiment(root: Path, files: list[str], recorded: tuple[str, ...] = ()) -> str | None:
+def save_experiment(root: Path, files: list[str], last_recorded: str | None = None) -> str | None:
     """The workspace as a DVC experiment (`dvc exp save`), with the given files (lock files, metrics: what `dvc exp
     run` records too) even where git does not track them; its name, listed by `dvc exp show`. `dvc exp save` first
-    commits every stage again (`dvc commit --force`, about a second); given the stages the flow has just recorded, it
-    commits the last of them only (they are all in dvc.lock already)."""
+    commits every stage again (`dvc commit --force`, about a second); given the last stage the flow recorded, it
+    commits that one only (the flow recorded each stage it ran in dvc.lock already)."""
     with dvc_repo(root) as repo:
-        rev = repo.experiments.save(targets=list(recorded[-1:]) or None, force=True,
+        rev = repo.experiments.save(targets=[last_recorded] if last_recorded else None, force=True,
                                     include_untracked=[f for f in files if (root / f).is_file()])
         if rev is None:
             return None

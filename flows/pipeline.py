@@ -242,7 +242,7 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
         if overrides:
             experiment = dvc_stages.save_experiment(root, ["dvc.lock", "rounds/dvc.lock", *(
                 f"{params.outputs}/{step.metrics}" for _, step in steps if step.metrics)],
-                tuple(next(a for a, s in steps if last in (a, s.name)) for last in ran))
+                next((a for a, s in steps if ran and ran[-1] in (a, s.name)), None))
             mlrun.tags({"dna.dvc_experiment": str(experiment)})
         for address, values in metrics.items():  # MLflow names take no "@": a target's are <step>/<target>.<key>
             mlrun.metrics(values, prefix=f"{address.replace('@', '/')}.")

@@ -118,8 +118,8 @@ def test_after_a_step_ran_a_recorded_step_is_asked_again_and_skipped_when_it_hol
 
 
 def test_an_experiment_saved_after_the_flow_recorded_its_steps_commits_only_the_last_again(project, monkeypatch):
-    """`dvc exp save` commits every stage again unless given targets: given the steps the flow recorded, only the
-    last; the experiment holds the lock all the same."""
+    """`dvc exp save` commits every stage again unless given targets: given the last step the flow recorded, only
+    that one; the experiment holds the lock all the same."""
     from dvc.repo import Repo
 
     steps = [FakeStep("first", project), FakeStep("second", project)]
@@ -130,7 +130,7 @@ def test_an_experiment_saved_after_the_flow_recorded_its_steps_commits_only_the_
     real = Repo.commit
     monkeypatch.setattr(Repo, "commit", lambda self, target, *a, **k: (committed.append((target, k.get("data_only"))),
                                                                        real(self, target, *a, **k))[1])
-    name = dvc_stages.save_experiment(project, ["dvc.lock"], ("first@a", "second@a"))
+    name = dvc_stages.save_experiment(project, ["dvc.lock"], "second@a")
     assert [target for target, data_only in committed if not data_only] == ["second@a"]  # (data-only: .dvc files)
     listed = subprocess.run([PYTHON, "-m", "dvc", "exp", "list", "--name-only"], cwd=project, capture_output=True,
                             text=True, check=True).stdout.split()
